@@ -1,0 +1,187 @@
+//! Batch norm over the rows of an NHWC activation (`[rows, c]`), PyTorch's definition.
+//!
+//! Per-channel sums are taken over fixed blocks of rows (f32 inside a block, f64 across blocks)
+//! in parallel; block boundaries depend only on the shape, so results are deterministic.
+
+use rayon::prelude::*;
+
+/// Values per reduction block: large enough to amortise the task, small enough to spread.
+const BLOCK_VALUES: usize = 1 << 14;
+
+fn block_rows(c: usize) -> usize {
+    (BLOCK_VALUES / c.max(1)).max(1)
+}
+
+/// Per-channel sums of `f(row, channel, value)` over all rows, in f64.
+fn channel_sums<F>(rows: usize, c: usize, x: &[f32], f: F) -> Vec<f64>
+where
+    F: Fn(usize, f32) -> f32 + Sync,
+{
+    let br = block_rows(c);
+    let partials: Vec<Vec<f32>> = x[..rows * c]
+        .par_chunks(br * c)
+        .map(|block| {
+            let mut acc = vec![0f32; c];
+            for row in block.chunks_exact(c) {
+                for (ch, (a, &v)) in acc.iter_mut().zip(row).enumerate() {
+                    *a += f(ch, v);
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![0f64; c];
+    for p in partials {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v as f64;
+        }
+    }
+    total
+}
+
+/// Applies y = relu?((x - center[c]) * scale[c] + shift[c] + residual?) row by row.
+/// Centering first (rather than folding the mean into the shift) keeps f32 rounding small
+/// when a channel's mean is large against its spread.
+fn affine(
+    rows: usize,
+    c: usize,
+    x: &[f32],
+    center: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+    residual: Option<&[f32]>,
+    relu: bool,
+    y: &mut [f32],
+) {
+    let br = block_rows(c);
+    y[..rows * c].par_chunks_mut(br * c).enumerate().for_each(|(b, yb)| {
+        let start = b * br * c;
+        let xb = &x[start..start + yb.len()];
+        let rb = residual.map(|r| &r[start..start + yb.len()]);
+        for (i, (yr, xr)) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)).enumerate() {
+            for ch in 0..c {
+                yr[ch] = (xr[ch] - center[ch]) * scale[ch] + shift[ch];
+            }
+            if let Some(rb) = rb {
+                for (yv, rv) in yr.iter_mut().zip(&rb[i * c..(i + 1) * c]) {
+                    *yv += rv;
+                }
+            }
+            if relu {
+                for yv in yr.iter_mut() {
+                    *yv = yv.max(0.0);
+                }
+            }
+        }
+    });
+}
+
+pub fn forward_train(
+    rows: usize,
+    c: usize,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    running_mean: &mut [f32],
+    running_var: &mut [f32],
+    momentum: f32,
+    eps: f32,
+    saved: &mut [f32],
+    residual: Option<&[f32]>,
+    relu: bool,
+    y: &mut [f32],
+) {
+    let n = rows as f64;
+    let mean: Vec<f32> = channel_sums(rows, c, x, |_, v| v)
+        .iter()
+        .map(|s| (s / n) as f32)
+        .collect();
+    let sq = channel_sums(rows, c, x, |ch, v| (v - mean[ch]) * (v - mean[ch]));
+    let mut scale = vec![0f32; c];
+    for ch in 0..c {
+        let var = sq[ch] / n;
+        let invstd = (1.0 / (var + eps as f64).sqrt()) as f32;
+        saved[ch] = mean[ch];
+        saved[c + ch] = invstd;
+        scale[ch] = gamma[ch] * invstd;
+        let unbiased = if rows > 1 { sq[ch] / (n - 1.0) } else { var };
+        running_mean[ch] = (1.0 - momentum) * running_mean[ch] + momentum * mean[ch];
+        running_var[ch] = (1.0 - momentum) * running_var[ch] + momentum * unbiased as f32;
+    }
+    affine(rows, c, x, &mean, &scale, beta, residual, relu, y);
+}
+
+pub fn forward_eval(
+    rows: usize,
+    c: usize,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    running_mean: &[f32],
+    running_var: &[f32],
+    eps: f32,
+    residual: Option<&[f32]>,
+    relu: bool,
+    y: &mut [f32],
+) {
+    let scale: Vec<f32> = (0..c).map(|ch| gamma[ch] / (running_var[ch] + eps).sqrt()).collect();
+    affine(rows, c, x, running_mean, &scale, beta, residual, relu, y);
+}
+
+pub fn backward(
+    rows: usize,
+    c: usize,
+    x: &[f32],
+    gamma: &[f32],
+    saved: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    let (mean, invstd) = saved.split_at(c);
+    let dbeta64 = channel_sums(rows, c, dy, |_, v| v);
+    // dgamma = sum(dy * xhat); pair dy with x by walking both at the same offsets.
+    let br = block_rows(c);
+    let partials: Vec<Vec<f32>> = x[..rows * c]
+        .par_chunks(br * c)
+        .zip(dy[..rows * c].par_chunks(br * c))
+        .map(|(xb, db)| {
+            let mut acc = vec![0f32; c];
+            for (xr, dr) in xb.chunks_exact(c).zip(db.chunks_exact(c)) {
+                for ch in 0..c {
+                    acc[ch] += dr[ch] * (xr[ch] - mean[ch]) * invstd[ch];
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut dgamma64 = vec![0f64; c];
+    for p in partials {
+        for (t, v) in dgamma64.iter_mut().zip(p) {
+            *t += v as f64;
+        }
+    }
+    let n = rows as f32;
+    let mut k_dy = vec![0f32; c]; // gamma * invstd
+    let mut k_mean = vec![0f32; c]; // dbeta / n
+    let mut k_xhat = vec![0f32; c]; // dgamma / n
+    for ch in 0..c {
+        dgamma[ch] = dgamma64[ch] as f32;
+        dbeta[ch] = dbeta64[ch] as f32;
+        k_dy[ch] = gamma[ch] * invstd[ch];
+        k_mean[ch] = dbeta[ch] / n;
+        k_xhat[ch] = dgamma[ch] / n;
+    }
+    dx[..rows * c].par_chunks_mut(br * c).enumerate().for_each(|(b, dxb)| {
+        let start = b * br * c;
+        let xb = &x[start..start + dxb.len()];
+        let db = &dy[start..start + dxb.len()];
+        for ((dxr, xr), dr) in dxb.chunks_exact_mut(c).zip(xb.chunks_exact(c)).zip(db.chunks_exact(c)) {
+            for ch in 0..c {
+                let xhat = (xr[ch] - mean[ch]) * invstd[ch];
+                dxr[ch] = k_dy[ch] * (dr[ch] - k_mean[ch] - xhat * k_xhat[ch]);
+            }
+        }
+    });
+}

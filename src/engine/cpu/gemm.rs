@@ -1,0 +1,84 @@
+//! Matrix multiply through the `gemm` crate, with bounds checked once at the boundary so the
+//! kernels above it stay safe code.
+
+use gemm::Parallelism;
+
+/// A strided, read-only matrix: element (i, j) is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// Row-major `[rows, cols]` with rows packed.
+    pub fn rows(data: &'a [f32], cols: usize) -> Self {
+        Self { data, rs: cols, cs: 1 }
+    }
+    /// The transpose of a row-major matrix with `cols` columns.
+    pub fn transposed(data: &'a [f32], cols: usize) -> Self {
+        Self { data, rs: 1, cs: cols }
+    }
+    fn check(&self, rows: usize, cols: usize, what: &str) {
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        let last = (rows - 1) * self.rs + (cols - 1) * self.cs;
+        assert!(
+            last < self.data.len(),
+            "gemm: {what} view [{rows}x{cols}] exceeds its buffer"
+        );
+    }
+}
+
+fn parallelism() -> Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}
+
+/// `dst[m, n] (row-major, row stride dst_rs) = a[m, k] * b[k, n] (+ dst if accumulate)`.
+pub fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat, accumulate: bool) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(n <= dst_rs || m == 1, "gemm: dst row stride smaller than its width");
+    assert!((m - 1) * dst_rs + n <= dst.len(), "gemm: dst view exceeds its buffer");
+    if k == 0 {
+        if !accumulate {
+            for row in dst.chunks_mut(dst_rs).take(m) {
+                row[..n].fill(0.0);
+            }
+        }
+        return;
+    }
+    a.check(m, k, "lhs");
+    b.check(k, n, "rhs");
+    // SAFETY: every view was checked against its slice above; dst does not alias a or b
+    // (it is a unique &mut borrow).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        );
+    }
+}

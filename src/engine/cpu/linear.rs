@@ -1,0 +1,61 @@
+//! Fully connected layer with bias: y = x w^T + b, weights in PyTorch's `[out, in]` layout.
+
+use super::gemm::{Mat, matmul};
+
+pub fn forward(n: usize, din: usize, dout: usize, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
+    for row in y[..n * dout].chunks_exact_mut(dout) {
+        row.copy_from_slice(&b[..dout]);
+    }
+    matmul(
+        n,
+        dout,
+        din,
+        y,
+        dout,
+        Mat::rows(&x[..n * din], din),
+        Mat::transposed(&w[..dout * din], din),
+        true,
+    );
+}
+
+pub fn backward(
+    n: usize,
+    din: usize,
+    dout: usize,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
+    let dy = &dy[..n * dout];
+    // dw[out, in] = dy^T[out, n] * x[n, in]
+    matmul(
+        dout,
+        din,
+        n,
+        dw,
+        din,
+        Mat::transposed(dy, dout),
+        Mat::rows(&x[..n * din], din),
+        false,
+    );
+    // dx[n, in] = dy[n, out] * w[out, in]
+    matmul(
+        n,
+        din,
+        dout,
+        dx,
+        din,
+        Mat::rows(dy, dout),
+        Mat::rows(&w[..dout * din], din),
+        false,
+    );
+    db[..dout].fill(0.0);
+    for row in dy.chunks_exact(dout) {
+        for (d, g) in db.iter_mut().zip(row) {
+            *d += g;
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! The CPU backend: buffers are `Vec<f32>`, kernels are plain Rust over slices, matrix multiply
+//! comes from the `gemm` crate and threads from rayon's pool (sized with `--threads`).
+
+mod batch_norm;
+mod conv;
+mod gemm;
+mod linear;
+mod loss;
+mod optim;
+mod pool;
+
+use super::{AdamStep, Backend, ConvGeom, PoolGeom, SgdStep, Shape4};
+use rayon::prelude::*;
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+impl Backend for Cpu {
+    type Buf = Vec<f32>;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+    fn alloc(&self, len: usize) -> Vec<f32> {
+        vec![0.0; len]
+    }
+    fn buf_len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+    fn upload(&self, src: &[f32], dst: &mut Vec<f32>) {
+        dst[..src.len()].copy_from_slice(src);
+    }
+    fn download(&self, src: &Vec<f32>, dst: &mut [f32]) {
+        dst.copy_from_slice(&src[..dst.len()]);
+    }
+    fn fill(&self, buf: &mut Vec<f32>, len: usize, value: f32) {
+        buf[..len].fill(value);
+    }
+
+    fn conv2d_workspace_len(&self, g: &ConvGeom) -> usize {
+        conv::workspace_len(g)
+    }
+    fn conv2d_forward(&self, g: &ConvGeom, x: &Vec<f32>, w: &Vec<f32>, y: &mut Vec<f32>, ws: &mut Vec<f32>) {
+        conv::forward(g, x, w, y, ws)
+    }
+    fn conv2d_backward(
+        &self,
+        g: &ConvGeom,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        dy: &Vec<f32>,
+        dx: Option<&mut Vec<f32>>,
+        dw: &mut Vec<f32>,
+        ws: &mut Vec<f32>,
+    ) {
+        conv::backward(g, x, w, dy, dx.map(|d| d.as_mut_slice()), dw, ws)
+    }
+
+    fn batch_norm_forward_train(
+        &self,
+        s: &Shape4,
+        x: &Vec<f32>,
+        gamma: &Vec<f32>,
+        beta: &Vec<f32>,
+        running_mean: &mut Vec<f32>,
+        running_var: &mut Vec<f32>,
+        momentum: f32,
+        eps: f32,
+        saved: &mut Vec<f32>,
+        residual: Option<&Vec<f32>>,
+        relu: bool,
+        y: &mut Vec<f32>,
+    ) {
+        batch_norm::forward_train(
+            s.rows(),
+            s.c,
+            x,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            saved,
+            residual.map(|r| r.as_slice()),
+            relu,
+            y,
+        )
+    }
+    fn batch_norm_forward_eval(
+        &self,
+        s: &Shape4,
+        x: &Vec<f32>,
+        gamma: &Vec<f32>,
+        beta: &Vec<f32>,
+        running_mean: &Vec<f32>,
+        running_var: &Vec<f32>,
+        eps: f32,
+        residual: Option<&Vec<f32>>,
+        relu: bool,
+        y: &mut Vec<f32>,
+    ) {
+        batch_norm::forward_eval(
+            s.rows(),
+            s.c,
+            x,
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            eps,
+            residual.map(|r| r.as_slice()),
+            relu,
+            y,
+        )
+    }
+    fn batch_norm_backward(
+        &self,
+        s: &Shape4,
+        x: &Vec<f32>,
+        gamma: &Vec<f32>,
+        saved: &Vec<f32>,
+        dy: &Vec<f32>,
+        dx: &mut Vec<f32>,
+        dgamma: &mut Vec<f32>,
+        dbeta: &mut Vec<f32>,
+    ) {
+        batch_norm::backward(s.rows(), s.c, x, gamma, saved, dy, dx, dgamma, dbeta)
+    }
+    fn relu_backward(&self, len: usize, y: &Vec<f32>, dy: &mut Vec<f32>) {
+        dy[..len]
+            .par_chunks_mut(1 << 14)
+            .zip(y[..len].par_chunks(1 << 14))
+            .for_each(|(d, y)| {
+                for (d, &y) in d.iter_mut().zip(y) {
+                    if y <= 0.0 {
+                        *d = 0.0;
+                    }
+                }
+            });
+    }
+    fn add_assign(&self, len: usize, src: &Vec<f32>, dst: &mut Vec<f32>) {
+        dst[..len]
+            .par_chunks_mut(1 << 14)
+            .zip(src[..len].par_chunks(1 << 14))
+            .for_each(|(d, s)| {
+                for (d, s) in d.iter_mut().zip(s) {
+                    *d += s;
+                }
+            });
+    }
+
+    fn max_pool_forward(&self, g: &PoolGeom, x: &Vec<f32>, y: &mut Vec<f32>) {
+        pool::max_forward(g, x, y)
+    }
+    fn max_pool_backward(&self, g: &PoolGeom, x: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>) {
+        pool::max_backward(g, x, dy, dx)
+    }
+    fn global_avg_pool_forward(&self, s: &Shape4, x: &Vec<f32>, y: &mut Vec<f32>) {
+        pool::global_avg_forward(s, x, y)
+    }
+    fn global_avg_pool_backward(&self, s: &Shape4, dy: &Vec<f32>, dx: &mut Vec<f32>) {
+        pool::global_avg_backward(s, dy, dx)
+    }
+
+    fn linear_forward(
+        &self,
+        n: usize,
+        din: usize,
+        dout: usize,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        b: &Vec<f32>,
+        y: &mut Vec<f32>,
+    ) {
+        linear::forward(n, din, dout, x, w, b, y)
+    }
+    fn linear_backward(
+        &self,
+        n: usize,
+        din: usize,
+        dout: usize,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        dy: &Vec<f32>,
+        dx: &mut Vec<f32>,
+        dw: &mut Vec<f32>,
+        db: &mut Vec<f32>,
+    ) {
+        linear::backward(n, din, dout, x, w, dy, dx, dw, db)
+    }
+    fn cross_entropy(
+        &self,
+        n: usize,
+        classes: usize,
+        logits: &Vec<f32>,
+        labels: &[u32],
+        loss: &mut Vec<f32>,
+        dlogits: &mut Vec<f32>,
+    ) {
+        loss[0] = loss::cross_entropy(n, classes, logits, labels, dlogits);
+    }
+
+    fn adam_step(
+        &self,
+        len: usize,
+        h: &AdamStep,
+        param: &mut Vec<f32>,
+        grad: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+    ) {
+        optim::adam(h, &mut param[..len], &grad[..len], &mut m[..len], &mut v[..len])
+    }
+    fn sgd_step(&self, len: usize, h: &SgdStep, param: &mut Vec<f32>, grad: &Vec<f32>, buf: &mut Vec<f32>) {
+        optim::sgd(h, &mut param[..len], &grad[..len], &mut buf[..len])
+    }
+}

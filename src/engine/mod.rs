@@ -1,0 +1,265 @@
+//! The compute engine: the [`Backend`] trait every kernel sits behind, and the geometry types the
+//! kernels take. Activations are NHWC (channels last), so a batch of images is a row-major matrix
+//! `[n*h*w, c]`: convolutions become matrix multiplies over contiguous channel runs, and batch
+//! norm reduces over rows. Conv weights are stored `[out, kh, kw, in]` (OHWI) inside the engine;
+//! `nn::Param` converts to and from PyTorch's OIHW at the state_dict boundary.
+//!
+//! A backend owns its memory type (`Buf`). Every op takes explicit shapes and writes into
+//! caller-owned buffers, so the model decides the memory plan and a buffer can be larger than the
+//! op's view of it (buffers are sized for the largest batch seen and reused for smaller ones).
+
+pub mod cpu;
+
+/// Shape of a 4-D activation, always stored NHWC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Shape4 {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+}
+
+impl Shape4 {
+    pub const fn new(n: usize, h: usize, w: usize, c: usize) -> Self {
+        Self { n, h, w, c }
+    }
+    pub const fn numel(&self) -> usize {
+        self.n * self.h * self.w * self.c
+    }
+    /// Rows of the `[n*h*w, c]` matrix view.
+    pub const fn rows(&self) -> usize {
+        self.n * self.h * self.w
+    }
+}
+
+/// A 2-D convolution without bias: input `x` NHWC, weight OHWI, output NHWC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeom {
+    pub input: Shape4,
+    pub cout: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl ConvGeom {
+    pub fn out_hw(&self) -> (usize, usize) {
+        (
+            (self.input.h + 2 * self.pad - self.kh) / self.stride + 1,
+            (self.input.w + 2 * self.pad - self.kw) / self.stride + 1,
+        )
+    }
+    pub fn output(&self) -> Shape4 {
+        let (oh, ow) = self.out_hw();
+        Shape4::new(self.input.n, oh, ow, self.cout)
+    }
+    /// Length of one im2col row: kh * kw * cin.
+    pub fn patch_len(&self) -> usize {
+        self.kh * self.kw * self.input.c
+    }
+    pub fn weight_len(&self) -> usize {
+        self.cout * self.patch_len()
+    }
+}
+
+/// A max-pool window (square kernel, PyTorch semantics: padding never wins).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolGeom {
+    pub input: Shape4,
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl PoolGeom {
+    pub fn output(&self) -> Shape4 {
+        let o = |s: usize| (s + 2 * self.pad - self.k) / self.stride + 1;
+        Shape4::new(self.input.n, o(self.input.h), o(self.input.w), self.input.c)
+    }
+}
+
+/// Hyper-parameters of one Adam step, PyTorch's definition (L2 weight decay added to the gradient).
+/// Held in f64 as Python holds them; kernels derive their f32 constants from these.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// 1-based step count, for bias correction.
+    pub step: u64,
+}
+
+/// Hyper-parameters of one SGD step, PyTorch's definition.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdStep {
+    pub lr: f64,
+    pub momentum: f64,
+    pub dampening: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+    /// True on the first step: PyTorch then sets the momentum buffer to the gradient itself.
+    pub first: bool,
+}
+
+/// The kernels the model needs. A GPU backend implements the same trait; the model never
+/// touches memory except through it.
+pub trait Backend: Send + Sync + 'static {
+    /// Device memory holding f32 values.
+    type Buf: Send + Sync;
+
+    fn name(&self) -> String;
+    /// A zero-filled buffer of `len` values.
+    fn alloc(&self, len: usize) -> Self::Buf;
+    fn buf_len(&self, buf: &Self::Buf) -> usize;
+    /// Copies `src` into the start of `dst`.
+    fn upload(&self, src: &[f32], dst: &mut Self::Buf);
+    /// Copies the first `dst.len()` values of `src` to the host.
+    fn download(&self, src: &Self::Buf, dst: &mut [f32]);
+    fn fill(&self, buf: &mut Self::Buf, len: usize, value: f32);
+
+    /// Scratch needed by the conv ops for this geometry (values).
+    fn conv2d_workspace_len(&self, g: &ConvGeom) -> usize;
+    /// y = conv(x, w).
+    fn conv2d_forward(&self, g: &ConvGeom, x: &Self::Buf, w: &Self::Buf, y: &mut Self::Buf, ws: &mut Self::Buf);
+    /// dw = dL/dw (overwritten); dx = dL/dx (overwritten) when asked for.
+    fn conv2d_backward(
+        &self,
+        g: &ConvGeom,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dy: &Self::Buf,
+        dx: Option<&mut Self::Buf>,
+        dw: &mut Self::Buf,
+        ws: &mut Self::Buf,
+    );
+
+    /// Training-mode batch norm over the rows of `x` (`[n*h*w, c]`), fused with an optional
+    /// residual add and ReLU: y = relu?(bn(x) + residual?). Writes the batch mean and
+    /// 1/sqrt(var+eps) into `saved` (`[2c]`) and updates the running statistics as PyTorch does
+    /// (biased variance normalises, unbiased variance goes into running_var).
+    fn batch_norm_forward_train(
+        &self,
+        s: &Shape4,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        running_mean: &mut Self::Buf,
+        running_var: &mut Self::Buf,
+        momentum: f32,
+        eps: f32,
+        saved: &mut Self::Buf,
+        residual: Option<&Self::Buf>,
+        relu: bool,
+        y: &mut Self::Buf,
+    );
+    /// Eval-mode batch norm with running statistics, same fusion as the training form.
+    fn batch_norm_forward_eval(
+        &self,
+        s: &Shape4,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        running_mean: &Self::Buf,
+        running_var: &Self::Buf,
+        eps: f32,
+        residual: Option<&Self::Buf>,
+        relu: bool,
+        y: &mut Self::Buf,
+    );
+    /// Backward of training-mode batch norm: dx, dgamma, dbeta (all overwritten).
+    fn batch_norm_backward(
+        &self,
+        s: &Shape4,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        saved: &Self::Buf,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
+        dgamma: &mut Self::Buf,
+        dbeta: &mut Self::Buf,
+    );
+    /// dy *= (y > 0): the backward of a ReLU whose output is `y`.
+    fn relu_backward(&self, len: usize, y: &Self::Buf, dy: &mut Self::Buf);
+    /// dst += src.
+    fn add_assign(&self, len: usize, src: &Self::Buf, dst: &mut Self::Buf);
+
+    fn max_pool_forward(&self, g: &PoolGeom, x: &Self::Buf, y: &mut Self::Buf);
+    /// dx (overwritten) from dy; the window's first maximum takes the gradient, as in PyTorch.
+    fn max_pool_backward(&self, g: &PoolGeom, x: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf);
+    /// Mean over h and w: `[n, h, w, c]` -> `[n, c]`.
+    fn global_avg_pool_forward(&self, s: &Shape4, x: &Self::Buf, y: &mut Self::Buf);
+    fn global_avg_pool_backward(&self, s: &Shape4, dy: &Self::Buf, dx: &mut Self::Buf);
+
+    /// y[n, out] = x[n, in] * w[out, in]^T + b.
+    fn linear_forward(
+        &self,
+        n: usize,
+        din: usize,
+        dout: usize,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: &Self::Buf,
+        y: &mut Self::Buf,
+    );
+    /// dw, db, dx (all overwritten).
+    fn linear_backward(
+        &self,
+        n: usize,
+        din: usize,
+        dout: usize,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
+        dw: &mut Self::Buf,
+        db: &mut Self::Buf,
+    );
+    /// Mean softmax cross-entropy of `logits` (`[n, classes]`) against `labels`; writes the
+    /// loss into `loss[0]` and dL/dlogits into `dlogits`.
+    fn cross_entropy(
+        &self,
+        n: usize,
+        classes: usize,
+        logits: &Self::Buf,
+        labels: &[u32],
+        loss: &mut Self::Buf,
+        dlogits: &mut Self::Buf,
+    );
+
+    /// One Adam step on `param` with state `m`, `v`.
+    fn adam_step(
+        &self,
+        len: usize,
+        h: &AdamStep,
+        param: &mut Self::Buf,
+        grad: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+    );
+    /// One SGD step on `param` with momentum buffer `buf`.
+    fn sgd_step(&self, len: usize, h: &SgdStep, param: &mut Self::Buf, grad: &Self::Buf, buf: &mut Self::Buf);
+}
+
+/// Grows `buf` to hold at least `len` values; keeps it when it is already large enough, so a
+/// buffer is allocated once for the largest batch and reused.
+pub fn ensure_len<B: Backend>(backend: &B, buf: &mut B::Buf, len: usize) {
+    if backend.buf_len(buf) < len {
+        *buf = backend.alloc(len);
+    }
+}
+
+/// Reorders a PyTorch-layout `[n, c, h, w]` batch into the engine's NHWC layout.
+pub fn nchw_to_nhwc(x: &[f32], s: Shape4) -> Vec<f32> {
+    let mut out = vec![0.0; s.numel()];
+    for n in 0..s.n {
+        for c in 0..s.c {
+            for p in 0..s.h * s.w {
+                out[(n * s.h * s.w + p) * s.c + c] = x[(n * s.c + c) * s.h * s.w + p];
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,12 @@
+//! resnet-cifar: train ResNet-18 on CIFAR-10 with a small engine made for CNN training.
+//!
+//! Layers, from the bottom: `engine` (the backend trait and its CPU kernels), `nn` (parameters
+//! with PyTorch names, and layers with explicit forward and backward), `model` (ResNet-18),
+//! `optim` (Adam, SGD, learning-rate schedules), `checkpoint` (safetensors state_dicts).
+
+pub mod bench;
+pub mod checkpoint;
+pub mod engine;
+pub mod model;
+pub mod nn;
+pub mod optim;

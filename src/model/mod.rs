@@ -1,0 +1,5 @@
+//! Model definitions built from `nn` layers.
+
+pub mod resnet;
+
+pub use resnet::{ResNet, ResNetConfig, Stem};

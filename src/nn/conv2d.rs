@@ -1,0 +1,79 @@
+//! Conv2d without bias (every conv in ResNet-18 is followed by batch norm).
+
+use super::builder::Builder;
+use super::param::{Entry, Layout, Module, Param};
+use crate::engine::{Backend, ConvGeom, Shape4, ensure_len};
+
+#[derive(Clone, Copy, Debug)]
+pub struct Conv2dConfig {
+    pub cin: usize,
+    pub cout: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+pub struct Conv2d<B: Backend> {
+    pub cfg: Conv2dConfig,
+    pub weight: Param<B>,
+    /// Output of the last forward pass.
+    pub out: B::Buf,
+    geom: Option<ConvGeom>,
+}
+
+impl<B: Backend> Conv2d<B> {
+    pub fn new(b: &Builder<B>, cfg: Conv2dConfig) -> Self {
+        let k = cfg.kernel;
+        let weight = b.uniform_fan_in("weight", &[cfg.cout, cfg.cin, k, k], cfg.cin * k * k, Layout::ConvOhwi);
+        Self {
+            cfg,
+            weight,
+            out: b.backend().alloc(0),
+            geom: None,
+        }
+    }
+
+    pub fn geom(&self, input: Shape4) -> ConvGeom {
+        assert_eq!(
+            input.c, self.cfg.cin,
+            "{}: input has {} channels",
+            self.weight.name, input.c
+        );
+        ConvGeom {
+            input,
+            cout: self.cfg.cout,
+            kh: self.cfg.kernel,
+            kw: self.cfg.kernel,
+            stride: self.cfg.stride,
+            pad: self.cfg.pad,
+        }
+    }
+
+    /// Computes `self.out` from `x`; returns the output shape.
+    pub fn forward(&mut self, be: &B, x: &B::Buf, input: Shape4, ws: &mut B::Buf) -> Shape4 {
+        let g = self.geom(input);
+        ensure_len(be, &mut self.out, g.output().numel());
+        ensure_len(be, ws, be.conv2d_workspace_len(&g));
+        be.conv2d_forward(&g, x, &self.weight.value, &mut self.out, ws);
+        self.geom = Some(g);
+        g.output()
+    }
+
+    /// Writes the weight gradient and, when `dx` is given, the input gradient.
+    /// `x` must be the input of the last forward pass.
+    pub fn backward(&mut self, be: &B, x: &B::Buf, dy: &B::Buf, dx: Option<&mut B::Buf>, ws: &mut B::Buf) {
+        let g = self.geom.expect("conv backward before forward");
+        let mut dx = dx;
+        if let Some(d) = dx.as_deref_mut() {
+            ensure_len(be, d, g.input.numel());
+        }
+        let dw = self.weight.grad.as_mut().expect("conv weight is trainable");
+        be.conv2d_backward(&g, x, &self.weight.value, dy, dx, dw, ws);
+    }
+}
+
+impl<B: Backend> Module<B> for Conv2d<B> {
+    fn visit(&mut self, f: &mut dyn FnMut(Entry<'_, B>)) {
+        f(Entry::Tensor(&mut self.weight));
+    }
+}

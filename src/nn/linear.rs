@@ -1,0 +1,58 @@
+//! Linear layer with bias, PyTorch's `[out, in]` weight layout and default initialisation.
+
+use super::builder::Builder;
+use super::param::{Entry, Layout, Module, Param};
+use crate::engine::{Backend, ensure_len};
+
+pub struct Linear<B: Backend> {
+    pub din: usize,
+    pub dout: usize,
+    pub weight: Param<B>,
+    pub bias: Param<B>,
+    /// Output of the last forward pass, `[n, dout]`.
+    pub out: B::Buf,
+    n: usize,
+}
+
+impl<B: Backend> Linear<B> {
+    pub fn new(b: &Builder<B>, din: usize, dout: usize) -> Self {
+        let weight = b.uniform_fan_in("weight", &[dout, din], din, Layout::Torch);
+        let bias = b.uniform_fan_in("bias", &[dout], din, Layout::Torch);
+        Self {
+            din,
+            dout,
+            weight,
+            bias,
+            out: b.backend().alloc(0),
+            n: 0,
+        }
+    }
+
+    pub fn forward(&mut self, be: &B, x: &B::Buf, n: usize) {
+        ensure_len(be, &mut self.out, n * self.dout);
+        self.n = n;
+        be.linear_forward(
+            n,
+            self.din,
+            self.dout,
+            x,
+            &self.weight.value,
+            &self.bias.value,
+            &mut self.out,
+        );
+    }
+
+    pub fn backward(&mut self, be: &B, x: &B::Buf, dy: &B::Buf, dx: &mut B::Buf) {
+        ensure_len(be, dx, self.n * self.din);
+        let dw = self.weight.grad.as_mut().expect("trainable");
+        let db = self.bias.grad.as_mut().expect("trainable");
+        be.linear_backward(self.n, self.din, self.dout, x, &self.weight.value, dy, dx, dw, db);
+    }
+}
+
+impl<B: Backend> Module<B> for Linear<B> {
+    fn visit(&mut self, f: &mut dyn FnMut(Entry<'_, B>)) {
+        f(Entry::Tensor(&mut self.weight));
+        f(Entry::Tensor(&mut self.bias));
+    }
+}

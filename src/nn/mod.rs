@@ -1,0 +1,16 @@
+//! Neural-network building blocks over the engine: named parameters, a path-scoped builder,
+//! and layers with explicit forward and backward passes that own their output buffers.
+
+pub mod batch_norm;
+pub mod builder;
+pub mod conv2d;
+pub mod linear;
+pub mod param;
+pub mod pool;
+
+pub use batch_norm::BatchNorm2d;
+pub use builder::Builder;
+pub use conv2d::{Conv2d, Conv2dConfig};
+pub use linear::Linear;
+pub use param::{Entry, Layout, Module, Param};
+pub use pool::{GlobalAvgPool, MaxPool2d};

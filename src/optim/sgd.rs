@@ -1,0 +1,67 @@
+//! torch.optim.SGD: momentum (the first step copies the gradient into the buffer), dampening,
+//! Nesterov, and L2 weight decay added to the gradient.
+
+use crate::engine::{Backend, SgdStep};
+use crate::nn::Module;
+
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SgdConfig {
+    pub momentum: f64,
+    pub dampening: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+}
+
+impl Default for SgdConfig {
+    fn default() -> Self {
+        Self {
+            momentum: 0.0,
+            dampening: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+pub struct Sgd<B: Backend> {
+    pub cfg: SgdConfig,
+    pub steps: u64,
+    /// Momentum buffer per trainable parameter, in state_dict order.
+    pub state: Vec<B::Buf>,
+}
+
+impl<B: Backend> Sgd<B> {
+    pub fn new(cfg: SgdConfig) -> Self {
+        assert!(
+            !cfg.nesterov || (cfg.momentum > 0.0 && cfg.dampening == 0.0),
+            "Nesterov momentum requires a momentum and zero dampening"
+        );
+        Self {
+            cfg,
+            steps: 0,
+            state: Vec::new(),
+        }
+    }
+
+    pub fn step(&mut self, be: &B, model: &mut impl Module<B>, lr: f64) {
+        let h = SgdStep {
+            lr,
+            momentum: self.cfg.momentum,
+            dampening: self.cfg.dampening,
+            nesterov: self.cfg.nesterov,
+            weight_decay: self.cfg.weight_decay,
+            first: self.steps == 0,
+        };
+        self.steps += 1;
+        let mut i = 0;
+        let state = &mut self.state;
+        model.visit_params(&mut |p| {
+            let n = p.numel();
+            if state.len() == i {
+                state.push(be.alloc(n));
+            }
+            be.sgd_step(n, &h, &mut p.value, p.grad.as_ref().expect("trainable"), &mut state[i]);
+            i += 1;
+        });
+    }
+}

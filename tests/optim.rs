@@ -1,0 +1,152 @@
+//! Optimizers and schedules against PyTorch's trajectories, printed by
+//! `scripts/optim_reference.py` (torch 2.15) and copied here as the oracle.
+
+use resnet_cifar::engine::Backend;
+use resnet_cifar::engine::cpu::Cpu;
+use resnet_cifar::nn::{Builder, Entry, Module, Param};
+use resnet_cifar::optim::{Adam, AdamConfig, Schedule, Sgd, SgdConfig};
+
+struct One(Param<Cpu>);
+
+impl Module<Cpu> for One {
+    fn visit(&mut self, f: &mut dyn FnMut(Entry<'_, Cpu>)) {
+        f(Entry::Tensor(&mut self.0));
+    }
+}
+
+fn param() -> One {
+    let be = Cpu;
+    let mut p = Builder::new(&be, 0).constant("p", &[4], 0.0, true);
+    p.write(&be, &[0.5, -1.0, 2.0, 0.0]);
+    One(p)
+}
+
+/// Three steps with g_t = sin(t + i), as the script does; returns the parameter.
+fn run(mut step: impl FnMut(&mut One)) -> Vec<f32> {
+    let be = Cpu;
+    let mut m = param();
+    for t in 1..=3 {
+        let g: Vec<f32> = (0..4).map(|i| ((t + i) as f64).sin() as f32).collect();
+        be.upload(&g, m.0.grad.as_mut().unwrap());
+        step(&mut m);
+    }
+    m.0.read(&be)
+}
+
+fn assert_close(got: &[f32], want: &[f64], what: &str) {
+    for (g, w) in got.iter().zip(want) {
+        assert!(
+            (*g as f64 - w).abs() < 2e-6 * w.abs().max(1.0),
+            "{what}: {got:?} vs PyTorch {want:?}"
+        );
+    }
+}
+
+#[test]
+fn adam_with_weight_decay_matches_pytorch() {
+    let mut opt = Adam::new(AdamConfig {
+        beta1: 0.8,
+        beta2: 0.99,
+        eps: 1e-3,
+        weight_decay: 0.05,
+    });
+    let got = run(|m| opt.step(&Cpu, m, 0.1));
+    assert_close(
+        &got,
+        &[2.192136198e-01, -1.158589602e+00, 2.031054735e+00, 2.866701782e-01],
+        "adam",
+    );
+}
+
+#[test]
+fn sgd_variants_match_pytorch() {
+    let cases = [
+        (
+            SgdConfig::default(),
+            [3.108111620e-01, -1.029361486e+00, 2.157460690e+00, 1.995142400e-01],
+        ),
+        (
+            SgdConfig {
+                momentum: 0.9,
+                dampening: 0.3,
+                nesterov: false,
+                weight_decay: 0.01,
+            },
+            [1.390463263e-01, -1.207226753e+00, 2.120062590e+00, 3.519412279e-01],
+        ),
+        (
+            SgdConfig {
+                momentum: 0.9,
+                dampening: 0.0,
+                nesterov: true,
+                weight_decay: 5e-4,
+            },
+            [-6.275572628e-02, -1.206706762e+00, 2.337946892e+00, 5.731655359e-01],
+        ),
+    ];
+    for (cfg, want) in cases {
+        let mut opt = Sgd::new(cfg);
+        let got = run(|m| opt.step(&Cpu, m, 0.1));
+        assert_close(&got, &want, &format!("{cfg:?}"));
+    }
+}
+
+#[test]
+fn seed_schedule_is_lr_over_epoch_plus_one() {
+    let s = Schedule::InverseEpoch { lr: 0.01 };
+    assert_eq!(s.lr(0, 500, 782, 50), 0.01);
+    assert_eq!(s.lr(1, 0, 782, 50), 0.005);
+    assert!((s.lr(49, 781, 782, 50) - 0.0002).abs() < 1e-12);
+}
+
+#[test]
+fn one_cycle_matches_pytorch() {
+    // OneCycleLR(max_lr=0.4, total_steps=20, pct_start=0.25, div_factor=25,
+    // final_div_factor=1e4, anneal_strategy='cos'), lr before each step.
+    let want = [
+        1.600000000e-02,
+        7.223549801e-02,
+        2.080000000e-01,
+        3.437645020e-01,
+        4.000000000e-01,
+        3.956295376e-01,
+        3.827091607e-01,
+        3.618035517e-01,
+        3.338263860e-01,
+        3.000004000e-01,
+        2.618039517e-01,
+        2.209064090e-01,
+        1.790951910e-01,
+        1.381976483e-01,
+        1.000012000e-01,
+        6.617521403e-02,
+        3.819804834e-02,
+        1.729243931e-02,
+        4.372062371e-03,
+        1.600000000e-06,
+    ];
+    let s = Schedule::OneCycle {
+        max_lr: 0.4,
+        pct_start: 0.25,
+        div_factor: 25.0,
+        final_div_factor: 1e4,
+    };
+    for (t, w) in want.iter().enumerate() {
+        let got = s.lr(t / 5, t % 5, 5, 4);
+        assert!((got - w).abs() < 1e-9, "step {t}: {got} vs PyTorch {w}");
+    }
+}
+
+#[test]
+fn warmup_cosine_rises_then_decays_to_min() {
+    let s = Schedule::WarmupCosine {
+        lr: 0.1,
+        warmup_epochs: 1.0,
+        min_lr: 0.001,
+    };
+    let lrs: Vec<f64> = (0..40).map(|t| s.lr(t / 10, t % 10, 10, 4)).collect();
+    assert!(lrs[..10].windows(2).all(|w| w[1] > w[0]), "warm-up rises: {lrs:?}");
+    assert!((lrs[9] - 0.1).abs() < 1e-12, "reaches lr at the end of warm-up");
+    assert!(lrs[10..].windows(2).all(|w| w[1] <= w[0]), "then decays");
+    assert!((lrs[39] - 0.001).abs() < 1e-3 * 0.1, "ends near min_lr: {}", lrs[39]);
+}
