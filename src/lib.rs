@@ -6,7 +6,11 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod cli;
+pub mod data;
 pub mod engine;
+pub mod eval;
 pub mod model;
 pub mod nn;
 pub mod optim;
+pub mod train;

@@ -1,17 +1,28 @@
 //! `resnet-cifar`: the command-line shell over the library. Each subcommand parses its flags,
-//! calls into the library and prints; errors become one line on stderr and exit code 2
-//! (bad input) or 1 (failure during a run).
+//! calls into the library and prints. Errors are one line on stderr; exit code 2 for bad input
+//! (flags, data files, checkpoints), 1 for a failure during a run.
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use resnet_cifar::bench::{self, BenchConfig};
+use resnet_cifar::checkpoint;
+use resnet_cifar::cli::{CliError, model_config_of};
+use resnet_cifar::data::{Cifar10, Splits, fetch};
 use resnet_cifar::engine::cpu::Cpu;
-use resnet_cifar::model::{ResNetConfig, Stem};
+use resnet_cifar::eval::evaluate;
+use resnet_cifar::model::{ResNet, ResNetConfig, Stem};
+use resnet_cifar::train::{Console, Recipe, train};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "resnet-cifar", version, about = "Train ResNet-18 on CIFAR-10 with an engine made for it", long_about = None)]
+#[command(
+    name = "resnet-cifar",
+    version,
+    about = "Train ResNet-18 on CIFAR-10 with an engine made for it"
+)]
 struct Cli {
-    /// Worker threads (default: every core).
+    /// Worker threads (default: every core). Results are bit-identical for the same seed and
+    /// thread count.
     #[arg(long, global = true)]
     threads: Option<usize>,
     #[command(subcommand)]
@@ -20,16 +31,108 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a model (downloads CIFAR-10 into ./data when run without --data).
+    Train(TrainArgs),
+    /// Evaluate a checkpoint: loss, accuracy, per-class accuracy, confusion matrix.
+    Eval(EvalArgs),
     /// Time training steps and inference on random CIFAR-shaped batches.
     Bench(BenchArgs),
+    /// Manage the dataset.
+    #[command(subcommand)]
+    Data(DataCommand),
 }
 
-#[derive(clap::Args)]
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Download the official CIFAR-10 binary archive, verify its MD5 and extract it.
+    Fetch {
+        /// Target folder (the files land in DIR/cifar-10-batches-bin).
+        #[arg(long, default_value = "data")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Network stem: seed (7x7/2 conv, BN, max-pool), torchvision (seed + ReLU), seed3x3
+    /// (3x3/2 conv), cifar (3x3/1 conv, BN, ReLU, no pool).
+    #[arg(long)]
+    stem: Option<Stem>,
+    /// Residual stages: 4 (the seed) or 3 (drop conv5).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(3..=4))]
+    stages: Option<u8>,
+}
+
+#[derive(Args)]
+#[command(after_help = recipes_help())]
+struct TrainArgs {
+    /// CIFAR-10 folder (binary version). Without it, ./data is used and filled by download.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Run folder (default: runs/RECIPE-UNIXTIME).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Starting configuration; the flags below override single values of it.
+    #[arg(long, default_value = "seed")]
+    recipe: Recipe,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: Option<u64>,
+    /// Base (or peak) learning rate of the recipe's schedule.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Stop after this many optimizer steps, with a checkpoint.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_steps: Option<u64>,
+    /// Hold out the last N training images as a validation set.
+    #[arg(long)]
+    val_split: Option<usize>,
+    /// Reshuffle the training images every epoch (the seed's loader does not).
+    #[arg(long)]
+    shuffle: bool,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+fn recipes_help() -> String {
+    let mut s = String::from("Recipes:\n");
+    for r in Recipe::ALL {
+        s += &format!("  {:<8} {}\n", r.name(), r.describe());
+    }
+    s
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A state_dict in safetensors: one of ours, or one saved from the seed's PyTorch model.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// CIFAR-10 folder (binary version).
+    #[arg(long, default_value = "data")]
+    data: PathBuf,
+    /// Which images: test (test_batch.bin), val (the last --val-split training images), train.
+    #[arg(long, default_value = "test", value_parser = ["test", "val", "train"])]
+    split: String,
+    /// Size of the validation split (default: the one the checkpoint's run used).
+    #[arg(long)]
+    val_split: Option<usize>,
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// The stem, for a state_dict that does not record it.
+    #[arg(long)]
+    stem: Option<Stem>,
+}
+
+#[derive(Args)]
 struct BenchArgs {
-    /// Network stem: seed, torchvision, seed3x3 or cifar.
     #[arg(long, default_value = "seed")]
     stem: Stem,
-    /// Residual stages: 4 (the seed) or 3 (drop conv5).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(3..=4))]
     stages: u8,
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
@@ -47,22 +150,184 @@ struct BenchArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(t) = cli.threads {
-        if t == 0 {
-            eprintln!("error: --threads must be at least 1");
-            return ExitCode::from(2);
+    let result = (|| {
+        if let Some(t) = cli.threads {
+            if t == 0 {
+                return Err(CliError::input("--threads must be at least 1"));
+            }
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build_global()
+                .map_err(CliError::run)?;
         }
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build_global()
-            .expect("thread pool configured once");
-    }
-    match cli.command {
-        Command::Bench(a) => run_bench(a),
+        match cli.command {
+            Command::Train(a) => run_train(a),
+            Command::Eval(a) => run_eval(a),
+            Command::Bench(a) => run_bench(a),
+            Command::Data(DataCommand::Fetch { dir }) => {
+                fetch_data(&dir).map(|p| println!("CIFAR-10 is in {}", p.display()))
+            }
+        }
+    })();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            ExitCode::from(e.code)
+        }
     }
 }
 
-fn run_bench(a: BenchArgs) -> ExitCode {
+fn download_bar() -> impl FnMut(u64, Option<u64>) {
+    let bar = indicatif::ProgressBar::new(fetch::ARCHIVE_BYTES);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "downloading CIFAR-10 [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template"),
+    );
+    move |done, total| {
+        if let Some(t) = total {
+            bar.set_length(t);
+        }
+        bar.set_position(done);
+        if total.is_some_and(|t| done >= t) {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn fetch_data(dir: &Path) -> Result<PathBuf, CliError> {
+    fetch::ensure(dir, download_bar()).map_err(CliError::input)
+}
+
+fn load_data(dir: &Path) -> Result<Cifar10, CliError> {
+    Cifar10::load(dir).map_err(|e| {
+        CliError::input(format!(
+            "{e}\n(get the data with: resnet-cifar data fetch --dir {})",
+            dir.display()
+        ))
+    })
+}
+
+fn run_train(a: TrainArgs) -> Result<(), CliError> {
+    let mut cfg = a.recipe.config();
+    if let Some(e) = a.epochs {
+        cfg.epochs = e;
+    }
+    if let Some(b) = a.batch_size {
+        cfg.batch_size = b as usize;
+    }
+    if let Some(lr) = a.lr {
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(CliError::input(format!("--lr must be a positive number, got {lr}")));
+        }
+        cfg.schedule = cfg.schedule.with_lr(lr);
+    }
+    cfg.max_steps = a.max_steps.or(cfg.max_steps);
+    cfg.val_split = a.val_split.unwrap_or(cfg.val_split);
+    cfg.shuffle |= a.shuffle;
+    cfg.seed = a.seed.unwrap_or(cfg.seed);
+    cfg.model.stem = a.model.stem.unwrap_or(cfg.model.stem);
+    cfg.model.stages = a.model.stages.map_or(cfg.model.stages, |s| s as usize);
+
+    let data_dir = match &a.data {
+        Some(d) => d.clone(),
+        None => fetch_data(Path::new("data"))?,
+    };
+    let data = load_data(&data_dir)?;
+    let splits = Splits::new(data, cfg.val_split).map_err(CliError::input)?;
+    let out = a.out.unwrap_or_else(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        PathBuf::from("runs").join(format!("{}-{t}", cfg.recipe))
+    });
+    let mut console = Console::stdout();
+    console.line(&format!(
+        "run {}: recipe {}, stem {}, {} stages, {} epochs, batch {}, {} threads",
+        out.display(),
+        cfg.recipe,
+        cfg.model.stem.name(),
+        cfg.model.stages,
+        cfg.epochs,
+        cfg.batch_size,
+        rayon::current_num_threads()
+    ));
+    let outcome = train(&Cpu, &cfg, &splits, &out, &mut console).map_err(|e| CliError::run(format!("{e:#}")))?;
+    console.line(&format!(
+        "done: {} steps in {:.0} s of training ({:.1} img/s){}; results in {}",
+        outcome.steps,
+        outcome.train_seconds,
+        outcome.images_per_sec(),
+        outcome
+            .best
+            .map(|(e, acc)| format!(", best accuracy {acc:.4} after epoch {e}"))
+            .unwrap_or_default(),
+        out.display()
+    ));
+    Ok(())
+}
+
+fn run_eval(a: EvalArgs) -> Result<(), CliError> {
+    let path = a.checkpoint.display().to_string();
+    let bytes = std::fs::read(&a.checkpoint).map_err(|e| CliError::input(format!("{path}: {e}")))?;
+    let (model_cfg, meta): (ResNetConfig, _) = model_config_of(&path, &bytes, a.stem)?;
+    let be = Cpu;
+    let mut model = ResNet::new(&be, model_cfg, 0);
+    checkpoint::load_bytes(&path, &bytes, &be, &mut model).map_err(CliError::input)?;
+
+    let data = load_data(&a.data)?;
+    let val_split = a
+        .val_split
+        .or_else(|| meta.get("val_split").and_then(|v| v.parse().ok()))
+        .unwrap_or(0);
+    let splits = Splits::new(data, if a.split == "val" { val_split } else { 0 }).map_err(CliError::input)?;
+    let images =
+        match a.split.as_str() {
+            "test" => splits.test.as_ref().ok_or_else(|| {
+                CliError::input(format!("{}: no test_batch.bin here; try --split val", a.data.display()))
+            })?,
+            "val" => splits.val.as_ref().ok_or_else(|| {
+                CliError::input("--split val needs --val-split N (the checkpoint does not record one)")
+            })?,
+            _ => &splits.train,
+        };
+    let r = evaluate(&be, &mut model, images, a.batch_size as usize);
+    if a.json {
+        let mut v = serde_json::to_value(&r).map_err(CliError::run)?;
+        v["split"] = a.split.clone().into();
+        v["checkpoint"] = path.into();
+        v["classes"] = splits.classes.clone().into();
+        println!("{v}");
+        return Ok(());
+    }
+    println!("{path} on the {} split ({} images)", a.split, r.images);
+    println!(
+        "accuracy {:.4} ({}/{}), loss {:.4} per image ({:.4} summed over batch means)",
+        r.accuracy, r.correct, r.images, r.loss, r.loss_sum_of_batch_means
+    );
+    println!("\nper class:");
+    for (name, acc) in splits.classes.iter().zip(&r.per_class) {
+        println!("  {name:<11} {acc:.4}");
+    }
+    println!("\nconfusion matrix (rows: true class, columns: predicted):");
+    print!("{:<11}", "");
+    for name in &splits.classes {
+        print!("{:>6}", &name[..name.len().min(5)]);
+    }
+    println!();
+    for (name, row) in splits.classes.iter().zip(&r.confusion) {
+        print!("{name:<11}");
+        for v in row {
+            print!("{v:>6}");
+        }
+        println!();
+    }
+    Ok(())
+}
+
+fn run_bench(a: BenchArgs) -> Result<(), CliError> {
     let cfg = BenchConfig {
         model: ResNetConfig {
             stem: a.stem,
@@ -84,29 +349,29 @@ fn run_bench(a: BenchArgs) -> ExitCode {
     });
     bar.finish_and_clear();
     if a.json {
-        println!("{}", serde_json::to_string(&r).expect("report serialises"));
-    } else {
-        println!(
-            "resnet-cifar {} stem={} stages={} batch={} threads={} backend={}",
-            env!("CARGO_PKG_VERSION"),
-            r.stem,
-            r.stages,
-            r.batch_size,
-            r.threads,
-            r.backend
-        );
-        println!(
-            "train:     {:8.1} img/s  (forward, loss, backward, Adam)",
-            r.train_images_per_sec
-        );
-        println!(
-            "inference: {:8.1} img/s  (eval mode, logits to host)",
-            r.infer_images_per_sec
-        );
-        if let Some(b) = r.peak_rss_bytes {
-            println!("peak memory: {:.1} MiB", b as f64 / (1024.0 * 1024.0));
-        }
-        println!("final loss: {:.4}", r.final_loss);
+        println!("{}", serde_json::to_string(&r).map_err(CliError::run)?);
+        return Ok(());
     }
-    ExitCode::SUCCESS
+    println!(
+        "resnet-cifar {} stem={} stages={} batch={} threads={} backend={}",
+        env!("CARGO_PKG_VERSION"),
+        r.stem,
+        r.stages,
+        r.batch_size,
+        r.threads,
+        r.backend
+    );
+    println!(
+        "train:     {:8.1} img/s  (forward, loss, backward, Adam)",
+        r.train_images_per_sec
+    );
+    println!(
+        "inference: {:8.1} img/s  (eval mode, logits to host)",
+        r.infer_images_per_sec
+    );
+    if let Some(b) = r.peak_rss_bytes {
+        println!("peak memory: {:.1} MiB", b as f64 / (1024.0 * 1024.0));
+    }
+    println!("final loss: {:.4}", r.final_loss);
+    Ok(())
 }

@@ -1,0 +1,83 @@
+//! Pieces of the command-line tool that are worth testing without a process: reading a
+//! checkpoint's model configuration, and the exit-code convention.
+
+use crate::model::{ResNetConfig, Stem};
+use safetensors::SafeTensors;
+use std::collections::HashMap;
+
+/// An error with the exit code it deserves: 2 for bad input (flags, data files, checkpoints
+/// given), 1 for a failure during a run.
+#[derive(Debug)]
+pub struct CliError {
+    pub code: u8,
+    pub message: String,
+}
+
+impl CliError {
+    pub fn input(message: impl std::fmt::Display) -> Self {
+        Self {
+            code: 2,
+            message: message.to_string(),
+        }
+    }
+    pub fn run(message: impl std::fmt::Display) -> Self {
+        Self {
+            code: 1,
+            message: message.to_string(),
+        }
+    }
+}
+
+/// The model a state_dict file holds: from its metadata when we wrote it, else inferred from
+/// its tensors (a state_dict saved from PyTorch). `stem` overrides; a 3x3 stem conv is
+/// ambiguous (seed3x3 or cifar) and needs it.
+pub fn model_config_of(
+    path: &str,
+    bytes: &[u8],
+    stem: Option<Stem>,
+) -> Result<(ResNetConfig, HashMap<String, String>), CliError> {
+    let bad = |e: &dyn std::fmt::Display| CliError::input(format!("{path}: not a valid safetensors file: {e}"));
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| bad(&e))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let st = SafeTensors::deserialize(bytes).map_err(|e| bad(&e))?;
+    if let Some(json) = meta.get("model") {
+        let mut cfg: ResNetConfig =
+            serde_json::from_str(json).map_err(|e| CliError::input(format!("{path}: bad 'model' metadata: {e}")))?;
+        if let Some(s) = stem {
+            cfg.stem = s;
+        }
+        return Ok((cfg, meta));
+    }
+    let shape = |name: &str| st.tensor(name).ok().map(|t| t.shape().to_vec());
+    let conv1 = shape("conv1.0.weight").ok_or_else(|| {
+        CliError::input(format!(
+            "{path}: no 'conv1.0.weight': not a state_dict of the seed's ResNet-18"
+        ))
+    })?;
+    let classes = shape("fc.bias")
+        .and_then(|s| s.first().copied())
+        .ok_or_else(|| CliError::input(format!("{path}: no 'fc.bias'")))?;
+    let stages = if shape("conv5.0.layer.0.weight").is_some() {
+        4
+    } else {
+        3
+    };
+    let stem = match (stem, conv1.get(2)) {
+        (Some(s), _) => s,
+        (None, Some(7)) => Stem::Seed,
+        (None, k) => {
+            return Err(CliError::input(format!(
+                "{path}: the stem conv is {}x{0}, which fits --stem seed3x3 and --stem cifar: say which",
+                k.copied().unwrap_or(0)
+            )));
+        }
+    };
+    Ok((
+        ResNetConfig {
+            stem,
+            stages,
+            num_classes: classes,
+        },
+        meta,
+    ))
+}

@@ -1,0 +1,123 @@
+//! The seed's transforms, producing NHWC float batches for the engine:
+//! train: RandomCrop(32, padding=4, zero fill) -> RandomHorizontalFlip(0.5) -> ToTensor ->
+//! Normalize(mean, std); test: ToTensor -> Normalize.
+//!
+//! Randomness is drawn per batch from a stream keyed by (seed, epoch, batch), so any batch of
+//! any epoch can be rebuilt exactly: a resumed run sees the same images as an unbroken one.
+
+use super::cifar::{IMAGE_BYTES, Images};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+pub const MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
+pub const STD: [f32; 3] = [0.2023, 0.1994, 0.2010];
+pub const SIDE: usize = 32;
+
+/// Training-time augmentation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Augment {
+    /// Zero padding before the random 32x32 crop (0: no crop).
+    pub crop_pad: usize,
+    pub flip: bool,
+}
+
+impl Augment {
+    pub const SEED: Augment = Augment {
+        crop_pad: 4,
+        flip: true,
+    };
+    pub const NONE: Augment = Augment {
+        crop_pad: 0,
+        flip: false,
+    };
+}
+
+/// Mixes `parts` into one well-spread seed (SplitMix64 steps).
+pub fn stream_seed(parts: &[u64]) -> u64 {
+    let mut z = 0x9E37_79B9_7F4A_7C15u64;
+    for &p in parts {
+        z = z.wrapping_add(p).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+    }
+    z
+}
+
+/// Value of one stored byte after ToTensor and Normalize, channel `c`.
+#[inline]
+pub fn normalize(v: u8, c: usize) -> f32 {
+    (v as f32 / 255.0 - MEAN[c]) / STD[c]
+}
+
+/// Writes one CHW byte image into `out` (32*32*3, NHWC), cropped at `(top, left)` of the
+/// image padded by `pad` on every side (padding reads as 0), then mirrored if `flip`.
+pub fn write_image(src: &[u8], out: &mut [f32], pad: usize, top: usize, left: usize, flip: bool) {
+    debug_assert_eq!(src.len(), IMAGE_BYTES);
+    let plane = SIDE * SIDE;
+    for y in 0..SIDE {
+        let sy = (y + top) as isize - pad as isize;
+        for x in 0..SIDE {
+            let ox = if flip { SIDE - 1 - x } else { x };
+            let sx = (x + left) as isize - pad as isize;
+            let inside = (0..SIDE as isize).contains(&sy) && (0..SIDE as isize).contains(&sx);
+            let dst = &mut out[(y * SIDE + ox) * 3..(y * SIDE + ox) * 3 + 3];
+            for (c, d) in dst.iter_mut().enumerate() {
+                let v = if inside {
+                    src[c * plane + sy as usize * SIDE + sx as usize]
+                } else {
+                    0
+                };
+                *d = normalize(v, c);
+            }
+        }
+    }
+}
+
+/// One batch ready for the engine.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    /// NHWC, `[n, 32, 32, 3]`.
+    pub x: Vec<f32>,
+    pub labels: Vec<u32>,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+/// Builds the batch of images `indices`, augmented with randomness from `rng_seed`.
+pub fn make_batch(images: &Images, indices: &[u32], aug: Augment, rng_seed: u64) -> Batch {
+    let mut rng = ChaCha8Rng::seed_from_u64(rng_seed);
+    let per = SIDE * SIDE * 3;
+    let mut batch = Batch {
+        x: vec![0.0; indices.len() * per],
+        labels: Vec::with_capacity(indices.len()),
+    };
+    for (k, &i) in indices.iter().enumerate() {
+        let i = i as usize;
+        // Draw in torchvision's order: crop position, then the flip.
+        let (top, left) = if aug.crop_pad > 0 {
+            let span = 2 * aug.crop_pad + 1;
+            (rng.random_range(0..span), rng.random_range(0..span))
+        } else {
+            (0, 0)
+        };
+        let flip = aug.flip && rng.random_bool(0.5);
+        write_image(
+            images.image(i),
+            &mut batch.x[k * per..(k + 1) * per],
+            aug.crop_pad,
+            top,
+            left,
+            flip,
+        );
+        batch.labels.push(images.labels[i] as u32);
+    }
+    batch
+}

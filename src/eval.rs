@@ -1,0 +1,79 @@
+//! Evaluation: loss, accuracy, per-class accuracy and the confusion matrix of a model on a set
+//! of images, in eval mode (running BatchNorm statistics), as the seed's test loop computes them.
+
+use crate::data::{Images, eval_batches};
+use crate::engine::{Backend, Shape4};
+use crate::model::ResNet;
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EvalResult {
+    pub images: usize,
+    pub correct: usize,
+    /// correct / images.
+    pub accuracy: f64,
+    /// Mean cross-entropy per image.
+    pub loss: f64,
+    /// The seed's `total_test_loss`: the sum over batches of each batch's mean loss.
+    pub loss_sum_of_batch_means: f64,
+    /// Accuracy of each true class.
+    pub per_class: Vec<f64>,
+    /// `confusion[true][predicted]` counts.
+    pub confusion: Vec<Vec<u64>>,
+}
+
+/// Mean cross-entropy of `logits` rows (`classes` wide) against `labels`, and the number of
+/// rows whose arg-max is the label (first maximum wins, as `argmax` in PyTorch).
+pub fn score_logits(logits: &[f32], labels: &[u32], classes: usize, confusion: &mut [Vec<u64>]) -> (f64, usize) {
+    let mut loss = 0f64;
+    let mut correct = 0;
+    for (row, &label) in logits.chunks_exact(classes).zip(labels) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+        let lse = row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+        loss += lse - row[label as usize] as f64;
+        let pred = row
+            .iter()
+            .enumerate()
+            .fold(0, |best, (i, &v)| if v > row[best] { i } else { best });
+        correct += usize::from(pred == label as usize);
+        confusion[label as usize][pred] += 1;
+    }
+    (loss / labels.len().max(1) as f64, correct)
+}
+
+pub fn evaluate<B: Backend>(be: &B, model: &mut ResNet<B>, images: &Images, batch_size: usize) -> EvalResult {
+    let classes = model.cfg.num_classes;
+    let mut confusion = vec![vec![0u64; classes]; classes];
+    let (mut loss_sum, mut loss_total, mut correct) = (0f64, 0f64, 0usize);
+    let mut x = be.alloc(0);
+    let mut logits = Vec::new();
+    for batch in eval_batches(images, batch_size) {
+        let n = batch.len();
+        crate::engine::ensure_len(be, &mut x, batch.x.len());
+        be.upload(&batch.x, &mut x);
+        model.forward(be, &x, Shape4::new(n, 32, 32, 3), false);
+        logits.resize(n * classes, 0.0);
+        be.download(model.logits(), &mut logits);
+        let (mean, c) = score_logits(&logits, &batch.labels, classes, &mut confusion);
+        loss_sum += mean;
+        loss_total += mean * n as f64;
+        correct += c;
+    }
+    let n = images.len();
+    let per_class = confusion
+        .iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let total: u64 = row.iter().sum();
+            if total == 0 { 0.0 } else { row[i] as f64 / total as f64 }
+        })
+        .collect();
+    EvalResult {
+        images: n,
+        correct,
+        accuracy: correct as f64 / n.max(1) as f64,
+        loss: loss_total / n.max(1) as f64,
+        loss_sum_of_batch_means: loss_sum,
+        per_class,
+        confusion,
+    }
+}

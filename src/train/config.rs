@@ -1,0 +1,118 @@
+//! Run configuration: named recipes, resolved with command-line overrides into one
+//! `TrainConfig` that is written into the run folder.
+
+use crate::data::Augment;
+use crate::model::ResNetConfig;
+use crate::optim::{AdamConfig, Schedule, SgdConfig};
+
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum OptimizerConfig {
+    Adam(AdamConfig),
+    Sgd(SgdConfig),
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainConfig {
+    pub recipe: String,
+    pub model: ResNetConfig,
+    pub optimizer: OptimizerConfig,
+    pub schedule: Schedule,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub eval_batch_size: usize,
+    /// Reshuffle the training images every epoch (the seed's loader does not).
+    pub shuffle: bool,
+    pub augment: Augment,
+    pub seed: u64,
+    /// Hold out the last N training images for validation.
+    pub val_split: usize,
+    /// Stop (with a checkpoint) after this many optimizer steps in all.
+    pub max_steps: Option<u64>,
+    /// Print and log the training loss every this many steps.
+    pub log_every: u64,
+}
+
+/// A named starting point for a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recipe {
+    /// The seed's run exactly: Adam lr 0.01, lr / (epoch + 1), batch 64, 50 epochs, no
+    /// shuffling, crop + flip.
+    Seed,
+}
+
+impl Recipe {
+    pub const ALL: [Recipe; 1] = [Recipe::Seed];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Recipe::Seed => "seed",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Recipe::Seed => {
+                "the seed's run: Adam(lr 0.01, betas 0.9/0.999, eps 1e-8), lr 0.01/(epoch+1) per epoch, batch 64, 50 epochs, no shuffle, crop 4 + flip"
+            }
+        }
+    }
+
+    pub fn config(self) -> TrainConfig {
+        match self {
+            Recipe::Seed => TrainConfig {
+                recipe: self.name().to_string(),
+                model: ResNetConfig::default(),
+                optimizer: OptimizerConfig::Adam(AdamConfig::default()),
+                schedule: Schedule::InverseEpoch { lr: 0.01 },
+                epochs: 50,
+                batch_size: 64,
+                eval_batch_size: 64,
+                shuffle: false,
+                augment: Augment::SEED,
+                seed: 0,
+                val_split: 0,
+                max_steps: None,
+                log_every: 100,
+            },
+        }
+    }
+}
+
+impl std::str::FromStr for Recipe {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Recipe::ALL.into_iter().find(|r| r.name() == s).ok_or_else(|| {
+            let names: Vec<_> = Recipe::ALL.iter().map(|r| r.name()).collect();
+            format!("unknown recipe '{s}' (expected one of: {})", names.join(", "))
+        })
+    }
+}
+
+impl Schedule {
+    /// The same schedule with its peak (or base) learning rate set to `lr`.
+    pub fn with_lr(self, lr: f64) -> Schedule {
+        match self {
+            Schedule::Constant { .. } => Schedule::Constant { lr },
+            Schedule::InverseEpoch { .. } => Schedule::InverseEpoch { lr },
+            Schedule::OneCycle {
+                pct_start,
+                div_factor,
+                final_div_factor,
+                ..
+            } => Schedule::OneCycle {
+                max_lr: lr,
+                pct_start,
+                div_factor,
+                final_div_factor,
+            },
+            Schedule::WarmupCosine {
+                warmup_epochs, min_lr, ..
+            } => Schedule::WarmupCosine {
+                lr,
+                warmup_epochs,
+                min_lr,
+            },
+        }
+    }
+}

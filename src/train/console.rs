@@ -1,0 +1,71 @@
+//! What a run prints: plain lines, plus a progress bar with images per second and time left
+//! while an epoch runs when stdout is a terminal.
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::IsTerminal;
+
+pub struct Console {
+    bar: Option<ProgressBar>,
+    interactive: bool,
+    quiet: bool,
+}
+
+impl Console {
+    /// Progress bars when stdout is a terminal, plain lines otherwise.
+    pub fn stdout() -> Self {
+        Self {
+            bar: None,
+            interactive: std::io::stdout().is_terminal(),
+            quiet: false,
+        }
+    }
+
+    /// Prints nothing (tests, library use).
+    pub fn quiet() -> Self {
+        Self {
+            bar: None,
+            interactive: false,
+            quiet: true,
+        }
+    }
+
+    pub fn line(&self, text: &str) {
+        if self.quiet {
+            return;
+        }
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => println!("{text}"),
+        }
+    }
+
+    /// Starts a bar over `images` images for one epoch.
+    pub fn start_epoch(&mut self, label: &str, images: u64) {
+        if !self.interactive {
+            return;
+        }
+        let bar = ProgressBar::with_draw_target(Some(images), ProgressDrawTarget::stdout());
+        bar.set_style(
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} img  {per_sec}  eta {eta}  {msg}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(label.to_string());
+        self.bar = Some(bar);
+    }
+
+    pub fn advance(&self, images: u64, msg: &str) {
+        if let Some(bar) = &self.bar {
+            bar.inc(images);
+            if !msg.is_empty() {
+                bar.set_message(msg.to_string());
+            }
+        }
+    }
+
+    pub fn finish_epoch(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! Training runs: recipes and their resolved configuration, the loop, its console output.
+
+pub mod config;
+pub mod console;
+pub mod optimizer;
+pub mod run;
+
+pub use config::{OptimizerConfig, Recipe, TrainConfig};
+pub use console::Console;
+pub use run::{TrainOutcome, eval_split, train};

@@ -1,0 +1,72 @@
+//! The run's optimizer, whichever the recipe chose, and its state as named tensors for
+//! checkpoints (`optim.{param}.exp_avg`, `.exp_avg_sq`, `.momentum_buffer`).
+
+use super::config::OptimizerConfig;
+use crate::checkpoint::HostTensor;
+use crate::engine::Backend;
+use crate::model::ResNet;
+use crate::nn::Module;
+use crate::optim::{Adam, Sgd};
+use std::collections::BTreeMap;
+
+pub enum Optimizer<B: Backend> {
+    Adam(Adam<B>),
+    Sgd(Sgd<B>),
+}
+
+impl<B: Backend> Optimizer<B> {
+    pub fn new(cfg: &OptimizerConfig) -> Self {
+        match *cfg {
+            OptimizerConfig::Adam(c) => Optimizer::Adam(Adam::new(c)),
+            OptimizerConfig::Sgd(c) => Optimizer::Sgd(Sgd::new(c)),
+        }
+    }
+
+    pub fn step(&mut self, be: &B, model: &mut ResNet<B>, lr: f64) {
+        match self {
+            Optimizer::Adam(o) => o.step(be, model, lr),
+            Optimizer::Sgd(o) => o.step(be, model, lr),
+        }
+    }
+
+    pub fn steps(&self) -> u64 {
+        match self {
+            Optimizer::Adam(o) => o.steps,
+            Optimizer::Sgd(o) => o.steps,
+        }
+    }
+
+    /// The optimizer's per-parameter state, named after the parameters of `model`.
+    pub fn state_tensors(&self, be: &B, model: &mut ResNet<B>) -> BTreeMap<String, HostTensor> {
+        let mut names = Vec::new();
+        model.visit_params(&mut |p| names.push((p.name.clone(), p.numel())));
+        let mut out = BTreeMap::new();
+        let mut put = |key: String, buf: &B::Buf, n: usize| {
+            let mut host = vec![0f32; n];
+            be.download(buf, &mut host);
+            let bytes = host.iter().flat_map(|v| v.to_le_bytes()).collect();
+            out.insert(
+                key,
+                HostTensor {
+                    dtype: safetensors::Dtype::F32,
+                    shape: vec![n],
+                    bytes,
+                },
+            );
+        };
+        match self {
+            Optimizer::Adam(o) => {
+                for ((name, n), (m, v)) in names.iter().zip(&o.state) {
+                    put(format!("optim.{name}.exp_avg"), m, *n);
+                    put(format!("optim.{name}.exp_avg_sq"), v, *n);
+                }
+            }
+            Optimizer::Sgd(o) => {
+                for ((name, n), buf) in names.iter().zip(&o.state) {
+                    put(format!("optim.{name}.momentum_buffer"), buf, *n);
+                }
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,319 @@
+//! The training loop: the seed's loop (train an epoch, log the loss every 100 steps, evaluate,
+//! save a checkpoint) with a run folder holding everything it produced:
+//!
+//! ```text
+//! RUN/config.json                    the resolved configuration
+//! RUN/metrics.jsonl                  every logged value, one JSON object a line
+//! RUN/tensorboard/events.out.*       train_loss, test_loss, test_accuracy, lr
+//! RUN/checkpoints/epoch-N.safetensors  model state_dict after epoch N (1-based), PyTorch keys
+//! RUN/last.safetensors, RUN/best.safetensors   the latest and the most accurate of those
+//! RUN/train_state.safetensors        optimizer state and position, for resuming
+//! ```
+
+use super::config::TrainConfig;
+use super::console::Console;
+use super::optimizer::Optimizer;
+use crate::checkpoint::{self, HostTensor};
+use crate::data::{EpochPlan, Images, Splits, spawn_loader};
+use crate::engine::{Backend, Shape4, ensure_len};
+use crate::eval::{EvalResult, evaluate};
+use crate::model::ResNet;
+use anyhow::{Context, Result, bail};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// How a run ended.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TrainOutcome {
+    pub steps: u64,
+    pub epochs_completed: usize,
+    /// True when `max_steps` ended the run before its last epoch.
+    pub stopped_at_max_steps: bool,
+    pub last_eval: Option<EvalResult>,
+    /// (epoch, accuracy) of the best evaluation so far (1-based epoch).
+    pub best: Option<(usize, f64)>,
+    pub train_images: u64,
+    pub train_seconds: f64,
+}
+
+impl TrainOutcome {
+    pub fn images_per_sec(&self) -> f64 {
+        self.train_images as f64 / self.train_seconds.max(1e-9)
+    }
+}
+
+/// Which held-out images a run evaluates on.
+pub fn eval_split(splits: &Splits) -> Option<(&'static str, &Images)> {
+    match (&splits.test, &splits.val) {
+        (Some(t), _) => Some(("test", t)),
+        (None, Some(v)) => Some(("val", v)),
+        (None, None) => None,
+    }
+}
+
+struct RunFiles {
+    root: PathBuf,
+    metrics: std::io::BufWriter<std::fs::File>,
+    tb: tensorboard_rs::summary_writer::SummaryWriter,
+}
+
+impl RunFiles {
+    fn create(root: &Path, cfg: &TrainConfig) -> Result<Self> {
+        for dir in [root.to_path_buf(), root.join("checkpoints"), root.join("tensorboard")] {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("{}: cannot create the run folder", dir.display()))?;
+        }
+        let config = serde_json::to_string_pretty(cfg)? + "\n";
+        checkpoint::write_atomic(&root.join("config.json"), config.as_bytes())
+            .with_context(|| format!("{}: cannot write", root.join("config.json").display()))?;
+        let path = root.join("metrics.jsonl");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("{}: cannot open", path.display()))?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            metrics: std::io::BufWriter::new(file),
+            tb: tensorboard_rs::summary_writer::SummaryWriter::new(root.join("tensorboard")),
+        })
+    }
+
+    fn log(&mut self, value: serde_json::Value) -> Result<()> {
+        writeln!(self.metrics, "{value}").context("metrics.jsonl: write failed")
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.tb.flush();
+        self.metrics.flush().context("metrics.jsonl: write failed")
+    }
+}
+
+/// Trains a fresh model as `cfg` says, writing the run into `out`.
+pub fn train<B: Backend>(
+    be: &B,
+    cfg: &TrainConfig,
+    splits: &Splits,
+    out: &Path,
+    console: &mut Console,
+) -> Result<TrainOutcome> {
+    if cfg.batch_size == 0 || cfg.eval_batch_size == 0 {
+        bail!("batch size must be at least 1");
+    }
+    let mut files = RunFiles::create(out, cfg)?;
+    let mut model = ResNet::new(be, cfg.model, cfg.seed);
+    let mut opt = Optimizer::new(&cfg.optimizer);
+    let train_images = Arc::new(splits.train.clone());
+    let eval_on = eval_split(splits);
+    match eval_on {
+        Some((name, images)) => console.line(&format!(
+            "training on {} images, evaluating on the {name} set ({} images){}",
+            train_images.len(),
+            images.len(),
+            if name == "val" {
+                ": no test_batch.bin here, so the held-out validation split stands in"
+            } else {
+                ""
+            }
+        )),
+        None => console.line(&format!(
+            "training on {} images; no test_batch.bin and no --val-split, so no evaluation",
+            train_images.len()
+        )),
+    }
+
+    let steps_per_epoch = EpochPlan::new(train_images.len(), cfg.batch_size, false, 0, 0).num_batches();
+    let mut x = be.alloc(0);
+    let mut loss = [0f32];
+    let mut step = 0u64;
+    let mut best: Option<(usize, f64)> = None;
+    let mut last_eval = None;
+    let mut epochs_completed = 0;
+    let (mut trained_images, mut train_seconds) = (0u64, 0f64);
+
+    for epoch in 0..cfg.epochs {
+        let plan = EpochPlan::new(train_images.len(), cfg.batch_size, cfg.shuffle, cfg.seed, epoch);
+        let batches = spawn_loader(train_images.clone(), plan.clone(), 0, cfg.augment, cfg.seed, epoch);
+        console.start_epoch(
+            &format!("epoch {}/{}", epoch + 1, cfg.epochs),
+            train_images.len() as u64,
+        );
+        let started = Instant::now();
+        for b in 0..plan.num_batches() {
+            let batch = batches.recv().context("the batch loader stopped")?;
+            let n = batch.len();
+            ensure_len(be, &mut x, batch.x.len());
+            be.upload(&batch.x, &mut x);
+            model.forward(be, &x, Shape4::new(n, 32, 32, 3), true);
+            model.backward(be, &x, &batch.labels);
+            let lr = cfg.schedule.lr(epoch, b, steps_per_epoch, cfg.epochs);
+            opt.step(be, &mut model, lr);
+            step += 1;
+            trained_images += n as u64;
+            let mut msg = String::new();
+            if step.is_multiple_of(cfg.log_every) {
+                be.download(model.loss(), &mut loss);
+                if !loss[0].is_finite() {
+                    bail!(
+                        "the loss became {} at step {step}; stopping (the last checkpoint is kept)",
+                        loss[0]
+                    );
+                }
+                console.line(&format!("step {step}, loss {}", loss[0]));
+                files.tb.add_scalar("train_loss", loss[0], step as usize);
+                files.log(
+                    serde_json::json!({"kind": "train", "step": step, "epoch": epoch, "loss": loss[0], "lr": lr}),
+                )?;
+                msg = format!("loss {:.4}", loss[0]);
+            }
+            console.advance(n as u64, &msg);
+            if cfg.max_steps.is_some_and(|m| step >= m) {
+                let more_to_do = b + 1 < plan.num_batches() || epoch + 1 < cfg.epochs;
+                if more_to_do {
+                    train_seconds += started.elapsed().as_secs_f64();
+                    console.finish_epoch();
+                    save_train_state(be, &files.root, cfg, &mut model, &opt, epoch, b + 1, step)?;
+                    checkpoint::save(
+                        &files.root.join("last.safetensors"),
+                        be,
+                        &mut model,
+                        Some(meta(cfg, epoch, step, None)),
+                    )
+                    .context("last.safetensors: write failed")?;
+                    console.line(&format!(
+                        "stopped after {step} steps (--max-steps); checkpoint in {}",
+                        files.root.display()
+                    ));
+                    files.flush()?;
+                    return Ok(TrainOutcome {
+                        steps: step,
+                        epochs_completed,
+                        stopped_at_max_steps: true,
+                        last_eval,
+                        best,
+                        train_images: trained_images,
+                        train_seconds,
+                    });
+                }
+            }
+        }
+        train_seconds += started.elapsed().as_secs_f64();
+        console.finish_epoch();
+        drop(batches);
+
+        let lr = cfg.schedule.lr(epoch, 0, steps_per_epoch, cfg.epochs);
+        files.tb.add_scalar("lr", lr as f32, epoch);
+        let mut eval_json = None;
+        if let Some((split, images)) = eval_on {
+            let r = evaluate(be, &mut model, images, cfg.eval_batch_size);
+            console.line(&format!(
+                "epoch {}/{}: {split} loss {:.4} (sum of batch means; {:.4} per image), accuracy {:.4} ({}/{})",
+                epoch + 1,
+                cfg.epochs,
+                r.loss_sum_of_batch_means,
+                r.loss,
+                r.accuracy,
+                r.correct,
+                r.images
+            ));
+            files
+                .tb
+                .add_scalar("test_loss", r.loss_sum_of_batch_means as f32, epoch);
+            files.tb.add_scalar("test_accuracy", r.accuracy as f32, epoch);
+            files.log(serde_json::json!({
+                "kind": "eval", "split": split, "epoch": epoch, "step": step, "loss_sum_of_batch_means": r.loss_sum_of_batch_means,
+                "loss": r.loss, "accuracy": r.accuracy, "lr": lr,
+            }))?;
+            eval_json = Some(r.accuracy);
+            if best.is_none_or(|(_, a)| r.accuracy > a) {
+                best = Some((epoch + 1, r.accuracy));
+            }
+            last_eval = Some(r);
+        } else {
+            files.log(serde_json::json!({"kind": "epoch", "epoch": epoch, "step": step, "lr": lr}))?;
+        }
+        epochs_completed = epoch + 1;
+
+        // Checkpoints: this epoch's, then last (and best when it is), then the resume state.
+        let epoch_path = files
+            .root
+            .join("checkpoints")
+            .join(format!("epoch-{}.safetensors", epoch + 1));
+        let bytes = checkpoint::to_bytes(
+            &checkpoint::state_dict(be, &mut model),
+            Some(meta(cfg, epoch + 1, step, eval_json)),
+        );
+        checkpoint::write_atomic(&epoch_path, &bytes)
+            .with_context(|| format!("{}: write failed", epoch_path.display()))?;
+        checkpoint::write_atomic(&files.root.join("last.safetensors"), &bytes)
+            .context("last.safetensors: write failed")?;
+        if best.is_some_and(|(e, _)| e == epoch + 1) {
+            checkpoint::write_atomic(&files.root.join("best.safetensors"), &bytes)
+                .context("best.safetensors: write failed")?;
+        }
+        save_train_state(be, &files.root, cfg, &mut model, &opt, epoch + 1, 0, step)?;
+        files.flush()?;
+        if cfg.max_steps.is_some_and(|m| step >= m) {
+            break;
+        }
+    }
+    Ok(TrainOutcome {
+        steps: step,
+        epochs_completed,
+        stopped_at_max_steps: false,
+        last_eval,
+        best,
+        train_images: trained_images,
+        train_seconds,
+    })
+}
+
+/// Metadata stored in every model checkpoint: enough to rebuild the model and know its origin.
+fn meta(cfg: &TrainConfig, epochs_done: usize, step: u64, accuracy: Option<f64>) -> HashMap<String, String> {
+    let mut m = HashMap::new();
+    m.insert(
+        "format".into(),
+        "resnet-cifar state_dict (PyTorch keys and layouts)".into(),
+    );
+    m.insert("model".into(), serde_json::to_string(&cfg.model).expect("serialisable"));
+    m.insert("recipe".into(), cfg.recipe.clone());
+    m.insert("val_split".into(), cfg.val_split.to_string());
+    m.insert("epochs_completed".into(), epochs_done.to_string());
+    m.insert("step".into(), step.to_string());
+    if let Some(a) = accuracy {
+        m.insert("accuracy".into(), a.to_string());
+    }
+    m
+}
+
+/// Everything a resumed run needs beyond the model: optimizer state and the position in the
+/// data (next epoch and batch), in one safetensors file written atomically.
+#[allow(clippy::too_many_arguments)]
+fn save_train_state<B: Backend>(
+    be: &B,
+    root: &Path,
+    cfg: &TrainConfig,
+    model: &mut ResNet<B>,
+    opt: &Optimizer<B>,
+    epoch: usize,
+    batch: usize,
+    step: u64,
+) -> Result<()> {
+    let mut tensors: BTreeMap<String, HostTensor> = checkpoint::state_dict(be, model)
+        .into_iter()
+        .map(|(k, v)| (format!("model.{k}"), v))
+        .collect();
+    tensors.extend(opt.state_tensors(be, model));
+    let mut meta = HashMap::new();
+    meta.insert("config".into(), serde_json::to_string(cfg)?);
+    meta.insert("epoch".into(), epoch.to_string());
+    meta.insert("batch".into(), batch.to_string());
+    meta.insert("step".into(), step.to_string());
+    meta.insert("optimizer_steps".into(), opt.steps().to_string());
+    let path = root.join("train_state.safetensors");
+    checkpoint::write_atomic(&path, &checkpoint::to_bytes(&tensors, Some(meta)))
+        .with_context(|| format!("{}: write failed", path.display()))
+}

@@ -1,0 +1,324 @@
+//! The CIFAR-10 reader, the seed's transforms, the archive extraction and the seed recipe.
+
+mod common;
+
+use resnet_cifar::data::cifar::{self, IMAGE_BYTES, RECORD_BYTES, TRAIN_FILES};
+use resnet_cifar::data::transform::{MEAN, STD, make_batch, normalize};
+use resnet_cifar::data::{Augment, Cifar10, EpochPlan, Images, Splits, fetch};
+use resnet_cifar::model::Stem;
+use resnet_cifar::optim::{AdamConfig, Schedule};
+use resnet_cifar::train::{OptimizerConfig, Recipe};
+use std::path::Path;
+
+fn record(label: u8, fill: u8) -> Vec<u8> {
+    let mut r = vec![fill; RECORD_BYTES];
+    r[0] = label;
+    r
+}
+
+/// A folder with five training files of `n` records each (labels i % 10).
+fn write_dataset(dir: &Path, n: usize) {
+    for name in TRAIN_FILES {
+        let bytes: Vec<u8> = (0..n).flat_map(|i| record((i % 10) as u8, i as u8)).collect();
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+}
+
+#[test]
+fn reads_the_shared_training_set() {
+    let data = Cifar10::load(&common::shared_dir().join("data/cifar10")).unwrap();
+    assert_eq!(data.train.len(), 50_000);
+    assert_eq!(data.train.pixels.len(), 50_000 * IMAGE_BYTES);
+    assert!(data.test.is_none(), "the shared copy has no test set");
+    assert_eq!(data.classes[0], "airplane");
+    assert_eq!(data.classes[9], "truck");
+    let mut counts = [0usize; 10];
+    for &l in &data.train.labels {
+        counts[l as usize] += 1;
+    }
+    assert!(
+        counts.iter().all(|&c| c == 5000),
+        "CIFAR-10 has 5,000 images of each class: {counts:?}"
+    );
+    let splits = Splits::new(data, 5000).unwrap();
+    assert_eq!((splits.train.len(), splits.val.as_ref().unwrap().len()), (45_000, 5000));
+}
+
+#[test]
+fn finds_files_in_the_archive_subfolder() {
+    let dir = tempfile::tempdir().unwrap();
+    let inner = dir.path().join("cifar-10-batches-bin");
+    std::fs::create_dir(&inner).unwrap();
+    for name in TRAIN_FILES {
+        let bytes: Vec<u8> = (0..10_000).flat_map(|i| record((i % 10) as u8, 0)).collect();
+        std::fs::write(inner.join(name), bytes).unwrap();
+    }
+    let data = Cifar10::load(dir.path()).unwrap();
+    assert_eq!(data.train.len(), 50_000);
+    assert_eq!(data.dir, inner);
+}
+
+#[test]
+fn bad_files_are_refused_with_file_and_record() {
+    let p = Path::new("data_batch_3.bin");
+    let good: Vec<u8> = (0..3).flat_map(|i| record(i, 7)).collect();
+    assert_eq!(cifar::parse_records(p, &good, None).unwrap().labels, [0, 1, 2]);
+
+    let err = cifar::parse_records(p, &good[..good.len() - 10], None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("data_batch_3.bin:") && err.contains("not a whole number of 3073-byte records"),
+        "{err}"
+    );
+
+    let mut bad_label = good.clone();
+    bad_label[2 * RECORD_BYTES] = 10;
+    let err = cifar::parse_records(p, &bad_label, None).unwrap_err().to_string();
+    assert!(
+        err.contains("record 2") && err.contains("label 10, expected 0-9"),
+        "{err}"
+    );
+
+    let err = cifar::parse_records(p, &good, Some(10_000)).unwrap_err().to_string();
+    assert!(err.contains("holds 3 records, expected 10000"), "{err}");
+
+    let err = cifar::parse_records(p, &[], None).unwrap_err().to_string();
+    assert!(err.contains("file is empty"), "{err}");
+}
+
+#[test]
+fn missing_or_short_files_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Cifar10::load(dir.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("no CIFAR-10 data in") && err.contains("data_batch_1.bin"),
+        "{err}"
+    );
+    let err = Cifar10::load(&dir.path().join("nope")).unwrap_err().to_string();
+    assert!(err.contains("does not exist"), "{err}");
+
+    write_dataset(dir.path(), 10_000);
+    std::fs::remove_file(dir.path().join("data_batch_4.bin")).unwrap();
+    let err = Cifar10::load(dir.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("data_batch_4.bin") && err.contains("No such file"),
+        "{err}"
+    );
+
+    write_dataset(dir.path(), 100);
+    let err = Cifar10::load(dir.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("data_batch_1.bin: holds 100 records, expected 10000"),
+        "{err}"
+    );
+}
+
+#[test]
+fn normalisation_uses_the_seed_constants() {
+    assert_eq!(MEAN, [0.4914, 0.4822, 0.4465]);
+    assert_eq!(STD, [0.2023, 0.1994, 0.2010]);
+    assert!((normalize(255, 0) - (1.0 - 0.4914) / 0.2023).abs() < 1e-6);
+    assert!((normalize(0, 2) - (-0.4465 / 0.2010)).abs() < 1e-6);
+    // The test transform is the identity layout change plus normalisation: pixel (y, x) of
+    // channel c lands at NHWC offset (y * 32 + x) * 3 + c.
+    let img = Images {
+        pixels: (0..IMAGE_BYTES).map(|i| (i % 251) as u8).collect(),
+        labels: vec![4],
+    };
+    let b = make_batch(&img, &[0], Augment::NONE, 0);
+    for (c, y, x) in [(0, 0, 0), (1, 5, 7), (2, 31, 31)] {
+        let v = img.pixels[c * 1024 + y * 32 + x];
+        assert_eq!(b.x[(y * 32 + x) * 3 + c], normalize(v, c));
+    }
+    assert_eq!(b.labels, [4]);
+}
+
+#[test]
+fn crop_and_flip_statistics() {
+    // An image whose pixel value encodes its column; crop offsets and flips show in batch 0.
+    let mut img = Images::default();
+    let n = 2000;
+    for _ in 0..n {
+        for _channel in 0..3 {
+            for y in 0..32 {
+                for x in 0..32 {
+                    img.pixels.push(if y == 16 { 100 + x as u8 } else { 50 });
+                }
+            }
+        }
+        img.labels.push(0);
+    }
+    let idx: Vec<u32> = (0..n as u32).collect();
+    let b = make_batch(&img, &idx, Augment::SEED, 123);
+    let zero = normalize(0, 0);
+    let (mut flips, mut padded_rows, mut shifts) = (0, 0, std::collections::HashMap::new());
+    for k in 0..n {
+        let im = &b.x[k * 3072..(k + 1) * 3072];
+        let at = |y: usize, x: usize| im[(y * 32 + x) * 3];
+        // Find the marked row (the crop moves it by -4..=4).
+        let row = (0..32).find(|&y| (0..32).any(|x| at(y, x) > normalize(99, 0)));
+        let Some(row) = row else { continue };
+        let vals: Vec<f32> = (0..32).map(|x| at(row, x)).collect();
+        let marked: Vec<usize> = (0..32).filter(|&x| vals[x] > normalize(99, 0)).collect();
+        let (a, z) = (marked[0], *marked.last().unwrap());
+        let increasing = vals[a] < vals[z];
+        if !increasing {
+            flips += 1;
+        }
+        *shifts.entry(row as i32 - 16).or_insert(0) += 1;
+        if (0..32).any(|x| vals[x] == zero) {
+            padded_rows += 1;
+        }
+    }
+    let frac = flips as f64 / n as f64;
+    assert!((frac - 0.5).abs() < 0.05, "flip probability {frac}");
+    assert_eq!(shifts.len(), 9, "vertical offsets -4..=4 all occur: {shifts:?}");
+    for (&s, &count) in &shifts {
+        assert!((-4..=4).contains(&s));
+        assert!(
+            count as f64 > n as f64 / 9.0 * 0.7,
+            "offset {s} is drawn uniformly: {count}"
+        );
+    }
+    assert!(
+        padded_rows > n / 2,
+        "horizontal crops bring zero padding in: {padded_rows}"
+    );
+    // Same seed, same batch; another seed, another batch.
+    assert_eq!(
+        make_batch(&img, &idx[..10], Augment::SEED, 5).x,
+        make_batch(&img, &idx[..10], Augment::SEED, 5).x
+    );
+    assert_ne!(
+        make_batch(&img, &idx[..10], Augment::SEED, 5).x,
+        make_batch(&img, &idx[..10], Augment::SEED, 6).x
+    );
+}
+
+#[test]
+fn epoch_plans_follow_the_seed_loader() {
+    let plan = EpochPlan::new(50_000, 64, false, 0, 0);
+    assert_eq!(plan.num_batches(), 782);
+    assert_eq!(plan.batch(781).len(), 16, "the last batch keeps the remainder");
+    assert_eq!(plan.batch(1)[0], 64, "no shuffling: images in file order");
+    let a = EpochPlan::new(1000, 10, true, 1, 0);
+    let b = EpochPlan::new(1000, 10, true, 1, 1);
+    assert_ne!(a.batch(0), b.batch(0), "shuffled differently each epoch");
+    let mut all: Vec<u32> = (0..100).flat_map(|i| a.batch(i).to_vec()).collect();
+    all.sort();
+    assert_eq!(all, (0..1000).collect::<Vec<_>>(), "a permutation");
+}
+
+fn tar_gz(members: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut builder = tar::Builder::new(gz);
+    for (name, data) in members {
+        let mut header = tar::Header::new_old();
+        // Write the raw name so that the builder's own path checks cannot sanitise it.
+        header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_cksum();
+        builder.append(&header, data.as_slice()).unwrap();
+    }
+    builder.into_inner().unwrap().finish().unwrap()
+}
+
+#[test]
+fn extraction_takes_only_expected_members() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut members: Vec<(String, Vec<u8>)> = TRAIN_FILES
+        .iter()
+        .map(|f| (format!("cifar-10-batches-bin/{f}"), record(1, 2)))
+        .collect();
+    members.push(("cifar-10-batches-bin/readme.html".into(), b"hi".to_vec()));
+    members.push(("other/data_batch_1.bin".into(), b"not this".to_vec()));
+    let refs: Vec<(&str, Vec<u8>)> = members.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
+    let archive = dir.path().join("a.tar.gz");
+    std::fs::write(&archive, tar_gz(&refs)).unwrap();
+    let out = dir.path().join("out");
+    fetch::extract(&archive, &out).unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(out.join("cifar-10-batches-bin"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        TRAIN_FILES.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        "only the batch files, no temporaries"
+    );
+    assert_eq!(
+        std::fs::read(out.join("cifar-10-batches-bin/data_batch_1.bin")).unwrap(),
+        record(1, 2)
+    );
+    assert!(!out.join("other").exists());
+}
+
+#[test]
+fn extraction_refuses_archives_that_climb_out() {
+    for evil in ["../evil.bin", "cifar-10-batches-bin/../../evil.bin", "/tmp/evil.bin"] {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("a.tar.gz");
+        std::fs::write(
+            &archive,
+            tar_gz(&[
+                ("cifar-10-batches-bin/data_batch_1.bin", record(0, 0)),
+                (evil, b"x".to_vec()),
+            ]),
+        )
+        .unwrap();
+        let out = dir.path().join("out");
+        let err = fetch::extract(&archive, &out).unwrap_err().to_string();
+        assert!(err.contains("refused") && err.contains(evil), "{evil}: {err}");
+        assert!(!out.exists(), "{evil}: nothing written");
+        assert!(!dir.path().join("evil.bin").exists());
+    }
+}
+
+#[test]
+fn extraction_reports_a_corrupt_or_incomplete_archive() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("a.tar.gz");
+    std::fs::write(&archive, b"this is not gzip").unwrap();
+    let err = fetch::extract(&archive, dir.path()).unwrap_err().to_string();
+    assert!(err.contains("not a valid archive"), "{err}");
+    std::fs::write(
+        &archive,
+        tar_gz(&[("cifar-10-batches-bin/data_batch_1.bin", record(0, 0))]),
+    )
+    .unwrap();
+    let err = fetch::extract(&archive, dir.path()).unwrap_err().to_string();
+    assert!(err.contains("lacks") && err.contains("data_batch_5.bin"), "{err}");
+}
+
+#[test]
+fn seed_recipe_is_the_seed_run() {
+    let cfg = Recipe::Seed.config();
+    assert_eq!(cfg.model.stem, Stem::Seed);
+    assert_eq!((cfg.model.stages, cfg.model.num_classes), (4, 10));
+    assert_eq!(
+        cfg.optimizer,
+        OptimizerConfig::Adam(AdamConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0
+        })
+    );
+    assert_eq!(cfg.schedule, Schedule::InverseEpoch { lr: 0.01 });
+    assert_eq!((cfg.epochs, cfg.batch_size, cfg.eval_batch_size), (50, 64, 64));
+    assert!(!cfg.shuffle);
+    assert_eq!(
+        cfg.augment,
+        Augment {
+            crop_pad: 4,
+            flip: true
+        }
+    );
+    assert_eq!(cfg.log_every, 100);
+    assert_eq!("seed".parse::<Recipe>().unwrap(), Recipe::Seed);
+    assert!("fast".parse::<Recipe>().unwrap_err().contains("unknown recipe 'fast'"));
+}

@@ -1,0 +1,251 @@
+//! Real training on the shared CIFAR-10 files, the run folder it leaves (TensorBoard events read
+//! back by a reader written here from the TFRecord and protobuf formats, not by the crate that
+//! wrote them), and the `eval` command's JSON on the checkpoint it produced.
+
+mod common;
+
+use resnet_cifar::data::{Cifar10, Splits};
+use resnet_cifar::engine::cpu::Cpu;
+use resnet_cifar::train::{Console, Recipe, train};
+use std::path::Path;
+use std::process::Command;
+
+/// (tag, step, value) of every scalar in a TensorBoard event file.
+fn read_scalars(path: &Path) -> Vec<(String, i64, f32)> {
+    let bytes = std::fs::read(path).unwrap();
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        // TFRecord: u64 length, u32 masked CRC of the length, data, u32 masked CRC of the data.
+        let len = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+        let data = &bytes[at + 12..at + 12 + len];
+        assert_eq!(
+            masked_crc(data),
+            u32::from_le_bytes(bytes[at + 12 + len..at + 16 + len].try_into().unwrap()),
+            "record CRC"
+        );
+        at += 16 + len;
+        // Event: 2 = step (varint), 5 = summary; Summary: 1 = value; Value: 1 = tag, 2 = simple_value.
+        let mut step = 0;
+        for (field, v) in fields(data) {
+            match (field, v) {
+                (2, Field::Varint(s)) => step = s as i64,
+                (5, Field::Bytes(summary)) => {
+                    for (f, value) in fields(summary) {
+                        let (1, Field::Bytes(value)) = (f, value) else { continue };
+                        let (mut tag, mut x) = (String::new(), f32::NAN);
+                        for (g, item) in fields(value) {
+                            match (g, item) {
+                                (1, Field::Bytes(t)) => tag = String::from_utf8(t.to_vec()).unwrap(),
+                                (2, Field::Fixed32(bits)) => x = f32::from_bits(bits),
+                                _ => {}
+                            }
+                        }
+                        out.push((tag, step, x));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+enum Field<'a> {
+    Varint(u64),
+    Fixed64,
+    Bytes(&'a [u8]),
+    Fixed32(u32),
+}
+
+fn fields(mut b: &[u8]) -> Vec<(u64, Field<'_>)> {
+    fn varint(b: &mut &[u8]) -> u64 {
+        let (mut v, mut shift) = (0u64, 0);
+        loop {
+            let byte = b[0];
+            *b = &b[1..];
+            v |= ((byte & 0x7f) as u64) << shift;
+            if byte < 0x80 {
+                return v;
+            }
+            shift += 7;
+        }
+    }
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let key = varint(&mut b);
+        let f = match key & 7 {
+            0 => Field::Varint(varint(&mut b)),
+            1 => {
+                b = &b[8..];
+                Field::Fixed64
+            }
+            2 => {
+                let n = varint(&mut b) as usize;
+                let (d, rest) = b.split_at(n);
+                b = rest;
+                Field::Bytes(d)
+            }
+            5 => {
+                let v = u32::from_le_bytes(b[..4].try_into().unwrap());
+                b = &b[4..];
+                Field::Fixed32(v)
+            }
+            t => panic!("unexpected wire type {t}"),
+        };
+        out.push((key >> 3, f));
+    }
+    out
+}
+
+/// CRC-32C (Castagnoli), masked as TFRecord does.
+fn masked_crc(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in data {
+        crc ^= byte as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    let crc = !crc;
+    crc.rotate_right(15).wrapping_add(0xa282_ead8)
+}
+
+#[test]
+fn a_few_hundred_steps_learn_well_above_chance() {
+    // 10,000 training images (157 steps an epoch), two epochs of the seed recipe; the last
+    // 2,000 of the 50,000 images for validation.
+    let data = Cifar10::load(&common::shared_dir().join("data/cifar10")).unwrap();
+    let all = Splits::new(data, 2000).unwrap();
+    let splits = Splits {
+        train: all.train.slice(0..10_000),
+        val: all.val.clone(),
+        test: None,
+        classes: all.classes.clone(),
+    };
+    let mut cfg = Recipe::Seed.config();
+    cfg.epochs = 2;
+    cfg.val_split = 2000;
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let outcome = train(&Cpu, &cfg, &splits, &run, &mut Console::quiet()).unwrap();
+    assert_eq!(outcome.steps, 314);
+    let acc = outcome.last_eval.as_ref().unwrap().accuracy;
+    eprintln!("validation accuracy after 314 steps: {acc:.4}");
+    assert!(acc > 0.25, "chance is 0.10; measured here 0.34: got {acc}");
+
+    // The run folder.
+    for f in [
+        "config.json",
+        "metrics.jsonl",
+        "last.safetensors",
+        "best.safetensors",
+        "train_state.safetensors",
+        "checkpoints/epoch-1.safetensors",
+        "checkpoints/epoch-2.safetensors",
+    ] {
+        assert!(run.join(f).is_file(), "{f} written");
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["recipe"], "seed");
+    assert_eq!(config["epochs"], 2);
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(
+        lines.iter().filter(|l| l["kind"] == "train").count(),
+        3,
+        "train loss at steps 100, 200, 300"
+    );
+    assert_eq!(lines.iter().filter(|l| l["kind"] == "eval").count(), 2);
+
+    // TensorBoard: the seed's scalars at the seed's steps.
+    let tb: Vec<_> = std::fs::read_dir(run.join("tensorboard"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(tb.len(), 1, "one event file");
+    assert!(
+        tb[0]
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("events.out.tfevents.")
+    );
+    let scalars = read_scalars(&tb[0]);
+    let steps = |tag: &str| scalars.iter().filter(|s| s.0 == tag).map(|s| s.1).collect::<Vec<_>>();
+    assert_eq!(steps("train_loss"), [100, 200, 300]);
+    assert_eq!(steps("test_loss"), [0, 1]);
+    assert_eq!(steps("test_accuracy"), [0, 1]);
+    assert_eq!(steps("lr"), [0, 1]);
+    let lr: Vec<f32> = scalars.iter().filter(|s| s.0 == "lr").map(|s| s.2).collect();
+    assert_eq!(lr, [0.01, 0.005]);
+    let tb_acc = scalars.iter().rfind(|s| s.0 == "test_accuracy").unwrap().2;
+    assert_eq!(tb_acc, acc as f32);
+
+    // eval --json on the checkpoint reports what the run measured.
+    let out = Command::new(env!("CARGO_BIN_EXE_resnet-cifar"))
+        .args(["eval", "--json", "--split", "val", "--checkpoint"])
+        .arg(run.join("last.safetensors"))
+        .arg("--data")
+        .arg(common::shared_dir().join("data/cifar10"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["accuracy"].as_f64().unwrap(),
+        acc,
+        "val split size comes from the checkpoint"
+    );
+    assert_eq!(v["images"], 2000);
+    assert!(v["loss"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["per_class"].as_array().unwrap().len(), 10);
+    let confusion = v["confusion"].as_array().unwrap();
+    let total: u64 = confusion
+        .iter()
+        .flat_map(|r| r.as_array().unwrap())
+        .map(|x| x.as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 2000);
+}
+
+fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_resnet-cifar"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn bad_input_exits_2_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (code, _, err) = cli(&["train", "--data", d, "--out", &format!("{d}/run")]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.starts_with("error: no CIFAR-10 data in"), "{err}");
+    let (code, _, err) = cli(&["train", "--batch-size", "0"]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = cli(&["train", "--stem", "huge"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown stem 'huge'"), "{err}");
+    let (code, _, err) = cli(&["eval", "--checkpoint", &format!("{d}/missing.safetensors")]);
+    assert_eq!(code, 2);
+    assert!(err.contains("missing.safetensors"), "{err}");
+    let (code, out, _) = cli(&["train", "--help"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("Recipes:") && out.contains("seed") && out.contains("lr 0.01/(epoch+1)"),
+        "{out}"
+    );
+}
