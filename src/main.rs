@@ -151,23 +151,20 @@ struct BenchArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = (|| {
-        if let Some(t) = cli.threads {
-            if t == 0 {
-                return Err(CliError::input("--threads must be at least 1"));
-            }
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(t)
-                .build_global()
-                .map_err(CliError::run)?;
-        }
-        match cli.command {
+        let threads = match cli.threads {
+            Some(0) => return Err(CliError::input("--threads must be at least 1")),
+            Some(t) => t,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        // Run the command on a worker of the pool, so that each parallel kernel starts from
+        // inside the pool instead of waking it from outside (measured: ~10% of a step).
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(CliError::run)?;
+        pool.install(|| match cli.command {
             Command::Train(a) => run_train(a),
             Command::Eval(a) => run_eval(a),
             Command::Bench(a) => run_bench(a),
-            Command::Data(DataCommand::Fetch { dir }) => {
-                fetch_data(&dir).map(|p| println!("CIFAR-10 is in {}", p.display()))
-            }
-        }
+            Command::Data(DataCommand::Fetch { dir }) => fetch_data(&dir).map(|p| println!("CIFAR-10 is in {}", p.display())),
+        })
     })();
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,18 +13,27 @@ pub fn adam(h: &AdamStep, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]
     let bc2_sqrt = bc2.sqrt() as f32;
     let (one_minus_b1, b2, one_minus_b2) = ((1.0 - h.beta1) as f32, h.beta2 as f32, (1.0 - h.beta2) as f32);
     let (eps, wd) = (h.eps as f32, h.weight_decay as f32);
+    // Iterators rather than indices, so the loop has no bounds checks and vectorises.
+    let update = |p: &mut f32, grad: f32, m: &mut f32, v: &mut f32| {
+        // m.lerp_(grad, 1 - beta1); v.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
+        *m += one_minus_b1 * (grad - *m);
+        *v = *v * b2 + one_minus_b2 * grad * grad;
+        let denom = v.sqrt() / bc2_sqrt + eps;
+        *p -= step_size * (*m / denom);
+    };
     p.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK))
         .zip(m.par_chunks_mut(CHUNK))
         .zip(v.par_chunks_mut(CHUNK))
         .for_each(|(((p, g), m), v)| {
-            for i in 0..p.len() {
-                let grad = if wd != 0.0 { g[i] + wd * p[i] } else { g[i] };
-                // m.lerp_(grad, 1 - beta1)
-                m[i] += one_minus_b1 * (grad - m[i]);
-                v[i] = v[i] * b2 + one_minus_b2 * grad * grad;
-                let denom = v[i].sqrt() / bc2_sqrt + eps;
-                p[i] -= step_size * (m[i] / denom);
+            let items = p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut());
+            if wd == 0.0 {
+                items.for_each(|(((p, &g), m), v)| update(p, g, m, v));
+            } else {
+                items.for_each(|(((p, &g), m), v)| {
+                    let grad = g + wd * *p;
+                    update(p, grad, m, v)
+                });
             }
         });
 }
