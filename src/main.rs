@@ -158,12 +158,17 @@ fn main() -> ExitCode {
         };
         // Run the command on a worker of the pool, so that each parallel kernel starts from
         // inside the pool instead of waking it from outside (measured: ~10% of a step).
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(CliError::run)?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(CliError::run)?;
         pool.install(|| match cli.command {
             Command::Train(a) => run_train(a),
             Command::Eval(a) => run_eval(a),
             Command::Bench(a) => run_bench(a),
-            Command::Data(DataCommand::Fetch { dir }) => fetch_data(&dir).map(|p| println!("CIFAR-10 is in {}", p.display())),
+            Command::Data(DataCommand::Fetch { dir }) => {
+                fetch_data(&dir).map(|p| println!("CIFAR-10 is in {}", p.display()))
+            }
         })
     })();
     match result {

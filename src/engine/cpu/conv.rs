@@ -1,5 +1,12 @@
 //! 2-D convolution on NHWC activations as im2col + matrix multiply.
 //!
+//! On small feature maps most kernel taps of a padded convolution read padding (a 3x3 conv on
+//! a 2x2 map: 5 of 9; on 1x1: 8 of 9). There the output positions are grouped by the taps that
+//! land inside the image ("tap classes": corners, edges, interior), and each class is one matrix
+//! multiply over only its valid taps, so no multiply-add is spent on padding. In NHWC the valid
+//! taps of one kernel row are one contiguous run of input, so a class's im2col is a few copies.
+//! Large maps, where padding is a small share, keep the plain im2col with zero fill.
+//!
 //! A batch is processed in chunks of whole images so the im2col workspace stays bounded
 //! (`WORKSPACE_BUDGET` values) however large the batch or the feature map; chunking depends only
 //! on the geometry, never on the thread count, so results are deterministic. 1x1 stride-1
@@ -22,17 +29,63 @@ fn rows_per_image(g: &ConvGeom) -> usize {
     oh * ow
 }
 
+/// Workspace values per image: the patch rows, plus (for tap classes) a class's output rows.
+fn workspace_per_image(g: &ConvGeom) -> usize {
+    rows_per_image(g) * (g.patch_len() + g.cout)
+}
+
 fn images_per_chunk(g: &ConvGeom) -> usize {
-    let per_image = rows_per_image(g) * g.patch_len();
-    (WORKSPACE_BUDGET / per_image.max(1)).clamp(1, g.input.n.max(1))
+    (WORKSPACE_BUDGET / workspace_per_image(g).max(1)).clamp(1, g.input.n.max(1))
 }
 
 pub fn workspace_len(g: &ConvGeom) -> usize {
     if is_pointwise(g) {
         0
     } else {
-        images_per_chunk(g) * rows_per_image(g) * g.patch_len()
+        images_per_chunk(g) * workspace_per_image(g)
     }
+}
+
+/// Output coordinates along one axis that see the same range of valid kernel taps.
+#[derive(Clone, Debug, PartialEq)]
+struct Span {
+    taps: std::ops::Range<usize>,
+    outs: Vec<usize>,
+}
+
+fn spans(out_len: usize, in_len: usize, k: usize, stride: usize, pad: usize) -> Vec<Span> {
+    let mut spans: Vec<Span> = Vec::new();
+    for o in 0..out_len {
+        // Tap t reads padded coordinate o*stride + t, inside the image when in [pad, in_len + pad).
+        let start = o * stride;
+        let taps = pad.saturating_sub(start)..k.min((in_len + pad).saturating_sub(start));
+        match spans.iter_mut().find(|s| s.taps == taps) {
+            Some(s) => s.outs.push(o),
+            None => spans.push(Span { taps, outs: vec![o] }),
+        }
+    }
+    spans
+}
+
+/// Tap classes of a geometry: every (row span, column span) pair.
+fn tap_classes(g: &ConvGeom) -> Vec<(Span, Span)> {
+    let (oh, ow) = g.out_hw();
+    let rows = spans(oh, g.input.h, g.kh, g.stride, g.pad);
+    let cols = spans(ow, g.input.w, g.kw, g.stride, g.pad);
+    rows.iter()
+        .flat_map(|r| cols.iter().map(move |c| (r.clone(), c.clone())))
+        .collect()
+}
+
+/// Whether skipping padding taps saves enough multiply-adds (a fifth or more) to pay for
+/// the extra, smaller matrix multiplies.
+fn use_tap_classes(g: &ConvGeom, classes: &[(Span, Span)]) -> bool {
+    let (oh, ow) = g.out_hw();
+    let useful: usize = classes
+        .iter()
+        .map(|(r, c)| r.outs.len() * c.outs.len() * r.taps.len() * c.taps.len())
+        .sum();
+    5 * useful <= 4 * oh * ow * g.kh * g.kw
 }
 
 /// Fills `cols` with the patch rows of images `first..first + count`.
@@ -118,10 +171,17 @@ pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32], ws: &mut [f32]
         matmul(m, g.cout, k, y, g.cout, Mat::rows(&x[..m * k], k), weight_t, false);
         return;
     }
+    let classes = tap_classes(g);
     let chunk = images_per_chunk(g);
     for first in (0..g.input.n).step_by(chunk) {
         let count = chunk.min(g.input.n - first);
         let m = count * rows;
+        if use_tap_classes(g, &classes) {
+            for class in &classes {
+                classes::forward(g, class, classes.len() == 1, x, w, first, count, y, ws);
+            }
+            continue;
+        }
         im2col(g, x, first, count, ws);
         let out = &mut y[first * rows * g.cout..(first + count) * rows * g.cout];
         matmul(m, g.cout, k, out, g.cout, Mat::rows(&ws[..m * k], k), weight_t, false);
@@ -159,10 +219,36 @@ pub fn backward(
         }
         return;
     }
+    let classes = tap_classes(g);
+    if use_tap_classes(g, &classes) {
+        // Classes add into dw and dx from several passes: start both from zero.
+        dw[..g.weight_len()].fill(0.0);
+        if let Some(dx) = dx.as_deref_mut() {
+            dx[..g.input.numel()].fill(0.0);
+        }
+    }
     let chunk = images_per_chunk(g);
     for first in (0..g.input.n).step_by(chunk) {
         let count = chunk.min(g.input.n - first);
         let m = count * rows;
+        if use_tap_classes(g, &classes) {
+            for class in &classes {
+                classes::backward(
+                    g,
+                    class,
+                    classes.len() == 1,
+                    x,
+                    w,
+                    dy,
+                    dx.as_deref_mut(),
+                    dw,
+                    first,
+                    count,
+                    ws,
+                );
+            }
+            continue;
+        }
         let dy_chunk = &dy[first * rows * g.cout..(first + count) * rows * g.cout];
         im2col(g, x, first, count, ws);
         matmul(
@@ -187,6 +273,386 @@ pub fn backward(
                 false,
             );
             col2im(g, ws, first, count, dx);
+        }
+    }
+}
+
+/// The tap-class kernels: im2col, matrix multiplies and scatters over one class's positions
+/// and taps. `whole` says the class is the only one, so its rows are the output's own rows in
+/// order and need no gather or scatter.
+mod classes {
+    use super::{Mat, Span, matmul};
+    use crate::engine::ConvGeom;
+    use rayon::prelude::*;
+
+    /// A run of patch columns that is also a run of weight columns: (patch offset, weight
+    /// offset, length). One run when whole kernel rows are valid, else one per kernel row.
+    fn runs(g: &ConvGeom, rows: &Span, cols: &Span) -> Vec<(usize, usize, usize)> {
+        let c = g.input.c;
+        let row_len = cols.taps.len() * c;
+        if cols.taps.len() == g.kw {
+            vec![(0, rows.taps.start * g.kw * c, rows.taps.len() * row_len)]
+        } else {
+            rows.taps
+                .clone()
+                .enumerate()
+                .map(|(a, ky)| (a * row_len, (ky * g.kw + cols.taps.start) * c, row_len))
+                .collect()
+        }
+    }
+
+    /// Output row of (image, oy, ox).
+    fn out_row(g: &ConvGeom, image: usize, oy: usize, ox: usize) -> usize {
+        let (oh, ow) = g.out_hw();
+        (image * oh + oy) * ow + ox
+    }
+
+    /// Patch rows of the class for images `first..first + count`, (image, oy, ox) order.
+    fn im2col(g: &ConvGeom, (rows, cols): &(Span, Span), x: &[f32], first: usize, count: usize, p: &mut [f32]) {
+        let s = g.input;
+        let row_len = cols.taps.len() * s.c;
+        let kc = rows.taps.len() * row_len;
+        let n_rows = count * rows.outs.len() * cols.outs.len();
+        p[..n_rows * kc]
+            .par_chunks_mut(cols.outs.len() * kc)
+            .enumerate()
+            .for_each(|(r, block)| {
+                let image = first + r / rows.outs.len();
+                let oy = rows.outs[r % rows.outs.len()];
+                let img = &x[image * s.h * s.w * s.c..(image + 1) * s.h * s.w * s.c];
+                for (j, &ox) in cols.outs.iter().enumerate() {
+                    let ix0 = ox * g.stride + cols.taps.start - g.pad;
+                    for (a, ky) in rows.taps.clone().enumerate() {
+                        let iy = oy * g.stride + ky - g.pad;
+                        let at = (iy * s.w + ix0) * s.c;
+                        block[j * kc + a * row_len..j * kc + (a + 1) * row_len].copy_from_slice(&img[at..at + row_len]);
+                    }
+                }
+            });
+    }
+
+    /// Copies the class's rows of `src` (`[.., cout]` rows in output order) into `dst`.
+    fn gather(g: &ConvGeom, (rows, cols): &(Span, Span), src: &[f32], first: usize, count: usize, dst: &mut [f32]) {
+        let per_image = rows.outs.len() * cols.outs.len() * g.cout;
+        dst[..count * per_image]
+            .par_chunks_mut(per_image)
+            .enumerate()
+            .for_each(|(i, d)| {
+                let mut k = 0;
+                for &oy in &rows.outs {
+                    for &ox in &cols.outs {
+                        let at = out_row(g, first + i, oy, ox) * g.cout;
+                        d[k..k + g.cout].copy_from_slice(&src[at..at + g.cout]);
+                        k += g.cout;
+                    }
+                }
+            });
+    }
+
+    /// The inverse of `gather`: writes the class's rows into their places in `dst`.
+    fn scatter(g: &ConvGeom, (rows, cols): &(Span, Span), src: &[f32], first: usize, count: usize, dst: &mut [f32]) {
+        let (oh, ow) = g.out_hw();
+        let per_image = rows.outs.len() * cols.outs.len() * g.cout;
+        let image_len = oh * ow * g.cout;
+        dst[first * image_len..(first + count) * image_len]
+            .par_chunks_mut(image_len)
+            .zip(src.par_chunks(per_image))
+            .for_each(|(d, s)| {
+                let mut k = 0;
+                for &oy in &rows.outs {
+                    for &ox in &cols.outs {
+                        let at = (oy * ow + ox) * g.cout;
+                        d[at..at + g.cout].copy_from_slice(&s[k..k + g.cout]);
+                        k += g.cout;
+                    }
+                }
+            });
+    }
+
+    /// Adds patch-row gradients of the class onto `dx` (images `first..first + count`).
+    fn col2im_add(g: &ConvGeom, (rows, cols): &(Span, Span), dp: &[f32], first: usize, count: usize, dx: &mut [f32]) {
+        let s = g.input;
+        let row_len = cols.taps.len() * s.c;
+        let kc = rows.taps.len() * row_len;
+        let per_image = rows.outs.len() * cols.outs.len() * kc;
+        let image_len = s.h * s.w * s.c;
+        dx[first * image_len..(first + count) * image_len]
+            .par_chunks_mut(image_len)
+            .zip(dp.par_chunks(per_image))
+            .for_each(|(img, patches)| {
+                let mut r = 0;
+                for &oy in &rows.outs {
+                    for &ox in &cols.outs {
+                        let ix0 = ox * g.stride + cols.taps.start - g.pad;
+                        for (a, ky) in rows.taps.clone().enumerate() {
+                            let iy = oy * g.stride + ky - g.pad;
+                            let at = (iy * s.w + ix0) * s.c;
+                            let src = &patches[r * kc + a * row_len..r * kc + (a + 1) * row_len];
+                            for (d, v) in img[at..at + row_len].iter_mut().zip(src) {
+                                *d += v;
+                            }
+                        }
+                        r += 1;
+                    }
+                }
+            });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        g: &ConvGeom,
+        class: &(Span, Span),
+        whole: bool,
+        x: &[f32],
+        w: &[f32],
+        first: usize,
+        count: usize,
+        y: &mut [f32],
+        ws: &mut [f32],
+    ) {
+        let k = g.patch_len();
+        let kc = class.0.taps.len() * class.1.taps.len() * g.input.c;
+        let m = count * class.0.outs.len() * class.1.outs.len();
+        let (p, out) = ws.split_at_mut(m * kc);
+        im2col(g, class, x, first, count, p);
+        let rows_per_image = class.0.outs.len() * class.1.outs.len();
+        let dst = if whole {
+            &mut y[first * rows_per_image * g.cout..]
+        } else {
+            &mut out[..]
+        };
+        for (i, (p_off, w_off, len)) in runs(g, &class.0, &class.1).into_iter().enumerate() {
+            let lhs = Mat {
+                data: &p[p_off..m * kc],
+                rs: kc,
+                cs: 1,
+            };
+            let rhs = Mat {
+                data: &w[w_off..g.weight_len()],
+                rs: 1,
+                cs: k,
+            };
+            matmul(m, g.cout, len, dst, g.cout, lhs, rhs, i > 0);
+        }
+        if !whole {
+            scatter(g, class, out, first, count, y);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        g: &ConvGeom,
+        class: &(Span, Span),
+        whole: bool,
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        dw: &mut [f32],
+        first: usize,
+        count: usize,
+        ws: &mut [f32],
+    ) {
+        let k = g.patch_len();
+        let kc = class.0.taps.len() * class.1.taps.len() * g.input.c;
+        let rows_per_image = class.0.outs.len() * class.1.outs.len();
+        let m = count * rows_per_image;
+        let (p, dyc_buf) = ws.split_at_mut(m * kc);
+        im2col(g, class, x, first, count, p);
+        let dyc: &[f32] = if whole {
+            &dy[first * rows_per_image * g.cout..(first + count) * rows_per_image * g.cout]
+        } else {
+            gather(g, class, dy, first, count, dyc_buf);
+            &dyc_buf[..m * g.cout]
+        };
+        let runs = runs(g, &class.0, &class.1);
+        // dw[:, run] += dyc^T p[:, run]
+        for &(p_off, w_off, len) in &runs {
+            let rhs = Mat {
+                data: &p[p_off..m * kc],
+                rs: kc,
+                cs: 1,
+            };
+            matmul(
+                g.cout,
+                len,
+                m,
+                &mut dw[w_off..g.weight_len()],
+                k,
+                Mat::transposed(dyc, g.cout),
+                rhs,
+                true,
+            );
+        }
+        if let Some(dx) = dx {
+            // dp[:, run] = dyc w[:, run], written over the patches (no longer needed).
+            for &(p_off, w_off, len) in &runs {
+                let rhs = Mat {
+                    data: &w[w_off..g.weight_len()],
+                    rs: k,
+                    cs: 1,
+                };
+                matmul(
+                    m,
+                    len,
+                    g.cout,
+                    &mut p[p_off..m * kc],
+                    kc,
+                    Mat::rows(dyc, g.cout),
+                    rhs,
+                    false,
+                );
+            }
+            col2im_add(g, class, p, first, count, dx);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Shape4;
+
+    #[test]
+    fn spans_group_outputs_by_valid_taps() {
+        // 3x3, pad 1, stride 1 on 4: first sees taps 1..3, last 0..2, the middle all.
+        let s = spans(4, 4, 3, 1, 1);
+        assert_eq!(
+            s,
+            vec![
+                Span {
+                    taps: 1..3,
+                    outs: vec![0]
+                },
+                Span {
+                    taps: 0..3,
+                    outs: vec![1, 2]
+                },
+                Span {
+                    taps: 0..2,
+                    outs: vec![3]
+                }
+            ]
+        );
+        // 1x1 map: only the centre tap.
+        assert_eq!(
+            spans(1, 1, 3, 1, 1),
+            vec![Span {
+                taps: 1..2,
+                outs: vec![0]
+            }]
+        );
+        // 2 -> 1 with stride 2: taps 1 and 2.
+        assert_eq!(
+            spans(1, 2, 3, 2, 1),
+            vec![Span {
+                taps: 1..3,
+                outs: vec![0]
+            }]
+        );
+    }
+
+    #[test]
+    fn classes_are_chosen_where_padding_dominates() {
+        let g = |h: usize, stride: usize| ConvGeom {
+            input: Shape4::new(2, h, h, 8),
+            cout: 8,
+            kh: 3,
+            kw: 3,
+            stride,
+            pad: 1,
+        };
+        for (geom, want) in [
+            (g(1, 1), true),
+            (g(2, 1), true),
+            (g(4, 1), true),
+            (g(2, 2), true),
+            (g(8, 1), false),
+            (g(32, 1), false),
+        ] {
+            assert_eq!(use_tap_classes(&geom, &tap_classes(&geom)), want, "{geom:?}");
+        }
+    }
+
+    /// Direct convolution in f64: y, and the gradients of sum(y * dy).
+    fn reference(g: &ConvGeom, x: &[f32], w: &[f32], dy: &[f32]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let s = g.input;
+        let (oh, ow) = g.out_hw();
+        let (mut y, mut dx, mut dw) = (
+            vec![0f64; s.n * oh * ow * g.cout],
+            vec![0f64; x.len()],
+            vec![0f64; w.len()],
+        );
+        for n in 0..s.n {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    for co in 0..g.cout {
+                        let yi = ((n * oh + oy) * ow + ox) * g.cout + co;
+                        for ky in 0..g.kh {
+                            for kx in 0..g.kw {
+                                let (iy, ix) = (
+                                    (oy * g.stride + ky) as isize - g.pad as isize,
+                                    (ox * g.stride + kx) as isize - g.pad as isize,
+                                );
+                                if iy < 0 || ix < 0 || iy >= s.h as isize || ix >= s.w as isize {
+                                    continue;
+                                }
+                                for ci in 0..s.c {
+                                    let xi = ((n * s.h + iy as usize) * s.w + ix as usize) * s.c + ci;
+                                    let wi = ((co * g.kh + ky) * g.kw + kx) * s.c + ci;
+                                    y[yi] += x[xi] as f64 * w[wi] as f64;
+                                    dx[xi] += dy[yi] as f64 * w[wi] as f64;
+                                    dw[wi] += dy[yi] as f64 * x[xi] as f64;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (y, dx, dw)
+    }
+
+    #[test]
+    fn both_paths_match_a_direct_convolution() {
+        let cases = [
+            (8, 1, 3, 1),
+            (4, 1, 3, 1),
+            (2, 1, 3, 1),
+            (1, 1, 3, 1),
+            (2, 2, 3, 1),
+            (5, 2, 3, 1),
+            (9, 2, 7, 3),
+            (4, 2, 1, 0),
+            (3, 1, 1, 0),
+        ];
+        for (h, stride, k, pad) in cases {
+            let g = ConvGeom {
+                input: Shape4::new(3, h, h + 1, 5),
+                cout: 6,
+                kh: k,
+                kw: k,
+                stride,
+                pad,
+            };
+            let val = |i: usize, salt: f32| ((i as f32 * 0.618 + salt).sin() * 1000.0).fract();
+            let x: Vec<f32> = (0..g.input.numel()).map(|i| val(i, 0.1)).collect();
+            let w: Vec<f32> = (0..g.weight_len()).map(|i| val(i, 0.2)).collect();
+            let dy: Vec<f32> = (0..g.output().numel()).map(|i| val(i, 0.3)).collect();
+            let (ry, rdx, rdw) = reference(&g, &x, &w, &dy);
+            let mut ws = vec![0.0; workspace_len(&g)];
+            let mut y = vec![f32::NAN; g.output().numel()];
+            forward(&g, &x, &w, &mut y, &mut ws);
+            let (mut dx, mut dw) = (vec![f32::NAN; x.len()], vec![f32::NAN; w.len()]);
+            backward(&g, &x, &w, &dy, Some(&mut dx), &mut dw, &mut ws);
+            for (what, got, want) in [("y", &y, &ry), ("dx", &dx, &rdx), ("dw", &dw, &rdw)] {
+                for (i, (a, b)) in got.iter().zip(want.iter()).enumerate() {
+                    assert!(
+                        (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()),
+                        "{g:?} {what}[{i}]: {a} vs {b}"
+                    );
+                }
+            }
         }
     }
 }
