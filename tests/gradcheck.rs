@@ -191,17 +191,16 @@ fn bn_case(rows: usize, c: usize, residual: bool, relu: bool) {
         (y, saved)
     };
     let (y, saved) = fwd(&x, &gamma, &beta);
+    // With a fused ReLU, the backward masks dy in place by the forward output.
     let mut dy = r.clone();
-    if relu {
-        be.relu_backward(rows * c, &y, &mut dy);
-    }
     let (mut dx, mut dg, mut db) = (vec![0.0; rows * c], vec![0.0; c], vec![0.0; c]);
     be.batch_norm_backward(
         &Shape4::new(rows, 1, 1, c),
         &x,
         &gamma,
         &saved,
-        &dy,
+        relu.then_some(&y),
+        &mut dy,
         &mut dx,
         &mut dg,
         &mut db,
@@ -211,6 +210,12 @@ fn bn_case(rows: usize, c: usize, residual: bool, relu: bool) {
     assert_fd(&format!("{what} dx"), &x, &dx, |xp| loss(xp, &gamma, &beta));
     assert_fd(&format!("{what} dgamma"), &gamma, &dg, |gp| loss(&x, gp, &beta));
     assert_fd(&format!("{what} dbeta"), &beta, &db, |bp| loss(&x, &gamma, bp));
+    let masked: Vec<f32> = r
+        .iter()
+        .zip(&y)
+        .map(|(&g, &out)| if relu && out <= 0.0 { 0.0 } else { g })
+        .collect();
+    assert_eq!(dy, masked, "{what}: dy masked by the ReLU output");
     if residual {
         // The residual's gradient is the (ReLU-masked) output gradient itself.
         assert_fd(&format!("{what} dresidual"), &res, &dy, |rp| {
@@ -288,8 +293,10 @@ fn pool_case(n: usize, h: usize, w: usize, c: usize) {
     };
     let x = random(&mut rng, g.input.numel());
     let r = random(&mut rng, g.output().numel());
+    let mut y = vec![0.0; g.output().numel()];
+    be.max_pool_forward(&g, &x, &mut y);
     let mut dx = vec![0.0; x.len()];
-    be.max_pool_backward(&g, &x, &r, &mut dx);
+    be.max_pool_backward(&g, &x, &y, &r, &mut dx);
     assert_fd(&format!("max-pool {g:?}"), &x, &dx, |xp| {
         let mut y = vec![0.0; g.output().numel()];
         be.max_pool_forward(&g, &xp.to_vec(), &mut y);
@@ -379,4 +386,21 @@ fn cross_entropy() {
         be.cross_entropy(n, k, &zp.to_vec(), &labels, &mut l, &mut d);
         l[0] as f64
     });
+}
+
+#[test]
+fn max_pool_ties_send_the_gradient_to_the_first_maximum() {
+    let be = Cpu;
+    let g = PoolGeom {
+        input: Shape4::new(1, 2, 2, 1),
+        k: 3,
+        stride: 2,
+        pad: 1,
+    };
+    let x = vec![0.5, 2.0, 2.0, 2.0];
+    let mut y = vec![0.0; 1];
+    be.max_pool_forward(&g, &x, &mut y);
+    let mut dx = vec![9.0; 4];
+    be.max_pool_backward(&g, &x, &y, &vec![3.0], &mut dx);
+    assert_eq!(dx, [0.0, 3.0, 0.0, 0.0]);
 }

@@ -169,26 +169,28 @@ pub trait Backend: Send + Sync + 'static {
         relu: bool,
         y: &mut Self::Buf,
     );
-    /// Backward of training-mode batch norm: dx, dgamma, dbeta (all overwritten).
+    /// Backward of training-mode batch norm: dx, dgamma, dbeta (all overwritten). When the
+    /// forward pass fused a ReLU, `relu_out` is its output and `dy` is masked by it in place
+    /// first (the residual branch of a block reads the masked gradient).
     fn batch_norm_backward(
         &self,
         s: &Shape4,
         x: &Self::Buf,
         gamma: &Self::Buf,
         saved: &Self::Buf,
-        dy: &Self::Buf,
+        relu_out: Option<&Self::Buf>,
+        dy: &mut Self::Buf,
         dx: &mut Self::Buf,
         dgamma: &mut Self::Buf,
         dbeta: &mut Self::Buf,
     );
-    /// dy *= (y > 0): the backward of a ReLU whose output is `y`.
-    fn relu_backward(&self, len: usize, y: &Self::Buf, dy: &mut Self::Buf);
     /// dst += src.
     fn add_assign(&self, len: usize, src: &Self::Buf, dst: &mut Self::Buf);
 
     fn max_pool_forward(&self, g: &PoolGeom, x: &Self::Buf, y: &mut Self::Buf);
-    /// dx (overwritten) from dy; the window's first maximum takes the gradient, as in PyTorch.
-    fn max_pool_backward(&self, g: &PoolGeom, x: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf);
+    /// dx (overwritten) from dy, given the forward input `x` and output `y`; the window's first
+    /// maximum takes the gradient, as in PyTorch.
+    fn max_pool_backward(&self, g: &PoolGeom, x: &Self::Buf, y: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf);
     /// Mean over h and w: `[n, h, w, c]` -> `[n, c]`.
     fn global_avg_pool_forward(&self, s: &Shape4, x: &Self::Buf, y: &mut Self::Buf);
     fn global_avg_pool_backward(&self, s: &Shape4, dy: &Self::Buf, dx: &mut Self::Buf);

@@ -88,13 +88,11 @@ impl<B: Backend> BatchNorm2d<B> {
     /// holds the residual branch's gradient), and writes dL/dx into `dx`.
     pub fn backward(&mut self, be: &B, x: &B::Buf, dy: &mut B::Buf, dx: &mut B::Buf) {
         let s = self.shape;
-        if self.relu {
-            be.relu_backward(s.numel(), &self.out, dy);
-        }
         ensure_len(be, dx, s.numel());
         let dgamma = self.weight.grad.as_mut().expect("bn weight is trainable");
         let dbeta = self.bias.grad.as_mut().expect("bn bias is trainable");
-        be.batch_norm_backward(&s, x, &self.weight.value, &self.saved, dy, dx, dgamma, dbeta);
+        let relu_out = self.relu.then_some(&self.out);
+        be.batch_norm_backward(&s, x, &self.weight.value, &self.saved, relu_out, dy, dx, dgamma, dbeta);
     }
 }
 

@@ -37,7 +37,7 @@ impl<B: Backend> MaxPool2d<B> {
     pub fn backward(&self, be: &B, x: &B::Buf, dy: &B::Buf, dx: &mut B::Buf) {
         let g = self.geom.expect("max-pool backward before forward");
         ensure_len(be, dx, g.input.numel());
-        be.max_pool_backward(&g, x, dy, dx);
+        be.max_pool_backward(&g, x, &self.out, dy, dx);
     }
 }
 

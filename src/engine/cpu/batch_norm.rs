@@ -128,38 +128,50 @@ pub fn forward_eval(
     affine(rows, c, x, running_mean, &scale, beta, residual, relu, y);
 }
 
+/// Backward of training-mode batch norm. With `relu_out` (the output of a fused ReLU), `dy`
+/// is first masked in place by `relu_out > 0`, in the same pass that sums it, so the caller
+/// gets the masked gradient for the residual branch too.
 pub fn backward(
     rows: usize,
     c: usize,
     x: &[f32],
     gamma: &[f32],
     saved: &[f32],
-    dy: &[f32],
+    relu_out: Option<&[f32]>,
+    dy: &mut [f32],
     dx: &mut [f32],
     dgamma: &mut [f32],
     dbeta: &mut [f32],
 ) {
     let (mean, invstd) = saved.split_at(c);
-    let dbeta64 = channel_sums(rows, c, dy, |_, v| v);
-    // dgamma = sum(dy * xhat); pair dy with x by walking both at the same offsets.
     let br = block_rows(c);
-    let partials: Vec<Vec<f32>> = x[..rows * c]
-        .par_chunks(br * c)
-        .zip(dy[..rows * c].par_chunks(br * c))
-        .map(|(xb, db)| {
-            let mut acc = vec![0f32; c];
-            for (xr, dr) in xb.chunks_exact(c).zip(db.chunks_exact(c)) {
-                for ch in 0..c {
-                    acc[ch] += dr[ch] * (xr[ch] - mean[ch]) * invstd[ch];
+    // Pass 1: mask dy (fused ReLU) and sum dy and dy * xhat per channel, block by block.
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dy[..rows * c]
+        .par_chunks_mut(br * c)
+        .enumerate()
+        .map(|(b, db)| {
+            let (start, len) = (b * br * c, db.len());
+            let xb = &x[start..start + len];
+            if let Some(y) = relu_out {
+                for (d, &yv) in db.iter_mut().zip(&y[start..start + len]) {
+                    *d = if yv > 0.0 { *d } else { 0.0 };
                 }
             }
-            acc
+            let (mut sum, mut dot) = (vec![0f32; c], vec![0f32; c]);
+            for (xr, dr) in xb.chunks_exact(c).zip(db.chunks_exact(c)) {
+                for ch in 0..c {
+                    sum[ch] += dr[ch];
+                    dot[ch] += dr[ch] * (xr[ch] - mean[ch]) * invstd[ch];
+                }
+            }
+            (sum, dot)
         })
         .collect();
-    let mut dgamma64 = vec![0f64; c];
-    for p in partials {
-        for (t, v) in dgamma64.iter_mut().zip(p) {
-            *t += v as f64;
+    let (mut dbeta64, mut dgamma64) = (vec![0f64; c], vec![0f64; c]);
+    for (sum, dot) in partials {
+        for ch in 0..c {
+            dbeta64[ch] += sum[ch] as f64;
+            dgamma64[ch] += dot[ch] as f64;
         }
     }
     let n = rows as f32;
@@ -173,6 +185,8 @@ pub fn backward(
         k_mean[ch] = dbeta[ch] / n;
         k_xhat[ch] = dgamma[ch] / n;
     }
+    // Pass 2: dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)).
+    let dy = &dy[..rows * c];
     dx[..rows * c].par_chunks_mut(br * c).enumerate().for_each(|(b, dxb)| {
         let start = b * br * c;
         let xb = &x[start..start + dxb.len()];

@@ -88,12 +88,15 @@ fn use_tap_classes(g: &ConvGeom, classes: &[(Span, Span)]) -> bool {
     5 * useful <= 4 * oh * ow * g.kh * g.kw
 }
 
-/// Fills `cols` with the patch rows of images `first..first + count`.
+/// Fills `cols` with the patch rows of images `first..first + count`. For each kernel row the
+/// taps inside the image are one contiguous run of NHWC input, copied at once; the taps in the
+/// padding are zero-filled around it.
 fn im2col(g: &ConvGeom, x: &[f32], first: usize, count: usize, cols: &mut [f32]) {
     let s = g.input;
     let (oh, ow) = g.out_hw();
     let k = g.patch_len();
     let image_len = s.h * s.w * s.c;
+    let row_len = g.kw * s.c;
     cols[..count * oh * ow * k]
         .par_chunks_mut(ow * k)
         .enumerate()
@@ -103,23 +106,21 @@ fn im2col(g: &ConvGeom, x: &[f32], first: usize, count: usize, cols: &mut [f32])
             let img = &x[image * image_len..(image + 1) * image_len];
             for ox in 0..ow {
                 let patch = &mut row_block[ox * k..(ox + 1) * k];
+                // Valid kx: pad <= ox*stride + kx < w + pad.
+                let start = ox * g.stride;
+                let kx_lo = g.pad.saturating_sub(start).min(g.kw);
+                let kx_hi = g.kw.min((s.w + g.pad).saturating_sub(start)).max(kx_lo);
                 for ky in 0..g.kh {
+                    let dst = &mut patch[ky * row_len..(ky + 1) * row_len];
                     let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                    let tap_row = &mut patch[ky * g.kw * s.c..(ky + 1) * g.kw * s.c];
-                    if iy < 0 || iy >= s.h as isize {
-                        tap_row.fill(0.0);
+                    if iy < 0 || iy >= s.h as isize || kx_lo == kx_hi {
+                        dst.fill(0.0);
                         continue;
                     }
-                    for kx in 0..g.kw {
-                        let ix = (ox * g.stride + kx) as isize - g.pad as isize;
-                        let dst = &mut tap_row[kx * s.c..(kx + 1) * s.c];
-                        if ix < 0 || ix >= s.w as isize {
-                            dst.fill(0.0);
-                        } else {
-                            let at = (iy as usize * s.w + ix as usize) * s.c;
-                            dst.copy_from_slice(&img[at..at + s.c]);
-                        }
-                    }
+                    dst[..kx_lo * s.c].fill(0.0);
+                    dst[kx_hi * s.c..].fill(0.0);
+                    let at = (iy as usize * s.w + start + kx_lo - g.pad) * s.c;
+                    dst[kx_lo * s.c..kx_hi * s.c].copy_from_slice(&img[at..at + (kx_hi - kx_lo) * s.c]);
                 }
             }
         });

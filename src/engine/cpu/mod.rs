@@ -120,24 +120,24 @@ impl Backend for Cpu {
         x: &Vec<f32>,
         gamma: &Vec<f32>,
         saved: &Vec<f32>,
-        dy: &Vec<f32>,
+        relu_out: Option<&Vec<f32>>,
+        dy: &mut Vec<f32>,
         dx: &mut Vec<f32>,
         dgamma: &mut Vec<f32>,
         dbeta: &mut Vec<f32>,
     ) {
-        batch_norm::backward(s.rows(), s.c, x, gamma, saved, dy, dx, dgamma, dbeta)
-    }
-    fn relu_backward(&self, len: usize, y: &Vec<f32>, dy: &mut Vec<f32>) {
-        dy[..len]
-            .par_chunks_mut(1 << 14)
-            .zip(y[..len].par_chunks(1 << 14))
-            .for_each(|(d, y)| {
-                for (d, &y) in d.iter_mut().zip(y) {
-                    if y <= 0.0 {
-                        *d = 0.0;
-                    }
-                }
-            });
+        batch_norm::backward(
+            s.rows(),
+            s.c,
+            x,
+            gamma,
+            saved,
+            relu_out.map(|r| r.as_slice()),
+            dy,
+            dx,
+            dgamma,
+            dbeta,
+        )
     }
     fn add_assign(&self, len: usize, src: &Vec<f32>, dst: &mut Vec<f32>) {
         dst[..len]
@@ -153,8 +153,8 @@ impl Backend for Cpu {
     fn max_pool_forward(&self, g: &PoolGeom, x: &Vec<f32>, y: &mut Vec<f32>) {
         pool::max_forward(g, x, y)
     }
-    fn max_pool_backward(&self, g: &PoolGeom, x: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>) {
-        pool::max_backward(g, x, dy, dx)
+    fn max_pool_backward(&self, g: &PoolGeom, x: &Vec<f32>, y: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>) {
+        pool::max_backward(g, x, y, dy, dx)
     }
     fn global_avg_pool_forward(&self, s: &Shape4, x: &Vec<f32>, y: &mut Vec<f32>) {
         pool::global_avg_forward(s, x, y)

@@ -25,10 +25,8 @@ pub fn max_forward(g: &PoolGeom, x: &[f32], y: &mut [f32]) {
                         for ix in (0..g.k).filter_map(|kx| tap(ox, kx, g, s.w)) {
                             let src = &xi[(iy * s.w + ix) * s.c..(iy * s.w + ix + 1) * s.c];
                             for (m, &v) in out.iter_mut().zip(src) {
-                                // NaN propagates, as in PyTorch.
-                                if v > *m || v.is_nan() {
-                                    *m = v;
-                                }
+                                // A select, so the loop vectorises; NaN propagates as in PyTorch.
+                                *m = if v > *m || v.is_nan() { v } else { *m };
                             }
                         }
                     }
@@ -37,39 +35,36 @@ pub fn max_forward(g: &PoolGeom, x: &[f32], y: &mut [f32]) {
         });
 }
 
-/// Routes each output gradient to the first maximum of its window (PyTorch's choice),
-/// recomputing the argmax from `x` instead of storing indices.
-pub fn max_backward(g: &PoolGeom, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+/// Routes each output gradient to the first position of its window that holds the maximum
+/// (PyTorch's choice): the first tap whose value equals the forward output `y`.
+pub fn max_backward(g: &PoolGeom, x: &[f32], y: &[f32], dy: &[f32], dx: &mut [f32]) {
     let s = g.input;
     let o = g.output();
     let (in_len, out_len) = (s.h * s.w * s.c, o.h * o.w * o.c);
     dx[..s.numel()]
         .par_chunks_mut(in_len)
         .zip(x.par_chunks(in_len))
-        .zip(dy.par_chunks(out_len))
-        .for_each(|((dxi, xi), dyi)| {
+        .zip(y.par_chunks(out_len).zip(dy.par_chunks(out_len)))
+        .for_each(|((dxi, xi), (yi, dyi))| {
             dxi.fill(0.0);
-            let mut best = vec![0usize; s.c];
-            let mut max = vec![0f32; s.c];
+            let mut pending = vec![0f32; s.c];
             for oy in 0..o.h {
                 for ox in 0..o.w {
-                    max.fill(f32::NEG_INFINITY);
-                    best.fill(usize::MAX);
+                    let at_out = (oy * o.w + ox) * s.c;
+                    let (ymax, d) = (&yi[at_out..at_out + s.c], &dyi[at_out..at_out + s.c]);
+                    // 1 while a channel's maximum is still to be found.
+                    pending.fill(1.0);
                     for iy in (0..g.k).filter_map(|ky| tap(oy, ky, g, s.h)) {
                         for ix in (0..g.k).filter_map(|kx| tap(ox, kx, g, s.w)) {
                             let at = (iy * s.w + ix) * s.c;
+                            let (xs, dxs) = (&xi[at..at + s.c], &mut dxi[at..at + s.c]);
                             for ch in 0..s.c {
-                                let v = xi[at + ch];
-                                if best[ch] == usize::MAX || v > max[ch] || (v.is_nan() && !max[ch].is_nan()) {
-                                    max[ch] = v;
-                                    best[ch] = at + ch;
-                                }
+                                let hit = (xs[ch] == ymax[ch] || (xs[ch].is_nan() && ymax[ch].is_nan())) as u32 as f32
+                                    * pending[ch];
+                                dxs[ch] += hit * d[ch];
+                                pending[ch] -= hit;
                             }
                         }
-                    }
-                    let d = &dyi[(oy * o.w + ox) * s.c..(oy * o.w + ox + 1) * s.c];
-                    for ch in 0..s.c {
-                        dxi[best[ch]] += d[ch];
                     }
                 }
             }
