@@ -3,15 +3,17 @@
 # and prints the median images/s of both, their ratio, and the peak memory of each process.
 #
 #   scripts/bench-vs-pytorch.sh [--stem seed|cifar] [--runs 5] [--steps 20] [--threads 2] [--batch 64]
+#                               [--channels-last]   (PyTorch in its channels_last layout)
 #
 # Needs a release build (cargo build --release) and a Python with torch (PYTHON=..., default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stem=seed runs=5 steps=20 threads=$(nproc) batch=64
+stem=seed runs=5 steps=20 threads=$(nproc) batch=64 torch_extra=
 while [ $# -gt 0 ]; do
   case "$1" in
     --stem) stem=$2; shift 2 ;; --runs) runs=$2; shift 2 ;; --steps) steps=$2; shift 2 ;;
     --threads) threads=$2; shift 2 ;; --batch) batch=$2; shift 2 ;;
+    --channels-last) torch_extra=--channels-last; shift ;;
     *) echo "unknown flag $1" >&2; exit 2 ;;
   esac
 done
@@ -27,7 +29,7 @@ import resource, runpy, sys
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 print("peak_rss_bytes", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-' "$ref" --stem "$stem" --batch "$batch" --steps "$steps" --threads "$threads" >>"$tmp/torch"
+' "$ref" --stem "$stem" --batch "$batch" --steps "$steps" --threads "$threads" $torch_extra >>"$tmp/torch"
   echo "run $i/$runs done" >&2
 done
 "$py" - "$tmp/ours" "$tmp/torch" <<'PY'

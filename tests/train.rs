@@ -122,7 +122,7 @@ fn a_few_hundred_steps_learn_well_above_chance() {
     let data = Cifar10::load(&common::shared_dir().join("data/cifar10")).unwrap();
     let all = Splits::new(data, 2000).unwrap();
     let splits = Splits {
-        train: all.train.slice(0..10_000),
+        train: std::sync::Arc::new(all.train.slice(0..10_000)),
         val: all.val.clone(),
         test: None,
         classes: all.classes.clone(),

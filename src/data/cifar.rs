@@ -58,6 +58,14 @@ impl Images {
     pub fn image(&self, i: usize) -> &[u8] {
         &self.pixels[i * IMAGE_BYTES..(i + 1) * IMAGE_BYTES]
     }
+    /// Splits off the images from `at` on, keeping the first `at` (no copy of the kept part).
+    pub fn split_off(&mut self, at: usize) -> Images {
+        Images {
+            pixels: self.pixels.split_off(at * IMAGE_BYTES),
+            labels: self.labels.split_off(at),
+        }
+    }
+
     /// Images `range` as a new set.
     pub fn slice(&self, range: std::ops::Range<usize>) -> Images {
         Images {
@@ -198,7 +206,8 @@ fn read_classes(path: &Path) -> Result<Vec<String>, DataError> {
 /// The data a run trains and evaluates on.
 #[derive(Clone, Debug)]
 pub struct Splits {
-    pub train: Images,
+    /// Shared with the background loader thread.
+    pub train: std::sync::Arc<Images>,
     /// The last `val_split` training images, held out.
     pub val: Option<Images>,
     pub test: Option<Images>,
@@ -214,15 +223,10 @@ impl Splits {
                 "--val-split {val_split} leaves no training images (there are {n})"
             ));
         }
-        let cut = n - val_split;
-        let val = (val_split > 0).then(|| data.train.slice(cut..n));
-        let train = if val_split > 0 {
-            data.train.slice(0..cut)
-        } else {
-            data.train
-        };
+        let mut train = data.train;
+        let val = (val_split > 0).then(|| train.split_off(n - val_split));
         Ok(Self {
-            train,
+            train: std::sync::Arc::new(train),
             val,
             test: data.test,
             classes: data.classes,

@@ -22,7 +22,6 @@ use anyhow::{Context, Result, bail};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 /// How a run ended.
@@ -106,7 +105,7 @@ pub fn train<B: Backend>(
     let mut files = RunFiles::create(out, cfg)?;
     let mut model = ResNet::new(be, cfg.model, cfg.seed);
     let mut opt = Optimizer::new(&cfg.optimizer);
-    let train_images = Arc::new(splits.train.clone());
+    let train_images = splits.train.clone();
     let eval_on = eval_split(splits);
     match eval_on {
         Some((name, images)) => console.line(&format!(
