@@ -1,7 +1,7 @@
 //! The compute engine: the [`Backend`] trait every kernel sits behind, and the geometry types the
 //! kernels take. Activations are NHWC (channels last), so a batch of images is a row-major matrix
 //! `[n*h*w, c]`: convolutions become matrix multiplies over contiguous channel runs, and batch
-//! norm reduces over rows. Conv weights are stored `[out, kh, kw, in]` (OHWI) inside the engine;
+//! norm reduces over rows. Conv weights are stored `[kh, kw, in, out]` (HWIO) inside the engine;
 //! `nn::Param` converts to and from PyTorch's OIHW at the state_dict boundary.
 //!
 //! A backend owns its memory type (`Buf`). Every op takes explicit shapes and writes into
@@ -32,7 +32,7 @@ impl Shape4 {
     }
 }
 
-/// A 2-D convolution without bias: input `x` NHWC, weight OHWI, output NHWC.
+/// A 2-D convolution without bias: input `x` NHWC, weight HWIO, output NHWC.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvGeom {
     pub input: Shape4,

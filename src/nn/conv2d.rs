@@ -24,7 +24,7 @@ pub struct Conv2d<B: Backend> {
 impl<B: Backend> Conv2d<B> {
     pub fn new(b: &Builder<B>, cfg: Conv2dConfig) -> Self {
         let k = cfg.kernel;
-        let weight = b.uniform_fan_in("weight", &[cfg.cout, cfg.cin, k, k], cfg.cin * k * k, Layout::ConvOhwi);
+        let weight = b.uniform_fan_in("weight", &[cfg.cout, cfg.cin, k, k], cfg.cin * k * k, Layout::ConvHwio);
         Self {
             cfg,
             weight,

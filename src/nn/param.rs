@@ -8,8 +8,8 @@ use crate::engine::Backend;
 pub enum Layout {
     /// Same as PyTorch (row-major in PyTorch's shape).
     Torch,
-    /// A conv weight PyTorch holds as `[out, in, kh, kw]`, stored `[out, kh, kw, in]`.
-    ConvOhwi,
+    /// A conv weight PyTorch holds as `[out, in, kh, kw]`, stored `[kh, kw, in, out]` (HWIO).
+    ConvHwio,
 }
 
 /// A float tensor of the model state: a trainable parameter (with a gradient) or a buffer
@@ -37,12 +37,12 @@ impl<B: Backend> Param<B> {
     pub fn from_torch_layout(&self, torch: &[f32]) -> Vec<f32> {
         match self.layout {
             Layout::Torch => torch.to_vec(),
-            Layout::ConvOhwi => {
-                let [_, i, kh, kw] = conv_dims(&self.shape);
+            Layout::ConvHwio => {
+                let [o, i, kh, kw] = conv_dims(&self.shape);
                 let mut out = vec![0.0; torch.len()];
                 for (src, &v) in torch.iter().enumerate() {
                     let (oc, ic, y, x) = (src / (i * kh * kw), src / (kh * kw) % i, src / kw % kh, src % kw);
-                    out[((oc * kh + y) * kw + x) * i + ic] = v;
+                    out[((y * kw + x) * i + ic) * o + oc] = v;
                 }
                 out
             }
@@ -53,12 +53,12 @@ impl<B: Backend> Param<B> {
     pub fn to_torch_layout(&self, engine: &[f32]) -> Vec<f32> {
         match self.layout {
             Layout::Torch => engine.to_vec(),
-            Layout::ConvOhwi => {
-                let [_, i, kh, kw] = conv_dims(&self.shape);
+            Layout::ConvHwio => {
+                let [o, i, kh, kw] = conv_dims(&self.shape);
                 let mut out = vec![0.0; engine.len()];
                 for (dst, v) in out.iter_mut().enumerate() {
                     let (oc, ic, y, x) = (dst / (i * kh * kw), dst / (kh * kw) % i, dst / kw % kh, dst % kw);
-                    *v = engine[((oc * kh + y) * kw + x) * i + ic];
+                    *v = engine[((y * kw + x) * i + ic) * o + oc];
                 }
                 out
             }
