@@ -24,6 +24,9 @@ pub enum CheckpointError {
     Mismatch { path: String, problems: Vec<String> },
 }
 
+/// Named host tensors, as a safetensors file holds them.
+pub type StateDict = BTreeMap<String, HostTensor>;
+
 /// One tensor of a state dict on the host, in PyTorch's layout.
 pub struct HostTensor {
     pub dtype: Dtype,
@@ -33,13 +36,6 @@ pub struct HostTensor {
 
 fn f32_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-fn f32_values(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
 }
 
 /// The model's state dict on the host, keyed by name.
@@ -129,6 +125,31 @@ pub fn load<B: Backend>(
     load_bytes(&p, &bytes, be, model)
 }
 
+/// Parses safetensors bytes into host tensors and metadata; `origin` names them in errors.
+pub fn parse(origin: &str, bytes: &[u8]) -> Result<(StateDict, HashMap<String, String>), CheckpointError> {
+    let format = |reason: String| CheckpointError::Format {
+        path: origin.to_string(),
+        reason,
+    };
+    let st = SafeTensors::deserialize(bytes).map_err(|e| format(e.to_string()))?;
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| format(e.to_string()))?;
+    let tensors = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            (
+                name,
+                HostTensor {
+                    dtype: t.dtype(),
+                    shape: t.shape().to_vec(),
+                    bytes: t.data().to_vec(),
+                },
+            )
+        })
+        .collect();
+    Ok((tensors, meta.metadata().clone().unwrap_or_default()))
+}
+
 /// As [`load`], from bytes already in memory; `origin` names them in errors.
 pub fn load_bytes<B: Backend>(
     origin: &str,
@@ -136,44 +157,46 @@ pub fn load_bytes<B: Backend>(
     be: &B,
     model: &mut impl Module<B>,
 ) -> Result<HashMap<String, String>, CheckpointError> {
-    let format = |reason: String| CheckpointError::Format {
-        path: origin.to_string(),
-        reason,
-    };
-    let st = SafeTensors::deserialize(bytes).map_err(|e| format(e.to_string()))?;
-    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| format(e.to_string()))?;
+    let (tensors, meta) = parse(origin, bytes)?;
+    load_tensors(origin, &tensors, be, model)?;
+    Ok(meta)
+}
 
+/// Loads a state dict into the model, strictly: every problem (missing, unexpected, wrong
+/// shape or dtype) is reported by name before a single value is written.
+pub fn load_tensors<B: Backend>(
+    origin: &str,
+    tensors: &BTreeMap<String, HostTensor>,
+    be: &B,
+    model: &mut impl Module<B>,
+) -> Result<(), CheckpointError> {
     // First pass: check everything, touch nothing.
     let mut problems = Vec::new();
     let mut expected = std::collections::HashSet::new();
     model.visit(&mut |e| {
         let name = e.name().to_string();
-        let (want_shape, want_dtypes): (Vec<usize>, &[Dtype]) = match &e {
-            Entry::Tensor(p) => (p.shape.clone(), &[Dtype::F32]),
-            Entry::Counter { .. } => (vec![], &[Dtype::I64]),
+        let (want_shape, want_dtype) = match &e {
+            Entry::Tensor(p) => (p.shape.clone(), Dtype::F32),
+            Entry::Counter { .. } => (vec![], Dtype::I64),
         };
-        match st.tensor(&name) {
-            Err(_) => problems.push(format!("missing tensor '{name}' (shape {want_shape:?})")),
-            Ok(t) if !want_dtypes.contains(&t.dtype()) => problems.push(format!(
-                "'{name}' has dtype {:?}, expected {:?}",
-                t.dtype(),
-                want_dtypes[0]
-            )),
-            Ok(t) if t.shape() != want_shape.as_slice() => {
-                problems.push(format!("'{name}' has shape {:?}, expected {want_shape:?}", t.shape()))
+        match tensors.get(&name) {
+            None => problems.push(format!("missing tensor '{name}' (shape {want_shape:?})")),
+            Some(t) if t.dtype != want_dtype => {
+                problems.push(format!("'{name}' has dtype {:?}, expected {want_dtype:?}", t.dtype))
             }
-            Ok(_) => {}
+            Some(t) if t.shape != want_shape => {
+                problems.push(format!("'{name}' has shape {:?}, expected {want_shape:?}", t.shape))
+            }
+            Some(_) => {}
         }
         expected.insert(name);
     });
-    let mut extra: Vec<_> = st
-        .names()
-        .into_iter()
-        .filter(|n| !expected.contains(*n))
-        .map(|n| format!("unexpected tensor '{n}'"))
-        .collect();
-    extra.sort();
-    problems.extend(extra);
+    problems.extend(
+        tensors
+            .keys()
+            .filter(|n| !expected.contains(*n))
+            .map(|n| format!("unexpected tensor '{n}'")),
+    );
     if !problems.is_empty() {
         return Err(CheckpointError::Mismatch {
             path: origin.to_string(),
@@ -183,14 +206,19 @@ pub fn load_bytes<B: Backend>(
 
     // Second pass: every tensor is known to fit.
     model.visit(&mut |e| match e {
-        Entry::Tensor(p) => {
-            let t = st.tensor(&p.name).expect("checked");
-            p.write(be, &f32_values(t.data()));
-        }
+        Entry::Tensor(p) => p.write(be, &f32_values(&tensors[&p.name].bytes)),
         Entry::Counter { name, value } => {
-            let d = st.tensor(name).expect("checked").data();
+            let d = &tensors[name].bytes;
             *value = i64::from_le_bytes(d[..8].try_into().expect("8 bytes"));
         }
     });
-    Ok(meta.metadata().clone().unwrap_or_default())
+    Ok(())
+}
+
+/// The f32 values of a host tensor (little-endian bytes).
+pub fn f32_values(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
 }

@@ -10,9 +10,10 @@ use resnet_cifar::data::{Cifar10, Splits, fetch};
 use resnet_cifar::engine::cpu::Cpu;
 use resnet_cifar::eval::evaluate;
 use resnet_cifar::model::{ResNet, ResNetConfig, Stem};
-use resnet_cifar::train::{Console, Recipe, train};
+use resnet_cifar::train::{Console, Recipe, Resume, Stop, TrainConfig, load_resume, train};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Parser)]
 #[command(
@@ -72,6 +73,10 @@ struct TrainArgs {
     /// Run folder (default: runs/RECIPE-UNIXTIME).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Continue the run in this folder from its last checkpoint (bit-identical to a run that
+    /// was never stopped, with the same thread count). Takes --epochs, --max-steps, --data.
+    #[arg(long, value_name = "RUN_DIR")]
+    resume: Option<PathBuf>,
     /// Starting configuration; the flags below override single values of it.
     #[arg(long, default_value = "seed")]
     recipe: Recipe,
@@ -212,7 +217,80 @@ fn load_data(dir: &Path) -> Result<Cifar10, CliError> {
     })
 }
 
+/// Raised by SIGINT/SIGTERM: the run finishes its step, saves, and exits.
+static STOP: AtomicBool = AtomicBool::new(false);
+
 fn run_train(a: TrainArgs) -> Result<(), CliError> {
+    let (cfg, resume, out) = match &a.resume {
+        Some(dir) => resumed_config(&a, dir)?,
+        None => {
+            let cfg = fresh_config(&a)?;
+            let out = a.out.clone().unwrap_or_else(|| default_run_dir(&cfg.recipe));
+            (cfg, None, out)
+        }
+    };
+    let data_dir = match a.data.clone().or_else(|| cfg.data.clone().map(PathBuf::from)) {
+        Some(d) => d,
+        None => fetch_data(Path::new("data"))?,
+    };
+    let mut cfg = cfg;
+    cfg.data = Some(data_dir.display().to_string());
+    let data = load_data(&data_dir)?;
+    let splits = Splits::new(data, cfg.val_split).map_err(CliError::input)?;
+    let mut console = Console::stdout();
+    console.line(&format!(
+        "run {}: recipe {}, stem {}, {} stages, {} epochs, batch {}, {} threads",
+        out.display(),
+        cfg.recipe,
+        cfg.model.stem.name(),
+        cfg.model.stages,
+        cfg.epochs,
+        cfg.batch_size,
+        rayon::current_num_threads()
+    ));
+    ctrlc::set_handler(|| STOP.store(true, Ordering::Relaxed)).map_err(CliError::run)?;
+    let outcome =
+        train(&Cpu, &cfg, &splits, &out, &mut console, resume, &STOP).map_err(|e| CliError::run(format!("{e:#}")))?;
+    let resume_hint = format!("resume with: resnet-cifar train --resume {}", out.display());
+    match outcome.stopped {
+        Some(Stop::Interrupted) => {
+            return Err(CliError {
+                code: 130,
+                message: format!(
+                    "interrupted after step {}; checkpoint saved; {resume_hint}",
+                    outcome.steps
+                ),
+            });
+        }
+        Some(Stop::MaxSteps) => console.line(&format!(
+            "stopped after {} steps (--max-steps); {resume_hint}",
+            outcome.steps
+        )),
+        None => {}
+    }
+    console.line(&format!(
+        "done: {} steps in {:.0} s of training ({:.1} img/s){}; results in {}",
+        outcome.steps,
+        outcome.train_seconds,
+        outcome.images_per_sec(),
+        outcome
+            .best
+            .map(|(e, acc)| format!(", best accuracy {acc:.4} after epoch {e}"))
+            .unwrap_or_default(),
+        out.display()
+    ));
+    Ok(())
+}
+
+fn default_run_dir(recipe: &str) -> PathBuf {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    PathBuf::from("runs").join(format!("{recipe}-{t}"))
+}
+
+/// The recipe with the flags' overrides.
+fn fresh_config(a: &TrainArgs) -> Result<TrainConfig, CliError> {
     let mut cfg = a.recipe.config();
     if let Some(e) = a.epochs {
         cfg.epochs = e;
@@ -232,43 +310,36 @@ fn run_train(a: TrainArgs) -> Result<(), CliError> {
     cfg.seed = a.seed.unwrap_or(cfg.seed);
     cfg.model.stem = a.model.stem.unwrap_or(cfg.model.stem);
     cfg.model.stages = a.model.stages.map_or(cfg.model.stages, |s| s as usize);
+    Ok(cfg)
+}
 
-    let data_dir = match &a.data {
-        Some(d) => d.clone(),
-        None => fetch_data(Path::new("data"))?,
-    };
-    let data = load_data(&data_dir)?;
-    let splits = Splits::new(data, cfg.val_split).map_err(CliError::input)?;
-    let out = a.out.unwrap_or_else(|| {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        PathBuf::from("runs").join(format!("{}-{t}", cfg.recipe))
-    });
-    let mut console = Console::stdout();
-    console.line(&format!(
-        "run {}: recipe {}, stem {}, {} stages, {} epochs, batch {}, {} threads",
-        out.display(),
-        cfg.recipe,
-        cfg.model.stem.name(),
-        cfg.model.stages,
-        cfg.epochs,
-        cfg.batch_size,
-        rayon::current_num_threads()
-    ));
-    let outcome = train(&Cpu, &cfg, &splits, &out, &mut console).map_err(|e| CliError::run(format!("{e:#}")))?;
-    console.line(&format!(
-        "done: {} steps in {:.0} s of training ({:.1} img/s){}; results in {}",
-        outcome.steps,
-        outcome.train_seconds,
-        outcome.images_per_sec(),
-        outcome
-            .best
-            .map(|(e, acc)| format!(", best accuracy {acc:.4} after epoch {e}"))
-            .unwrap_or_default(),
-        out.display()
-    ));
-    Ok(())
+/// The configuration a run was started with; only `--epochs`, `--max-steps` and `--data` may
+/// change on resuming (anything else would make it a different run).
+fn resumed_config(a: &TrainArgs, dir: &Path) -> Result<(TrainConfig, Option<Resume>, PathBuf), CliError> {
+    let fixed = [
+        ("--out", a.out.is_some()),
+        ("--batch-size", a.batch_size.is_some()),
+        ("--lr", a.lr.is_some()),
+        ("--val-split", a.val_split.is_some()),
+        ("--shuffle", a.shuffle),
+        ("--seed", a.seed.is_some()),
+        ("--stem", a.model.stem.is_some()),
+        ("--stages", a.model.stages.is_some()),
+    ];
+    if let Some((flag, _)) = fixed.iter().find(|(_, set)| *set) {
+        return Err(CliError::input(format!(
+            "{flag} cannot change when resuming (only --epochs, --max-steps and --data can)"
+        )));
+    }
+    let r = load_resume(dir).map_err(|e| CliError::input(format!("{e:#}")))?;
+    let mut cfg = r.config.clone();
+    if let Some(e) = a.epochs {
+        cfg.epochs = e;
+    }
+    if let Some(m) = a.max_steps {
+        cfg.max_steps = Some(m);
+    }
+    Ok((cfg, Some(r), dir.to_path_buf()))
 }
 
 fn run_eval(a: EvalArgs) -> Result<(), CliError> {

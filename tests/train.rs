@@ -9,6 +9,7 @@ use resnet_cifar::engine::cpu::Cpu;
 use resnet_cifar::train::{Console, Recipe, train};
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::AtomicBool;
 
 /// (tag, step, value) of every scalar in a TensorBoard event file.
 fn read_scalars(path: &Path) -> Vec<(String, i64, f32)> {
@@ -132,7 +133,16 @@ fn a_few_hundred_steps_learn_well_above_chance() {
     cfg.val_split = 2000;
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
-    let outcome = train(&Cpu, &cfg, &splits, &run, &mut Console::quiet()).unwrap();
+    let outcome = train(
+        &Cpu,
+        &cfg,
+        &splits,
+        &run,
+        &mut Console::quiet(),
+        None,
+        &AtomicBool::new(false),
+    )
+    .unwrap();
     assert_eq!(outcome.steps, 314);
     let acc = outcome.last_eval.as_ref().unwrap().accuracy;
     eprintln!("validation accuracy after 314 steps: {acc:.4}");

@@ -31,6 +31,9 @@ pub struct TrainConfig {
     pub max_steps: Option<u64>,
     /// Print and log the training loss every this many steps.
     pub log_every: u64,
+    /// The data folder the run read (so that `--resume` finds it again).
+    #[serde(default)]
+    pub data: Option<String>,
 }
 
 /// A named starting point for a run.
@@ -74,6 +77,7 @@ impl Recipe {
                 val_split: 0,
                 max_steps: None,
                 log_every: 100,
+                data: None,
             },
         }
     }

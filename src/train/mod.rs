@@ -7,4 +7,4 @@ pub mod run;
 
 pub use config::{OptimizerConfig, Recipe, TrainConfig};
 pub use console::Console;
-pub use run::{TrainOutcome, eval_split, train};
+pub use run::{Position, Resume, Stop, TrainOutcome, eval_split, load_resume, train};

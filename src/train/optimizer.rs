@@ -36,6 +36,55 @@ impl<B: Backend> Optimizer<B> {
         }
     }
 
+    /// Restores the state written by [`Self::state_tensors`] after `steps` steps; every
+    /// tensor must be there with the parameter's size.
+    pub fn load_state(
+        &mut self,
+        be: &B,
+        model: &mut ResNet<B>,
+        tensors: &BTreeMap<String, HostTensor>,
+        steps: u64,
+    ) -> Result<(), String> {
+        let mut params = Vec::new();
+        model.visit_params(&mut |p| params.push((p.name.clone(), p.numel())));
+        let get = |key: String, n: usize| -> Result<B::Buf, String> {
+            let t = tensors
+                .get(&key)
+                .ok_or_else(|| format!("missing optimizer tensor '{key}'"))?;
+            if t.dtype != safetensors::Dtype::F32 || t.shape != [n] {
+                return Err(format!(
+                    "optimizer tensor '{key}' has shape {:?}, expected [{n}]",
+                    t.shape
+                ));
+            }
+            let mut buf = be.alloc(n);
+            be.upload(&crate::checkpoint::f32_values(&t.bytes), &mut buf);
+            Ok(buf)
+        };
+        match self {
+            Optimizer::Adam(o) => {
+                o.state = params
+                    .iter()
+                    .map(|(name, n)| {
+                        Ok((
+                            get(format!("optim.{name}.exp_avg"), *n)?,
+                            get(format!("optim.{name}.exp_avg_sq"), *n)?,
+                        ))
+                    })
+                    .collect::<Result<_, String>>()?;
+                o.steps = steps;
+            }
+            Optimizer::Sgd(o) => {
+                o.state = params
+                    .iter()
+                    .map(|(name, n)| get(format!("optim.{name}.momentum_buffer"), *n))
+                    .collect::<Result<_, String>>()?;
+                o.steps = steps;
+            }
+        }
+        Ok(())
+    }
+
     /// The optimizer's per-parameter state, named after the parameters of `model`.
     pub fn state_tensors(&self, be: &B, model: &mut ResNet<B>) -> BTreeMap<String, HostTensor> {
         let mut names = Vec::new();

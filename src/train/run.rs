@@ -22,15 +22,25 @@ use anyhow::{Context, Result, bail};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
+
+/// Why a run ended before its last epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stop {
+    MaxSteps,
+    /// SIGINT or SIGTERM (the flag passed to [`train`] was raised).
+    Interrupted,
+}
 
 /// How a run ended.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct TrainOutcome {
     pub steps: u64,
     pub epochs_completed: usize,
-    /// True when `max_steps` ended the run before its last epoch.
-    pub stopped_at_max_steps: bool,
+    /// Set when the run stopped early, with a checkpoint to resume from.
+    pub stopped: Option<Stop>,
     pub last_eval: Option<EvalResult>,
     /// (epoch, accuracy) of the best evaluation so far (1-based epoch).
     pub best: Option<(usize, f64)>,
@@ -42,6 +52,46 @@ impl TrainOutcome {
     pub fn images_per_sec(&self) -> f64 {
         self.train_images as f64 / self.train_seconds.max(1e-9)
     }
+}
+
+/// Where a run is: the next batch to train and what it has done so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Position {
+    /// 0-based epoch of the next batch.
+    pub epoch: usize,
+    /// Index of the next batch within that epoch.
+    pub batch: usize,
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// (1-based epoch, accuracy) of the best evaluation.
+    pub best: Option<(usize, f64)>,
+    pub epochs_completed: usize,
+}
+
+/// A run's saved state (`train_state.safetensors`): model, optimizer, position, configuration.
+pub struct Resume {
+    pub config: TrainConfig,
+    pub position: Position,
+    tensors: BTreeMap<String, HostTensor>,
+}
+
+/// Reads `RUN/train_state.safetensors`.
+pub fn load_resume(run: &Path) -> Result<Resume> {
+    let path = run.join("train_state.safetensors");
+    let origin = path.display().to_string();
+    let bytes =
+        std::fs::read(&path).with_context(|| format!("{origin}: cannot read (is {} a run folder?)", run.display()))?;
+    let (tensors, meta) = checkpoint::parse(&origin, &bytes)?;
+    let field = |k: &str| meta.get(k).with_context(|| format!("{origin}: metadata lacks '{k}'"));
+    let config: TrainConfig =
+        serde_json::from_str(field("config")?).with_context(|| format!("{origin}: bad 'config' metadata"))?;
+    let position: Position =
+        serde_json::from_str(field("position")?).with_context(|| format!("{origin}: bad 'position' metadata"))?;
+    Ok(Resume {
+        config,
+        position,
+        tensors,
+    })
 }
 
 /// Which held-out images a run evaluates on.
@@ -91,13 +141,17 @@ impl RunFiles {
     }
 }
 
-/// Trains a fresh model as `cfg` says, writing the run into `out`.
+/// Trains as `cfg` says, writing the run into `out`: a fresh model, or the state in `resume`
+/// (then the run continues exactly where it stopped, bit for bit). Raising `stop` ends the run
+/// after the current step, with a checkpoint.
 pub fn train<B: Backend>(
     be: &B,
     cfg: &TrainConfig,
     splits: &Splits,
     out: &Path,
     console: &mut Console,
+    resume: Option<Resume>,
+    stop: &AtomicBool,
 ) -> Result<TrainOutcome> {
     if cfg.batch_size == 0 || cfg.eval_batch_size == 0 {
         bail!("batch size must be at least 1");
@@ -105,6 +159,26 @@ pub fn train<B: Backend>(
     let mut files = RunFiles::create(out, cfg)?;
     let mut model = ResNet::new(be, cfg.model, cfg.seed);
     let mut opt = Optimizer::new(&cfg.optimizer);
+    let mut pos = Position::default();
+    if let Some(r) = resume {
+        let (model_state, optim_state): (BTreeMap<_, _>, BTreeMap<_, _>) =
+            r.tensors.into_iter().partition(|(k, _)| k.starts_with("model."));
+        let model_state: BTreeMap<String, HostTensor> = model_state
+            .into_iter()
+            .map(|(k, v)| (k["model.".len()..].to_string(), v))
+            .collect();
+        let origin = out.join("train_state.safetensors").display().to_string();
+        checkpoint::load_tensors(&origin, &model_state, be, &mut model)?;
+        opt.load_state(be, &mut model, &optim_state, r.position.step)
+            .map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+        pos = r.position;
+        console.line(&format!(
+            "resuming at epoch {}, batch {} (step {})",
+            pos.epoch + 1,
+            pos.batch,
+            pos.step
+        ));
+    }
     let train_images = splits.train.clone();
     let eval_on = eval_split(splits);
     match eval_on {
@@ -127,21 +201,36 @@ pub fn train<B: Backend>(
     let steps_per_epoch = EpochPlan::new(train_images.len(), cfg.batch_size, false, 0, 0).num_batches();
     let mut x = be.alloc(0);
     let mut loss = [0f32];
-    let mut step = 0u64;
-    let mut best: Option<(usize, f64)> = None;
     let mut last_eval = None;
-    let mut epochs_completed = 0;
     let (mut trained_images, mut train_seconds) = (0u64, 0f64);
+    let outcome = |pos: &Position, stopped, last_eval, images, seconds| TrainOutcome {
+        steps: pos.step,
+        epochs_completed: pos.epochs_completed,
+        stopped,
+        last_eval,
+        best: pos.best,
+        train_images: images,
+        train_seconds: seconds,
+    };
 
-    for epoch in 0..cfg.epochs {
+    while pos.epoch < cfg.epochs {
+        let epoch = pos.epoch;
         let plan = EpochPlan::new(train_images.len(), cfg.batch_size, cfg.shuffle, cfg.seed, epoch);
-        let batches = spawn_loader(train_images.clone(), plan.clone(), 0, cfg.augment, cfg.seed, epoch);
+        let batches = spawn_loader(
+            train_images.clone(),
+            plan.clone(),
+            pos.batch,
+            cfg.augment,
+            cfg.seed,
+            epoch,
+        );
         console.start_epoch(
             &format!("epoch {}/{}", epoch + 1, cfg.epochs),
             train_images.len() as u64,
         );
         let started = Instant::now();
-        for b in 0..plan.num_batches() {
+        while pos.batch < plan.num_batches() {
+            let b = pos.batch;
             let batch = batches.recv().context("the batch loader stopped")?;
             let n = batch.len();
             ensure_len(be, &mut x, batch.x.len());
@@ -150,8 +239,10 @@ pub fn train<B: Backend>(
             model.backward(be, &x, &batch.labels);
             let lr = cfg.schedule.lr(epoch, b, steps_per_epoch, cfg.epochs);
             opt.step(be, &mut model, lr);
-            step += 1;
+            pos.step += 1;
+            pos.batch += 1;
             trained_images += n as u64;
+            let step = pos.step;
             let mut msg = String::new();
             if step.is_multiple_of(cfg.log_every) {
                 be.download(model.loss(), &mut loss);
@@ -169,43 +260,40 @@ pub fn train<B: Backend>(
                 msg = format!("loss {:.4}", loss[0]);
             }
             console.advance(n as u64, &msg);
-            if cfg.max_steps.is_some_and(|m| step >= m) {
-                let more_to_do = b + 1 < plan.num_batches() || epoch + 1 < cfg.epochs;
-                if more_to_do {
-                    train_seconds += started.elapsed().as_secs_f64();
-                    console.finish_epoch();
-                    save_train_state(be, &files.root, cfg, &mut model, &opt, epoch, b + 1, step)?;
-                    checkpoint::save(
-                        &files.root.join("last.safetensors"),
-                        be,
-                        &mut model,
-                        Some(meta(cfg, epoch, step, None)),
-                    )
-                    .context("last.safetensors: write failed")?;
-                    console.line(&format!(
-                        "stopped after {step} steps (--max-steps); checkpoint in {}",
-                        files.root.display()
-                    ));
-                    files.flush()?;
-                    return Ok(TrainOutcome {
-                        steps: step,
-                        epochs_completed,
-                        stopped_at_max_steps: true,
-                        last_eval,
-                        best,
-                        train_images: trained_images,
-                        train_seconds,
-                    });
-                }
+            let reason = if stop.load(Ordering::Relaxed) {
+                Some(Stop::Interrupted)
+            } else if cfg.max_steps.is_some_and(|m| step >= m)
+                && (pos.batch < plan.num_batches() || epoch + 1 < cfg.epochs)
+            {
+                Some(Stop::MaxSteps)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                train_seconds += started.elapsed().as_secs_f64();
+                console.finish_epoch();
+                save_train_state(be, &files.root, cfg, &mut model, &opt, &pos)?;
+                checkpoint::save(
+                    &files.root.join("last.safetensors"),
+                    be,
+                    &mut model,
+                    Some(meta(cfg, &pos, None)),
+                )
+                .context("last.safetensors: write failed")?;
+                files.flush()?;
+                return Ok(outcome(&pos, Some(reason), last_eval, trained_images, train_seconds));
             }
         }
         train_seconds += started.elapsed().as_secs_f64();
         console.finish_epoch();
         drop(batches);
+        pos.epoch += 1;
+        pos.batch = 0;
+        pos.epochs_completed = pos.epoch;
 
         let lr = cfg.schedule.lr(epoch, 0, steps_per_epoch, cfg.epochs);
         files.tb.add_scalar("lr", lr as f32, epoch);
-        let mut eval_json = None;
+        let mut accuracy = None;
         if let Some((split, images)) = eval_on {
             let r = evaluate(be, &mut model, images, cfg.eval_batch_size);
             console.line(&format!(
@@ -223,55 +311,58 @@ pub fn train<B: Backend>(
                 .add_scalar("test_loss", r.loss_sum_of_batch_means as f32, epoch);
             files.tb.add_scalar("test_accuracy", r.accuracy as f32, epoch);
             files.log(serde_json::json!({
-                "kind": "eval", "split": split, "epoch": epoch, "step": step, "loss_sum_of_batch_means": r.loss_sum_of_batch_means,
-                "loss": r.loss, "accuracy": r.accuracy, "lr": lr,
+                "kind": "eval", "split": split, "epoch": epoch, "step": pos.step,
+                "loss_sum_of_batch_means": r.loss_sum_of_batch_means, "loss": r.loss, "accuracy": r.accuracy, "lr": lr,
             }))?;
-            eval_json = Some(r.accuracy);
-            if best.is_none_or(|(_, a)| r.accuracy > a) {
-                best = Some((epoch + 1, r.accuracy));
+            accuracy = Some(r.accuracy);
+            if pos.best.is_none_or(|(_, a)| r.accuracy > a) {
+                pos.best = Some((epoch + 1, r.accuracy));
             }
             last_eval = Some(r);
         } else {
-            files.log(serde_json::json!({"kind": "epoch", "epoch": epoch, "step": step, "lr": lr}))?;
+            files.log(serde_json::json!({"kind": "epoch", "epoch": epoch, "step": pos.step, "lr": lr}))?;
         }
-        epochs_completed = epoch + 1;
 
         // Checkpoints: this epoch's, then last (and best when it is), then the resume state.
         let epoch_path = files
             .root
             .join("checkpoints")
             .join(format!("epoch-{}.safetensors", epoch + 1));
-        let bytes = checkpoint::to_bytes(
-            &checkpoint::state_dict(be, &mut model),
-            Some(meta(cfg, epoch + 1, step, eval_json)),
-        );
+        let bytes = checkpoint::to_bytes(&checkpoint::state_dict(be, &mut model), Some(meta(cfg, &pos, accuracy)));
         checkpoint::write_atomic(&epoch_path, &bytes)
             .with_context(|| format!("{}: write failed", epoch_path.display()))?;
         checkpoint::write_atomic(&files.root.join("last.safetensors"), &bytes)
             .context("last.safetensors: write failed")?;
-        if best.is_some_and(|(e, _)| e == epoch + 1) {
+        if pos.best.is_some_and(|(e, _)| e == epoch + 1) {
             checkpoint::write_atomic(&files.root.join("best.safetensors"), &bytes)
                 .context("best.safetensors: write failed")?;
         }
-        save_train_state(be, &files.root, cfg, &mut model, &opt, epoch + 1, 0, step)?;
+        save_train_state(be, &files.root, cfg, &mut model, &opt, &pos)?;
         files.flush()?;
-        if cfg.max_steps.is_some_and(|m| step >= m) {
-            break;
+        if stop.load(Ordering::Relaxed) {
+            return Ok(outcome(
+                &pos,
+                Some(Stop::Interrupted),
+                last_eval,
+                trained_images,
+                train_seconds,
+            ));
+        }
+        if cfg.max_steps.is_some_and(|m| pos.step >= m) && pos.epoch < cfg.epochs {
+            return Ok(outcome(
+                &pos,
+                Some(Stop::MaxSteps),
+                last_eval,
+                trained_images,
+                train_seconds,
+            ));
         }
     }
-    Ok(TrainOutcome {
-        steps: step,
-        epochs_completed,
-        stopped_at_max_steps: false,
-        last_eval,
-        best,
-        train_images: trained_images,
-        train_seconds,
-    })
+    Ok(outcome(&pos, None, last_eval, trained_images, train_seconds))
 }
 
 /// Metadata stored in every model checkpoint: enough to rebuild the model and know its origin.
-fn meta(cfg: &TrainConfig, epochs_done: usize, step: u64, accuracy: Option<f64>) -> HashMap<String, String> {
+fn meta(cfg: &TrainConfig, pos: &Position, accuracy: Option<f64>) -> HashMap<String, String> {
     let mut m = HashMap::new();
     m.insert(
         "format".into(),
@@ -280,8 +371,8 @@ fn meta(cfg: &TrainConfig, epochs_done: usize, step: u64, accuracy: Option<f64>)
     m.insert("model".into(), serde_json::to_string(&cfg.model).expect("serialisable"));
     m.insert("recipe".into(), cfg.recipe.clone());
     m.insert("val_split".into(), cfg.val_split.to_string());
-    m.insert("epochs_completed".into(), epochs_done.to_string());
-    m.insert("step".into(), step.to_string());
+    m.insert("epochs_completed".into(), pos.epochs_completed.to_string());
+    m.insert("step".into(), pos.step.to_string());
     if let Some(a) = accuracy {
         m.insert("accuracy".into(), a.to_string());
     }
@@ -289,17 +380,14 @@ fn meta(cfg: &TrainConfig, epochs_done: usize, step: u64, accuracy: Option<f64>)
 }
 
 /// Everything a resumed run needs beyond the model: optimizer state and the position in the
-/// data (next epoch and batch), in one safetensors file written atomically.
-#[allow(clippy::too_many_arguments)]
+/// data, in one safetensors file written atomically.
 fn save_train_state<B: Backend>(
     be: &B,
     root: &Path,
     cfg: &TrainConfig,
     model: &mut ResNet<B>,
     opt: &Optimizer<B>,
-    epoch: usize,
-    batch: usize,
-    step: u64,
+    pos: &Position,
 ) -> Result<()> {
     let mut tensors: BTreeMap<String, HostTensor> = checkpoint::state_dict(be, model)
         .into_iter()
@@ -308,9 +396,7 @@ fn save_train_state<B: Backend>(
     tensors.extend(opt.state_tensors(be, model));
     let mut meta = HashMap::new();
     meta.insert("config".into(), serde_json::to_string(cfg)?);
-    meta.insert("epoch".into(), epoch.to_string());
-    meta.insert("batch".into(), batch.to_string());
-    meta.insert("step".into(), step.to_string());
+    meta.insert("position".into(), serde_json::to_string(pos)?);
     meta.insert("optimizer_steps".into(), opt.steps().to_string());
     let path = root.join("train_state.safetensors");
     checkpoint::write_atomic(&path, &checkpoint::to_bytes(&tensors, Some(meta)))
