@@ -6,6 +6,7 @@
 
 1. Loads our checkpoint into the seed's ResNet18 with load_state_dict(strict=True) and prints
    PyTorch's accuracy and loss on the validation split (compare: resnet-cifar eval --split val).
+3. With --print-model, prints the seed model (the fixture tests/summary.rs compares against).
 2. Saves a freshly initialised seed model as safetensors (--export) and prints PyTorch's
    figures for it (compare: resnet-cifar eval --checkpoint EXPORT --split val).
 """
@@ -86,12 +87,19 @@ def evaluate(model, x, y):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data")
     ap.add_argument("--val-split", type=int, default=5000)
     ap.add_argument("--ours", help="a resnet-cifar checkpoint (safetensors)")
     ap.add_argument("--export", help="where to save a fresh PyTorch seed model as safetensors")
+    ap.add_argument("--print-model", action="store_true",
+                    help="print the seed model as PyTorch does (tests/fixtures/seed_model_print.txt)")
     a = ap.parse_args()
+    if a.print_model:
+        print(ResNet18())
+        return
     torch.set_num_threads(2)
+    if not a.data:
+        ap.error("--data is required")
     x, y = val_split(a.data, a.val_split)
     if a.ours:
         model = ResNet18()

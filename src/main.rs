@@ -7,9 +7,10 @@ use resnet_cifar::bench::{self, BenchConfig};
 use resnet_cifar::checkpoint;
 use resnet_cifar::cli::{CliError, model_config_of};
 use resnet_cifar::data::{Cifar10, Splits, fetch};
+use resnet_cifar::engine::Shape4;
 use resnet_cifar::engine::cpu::Cpu;
 use resnet_cifar::eval::evaluate;
-use resnet_cifar::model::{ResNet, ResNetConfig, Stem};
+use resnet_cifar::model::{ResNet, ResNetConfig, Stem, summarize};
 use resnet_cifar::train::{Console, Recipe, Resume, Stop, TrainConfig, load_resume, train};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -38,6 +39,9 @@ enum Command {
     Eval(EvalArgs),
     /// Time training steps and inference on random CIFAR-shaped batches.
     Bench(BenchArgs),
+    /// Print the network as PyTorch prints it, with every layer's output shape, parameters
+    /// and multiply-adds.
+    Summary(SummaryArgs),
     /// Manage the dataset.
     #[command(subcommand)]
     Data(DataCommand),
@@ -80,8 +84,10 @@ struct TrainArgs {
     /// Starting configuration; the flags below override single values of it.
     #[arg(long, default_value = "seed")]
     recipe: Recipe,
+    /// Passes over the training images.
     #[arg(long)]
     epochs: Option<usize>,
+    /// Images per optimizer step.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: Option<u64>,
     /// Base (or peak) learning rate of the recipe's schedule.
@@ -96,6 +102,7 @@ struct TrainArgs {
     /// Reshuffle the training images every epoch (the seed's loader does not).
     #[arg(long)]
     shuffle: bool,
+    /// Seed of the initial weights, the augmentation and the shuffling.
     #[arg(long)]
     seed: Option<u64>,
     #[command(flatten)]
@@ -135,6 +142,20 @@ struct EvalArgs {
 }
 
 #[derive(Args)]
+struct SummaryArgs {
+    #[arg(long, default_value = "seed")]
+    stem: Stem,
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(3..=4))]
+    stages: u8,
+    /// Batch size of the input the shapes and multiply-adds are given for.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct BenchArgs {
     #[arg(long, default_value = "seed")]
     stem: Stem,
@@ -171,6 +192,7 @@ fn main() -> ExitCode {
             Command::Train(a) => run_train(a),
             Command::Eval(a) => run_eval(a),
             Command::Bench(a) => run_bench(a),
+            Command::Summary(a) => run_summary(a),
             Command::Data(DataCommand::Fetch { dir }) => {
                 fetch_data(&dir).map(|p| println!("CIFAR-10 is in {}", p.display()))
             }
@@ -396,6 +418,22 @@ fn run_eval(a: EvalArgs) -> Result<(), CliError> {
             print!("{v:>6}");
         }
         println!();
+    }
+    Ok(())
+}
+
+fn run_summary(a: SummaryArgs) -> Result<(), CliError> {
+    let cfg = ResNetConfig {
+        stem: a.stem,
+        stages: a.stages as usize,
+        num_classes: 10,
+    };
+    let model = ResNet::new(&Cpu, cfg, 0);
+    let s = summarize(&model, Shape4::new(a.batch_size as usize, 32, 32, 3));
+    if a.json {
+        println!("{}", serde_json::to_string(&s).map_err(CliError::run)?);
+    } else {
+        print!("{}\n{}", s.tree, s.table());
     }
     Ok(())
 }

@@ -95,10 +95,10 @@ impl ResNetConfig {
 }
 
 /// Stem layers: `conv1.0` (conv), `conv1.1` (BN, with ReLU for some stems), then max-pool.
-struct StemLayers<B: Backend> {
-    conv: Conv2d<B>,
-    bn: BatchNorm2d<B>,
-    pool: Option<MaxPool2d<B>>,
+pub(crate) struct StemLayers<B: Backend> {
+    pub(crate) conv: Conv2d<B>,
+    pub(crate) bn: BatchNorm2d<B>,
+    pub(crate) pool: Option<MaxPool2d<B>>,
 }
 
 impl<B: Backend> StemLayers<B> {
@@ -108,13 +108,13 @@ impl<B: Backend> StemLayers<B> {
 }
 
 /// The seed's BasicBlock: relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)).
-struct BasicBlock<B: Backend> {
-    conv_a: Conv2d<B>,
-    bn_a: BatchNorm2d<B>,
-    conv_b: Conv2d<B>,
+pub(crate) struct BasicBlock<B: Backend> {
+    pub(crate) conv_a: Conv2d<B>,
+    pub(crate) bn_a: BatchNorm2d<B>,
+    pub(crate) conv_b: Conv2d<B>,
     /// Fused with the residual add and the block's final ReLU.
-    bn_b: BatchNorm2d<B>,
-    shortcut: Option<(Conv2d<B>, BatchNorm2d<B>)>,
+    pub(crate) bn_b: BatchNorm2d<B>,
+    pub(crate) shortcut: Option<(Conv2d<B>, BatchNorm2d<B>)>,
 }
 
 impl<B: Backend> BasicBlock<B> {
@@ -215,10 +215,10 @@ impl<B: Backend> Module<B> for BasicBlock<B> {
 
 pub struct ResNet<B: Backend> {
     pub cfg: ResNetConfig,
-    stem: StemLayers<B>,
-    blocks: Vec<BasicBlock<B>>,
+    pub(crate) stem: StemLayers<B>,
+    pub(crate) blocks: Vec<BasicBlock<B>>,
     avgpool: GlobalAvgPool<B>,
-    fc: Linear<B>,
+    pub(crate) fc: Linear<B>,
     /// Input shape of every block, then of the pooling head, from the last forward pass.
     shapes: Vec<Shape4>,
     stem_shapes: [Shape4; 2],

@@ -1,0 +1,236 @@
+//! `resnet-cifar summary`: the module tree as PyTorch prints the seed's model, and a table of
+//! every layer's output shape, parameters and multiply-adds for a given input.
+
+use super::resnet::{ResNet, Stem};
+use crate::engine::{Backend, PoolGeom, Shape4};
+use crate::nn::{BatchNorm2d, Conv2d};
+use std::fmt::Write;
+
+/// One layer of the table.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Row {
+    /// Module path as in the state_dict (`conv2.0.layer.0`).
+    pub name: String,
+    pub layer: String,
+    /// Output shape, PyTorch order (`[n, c, h, w]` or `[n, features]`).
+    pub output: Vec<usize>,
+    pub params: usize,
+    /// Multiply-adds for the whole input batch (convolutions and the linear layer; padding
+    /// taps counted, as the usual counters do).
+    pub macs: u64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Summary {
+    pub input: Vec<usize>,
+    pub tree: String,
+    pub rows: Vec<Row>,
+    pub total_params: usize,
+    pub total_macs: u64,
+}
+
+fn nchw(s: Shape4) -> Vec<usize> {
+    vec![s.n, s.c, s.h, s.w]
+}
+
+fn conv_repr<B: Backend>(c: &Conv2d<B>) -> String {
+    let k = c.cfg.kernel;
+    let (s, p) = (c.cfg.stride, c.cfg.pad);
+    let pad = if p > 0 {
+        format!(", padding=({p}, {p})")
+    } else {
+        String::new()
+    };
+    format!(
+        "Conv2d({}, {}, kernel_size=({k}, {k}), stride=({s}, {s}){pad}, bias=False)",
+        c.cfg.cin, c.cfg.cout
+    )
+}
+
+fn bn_repr<B: Backend>(b: &BatchNorm2d<B>) -> String {
+    format!(
+        "BatchNorm2d({}, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True)",
+        b.channels()
+    )
+}
+
+struct Walk {
+    tree: String,
+    rows: Vec<Row>,
+    depth: usize,
+}
+
+impl Walk {
+    fn open(&mut self, label: &str, kind: &str) {
+        let _ = writeln!(self.tree, "{}({label}): {kind}(", "  ".repeat(self.depth));
+        self.depth += 1;
+    }
+    fn close(&mut self) {
+        self.depth -= 1;
+        let _ = writeln!(self.tree, "{})", "  ".repeat(self.depth));
+    }
+    fn leaf(&mut self, label: &str, name: String, repr: String, output: Vec<usize>, params: usize, macs: u64) {
+        let _ = writeln!(self.tree, "{}({label}): {repr}", "  ".repeat(self.depth));
+        let layer = repr.split('(').next().unwrap_or("").to_string();
+        self.rows.push(Row {
+            name,
+            layer,
+            output,
+            params,
+            macs,
+        });
+    }
+    fn conv<B: Backend>(&mut self, label: &str, path: &str, c: &Conv2d<B>, input: Shape4) -> Shape4 {
+        let out = c.geom(input).output();
+        let macs = (out.numel() * c.cfg.cin * c.cfg.kernel * c.cfg.kernel) as u64;
+        self.leaf(
+            label,
+            format!("{path}.{label}"),
+            conv_repr(c),
+            nchw(out),
+            c.weight.numel(),
+            macs,
+        );
+        out
+    }
+    fn bn<B: Backend>(&mut self, label: &str, path: &str, b: &BatchNorm2d<B>, s: Shape4) {
+        self.leaf(
+            label,
+            format!("{path}.{label}"),
+            bn_repr(b),
+            nchw(s),
+            2 * b.channels(),
+            0,
+        );
+    }
+    fn relu(&mut self, label: &str, path: &str, s: Shape4) {
+        self.leaf(
+            label,
+            format!("{path}.{label}"),
+            "ReLU(inplace=True)".into(),
+            nchw(s),
+            0,
+            0,
+        );
+    }
+}
+
+/// Describes `model` for an NHWC input of shape `input`.
+pub fn summarize<B: Backend>(model: &ResNet<B>, input: Shape4) -> Summary {
+    let mut w = Walk {
+        tree: "ResNet18(\n".into(),
+        rows: Vec::new(),
+        depth: 1,
+    };
+    let stem = &model.stem;
+    w.open("conv1", "Sequential");
+    let mut s = w.conv("0", "conv1", &stem.conv, input);
+    w.bn("1", "conv1", &stem.bn, s);
+    let mut next = 2;
+    if matches!(model.cfg.stem, Stem::Torchvision | Stem::Cifar) {
+        w.relu("2", "conv1", s);
+        next = 3;
+    }
+    if let Some(p) = &stem.pool {
+        s = PoolGeom {
+            input: s,
+            k: p.kernel,
+            stride: p.stride,
+            pad: p.pad,
+        }
+        .output();
+        let repr = format!(
+            "MaxPool2d(kernel_size={}, stride={}, padding={}, dilation=1, ceil_mode=False)",
+            p.kernel, p.stride, p.pad
+        );
+        w.leaf(&next.to_string(), format!("conv1.{next}"), repr, nchw(s), 0, 0);
+    }
+    w.close();
+    for (stage, pair) in model.blocks.chunks(2).enumerate() {
+        let stage_name = format!("conv{}", stage + 2);
+        w.open(&stage_name, "Sequential");
+        for (i, block) in pair.iter().enumerate() {
+            let path = format!("{stage_name}.{i}");
+            w.open(&i.to_string(), "BasicBlock");
+            w.open("layer", "Sequential");
+            let lp = format!("{path}.layer");
+            let a = w.conv("0", &lp, &block.conv_a, s);
+            w.bn("1", &lp, &block.bn_a, a);
+            w.relu("2", &lp, a);
+            let b = w.conv("3", &lp, &block.conv_b, a);
+            w.bn("4", &lp, &block.bn_b, b);
+            w.close();
+            match &block.shortcut {
+                Some((conv, bn)) => {
+                    w.open("shortcut", "Sequential");
+                    let sp = format!("{path}.shortcut");
+                    let o = w.conv("0", &sp, conv, s);
+                    w.bn("1", &sp, bn, o);
+                    w.close();
+                }
+                None => {
+                    let _ = writeln!(w.tree, "{}(shortcut): Sequential()", "  ".repeat(w.depth));
+                }
+            }
+            w.close();
+            s = b;
+        }
+        w.close();
+    }
+    w.leaf(
+        "avgpool",
+        "avgpool".into(),
+        "AdaptiveAvgPool2d(output_size=(1, 1))".into(),
+        vec![s.n, s.c, 1, 1],
+        0,
+        0,
+    );
+    let fc = &model.fc;
+    let repr = format!("Linear(in_features={}, out_features={}, bias=True)", fc.din, fc.dout);
+    w.leaf(
+        "fc",
+        "fc".into(),
+        repr,
+        vec![s.n, fc.dout],
+        fc.weight.numel() + fc.bias.numel(),
+        (s.n * fc.din * fc.dout) as u64,
+    );
+    w.tree.push_str(")\n");
+    let total_params = w.rows.iter().map(|r| r.params).sum();
+    let total_macs = w.rows.iter().map(|r| r.macs).sum();
+    Summary {
+        input: nchw(input),
+        tree: w.tree,
+        rows: w.rows,
+        total_params,
+        total_macs,
+    }
+}
+
+impl Summary {
+    /// The per-layer table as text.
+    pub fn table(&self) -> String {
+        let mut t = format!(
+            "{:<26} {:<18} {:<20} {:>10} {:>15}\n",
+            "layer", "type", "output", "params", "mult-adds"
+        );
+        for r in &self.rows {
+            let shape = format!("{:?}", r.output);
+            let _ = writeln!(
+                t,
+                "{:<26} {:<18} {:<20} {:>10} {:>15}",
+                r.name, r.layer, shape, r.params, r.macs
+            );
+        }
+        let n = self.input[0].max(1) as f64;
+        let _ = writeln!(
+            t,
+            "total: {} parameters, {:.3} G multiply-adds for the input {:?} ({:.1} M per image)",
+            self.total_params,
+            self.total_macs as f64 / 1e9,
+            self.input,
+            self.total_macs as f64 / n / 1e6
+        );
+        t
+    }
+}

@@ -1,0 +1,62 @@
+//! `summary`: the module tree as PyTorch prints the seed's model, shapes, parameters, MACs.
+
+use resnet_cifar::engine::Shape4;
+use resnet_cifar::engine::cpu::Cpu;
+use resnet_cifar::model::{ResNet, ResNetConfig, Stem, summarize};
+
+#[test]
+fn seed_model_prints_as_pytorch_prints_it() {
+    // The fixture is PyTorch 2.15's print() of the seed's ResNet18
+    // (python3 scripts/pytorch_interop.py --print-model).
+    let want = include_str!("fixtures/seed_model_print.txt");
+    let mut model = ResNet::new(&Cpu, ResNetConfig::default(), 0);
+    let s = summarize(&model, Shape4::new(64, 32, 32, 3));
+    assert_eq!(s.tree, want);
+    assert_eq!(s.total_params, model.num_params());
+    assert_eq!(
+        s.total_params, 11_181_642,
+        "PyTorch's parameter count for the seed model"
+    );
+    let row = |name: &str| {
+        s.rows
+            .iter()
+            .find(|r| r.name == name)
+            .unwrap_or_else(|| panic!("{name}"))
+    };
+    // Stem: 7x7x3 taps for each of 16x16x64 outputs of 64 images.
+    assert_eq!(row("conv1.0").macs, 64 * 16 * 16 * 64 * 7 * 7 * 3);
+    assert_eq!(row("conv1.2").output, [64, 64, 8, 8]);
+    assert_eq!(row("conv3.0.shortcut.0").output, [64, 128, 4, 4]);
+    assert_eq!(row("conv5.1.layer.4").output, [64, 512, 1, 1]);
+    assert_eq!(row("fc").output, [64, 10]);
+    assert_eq!(s.total_macs, s.rows.iter().map(|r| r.macs).sum::<u64>());
+}
+
+#[test]
+fn variants_change_the_tree() {
+    let model = ResNet::new(
+        &Cpu,
+        ResNetConfig {
+            stem: Stem::Cifar,
+            stages: 3,
+            num_classes: 10,
+        },
+        0,
+    );
+    let s = summarize(&model, Shape4::new(2, 32, 32, 3));
+    assert!(
+        s.tree
+            .contains("(0): Conv2d(3, 64, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), bias=False)")
+    );
+    assert!(
+        s.tree.contains("    (2): ReLU(inplace=True)\n  )"),
+        "the cifar stem ends with a ReLU:\n{}",
+        s.tree
+    );
+    assert!(!s.tree.contains("MaxPool2d") && !s.tree.contains("(conv5)"));
+    assert!(s.tree.contains("Linear(in_features=256, out_features=10, bias=True)"));
+    assert_eq!(
+        s.rows.iter().find(|r| r.name == "conv4.1.layer.4").unwrap().output,
+        [2, 256, 8, 8]
+    );
+}
