@@ -138,3 +138,24 @@ fn sigint_saves_and_exits_with_a_resume_hint() {
     assert!(state.position.step >= 1);
     assert!(out.join("last.safetensors").is_file());
 }
+
+#[test]
+fn a_diverging_loss_stops_the_run_with_its_step() {
+    let splits = small_splits();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(None);
+    cfg.schedule = resnet_cifar::optim::Schedule::Constant { lr: 1e38 };
+    cfg.log_every = 1;
+    let err = train(
+        &Cpu,
+        &cfg,
+        &splits,
+        tmp.path(),
+        &mut Console::quiet(),
+        None,
+        &AtomicBool::new(false),
+    )
+    .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("the loss became") && msg.contains("at step"), "{msg}");
+}
