@@ -141,13 +141,16 @@ struct EvalArgs {
     stem: Option<Stem>,
 }
 
+/// The network and input size that `summary` and `bench` describe.
 #[derive(Args)]
-struct SummaryArgs {
+struct NetArgs {
+    /// Network stem: seed, torchvision, seed3x3 or cifar.
     #[arg(long, default_value = "seed")]
     stem: Stem,
+    /// Residual stages: 4 (the seed) or 3 (drop conv5).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(3..=4))]
     stages: u8,
-    /// Batch size of the input the shapes and multiply-adds are given for.
+    /// Images in the (random, CIFAR-shaped) input batch.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: u64,
     /// Print one JSON object instead of text.
@@ -155,23 +158,32 @@ struct SummaryArgs {
     json: bool,
 }
 
+impl NetArgs {
+    fn config(&self) -> ResNetConfig {
+        ResNetConfig {
+            stem: self.stem,
+            stages: self.stages as usize,
+            num_classes: 10,
+        }
+    }
+}
+
+#[derive(Args)]
+struct SummaryArgs {
+    #[command(flatten)]
+    net: NetArgs,
+}
+
 #[derive(Args)]
 struct BenchArgs {
-    #[arg(long, default_value = "seed")]
-    stem: Stem,
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(3..=4))]
-    stages: u8,
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
-    batch_size: u64,
+    #[command(flatten)]
+    net: NetArgs,
     /// Timed steps, for training and for inference each.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
     steps: u64,
     /// Untimed steps first.
     #[arg(long, default_value_t = 3)]
     warmup: u64,
-    /// Print one JSON object instead of text.
-    #[arg(long)]
-    json: bool,
 }
 
 fn main() -> ExitCode {
@@ -423,14 +435,9 @@ fn run_eval(a: EvalArgs) -> Result<(), CliError> {
 }
 
 fn run_summary(a: SummaryArgs) -> Result<(), CliError> {
-    let cfg = ResNetConfig {
-        stem: a.stem,
-        stages: a.stages as usize,
-        num_classes: 10,
-    };
-    let model = ResNet::new(&Cpu, cfg, 0);
-    let s = summarize(&model, Shape4::new(a.batch_size as usize, 32, 32, 3));
-    if a.json {
+    let model = ResNet::new(&Cpu, a.net.config(), 0);
+    let s = summarize(&model, Shape4::new(a.net.batch_size as usize, 32, 32, 3));
+    if a.net.json {
         println!("{}", serde_json::to_string(&s).map_err(CliError::run)?);
     } else {
         print!("{}\n{}", s.tree, s.table());
@@ -440,18 +447,14 @@ fn run_summary(a: SummaryArgs) -> Result<(), CliError> {
 
 fn run_bench(a: BenchArgs) -> Result<(), CliError> {
     let cfg = BenchConfig {
-        model: ResNetConfig {
-            stem: a.stem,
-            stages: a.stages as usize,
-            num_classes: 10,
-        },
-        batch_size: a.batch_size as usize,
+        model: a.net.config(),
+        batch_size: a.net.batch_size as usize,
         steps: a.steps as usize,
         warmup: a.warmup as usize,
     };
     let bar = indicatif::ProgressBar::new(2 * (cfg.steps + cfg.warmup) as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"));
-    if a.json {
+    if a.net.json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let r = bench::run(&Cpu, &cfg, |msg| {
@@ -459,7 +462,7 @@ fn run_bench(a: BenchArgs) -> Result<(), CliError> {
         bar.inc(1);
     });
     bar.finish_and_clear();
-    if a.json {
+    if a.net.json {
         println!("{}", serde_json::to_string(&r).map_err(CliError::run)?);
         return Ok(());
     }
