@@ -24,9 +24,6 @@ impl Golden {
     fn st(&self) -> SafeTensors<'_> {
         SafeTensors::deserialize(&self.bytes).expect("golden file parses")
     }
-    pub fn has(&self, name: &str) -> bool {
-        self.st().tensor(name).is_ok()
-    }
     pub fn f32(&self, name: &str) -> Vec<f32> {
         let st = self.st();
         let t = st

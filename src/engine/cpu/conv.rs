@@ -177,11 +177,12 @@ pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32], ws: &mut [f32]
         return;
     }
     let classes = tap_classes(g);
+    let classed = use_tap_classes(g, &classes);
     let chunk = images_per_chunk(g);
     for first in (0..g.input.n).step_by(chunk) {
         let count = chunk.min(g.input.n - first);
         let m = count * rows;
-        if use_tap_classes(g, &classes) {
+        if classed {
             for class in &classes {
                 classes::forward(g, class, classes.len() == 1, x, w, first, count, y, ws);
             }
@@ -226,7 +227,8 @@ pub fn backward(
         return;
     }
     let classes = tap_classes(g);
-    if use_tap_classes(g, &classes) {
+    let classed = use_tap_classes(g, &classes);
+    if classed {
         // Classes add into dw and dx from several passes: start both from zero.
         dw[..g.weight_len()].fill(0.0);
         if let Some(dx) = dx.as_deref_mut() {
@@ -237,7 +239,7 @@ pub fn backward(
     for first in (0..g.input.n).step_by(chunk) {
         let count = chunk.min(g.input.n - first);
         let m = count * rows;
-        if use_tap_classes(g, &classes) {
+        if classed {
             for class in &classes {
                 let whole = classes.len() == 1;
                 classes::backward(g, class, whole, x, w, dy, dx.as_deref_mut(), dw, first, count, ws);
