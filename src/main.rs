@@ -7,8 +7,9 @@ use resnet_cifar::bench::{self, BenchConfig};
 use resnet_cifar::checkpoint;
 use resnet_cifar::cli::{CliError, model_config_of};
 use resnet_cifar::data::{Cifar10, Splits, fetch};
-use resnet_cifar::engine::Shape4;
 use resnet_cifar::engine::cpu::Cpu;
+use resnet_cifar::engine::cuda::{Cuda, Precision};
+use resnet_cifar::engine::{Backend, Shape4};
 use resnet_cifar::eval::evaluate;
 use resnet_cifar::model::{ResNet, ResNetConfig, Stem, summarize};
 use resnet_cifar::train::{Console, Recipe, Resume, Stop, TrainConfig, load_resume, train};
@@ -27,6 +28,15 @@ struct Cli {
     /// thread count.
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Where to compute: cpu, cuda (GPU 0) or cuda:N. CUDA needs the NVIDIA driver and the CUDA
+    /// libraries (NVRTC, cuBLAS, cuDNN 9), found on LD_LIBRARY_PATH, in RESNET_CIFAR_CUDA_LIBS,
+    /// CUDA_HOME, /usr/local/cuda, or a PyTorch install's nvidia/*/lib folders.
+    #[arg(long, global = true, default_value = "cpu")]
+    device: Device,
+    /// GPU arithmetic for convolutions: fp32, or tf32 (tensor cores, PyTorch's default for
+    /// cuDNN convolutions).
+    #[arg(long, global = true, default_value = "tf32", value_parser = ["fp32", "tf32"])]
+    precision: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -186,6 +196,53 @@ struct BenchArgs {
     warmup: u64,
 }
 
+/// The `--device` flag.
+#[derive(Clone, Copy, Debug)]
+enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("unknown device '{s}' (expected cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
+/// Where a command computes: the device and its precision.
+#[derive(Clone, Copy)]
+struct Target {
+    device: Device,
+    precision: Precision,
+}
+
+/// Runs `$body` with `$be` bound to the backend `$target` names.
+macro_rules! with_backend {
+    ($target:expr, |$be:ident| $body:expr) => {
+        match $target.device {
+            Device::Cpu => {
+                let $be = &Cpu;
+                $body
+            }
+            Device::Cuda(ordinal) => {
+                let cuda = Cuda::new(ordinal, $target.precision)
+                    .map_err(|e| CliError::input(format!("--device cuda:{ordinal}: {e}")))?;
+                let $be = &cuda;
+                $body
+            }
+        }
+    };
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = (|| {
@@ -200,10 +257,18 @@ fn main() -> ExitCode {
             .num_threads(threads)
             .build()
             .map_err(CliError::run)?;
+        let target = Target {
+            device: cli.device,
+            precision: if cli.precision == "fp32" {
+                Precision::Fp32
+            } else {
+                Precision::Tf32
+            },
+        };
         pool.install(|| match cli.command {
-            Command::Train(a) => run_train(a),
-            Command::Eval(a) => run_eval(a),
-            Command::Bench(a) => run_bench(a),
+            Command::Train(a) => run_train(a, target),
+            Command::Eval(a) => run_eval(a, target),
+            Command::Bench(a) => run_bench(a, target),
             Command::Summary(a) => run_summary(a),
             Command::Data(DataCommand::Fetch { dir }) => {
                 fetch_data(&dir).map(|p| println!("CIFAR-10 is in {}", p.display()))
@@ -254,7 +319,7 @@ fn load_data(dir: &Path) -> Result<Cifar10, CliError> {
 /// Raised by SIGINT/SIGTERM: the run finishes its step, saves, and exits.
 static STOP: AtomicBool = AtomicBool::new(false);
 
-fn run_train(a: TrainArgs) -> Result<(), CliError> {
+fn run_train(a: TrainArgs, target: Target) -> Result<(), CliError> {
     let (cfg, resume, out) = match &a.resume {
         Some(dir) => resumed_config(&a, dir)?,
         None => {
@@ -272,19 +337,20 @@ fn run_train(a: TrainArgs) -> Result<(), CliError> {
     let data = load_data(&data_dir)?;
     let splits = Splits::new(data, cfg.val_split).map_err(CliError::input)?;
     let mut console = Console::stdout();
-    console.line(&format!(
-        "run {}: recipe {}, stem {}, {} stages, {} epochs, batch {}, {} threads",
-        out.display(),
-        cfg.recipe,
-        cfg.model.stem.name(),
-        cfg.model.stages,
-        cfg.epochs,
-        cfg.batch_size,
-        rayon::current_num_threads()
-    ));
-    ctrlc::set_handler(|| STOP.store(true, Ordering::Relaxed)).map_err(CliError::run)?;
-    let outcome =
-        train(&Cpu, &cfg, &splits, &out, &mut console, resume, &STOP).map_err(|e| CliError::run(format!("{e:#}")))?;
+    let outcome = with_backend!(target, |be| {
+        console.line(&format!(
+            "run {}: recipe {}, stem {}, {} stages, {} epochs, batch {}, on {}",
+            out.display(),
+            cfg.recipe,
+            cfg.model.stem.name(),
+            cfg.model.stages,
+            cfg.epochs,
+            cfg.batch_size,
+            be.name()
+        ));
+        ctrlc::set_handler(|| STOP.store(true, Ordering::Relaxed)).map_err(CliError::run)?;
+        train(be, &cfg, &splits, &out, &mut console, resume, &STOP).map_err(|e| CliError::run(format!("{e:#}")))?
+    });
     let resume_hint = format!("resume with: resnet-cifar train --resume {}", out.display());
     match outcome.stopped {
         Some(Stop::Interrupted) => {
@@ -376,14 +442,10 @@ fn resumed_config(a: &TrainArgs, dir: &Path) -> Result<(TrainConfig, Option<Resu
     Ok((cfg, Some(r), dir.to_path_buf()))
 }
 
-fn run_eval(a: EvalArgs) -> Result<(), CliError> {
+fn run_eval(a: EvalArgs, target: Target) -> Result<(), CliError> {
     let path = a.checkpoint.display().to_string();
     let bytes = std::fs::read(&a.checkpoint).map_err(|e| CliError::input(format!("{path}: {e}")))?;
     let (model_cfg, meta): (ResNetConfig, _) = model_config_of(&path, &bytes, a.stem)?;
-    let be = Cpu;
-    let mut model = ResNet::new(&be, model_cfg, 0);
-    checkpoint::load_bytes(&path, &bytes, &be, &mut model).map_err(CliError::input)?;
-
     let data = load_data(&a.data)?;
     let val_split = a
         .val_split
@@ -400,7 +462,11 @@ fn run_eval(a: EvalArgs) -> Result<(), CliError> {
             })?,
             _ => &splits.train,
         };
-    let r = evaluate(&be, &mut model, images, a.batch_size as usize);
+    let r = with_backend!(target, |be| {
+        let mut model = ResNet::new(be, model_cfg, 0);
+        checkpoint::load_bytes(&path, &bytes, be, &mut model).map_err(CliError::input)?;
+        evaluate(be, &mut model, images, a.batch_size as usize)
+    });
     if a.json {
         let mut v = serde_json::to_value(&r).map_err(CliError::run)?;
         v["split"] = a.split.clone().into();
@@ -445,7 +511,7 @@ fn run_summary(a: SummaryArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn run_bench(a: BenchArgs) -> Result<(), CliError> {
+fn run_bench(a: BenchArgs, target: Target) -> Result<(), CliError> {
     let cfg = BenchConfig {
         model: a.net.config(),
         batch_size: a.net.batch_size as usize,
@@ -457,10 +523,10 @@ fn run_bench(a: BenchArgs) -> Result<(), CliError> {
     if a.net.json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let r = bench::run(&Cpu, &cfg, |msg| {
+    let r = with_backend!(target, |be| bench::run(be, &cfg, |msg| {
         bar.set_message(msg.to_string());
         bar.inc(1);
-    });
+    }));
     bar.finish_and_clear();
     if a.net.json {
         println!("{}", serde_json::to_string(&r).map_err(CliError::run)?);

@@ -4,7 +4,6 @@
 mod common;
 
 use common::{Golden, max_rel_err, set_formula_weights};
-use resnet_cifar::engine::cpu::Cpu;
 use resnet_cifar::engine::{Backend, Shape4, nchw_to_nhwc};
 use resnet_cifar::model::{ResNet, ResNetConfig, Stem};
 use resnet_cifar::nn::{Entry, Module};
@@ -47,11 +46,10 @@ const CIFAR_TOL: Tolerance = Tolerance {
     eval_after_step: 2e-2,
 };
 
-fn check_stem(stem: Stem, file: &str, tol: &Tolerance) {
-    let be = Cpu;
+fn check_stem<B: Backend>(be: &B, stem: Stem, file: &str, tol: &Tolerance) {
     let g = Golden::open(file);
     let mut model = ResNet::new(
-        &be,
+        be,
         ResNetConfig {
             stem,
             stages: 4,
@@ -59,7 +57,7 @@ fn check_stem(stem: Stem, file: &str, tol: &Tolerance) {
         },
         0,
     );
-    set_formula_weights(&be, &mut model);
+    set_formula_weights(be, &mut model);
 
     let shape = g.shape("input");
     let (n, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
@@ -69,7 +67,7 @@ fn check_stem(stem: Stem, file: &str, tol: &Tolerance) {
     let labels: Vec<u32> = g.i32("labels").iter().map(|&l| l as u32).collect();
 
     // 1. train-mode forward and loss.
-    model.forward(&be, &x, input, true);
+    model.forward(be, &x, input, true);
     let mut logits = vec![0.0; n * 10];
     be.download(model.logits(), &mut logits);
     let err = max_rel_err(&logits, &g.f32("train_logits"));
@@ -77,7 +75,7 @@ fn check_stem(stem: Stem, file: &str, tol: &Tolerance) {
         err < 1e-4,
         "{file}: train logits differ by {err:.2e} (relative to the largest logit)"
     );
-    model.backward(&be, &x, &labels);
+    model.backward(be, &x, &labels);
     let mut loss = [0f32];
     be.download(model.loss(), &mut loss);
     let want = g.f32("loss")[0];
@@ -92,7 +90,7 @@ fn check_stem(stem: Stem, file: &str, tol: &Tolerance) {
     let (mut worst, mut total_err, mut count) = (0f64, 0f64, 0usize);
     let (mut worst_abs, mut worst_sum) = (0f64, 0f64);
     model.visit_params(&mut |p| {
-        let grad = p.read_grad(&be).unwrap();
+        let grad = p.read_grad(be).unwrap();
         let name = &p.name;
         let abs_sum: f64 = grad.iter().map(|v| v.abs() as f64).sum();
         let sum: f64 = grad.iter().map(|&v| v as f64).sum();
@@ -137,11 +135,11 @@ fn check_stem(stem: Stem, file: &str, tol: &Tolerance) {
 
     // 3. one Adam step, then parameters and BN running statistics.
     let mut adam = Adam::new(AdamConfig::default());
-    adam.step(&be, &mut model, 0.01);
+    adam.step(be, &mut model, 0.01);
     model.visit(&mut |e| {
         let Entry::Tensor(p) = e else { return };
         let name = p.name.clone();
-        let value = p.read(&be);
+        let value = p.read(be);
         if p.trainable() {
             let want = g.f32(&format!("param_after_sample.{name}"));
             let grads = g.f32(&format!("grad_sample.{name}"));
@@ -169,7 +167,7 @@ fn check_stem(stem: Stem, file: &str, tol: &Tolerance) {
     });
 
     // 4. eval-mode forward with the updated weights and running statistics.
-    model.forward(&be, &x, input, false);
+    model.forward(be, &x, input, false);
     be.download(model.logits(), &mut logits);
     let err = max_rel_err(&logits, &g.f32("eval_logits_after_step"));
     assert!(
@@ -187,12 +185,16 @@ fn sample_indices(n: usize) -> Vec<usize> {
     }
 }
 
-#[test]
-fn seed_stem_matches_pytorch() {
-    check_stem(Stem::Seed, "resnet18_seed_stem.safetensors", &SEED_TOL);
+fn seed_stem<B: Backend>(be: &B) {
+    check_stem(be, Stem::Seed, "resnet18_seed_stem.safetensors", &SEED_TOL);
 }
 
-#[test]
-fn cifar_stem_matches_pytorch() {
-    check_stem(Stem::Cifar, "resnet18_cifar_stem.safetensors", &CIFAR_TOL);
+fn cifar_stem<B: Backend>(be: &B) {
+    check_stem(be, Stem::Cifar, "resnet18_cifar_stem.safetensors", &CIFAR_TOL);
+}
+
+// On the GPU too (when there is one), in full fp32.
+on_backends! {
+    seed_stem_matches_pytorch, seed_stem_matches_pytorch_on_cuda => seed_stem;
+    cifar_stem_matches_pytorch, cifar_stem_matches_pytorch_on_cuda => cifar_stem;
 }

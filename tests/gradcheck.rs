@@ -2,9 +2,14 @@
 //! every side, odd sizes, max-pool windows that touch the padding, batches large enough to be
 //! split into several im2col chunks.
 //!
+//! Every check runs on the CPU backend and, when a GPU is present, on the CUDA backend.
+//!
 //! Each check takes L = sum(y * r) for a fixed random r, perturbs every input element by +-h,
 //! and compares (L(x+h) - L(x-h)) / 2h with the analytic gradient.
 
+mod common;
+
+use common::{get, put};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use resnet_cifar::engine::cpu::Cpu;
@@ -42,8 +47,17 @@ fn assert_fd(what: &str, x: &[f32], analytic: &[f32], mut loss: impl FnMut(&[f32
     }
 }
 
-fn conv_case(n: usize, h: usize, w: usize, cin: usize, cout: usize, k: usize, stride: usize, pad: usize) {
-    let be = Cpu;
+fn conv_case<B: Backend>(
+    be: &B,
+    n: usize,
+    h: usize,
+    w: usize,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+) {
     let mut rng = ChaCha8Rng::seed_from_u64((n * 1000 + h * 100 + k * 10 + stride + pad) as u64);
     let g = ConvGeom {
         input: Shape4::new(n, h, w, cin),
@@ -53,53 +67,47 @@ fn conv_case(n: usize, h: usize, w: usize, cin: usize, cout: usize, k: usize, st
         stride,
         pad,
     };
+    // Random weights in whatever layout the backend uses: the check is layout-blind.
     let x = random(&mut rng, g.input.numel());
     let wt = random(&mut rng, g.weight_len());
     let r = random(&mut rng, g.output().numel());
     let mut ws = be.alloc(be.conv2d_workspace_len(&g));
-    let fwd = |x: &[f32], wt: &[f32], ws: &mut Vec<f32>| {
-        let mut y = vec![0.0; g.output().numel()];
-        be.conv2d_forward(&g, &x.to_vec(), &wt.to_vec(), &mut y, ws);
-        dot(&y, &r)
+    let mut y = be.alloc(g.output().numel());
+    let mut fwd = |x: &[f32], wt: &[f32]| {
+        be.conv2d_forward(&g, &put(be, x), &put(be, wt), &mut y, &mut ws);
+        dot(&get(be, &y, g.output().numel()), &r)
     };
-    let mut dx = vec![0.0; x.len()];
-    let mut dw = vec![0.0; wt.len()];
-    be.conv2d_backward(&g, &x, &wt, &r, Some(&mut dx), &mut dw, &mut ws);
-    let what = format!("conv {g:?}");
-    assert_fd(&format!("{what} dx"), &x, &dx, |xp| fwd(xp, &wt, &mut ws.clone()));
-    assert_fd(&format!("{what} dw"), &wt, &dw, |wp| fwd(&x, wp, &mut ws.clone()));
+    let mut ws2 = be.alloc(be.conv2d_workspace_len(&g));
+    let (xd, wd, rd) = (put(be, &x), put(be, &wt), put(be, &r));
+    let (mut dxd, mut dwd) = (be.alloc(x.len()), be.alloc(wt.len()));
+    be.conv2d_backward(&g, &xd, &wd, &rd, Some(&mut dxd), &mut dwd, &mut ws2);
+    let (dx, dw) = (get(be, &dxd, x.len()), get(be, &dwd, wt.len()));
+    let what = format!("{}: conv {g:?}", be.name());
+    assert_fd(&format!("{what} dx"), &x, &dx, |xp| fwd(xp, &wt));
+    assert_fd(&format!("{what} dw"), &wt, &dw, |wp| fwd(&x, wp));
     // Without dx the weight gradient must be the same.
-    let mut dw2 = vec![0.0; wt.len()];
-    be.conv2d_backward(&g, &x, &wt, &r, None, &mut dw2, &mut ws);
-    assert_eq!(dw, dw2, "{what}: dw depends on whether dx is asked for");
+    let mut dw2 = be.alloc(wt.len());
+    be.conv2d_backward(&g, &xd, &wd, &rd, None, &mut dw2, &mut ws2);
+    assert_eq!(
+        dw,
+        get(be, &dw2, wt.len()),
+        "{what}: dw depends on whether dx is asked for"
+    );
 }
 
-#[test]
-fn conv_3x3_stride1_pad1() {
-    conv_case(2, 5, 4, 3, 4, 3, 1, 1);
-}
-
-#[test]
-fn conv_3x3_stride2_odd_size() {
-    conv_case(2, 7, 5, 3, 2, 3, 2, 1);
-}
-
-#[test]
-fn conv_7x7_stride2_pad3() {
-    conv_case(1, 9, 8, 3, 2, 7, 2, 3);
-}
-
-#[test]
-fn conv_1x1_stride2_and_pointwise() {
-    conv_case(2, 5, 5, 4, 3, 1, 2, 0);
-    conv_case(2, 3, 4, 4, 3, 1, 1, 0);
-}
-
-#[test]
-fn conv_tiny_maps_where_padding_dominates() {
-    conv_case(3, 1, 1, 4, 3, 3, 1, 1);
-    conv_case(3, 2, 2, 4, 3, 3, 2, 1);
-    conv_case(3, 2, 2, 2, 3, 3, 1, 1);
+on_backends! {
+    conv_3x3_stride1_pad1_cpu, conv_3x3_stride1_pad1_cuda => |be| conv_case(be, 2, 5, 4, 3, 4, 3, 1, 1);
+    conv_3x3_stride2_odd_size_cpu, conv_3x3_stride2_odd_size_cuda => |be| conv_case(be, 2, 7, 5, 3, 2, 3, 2, 1);
+    conv_7x7_stride2_pad3_cpu, conv_7x7_stride2_pad3_cuda => |be| conv_case(be, 1, 9, 8, 3, 2, 7, 2, 3);
+    conv_1x1_cpu, conv_1x1_cuda => |be| {
+        conv_case(be, 2, 5, 5, 4, 3, 1, 2, 0);
+        conv_case(be, 2, 3, 4, 4, 3, 1, 1, 0);
+    };
+    conv_tiny_maps_where_padding_dominates_cpu, conv_tiny_maps_where_padding_dominates_cuda => |be| {
+        conv_case(be, 3, 1, 1, 4, 3, 3, 1, 1);
+        conv_case(be, 3, 2, 2, 4, 3, 3, 2, 1);
+        conv_case(be, 3, 2, 2, 2, 3, 3, 1, 1);
+    };
 }
 
 #[test]
@@ -163,53 +171,94 @@ fn conv_batch_split_into_workspace_chunks() {
     }
 }
 
-fn bn_case(rows: usize, c: usize, residual: bool, relu: bool) {
-    let be = Cpu;
+#[allow(clippy::too_many_arguments)]
+fn bn_forward<B: Backend>(
+    be: &B,
+    rows: usize,
+    c: usize,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    running: (&[f32], &[f32]),
+    residual: Option<&[f32]>,
+    relu: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (mut rm, mut rv) = (put(be, running.0), put(be, running.1));
+    let (mut saved, mut y) = (be.alloc(2 * c), be.alloc(rows * c));
+    let res = residual.map(|r| put(be, r));
+    be.batch_norm_forward_train(
+        &Shape4::new(rows, 1, 1, c),
+        &put(be, x),
+        &put(be, gamma),
+        &put(be, beta),
+        &mut rm,
+        &mut rv,
+        0.1,
+        1e-5,
+        &mut saved,
+        res.as_ref(),
+        relu,
+        &mut y,
+    );
+    (
+        get(be, &y, rows * c),
+        get(be, &saved, 2 * c),
+        get(be, &rm, c),
+        get(be, &rv, c),
+    )
+}
+
+fn bn_case<B: Backend>(be: &B, rows: usize, c: usize, residual: bool, relu: bool) {
     let mut rng = ChaCha8Rng::seed_from_u64((rows * 10 + c) as u64);
     let x = random(&mut rng, rows * c);
     let gamma: Vec<f32> = random(&mut rng, c).iter().map(|v| 1.0 + 0.5 * v).collect();
     let beta = random(&mut rng, c);
     let res = random(&mut rng, rows * c);
     let r = random(&mut rng, rows * c);
-    let fwd = |x: &[f32], gamma: &[f32], beta: &[f32]| {
-        let (mut rm, mut rv, mut saved, mut y) = (vec![0.0; c], vec![1.0; c], vec![0.0; 2 * c], vec![0.0; rows * c]);
-        let res = residual.then(|| res.clone());
-        be.batch_norm_forward_train(
-            &Shape4::new(rows, 1, 1, c),
-            &x.to_vec(),
-            &gamma.to_vec(),
-            &beta.to_vec(),
-            &mut rm,
-            &mut rv,
-            0.1,
-            1e-5,
-            &mut saved,
-            res.as_ref(),
+    let (zeros, ones) = (vec![0.0; c], vec![1.0; c]);
+    let fwd = |x: &[f32], gamma: &[f32], beta: &[f32], res: &[f32]| {
+        bn_forward(
+            be,
+            rows,
+            c,
+            x,
+            gamma,
+            beta,
+            (&zeros, &ones),
+            residual.then_some(res),
             relu,
-            &mut y,
-        );
-        (y, saved)
+        )
     };
-    let (y, saved) = fwd(&x, &gamma, &beta);
+    let (y, saved, _, _) = fwd(&x, &gamma, &beta, &res);
     // With a fused ReLU, the backward masks dy in place by the forward output.
-    let mut dy = r.clone();
-    let (mut dx, mut dg, mut db) = (vec![0.0; rows * c], vec![0.0; c], vec![0.0; c]);
+    let mut dy = put(be, &r);
+    let (mut dx, mut dg, mut db) = (be.alloc(rows * c), be.alloc(c), be.alloc(c));
+    let yd = put(be, &y);
     be.batch_norm_backward(
         &Shape4::new(rows, 1, 1, c),
-        &x,
-        &gamma,
-        &saved,
-        relu.then_some(&y),
+        &put(be, &x),
+        &put(be, &gamma),
+        &put(be, &saved),
+        relu.then_some(&yd),
         &mut dy,
         &mut dx,
         &mut dg,
         &mut db,
     );
-    let what = format!("batch norm rows={rows} c={c} residual={residual} relu={relu}");
-    let loss = |x: &[f32], g: &[f32], b: &[f32]| dot(&fwd(x, g, b).0, &r);
-    assert_fd(&format!("{what} dx"), &x, &dx, |xp| loss(xp, &gamma, &beta));
-    assert_fd(&format!("{what} dgamma"), &gamma, &dg, |gp| loss(&x, gp, &beta));
-    assert_fd(&format!("{what} dbeta"), &beta, &db, |bp| loss(&x, &gamma, bp));
+    let (dy, dx, dg, db) = (
+        get(be, &dy, rows * c),
+        get(be, &dx, rows * c),
+        get(be, &dg, c),
+        get(be, &db, c),
+    );
+    let what = format!(
+        "{}: batch norm rows={rows} c={c} residual={residual} relu={relu}",
+        be.name()
+    );
+    let loss = |x: &[f32], g: &[f32], b: &[f32], res: &[f32]| dot(&fwd(x, g, b, res).0, &r);
+    assert_fd(&format!("{what} dx"), &x, &dx, |xp| loss(xp, &gamma, &beta, &res));
+    assert_fd(&format!("{what} dgamma"), &gamma, &dg, |gp| loss(&x, gp, &beta, &res));
+    assert_fd(&format!("{what} dbeta"), &beta, &db, |bp| loss(&x, &gamma, bp, &res));
     let masked: Vec<f32> = r
         .iter()
         .zip(&y)
@@ -219,56 +268,24 @@ fn bn_case(rows: usize, c: usize, residual: bool, relu: bool) {
     if residual {
         // The residual's gradient is the (ReLU-masked) output gradient itself.
         assert_fd(&format!("{what} dresidual"), &res, &dy, |rp| {
-            let (mut rm, mut rv, mut s, mut y) = (vec![0.0; c], vec![1.0; c], vec![0.0; 2 * c], vec![0.0; rows * c]);
-            be.batch_norm_forward_train(
-                &Shape4::new(rows, 1, 1, c),
-                &x,
-                &gamma,
-                &beta,
-                &mut rm,
-                &mut rv,
-                0.1,
-                1e-5,
-                &mut s,
-                Some(&rp.to_vec()),
-                relu,
-                &mut y,
-            );
-            dot(&y, &r)
+            loss(&x, &gamma, &beta, rp)
         });
     }
 }
 
-#[test]
-fn batch_norm_plain() {
-    bn_case(12, 3, false, false);
-}
-
-#[test]
-fn batch_norm_fused_residual_relu() {
-    bn_case(10, 4, true, true);
-    bn_case(7, 2, false, true);
-}
-
-#[test]
-fn batch_norm_running_stats_follow_pytorch() {
-    let be = Cpu;
+fn bn_running_stats<B: Backend>(be: &B) {
     let (rows, c) = (5, 2);
     let x: Vec<f32> = (0..rows * c).map(|i| (i * i) as f32 * 0.1).collect();
-    let (mut rm, mut rv, mut saved, mut y) = (vec![0.5; c], vec![2.0; c], vec![0.0; 2 * c], vec![0.0; rows * c]);
-    be.batch_norm_forward_train(
-        &Shape4::new(rows, 1, 1, c),
+    let (_, _, rm, rv) = bn_forward(
+        be,
+        rows,
+        c,
         &x,
         &vec![1.0; c],
         &vec![0.0; c],
-        &mut rm,
-        &mut rv,
-        0.1,
-        1e-5,
-        &mut saved,
+        (&[0.5; 2], &[2.0; 2]),
         None,
         false,
-        &mut y,
     );
     for ch in 0..c {
         let col: Vec<f64> = (0..rows).map(|r| x[r * c + ch] as f64).collect();
@@ -282,8 +299,24 @@ fn batch_norm_running_stats_follow_pytorch() {
     }
 }
 
-fn pool_case(n: usize, h: usize, w: usize, c: usize) {
-    let be = Cpu;
+on_backends! {
+    batch_norm_plain_cpu, batch_norm_plain_cuda => |be| bn_case(be, 12, 3, false, false);
+    batch_norm_fused_residual_relu_cpu, batch_norm_fused_residual_relu_cuda => |be| {
+        bn_case(be, 10, 4, true, true);
+        bn_case(be, 7, 2, false, true);
+    };
+    // Enough rows and channels for several reduction slices and channel blocks on the GPU.
+    batch_norm_many_rows_cpu, batch_norm_many_rows_cuda => |be| bn_case(be, 300, 40, true, false);
+    batch_norm_running_stats_follow_pytorch_cpu, batch_norm_running_stats_follow_pytorch_cuda => bn_running_stats;
+}
+
+fn max_pool<B: Backend>(be: &B, g: &PoolGeom, x: &[f32]) -> Vec<f32> {
+    let mut y = be.alloc(g.output().numel());
+    be.max_pool_forward(g, &put(be, x), &mut y);
+    get(be, &y, g.output().numel())
+}
+
+fn pool_case<B: Backend>(be: &B, n: usize, h: usize, w: usize, c: usize) {
     let mut rng = ChaCha8Rng::seed_from_u64((h * 10 + w) as u64);
     let g = PoolGeom {
         input: Shape4::new(n, h, w, c),
@@ -293,57 +326,56 @@ fn pool_case(n: usize, h: usize, w: usize, c: usize) {
     };
     let x = random(&mut rng, g.input.numel());
     let r = random(&mut rng, g.output().numel());
-    let mut y = vec![0.0; g.output().numel()];
-    be.max_pool_forward(&g, &x, &mut y);
-    let mut dx = vec![0.0; x.len()];
-    be.max_pool_backward(&g, &x, &y, &r, &mut dx);
-    assert_fd(&format!("max-pool {g:?}"), &x, &dx, |xp| {
-        let mut y = vec![0.0; g.output().numel()];
-        be.max_pool_forward(&g, &xp.to_vec(), &mut y);
-        dot(&y, &r)
+    let y = max_pool(be, &g, &x);
+    let mut dx = be.alloc(x.len());
+    be.max_pool_backward(&g, &put(be, &x), &put(be, &y), &put(be, &r), &mut dx);
+    let dx = get(be, &dx, x.len());
+    assert_fd(&format!("{}: max-pool {g:?}", be.name()), &x, &dx, |xp| {
+        dot(&max_pool(be, &g, xp), &r)
     });
 }
 
-#[test]
-fn max_pool_windows_touching_padding() {
-    pool_case(2, 5, 5, 3);
-    pool_case(1, 4, 6, 2);
-    pool_case(2, 1, 1, 2);
-}
-
-#[test]
-fn max_pool_padding_never_wins() {
-    let be = Cpu;
-    let g = PoolGeom {
+/// A 2x2 map under one 3x3/2 window with padding 1.
+fn one_window_pool() -> PoolGeom {
+    PoolGeom {
         input: Shape4::new(1, 2, 2, 1),
         k: 3,
         stride: 2,
         pad: 1,
-    };
-    let mut y = vec![0.0; 1];
-    be.max_pool_forward(&g, &vec![-5.0, -4.0, -3.0, -2.0], &mut y);
+    }
+}
+
+fn pool_padding_never_wins<B: Backend>(be: &B) {
+    let g = one_window_pool();
+    let y = max_pool(be, &g, &[-5.0, -4.0, -3.0, -2.0]);
     assert_eq!(y, [-2.0], "an all-negative window must not pick the zero padding");
 }
 
-#[test]
-fn global_avg_pool() {
-    let be = Cpu;
+fn pool_ties<B: Backend>(be: &B) {
+    let g = one_window_pool();
+    let x = vec![0.5, 2.0, 2.0, 2.0];
+    let y = max_pool(be, &g, &x);
+    let mut dx = put(be, &[9.0; 4]);
+    be.max_pool_backward(&g, &put(be, &x), &put(be, &y), &put(be, &[3.0]), &mut dx);
+    assert_eq!(get(be, &dx, 4), [0.0, 3.0, 0.0, 0.0]);
+}
+
+fn global_avg_pool<B: Backend>(be: &B) {
     let s = Shape4::new(2, 3, 2, 4);
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let x = random(&mut rng, s.numel());
     let r = random(&mut rng, s.n * s.c);
-    let mut dx = vec![0.0; x.len()];
-    be.global_avg_pool_backward(&s, &r, &mut dx);
+    let mut dx = be.alloc(x.len());
+    be.global_avg_pool_backward(&s, &put(be, &r), &mut dx);
+    let dx = get(be, &dx, x.len());
     assert_fd("global average pool", &x, &dx, |xp| {
-        let mut y = vec![0.0; s.n * s.c];
-        be.global_avg_pool_forward(&s, &xp.to_vec(), &mut y);
-        dot(&y, &r)
+        let mut y = be.alloc(s.n * s.c);
+        be.global_avg_pool_forward(&s, &put(be, xp), &mut y);
+        dot(&get(be, &y, s.n * s.c), &r)
     });
 }
 
-#[test]
-fn linear() {
-    let be = Cpu;
+fn linear<B: Backend>(be: &B) {
     let (n, din, dout) = (3, 5, 4);
     let mut rng = ChaCha8Rng::seed_from_u64(4);
     let (x, w, b, r) = (
@@ -353,26 +385,39 @@ fn linear() {
         random(&mut rng, n * dout),
     );
     let fwd = |x: &[f32], w: &[f32], b: &[f32]| {
-        let mut y = vec![0.0; n * dout];
-        be.linear_forward(n, din, dout, &x.to_vec(), &w.to_vec(), &b.to_vec(), &mut y);
-        dot(&y, &r)
+        let mut y = be.alloc(n * dout);
+        be.linear_forward(n, din, dout, &put(be, x), &put(be, w), &put(be, b), &mut y);
+        dot(&get(be, &y, n * dout), &r)
     };
-    let (mut dx, mut dw, mut db) = (vec![0.0; x.len()], vec![0.0; w.len()], vec![0.0; dout]);
-    be.linear_backward(n, din, dout, &x, &w, &r, &mut dx, &mut dw, &mut db);
+    let (mut dx, mut dw, mut db) = (be.alloc(x.len()), be.alloc(w.len()), be.alloc(dout));
+    be.linear_backward(
+        n,
+        din,
+        dout,
+        &put(be, &x),
+        &put(be, &w),
+        &put(be, &r),
+        &mut dx,
+        &mut dw,
+        &mut db,
+    );
+    let (dx, dw, db) = (get(be, &dx, x.len()), get(be, &dw, w.len()), get(be, &db, dout));
     assert_fd("linear dx", &x, &dx, |p| fwd(p, &w, &b));
     assert_fd("linear dw", &w, &dw, |p| fwd(&x, p, &b));
     assert_fd("linear db", &b, &db, |p| fwd(&x, &w, p));
 }
 
-#[test]
-fn cross_entropy() {
-    let be = Cpu;
+fn cross_entropy<B: Backend>(be: &B) {
     let (n, k) = (4, 5);
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let z: Vec<f32> = random(&mut rng, n * k).iter().map(|v| 3.0 * v).collect();
     let labels = [0u32, 4, 2, 2];
-    let (mut loss, mut dz) = (vec![0.0], vec![0.0; n * k]);
-    be.cross_entropy(n, k, &z, &labels, &mut loss, &mut dz);
+    let run = |z: &[f32]| {
+        let (mut l, mut d) = (be.alloc(1), be.alloc(n * k));
+        be.cross_entropy(n, k, &put(be, z), &labels, &mut l, &mut d);
+        (get(be, &l, 1)[0], get(be, &d, n * k))
+    };
+    let (loss, dz) = run(&z);
     // Reference loss: mean of logsumexp(z) - z[label].
     let want: f64 = z
         .chunks(k)
@@ -380,27 +425,19 @@ fn cross_entropy() {
         .map(|(row, l)| row.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln() - row[l as usize] as f64)
         .sum::<f64>()
         / n as f64;
-    assert!((loss[0] as f64 - want).abs() < 1e-6);
-    assert_fd("cross-entropy", &z, &dz, |zp| {
-        let (mut l, mut d) = (vec![0.0], vec![0.0; n * k]);
-        be.cross_entropy(n, k, &zp.to_vec(), &labels, &mut l, &mut d);
-        l[0] as f64
-    });
+    assert!((loss as f64 - want).abs() < 1e-6);
+    assert_fd("cross-entropy", &z, &dz, |zp| run(zp).0 as f64);
 }
 
-#[test]
-fn max_pool_ties_send_the_gradient_to_the_first_maximum() {
-    let be = Cpu;
-    let g = PoolGeom {
-        input: Shape4::new(1, 2, 2, 1),
-        k: 3,
-        stride: 2,
-        pad: 1,
+on_backends! {
+    max_pool_windows_touching_padding_cpu, max_pool_windows_touching_padding_cuda => |be| {
+        pool_case(be, 2, 5, 5, 3);
+        pool_case(be, 1, 4, 6, 2);
+        pool_case(be, 2, 1, 1, 2);
     };
-    let x = vec![0.5, 2.0, 2.0, 2.0];
-    let mut y = vec![0.0; 1];
-    be.max_pool_forward(&g, &x, &mut y);
-    let mut dx = vec![9.0; 4];
-    be.max_pool_backward(&g, &x, &y, &vec![3.0], &mut dx);
-    assert_eq!(dx, [0.0, 3.0, 0.0, 0.0]);
+    max_pool_padding_never_wins_cpu, max_pool_padding_never_wins_cuda => pool_padding_never_wins;
+    max_pool_ties_send_the_gradient_to_the_first_maximum_cpu, max_pool_ties_cuda => pool_ties;
+    global_avg_pool_cpu, global_avg_pool_cuda => global_avg_pool;
+    linear_cpu, linear_cuda => linear;
+    cross_entropy_cpu, cross_entropy_cuda => cross_entropy;
 }

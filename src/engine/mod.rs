@@ -1,17 +1,20 @@
 //! The compute engine: the [`Backend`] trait every kernel sits behind, and the geometry types the
 //! kernels take. Activations are NHWC (channels last), so a batch of images is a row-major matrix
 //! `[n*h*w, c]`: convolutions become matrix multiplies over contiguous channel runs, and batch
-//! norm reduces over rows. Conv weights are stored `[kh, kw, in, out]` (HWIO) inside the engine;
-//! `nn::Param` converts to and from PyTorch's OIHW at the state_dict boundary.
+//! norm reduces over rows. Each backend picks its conv weight layout ([`Layout`]: HWIO on the CPU,
+//! OHWI for cuDNN); `nn::Param` converts to and from PyTorch's OIHW at the state_dict boundary.
 //!
 //! A backend owns its memory type (`Buf`). Every op takes explicit shapes and writes into
 //! caller-owned buffers, so the model decides the memory plan and a buffer can be larger than the
 //! op's view of it (buffers are sized for the largest batch seen and reused for smaller ones).
 
 pub mod cpu;
+pub mod cuda;
+
+pub use crate::nn::Layout;
 
 /// Shape of a 4-D activation, always stored NHWC.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Shape4 {
     pub n: usize,
     pub h: usize,
@@ -32,8 +35,9 @@ impl Shape4 {
     }
 }
 
-/// A 2-D convolution without bias: input `x` NHWC, weight HWIO, output NHWC.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A 2-D convolution without bias: input `x` NHWC, weight in the backend's
+/// [`Backend::conv_weight_layout`], output NHWC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConvGeom {
     pub input: Shape4,
     pub cout: usize,
@@ -64,7 +68,7 @@ impl ConvGeom {
 }
 
 /// A max-pool window (square kernel, PyTorch semantics: padding never wins).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PoolGeom {
     pub input: Shape4,
     pub k: usize,
@@ -120,6 +124,8 @@ pub trait Backend: Send + Sync + 'static {
     fn download(&self, src: &Self::Buf, dst: &mut [f32]);
     fn fill(&self, buf: &mut Self::Buf, len: usize, value: f32);
 
+    /// How this backend stores conv weights (`Layout::ConvHwio` or `Layout::ConvOhwi`).
+    fn conv_weight_layout(&self) -> Layout;
     /// Scratch needed by the conv ops for this geometry (values).
     fn conv2d_workspace_len(&self, g: &ConvGeom) -> usize;
     /// y = conv(x, w).

@@ -1,7 +1,7 @@
 //! Conv2d without bias (every conv in ResNet-18 is followed by batch norm).
 
 use super::builder::Builder;
-use super::param::{Entry, Layout, Module, Param};
+use super::param::{Entry, Module, Param};
 use crate::engine::{Backend, ConvGeom, Shape4, ensure_len};
 
 #[derive(Clone, Copy, Debug)]
@@ -24,7 +24,12 @@ pub struct Conv2d<B: Backend> {
 impl<B: Backend> Conv2d<B> {
     pub fn new(b: &Builder<B>, cfg: Conv2dConfig) -> Self {
         let k = cfg.kernel;
-        let weight = b.uniform_fan_in("weight", &[cfg.cout, cfg.cin, k, k], cfg.cin * k * k, Layout::ConvHwio);
+        let weight = b.uniform_fan_in(
+            "weight",
+            &[cfg.cout, cfg.cin, k, k],
+            cfg.cin * k * k,
+            b.backend().conv_weight_layout(),
+        );
         Self {
             cfg,
             weight,

@@ -8,8 +8,22 @@ use crate::engine::Backend;
 pub enum Layout {
     /// Same as PyTorch (row-major in PyTorch's shape).
     Torch,
-    /// A conv weight PyTorch holds as `[out, in, kh, kw]`, stored `[kh, kw, in, out]` (HWIO).
+    /// A conv weight PyTorch holds as `[out, in, kh, kw]`, stored `[kh, kw, in, out]` (HWIO):
+    /// the CPU backend's GEMM reads it as a `[k, out]` matrix without packing.
     ConvHwio,
+    /// A conv weight stored `[out, kh, kw, in]` (OHWI): cuDNN's NHWC filter layout.
+    ConvOhwi,
+}
+
+impl Layout {
+    /// Engine offset of PyTorch's element `[o, i, y, x]` of a `[o, i, kh, kw]` conv weight.
+    fn conv_offset(self, [o, i, kh, kw]: [usize; 4], [oc, ic, y, x]: [usize; 4]) -> usize {
+        match self {
+            Layout::Torch => ((oc * i + ic) * kh + y) * kw + x,
+            Layout::ConvHwio => ((y * kw + x) * i + ic) * o + oc,
+            Layout::ConvOhwi => ((oc * kh + y) * kw + x) * i + ic,
+        }
+    }
 }
 
 /// A float tensor of the model state: a trainable parameter (with a gradient) or a buffer
@@ -35,34 +49,28 @@ impl<B: Backend> Param<B> {
 
     /// PyTorch-layout values -> engine layout.
     pub fn from_torch_layout(&self, torch: &[f32]) -> Vec<f32> {
-        match self.layout {
-            Layout::Torch => torch.to_vec(),
-            Layout::ConvHwio => {
-                let [o, i, kh, kw] = conv_dims(&self.shape);
-                let mut out = vec![0.0; torch.len()];
-                for (src, &v) in torch.iter().enumerate() {
-                    let (oc, ic, y, x) = (src / (i * kh * kw), src / (kh * kw) % i, src / kw % kh, src % kw);
-                    out[((y * kw + x) * i + ic) * o + oc] = v;
-                }
-                out
-            }
+        if self.layout == Layout::Torch {
+            return torch.to_vec();
         }
+        let dims = conv_dims(&self.shape);
+        let mut out = vec![0.0; torch.len()];
+        for (src, &v) in torch.iter().enumerate() {
+            out[self.layout.conv_offset(dims, torch_index(dims, src))] = v;
+        }
+        out
     }
 
     /// Engine-layout values -> PyTorch layout.
     pub fn to_torch_layout(&self, engine: &[f32]) -> Vec<f32> {
-        match self.layout {
-            Layout::Torch => engine.to_vec(),
-            Layout::ConvHwio => {
-                let [o, i, kh, kw] = conv_dims(&self.shape);
-                let mut out = vec![0.0; engine.len()];
-                for (dst, v) in out.iter_mut().enumerate() {
-                    let (oc, ic, y, x) = (dst / (i * kh * kw), dst / (kh * kw) % i, dst / kw % kh, dst % kw);
-                    *v = engine[((y * kw + x) * i + ic) * o + oc];
-                }
-                out
-            }
+        if self.layout == Layout::Torch {
+            return engine.to_vec();
         }
+        let dims = conv_dims(&self.shape);
+        let mut out = vec![0.0; engine.len()];
+        for (dst, v) in out.iter_mut().enumerate() {
+            *v = engine[self.layout.conv_offset(dims, torch_index(dims, dst))];
+        }
+        out
     }
 
     /// The value in PyTorch's layout, on the host.
@@ -85,6 +93,11 @@ impl<B: Backend> Param<B> {
         assert_eq!(torch.len(), self.numel(), "{}: wrong number of values", self.name);
         backend.upload(&self.from_torch_layout(torch), &mut self.value);
     }
+}
+
+/// `[o, i, y, x]` of flat index `flat` in a PyTorch `[o, i, kh, kw]` tensor.
+fn torch_index([_, i, kh, kw]: [usize; 4], flat: usize) -> [usize; 4] {
+    [flat / (i * kh * kw), flat / (kh * kw) % i, flat / kw % kh, flat % kw]
 }
 
 fn conv_dims(shape: &[usize]) -> [usize; 4] {

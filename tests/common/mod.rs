@@ -90,3 +90,49 @@ pub fn max_rel_err(a: &[f32], b: &[f32]) -> f64 {
         .fold(0.0, f64::max)
         / scale
 }
+
+/// The GPU backend shared by a test binary's tests, or `None` (with the reason printed) on a
+/// machine without CUDA. Precision is full fp32: the tests compare against fp32 references.
+pub fn cuda() -> Option<&'static resnet_cifar::engine::cuda::Cuda> {
+    use resnet_cifar::engine::cuda::{Cuda, Precision};
+    static CUDA: std::sync::OnceLock<Result<Cuda, String>> = std::sync::OnceLock::new();
+    match CUDA.get_or_init(|| Cuda::new(0, Precision::Fp32)) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("CUDA test skipped: {e}");
+            None
+        }
+    }
+}
+
+/// `#[test] fn NAME_cpu` and `NAME_cuda` running `BODY(&backend)`; the CUDA one returns early
+/// (saying why) on a machine without a GPU.
+#[macro_export]
+macro_rules! on_backends {
+    ($($cpu:ident, $cuda:ident => $body:expr;)*) => {$(
+        #[test]
+        fn $cpu() {
+            $body(&resnet_cifar::engine::cpu::Cpu);
+        }
+        #[test]
+        fn $cuda() {
+            if let Some(be) = common::cuda() {
+                $body(be);
+            }
+        }
+    )*};
+}
+
+/// Uploads `host` into a fresh device buffer.
+pub fn put<B: Backend>(be: &B, host: &[f32]) -> B::Buf {
+    let mut b = be.alloc(host.len());
+    be.upload(host, &mut b);
+    b
+}
+
+/// The first `len` values of `buf`, on the host.
+pub fn get<B: Backend>(be: &B, buf: &B::Buf, len: usize) -> Vec<f32> {
+    let mut h = vec![0.0; len];
+    be.download(buf, &mut h);
+    h
+}

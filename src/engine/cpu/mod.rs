@@ -9,7 +9,7 @@ mod loss;
 mod optim;
 mod pool;
 
-use super::{AdamStep, Backend, ConvGeom, PoolGeom, SgdStep, Shape4};
+use super::{AdamStep, Backend, ConvGeom, Layout, PoolGeom, SgdStep, Shape4};
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -37,6 +37,9 @@ impl Backend for Cpu {
         buf[..len].fill(value);
     }
 
+    fn conv_weight_layout(&self) -> Layout {
+        Layout::ConvHwio
+    }
     fn conv2d_workspace_len(&self, g: &ConvGeom) -> usize {
         conv::workspace_len(g)
     }

@@ -1,0 +1,136 @@
+//! Finding the CUDA libraries at run time. cudarc opens them by name (`libcudnn.so.9`, ...), which
+//! finds what the dynamic linker finds: `LD_LIBRARY_PATH`, the system's library cache. Beyond
+//! that we look where a CUDA toolkit or a PyTorch install keeps them and load each one by its full
+//! path first; a later open by name then returns the library already loaded. So a machine with
+//! PyTorch's CUDA wheels needs nothing more.
+//!
+//! Searched, in order: the folders in `RESNET_CIFAR_CUDA_LIBS` (colon-separated), `CUDA_HOME`,
+//! `CUDA_PATH`, `/usr/local/cuda` (their `lib64` and `lib`), and the `nvidia/*/lib` folders of
+//! every Python site-packages folder that `python3` (or `$PYTHON`) reports, and of `$VIRTUAL_ENV`.
+
+use std::path::{Path, PathBuf};
+
+/// The libraries the backend needs, in load order (dependencies first). The first name of
+/// each entry is what cudarc opens; the others are loaded from the same folder when present.
+const LIBS: &[(&str, &[&str])] = &[
+    ("libnvrtc.so.13", &["libnvrtc-builtins.so.13"]),
+    ("libcublasLt.so.13", &[]),
+    ("libcublas.so.13", &[]),
+    ("libcudnn.so.9", &[]),
+];
+
+/// Loads the driver and every library above, or says in one line what is missing.
+pub fn load() -> Result<(), String> {
+    if unsafe { open("libcuda.so.1") }.is_err() {
+        return Err("no CUDA driver found (libcuda.so.1 is not on this machine's library path)".into());
+    }
+    load_libs(LIBS)
+}
+
+/// NVRTC alone (compiling the kernels needs no GPU).
+#[cfg(test)]
+pub fn load_nvrtc() -> Result<(), String> {
+    load_libs(&LIBS[..1])
+}
+
+fn load_libs(libs: &[(&str, &[&str])]) -> Result<(), String> {
+    let dirs = search_dirs();
+    let mut missing = Vec::new();
+    for (name, extras) in libs {
+        if unsafe { open(name) }.is_ok() {
+            continue;
+        }
+        match dirs.iter().find(|d| d.join(name).is_file()) {
+            Some(dir) => {
+                for extra in *extras {
+                    if let Some(path) = find_prefixed(dir, extra) {
+                        let _ = unsafe { open_path(&path) };
+                    }
+                }
+                unsafe { open_path(&dir.join(name)) }.map_err(|e| format!("{}: {e}", dir.join(name).display()))?;
+            }
+            None => missing.push(*name),
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "CUDA libraries not found: {} (searched LD_LIBRARY_PATH, RESNET_CIFAR_CUDA_LIBS, CUDA_HOME, \
+             /usr/local/cuda and Python's nvidia/*/lib folders)",
+            missing.join(", ")
+        ))
+    }
+}
+
+/// Opens a library by name, keeping it loaded for the life of the process, with its symbols
+/// global so that the CUDA libraries' own lookups find each other.
+unsafe fn open(name: &str) -> Result<(), libloading::Error> {
+    let flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL;
+    let lib = unsafe { libloading::os::unix::Library::open(Some(name), flags) }?;
+    std::mem::forget(lib);
+    Ok(())
+}
+
+unsafe fn open_path(path: &Path) -> Result<(), libloading::Error> {
+    unsafe { open(&path.to_string_lossy()) }
+}
+
+/// A file in `dir` whose name starts with `prefix` (versioned names such as
+/// `libnvrtc-builtins.so.13.0`).
+fn find_prefixed(dir: &Path, prefix: &str) -> Option<PathBuf> {
+    let mut hits: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix)))
+        .collect();
+    hits.sort();
+    hits.pop()
+}
+
+fn search_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Ok(list) = std::env::var("RESNET_CIFAR_CUDA_LIBS") {
+        dirs.extend(std::env::split_paths(&list));
+    }
+    let roots = ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(|v| std::env::var_os(v).map(PathBuf::from))
+        .chain([PathBuf::from("/usr/local/cuda")]);
+    for root in roots {
+        dirs.push(root.join("lib64"));
+        dirs.push(root.join("lib"));
+    }
+    for site in python_site_packages() {
+        if let Ok(entries) = std::fs::read_dir(site.join("nvidia")) {
+            let mut libs: Vec<PathBuf> = entries.flatten().map(|e| e.path().join("lib")).collect();
+            libs.sort();
+            dirs.extend(libs.into_iter().filter(|d| d.is_dir()));
+        }
+    }
+    dirs
+}
+
+/// Site-packages folders of the Python on PATH (or `$PYTHON`) and of an active virtualenv.
+fn python_site_packages() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(venv) = std::env::var_os("VIRTUAL_ENV")
+        && let Ok(entries) = std::fs::read_dir(Path::new(&venv).join("lib"))
+    {
+        out.extend(entries.flatten().map(|e| e.path().join("site-packages")));
+    }
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let script =
+        "import site, sys; print('\\n'.join(site.getsitepackages() + [site.getusersitepackages()] + sys.path))";
+    if let Ok(o) = std::process::Command::new(python).args(["-c", script]).output() {
+        out.extend(
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(PathBuf::from),
+        );
+    }
+    out.dedup();
+    out
+}

@@ -1,0 +1,782 @@
+//! The CUDA backend: buffers live in GPU memory (`CudaSlice<f32>`), convolutions run in cuDNN,
+//! the linear layer in cuBLAS, and everything else in our own kernels (`kernels.cu`, compiled at
+//! start-up with NVRTC for the GPU at hand). All work goes to one stream in order; the host
+//! waits only when it reads a result back (`download`).
+//!
+//! The libraries are loaded at run time (cudarc's dynamic loading), so the binary builds and runs
+//! on machines without CUDA; there [`Cuda::new`] returns a one-line reason instead.
+
+mod conv;
+mod libs;
+
+use super::{AdamStep, Backend, ConvGeom, Layout, PoolGeom, SgdStep, Shape4};
+use conv::{ConvPlan, Dnn};
+use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+const KERNELS: &str = include_str!("kernels.cu");
+
+/// Threads per block of the element-wise kernels.
+const BLOCK: u32 = 256;
+/// Row slices of a batch-norm reduction at most (blockIdx.y), and rows per slice at least.
+const BN_MAX_PARTS: usize = 512;
+const BN_MIN_ROWS_PER_PART: usize = 64;
+
+/// Numerical mode of the convolutions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// Full fp32 arithmetic everywhere (what the golden tests check).
+    Fp32,
+    /// cuDNN may use TF32 tensor cores for convolutions, as PyTorch does by default.
+    Tf32,
+}
+
+struct Kernels {
+    fill: CudaFunction,
+    add_assign: CudaFunction,
+    bn_partial_sums: CudaFunction,
+    bn_mean: CudaFunction,
+    bn_var: CudaFunction,
+    bn_apply: CudaFunction,
+    bn_backward_sums: CudaFunction,
+    bn_backward_finalize: CudaFunction,
+    bn_backward_dx: CudaFunction,
+    max_pool_forward: CudaFunction,
+    max_pool_backward: CudaFunction,
+    gap_forward: CudaFunction,
+    gap_backward: CudaFunction,
+    broadcast_rows: CudaFunction,
+    column_sums: CudaFunction,
+    cross_entropy: CudaFunction,
+    adam: CudaFunction,
+    sgd: CudaFunction,
+}
+
+/// Device scratch that ops borrow for the length of a call.
+struct Scratch {
+    partials: CudaSlice<f64>,
+    labels: CudaSlice<i32>,
+}
+
+pub struct Cuda {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    dnn: Dnn,
+    k: Kernels,
+    plans: Mutex<HashMap<ConvGeom, ConvPlan>>,
+    scratch: Mutex<Scratch>,
+    precision: Precision,
+    device_name: String,
+    sms: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PoolDims {
+    n: i32,
+    h: i32,
+    w: i32,
+    c: i32,
+    oh: i32,
+    ow: i32,
+    k: i32,
+    stride: i32,
+    pad: i32,
+}
+unsafe impl DeviceRepr for PoolDims {}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AdamConsts {
+    step_size: f32,
+    bc2_sqrt: f32,
+    one_minus_b1: f32,
+    b2: f32,
+    one_minus_b2: f32,
+    eps: f32,
+    wd: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SgdConsts {
+    lr: f32,
+    momentum: f32,
+    one_minus_dampening: f32,
+    wd: f32,
+    nesterov: i32,
+    first: i32,
+}
+
+/// A kernel argument: the address of a value that outlives the launch call.
+fn arg<T>(v: &T) -> *mut c_void {
+    v as *const T as *mut c_void
+}
+
+impl Cuda {
+    /// Opens GPU `ordinal`. Fails with one line when there is no driver, library or device.
+    pub fn new(ordinal: usize, precision: Precision) -> Result<Self, String> {
+        libs::load()?;
+        // cudarc panics on some failures inside the libraries' loaders; report them as errors.
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let made = std::panic::catch_unwind(|| Self::open(ordinal, precision));
+        std::panic::set_hook(previous);
+        match made {
+            Ok(r) => r,
+            Err(p) => Err(p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "CUDA initialisation failed".into())),
+        }
+    }
+
+    fn open(ordinal: usize, precision: Precision) -> Result<Self, String> {
+        let count = CudaContext::device_count().map_err(|e| format!("CUDA driver: {e:?}"))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(format!("no CUDA device {ordinal} (this machine has {count})"));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| format!("CUDA device {ordinal}: {e:?}"))?;
+        // One stream, used in order: cudarc's per-buffer event tracking is not needed.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| format!("CUDA stream: {e:?}"))?;
+        let (major, minor) = ctx.compute_capability().map_err(|e| format!("{e:?}"))?;
+        let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(
+            KERNELS,
+            cudarc::nvrtc::CompileOptions {
+                arch: Some(arch),
+                ..Default::default()
+            },
+        )
+        .map_err(|e| format!("NVRTC could not compile the kernels: {e:?}"))?;
+        let module = ctx
+            .load_module(ptx)
+            .map_err(|e| format!("loading the kernels: {e:?}"))?;
+        let f = |name: &str| module.load_function(name).map_err(|e| format!("kernel {name}: {e:?}"));
+        let k = Kernels {
+            fill: f("fill_f32")?,
+            add_assign: f("add_assign_f32")?,
+            bn_partial_sums: f("bn_partial_sums")?,
+            bn_mean: f("bn_mean")?,
+            bn_var: f("bn_var")?,
+            bn_apply: f("bn_apply")?,
+            bn_backward_sums: f("bn_backward_sums")?,
+            bn_backward_finalize: f("bn_backward_finalize")?,
+            bn_backward_dx: f("bn_backward_dx")?,
+            max_pool_forward: f("max_pool_forward")?,
+            max_pool_backward: f("max_pool_backward")?,
+            gap_forward: f("global_avg_pool_forward")?,
+            gap_backward: f("global_avg_pool_backward")?,
+            broadcast_rows: f("broadcast_rows")?,
+            column_sums: f("column_sums")?,
+            cross_entropy: f("cross_entropy")?,
+            adam: f("adam_step")?,
+            sgd: f("sgd_step")?,
+        };
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| format!("cuBLAS: {e:?}"))?;
+        let handle = cudarc::cudnn::result::create_handle().map_err(|e| format!("cuDNN: {e:?}"))?;
+        unsafe { cudarc::cudnn::result::set_stream(handle, stream.cu_stream() as _) }
+            .map_err(|e| format!("cuDNN: {e:?}"))?;
+        let sms = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| format!("{e:?}"))? as u32;
+        let scratch = Scratch {
+            partials: stream.alloc_zeros(1).map_err(|e| format!("{e:?}"))?,
+            labels: stream.alloc_zeros(1).map_err(|e| format!("{e:?}"))?,
+        };
+        let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        Ok(Self {
+            ctx,
+            stream,
+            blas,
+            dnn: Dnn(handle),
+            k,
+            plans: Mutex::new(HashMap::new()),
+            scratch: Mutex::new(scratch),
+            precision,
+            device_name,
+            sms,
+        })
+    }
+
+    pub fn device_name(&self) -> &str {
+        &self.device_name
+    }
+
+    /// Waits for all queued work (for timing).
+    pub fn synchronize(&self) {
+        self.stream.synchronize().expect("CUDA synchronize");
+    }
+
+    fn ptr<T>(&self, b: &CudaSlice<T>) -> u64 {
+        b.device_ptr(&self.stream).0
+    }
+
+    fn opt_ptr(&self, b: Option<&CudaSlice<f32>>) -> u64 {
+        b.map_or(0, |b| self.ptr(b))
+    }
+
+    fn launch(&self, f: &CudaFunction, grid: (u32, u32), block: (u32, u32), args: &mut [*mut c_void]) {
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                f.cu_function(),
+                (grid.0.max(1), grid.1.max(1), 1),
+                (block.0, block.1, 1),
+                0,
+                self.stream.cu_stream(),
+                args,
+            )
+        }
+        .unwrap_or_else(|e| panic!("CUDA kernel launch: {e:?}"));
+    }
+
+    /// Grid for a grid-stride loop over `n` elements.
+    fn grid(&self, n: usize) -> (u32, u32) {
+        let blocks = n.div_ceil(BLOCK as usize).min(self.sms as usize * 16);
+        (blocks as u32, 1)
+    }
+
+    fn elementwise(&self, f: &CudaFunction, n: usize, args: &mut [*mut c_void]) {
+        self.launch(f, self.grid(n), (BLOCK, 1), args);
+    }
+
+    fn plan<R>(&self, g: &ConvGeom, f: impl FnOnce(&ConvPlan) -> R) -> R {
+        let mut plans = self.plans.lock().expect("plan lock");
+        let plan = plans
+            .entry(*g)
+            .or_insert_with(|| ConvPlan::new(&self.dnn, g, self.precision == Precision::Tf32));
+        f(plan)
+    }
+
+    /// Row slices for a batch-norm reduction over `rows`, and the scratch holding their
+    /// partial sums (two arrays of `parts * c` values).
+    fn bn_parts(&self, rows: usize, c: usize) -> (usize, std::sync::MutexGuard<'_, Scratch>) {
+        let parts = rows.div_ceil(BN_MIN_ROWS_PER_PART).clamp(1, BN_MAX_PARTS);
+        let mut s = self.scratch.lock().expect("scratch lock");
+        if s.partials.len() < 2 * parts * c {
+            s.partials = self.stream.alloc_zeros(2 * parts * c).expect("CUDA alloc");
+        }
+        (parts, s)
+    }
+
+    fn channel_grid(c: usize) -> (u32, u32) {
+        (c.div_ceil(BLOCK as usize) as u32, 1)
+    }
+
+    /// C[m, n] (column-major) = op(A) op(B), cuBLAS's sgemm with beta 0 or 1.
+    #[allow(clippy::too_many_arguments)]
+    fn sgemm(
+        &self,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        lda: usize,
+        b: u64,
+        ldb: usize,
+        beta: f32,
+        c: u64,
+        ldc: usize,
+    ) {
+        let op = |t: bool| {
+            if t {
+                blas_sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas_sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let alpha = 1f32;
+        unsafe {
+            blas::sgemm(
+                *self.blas.handle(),
+                op(ta),
+                op(tb),
+                m as i32,
+                n as i32,
+                k as i32,
+                &alpha,
+                a as *const f32,
+                lda as i32,
+                b as *const f32,
+                ldb as i32,
+                &beta,
+                c as *mut f32,
+                ldc as i32,
+            )
+        }
+        .unwrap_or_else(|e| panic!("cuBLAS sgemm: {e:?}"));
+    }
+
+    /// y = relu?((x - mean) * scale + beta + residual?), with `stats` = (mean, invstd, false)
+    /// from a training pass or (running_mean, running_var, true) for evaluation.
+    #[allow(clippy::too_many_arguments)]
+    fn bn_apply(
+        &self,
+        s: &Shape4,
+        x: &CudaSlice<f32>,
+        stats: (u64, u64, bool),
+        eps: f32,
+        gamma: &CudaSlice<f32>,
+        beta: &CudaSlice<f32>,
+        residual: Option<&CudaSlice<f32>>,
+        relu: bool,
+        y: &mut CudaSlice<f32>,
+    ) {
+        let (rows, c) = (s.rows() as i64, s.c as i32);
+        let (mean, stat, eval) = (stats.0, stats.1, stats.2 as i32);
+        let relu = relu as i32;
+        let (xp, gp, bp, resp, yp) = (
+            self.ptr(x),
+            self.ptr(gamma),
+            self.ptr(beta),
+            self.opt_ptr(residual),
+            self.ptr(y),
+        );
+        self.elementwise(
+            &self.k.bn_apply,
+            s.numel(),
+            &mut [
+                arg(&xp),
+                arg(&rows),
+                arg(&c),
+                arg(&mean),
+                arg(&stat),
+                arg(&eval),
+                arg(&eps),
+                arg(&gp),
+                arg(&bp),
+                arg(&resp),
+                arg(&relu),
+                arg(&yp),
+            ],
+        );
+    }
+
+    fn pool_dims(g: &PoolGeom) -> PoolDims {
+        let (s, o) = (g.input, g.output());
+        PoolDims {
+            n: s.n as i32,
+            h: s.h as i32,
+            w: s.w as i32,
+            c: s.c as i32,
+            oh: o.h as i32,
+            ow: o.w as i32,
+            k: g.k as i32,
+            stride: g.stride as i32,
+            pad: g.pad as i32,
+        }
+    }
+}
+
+impl Backend for Cuda {
+    type Buf = CudaSlice<f32>;
+
+    fn name(&self) -> String {
+        let p = match self.precision {
+            Precision::Fp32 => "fp32",
+            Precision::Tf32 => "tf32 convolutions",
+        };
+        format!("cuda:{} ({}, {p})", self.ctx.ordinal(), self.device_name)
+    }
+    fn alloc(&self, len: usize) -> CudaSlice<f32> {
+        // Zero-length allocations are not allowed by the driver.
+        self.stream
+            .alloc_zeros(len.max(1))
+            .unwrap_or_else(|e| panic!("CUDA out of memory allocating {len} floats: {e:?}"))
+    }
+    fn buf_len(&self, buf: &CudaSlice<f32>) -> usize {
+        buf.len()
+    }
+    fn upload(&self, src: &[f32], dst: &mut CudaSlice<f32>) {
+        if src.is_empty() {
+            return;
+        }
+        self.stream
+            .memcpy_htod(src, &mut dst.slice_mut(..src.len()))
+            .expect("CUDA upload");
+    }
+    fn download(&self, src: &CudaSlice<f32>, dst: &mut [f32]) {
+        if dst.is_empty() {
+            return;
+        }
+        self.stream
+            .memcpy_dtoh(&src.slice(..dst.len()), dst)
+            .expect("CUDA download");
+        self.synchronize();
+    }
+    fn fill(&self, buf: &mut CudaSlice<f32>, len: usize, value: f32) {
+        let (p, n) = (self.ptr(buf), len as i64);
+        self.elementwise(&self.k.fill, len, &mut [arg(&p), arg(&n), arg(&value)]);
+    }
+
+    fn conv_weight_layout(&self) -> Layout {
+        Layout::ConvOhwi
+    }
+    fn conv2d_workspace_len(&self, g: &ConvGeom) -> usize {
+        self.plan(g, |p| p.workspace_bytes.div_ceil(4))
+    }
+    fn conv2d_forward(
+        &self,
+        g: &ConvGeom,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        ws: &mut CudaSlice<f32>,
+    ) {
+        let (xp, wp, yp, wsp) = (self.ptr(x), self.ptr(w), self.ptr(y), self.ptr(ws));
+        let ws_bytes = ws.len() * 4;
+        self.plan(g, |p| p.forward(&self.dnn, xp, wp, yp, wsp, ws_bytes));
+    }
+    fn conv2d_backward(
+        &self,
+        g: &ConvGeom,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dx: Option<&mut CudaSlice<f32>>,
+        dw: &mut CudaSlice<f32>,
+        ws: &mut CudaSlice<f32>,
+    ) {
+        let (xp, wp, dyp, dwp, wsp) = (self.ptr(x), self.ptr(w), self.ptr(dy), self.ptr(dw), self.ptr(ws));
+        let dxp = dx.map(|d| self.ptr(d));
+        let ws_bytes = ws.len() * 4;
+        self.plan(g, |p| {
+            p.backward_filter(&self.dnn, xp, dyp, dwp, wsp, ws_bytes);
+            if let Some(dxp) = dxp {
+                p.backward_data(&self.dnn, wp, dyp, dxp, wsp, ws_bytes);
+            }
+        });
+    }
+
+    fn batch_norm_forward_train(
+        &self,
+        s: &Shape4,
+        x: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        beta: &CudaSlice<f32>,
+        running_mean: &mut CudaSlice<f32>,
+        running_var: &mut CudaSlice<f32>,
+        momentum: f32,
+        eps: f32,
+        saved: &mut CudaSlice<f32>,
+        residual: Option<&CudaSlice<f32>>,
+        relu: bool,
+        y: &mut CudaSlice<f32>,
+    ) {
+        let (rows, c) = (s.rows() as i64, s.c as i32);
+        let (parts, scratch) = self.bn_parts(s.rows(), s.c);
+        let partial = self.ptr(&scratch.partials);
+        let (xp, sp) = (self.ptr(x), self.ptr(saved));
+        let red_grid = (s.c.div_ceil(32) as u32, parts as u32);
+        let null = 0u64;
+        // Mean, then the sum of squared deviations from it (two passes: no cancellation).
+        self.launch(
+            &self.k.bn_partial_sums,
+            red_grid,
+            (32, 8),
+            &mut [arg(&xp), arg(&rows), arg(&c), arg(&null), arg(&partial)],
+        );
+        let parts_i = parts as i32;
+        self.launch(
+            &self.k.bn_mean,
+            Self::channel_grid(s.c),
+            (BLOCK, 1),
+            &mut [arg(&partial), arg(&parts_i), arg(&rows), arg(&c), arg(&sp)],
+        );
+        self.launch(
+            &self.k.bn_partial_sums,
+            red_grid,
+            (32, 8),
+            &mut [arg(&xp), arg(&rows), arg(&c), arg(&sp), arg(&partial)],
+        );
+        let (rm, rv) = (self.ptr(running_mean), self.ptr(running_var));
+        self.launch(
+            &self.k.bn_var,
+            Self::channel_grid(s.c),
+            (BLOCK, 1),
+            &mut [
+                arg(&partial),
+                arg(&parts_i),
+                arg(&rows),
+                arg(&c),
+                arg(&eps),
+                arg(&momentum),
+                arg(&sp),
+                arg(&rm),
+                arg(&rv),
+            ],
+        );
+        drop(scratch);
+        let invstd = sp + 4 * s.c as u64;
+        self.bn_apply(s, x, (sp, invstd, false), eps, gamma, beta, residual, relu, y);
+    }
+    fn batch_norm_forward_eval(
+        &self,
+        s: &Shape4,
+        x: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        beta: &CudaSlice<f32>,
+        running_mean: &CudaSlice<f32>,
+        running_var: &CudaSlice<f32>,
+        eps: f32,
+        residual: Option<&CudaSlice<f32>>,
+        relu: bool,
+        y: &mut CudaSlice<f32>,
+    ) {
+        let stats = (self.ptr(running_mean), self.ptr(running_var), true);
+        self.bn_apply(s, x, stats, eps, gamma, beta, residual, relu, y);
+    }
+    fn batch_norm_backward(
+        &self,
+        s: &Shape4,
+        x: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        saved: &CudaSlice<f32>,
+        relu_out: Option<&CudaSlice<f32>>,
+        dy: &mut CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+        dgamma: &mut CudaSlice<f32>,
+        dbeta: &mut CudaSlice<f32>,
+    ) {
+        let (rows, c) = (s.rows() as i64, s.c as i32);
+        let (parts, scratch) = self.bn_parts(s.rows(), s.c);
+        let psum = self.ptr(&scratch.partials);
+        let pdot = psum + 8 * (parts * s.c) as u64;
+        let (xp, dyp, rp, sp) = (self.ptr(x), self.ptr(dy), self.opt_ptr(relu_out), self.ptr(saved));
+        self.launch(
+            &self.k.bn_backward_sums,
+            (s.c.div_ceil(32) as u32, parts as u32),
+            (32, 8),
+            &mut [
+                arg(&xp),
+                arg(&dyp),
+                arg(&rp),
+                arg(&rows),
+                arg(&c),
+                arg(&sp),
+                arg(&psum),
+                arg(&pdot),
+            ],
+        );
+        let parts_i = parts as i32;
+        let (dgp, dbp) = (self.ptr(dgamma), self.ptr(dbeta));
+        self.launch(
+            &self.k.bn_backward_finalize,
+            Self::channel_grid(s.c),
+            (BLOCK, 1),
+            &mut [arg(&psum), arg(&pdot), arg(&parts_i), arg(&c), arg(&dgp), arg(&dbp)],
+        );
+        drop(scratch);
+        let (gp, dxp) = (self.ptr(gamma), self.ptr(dx));
+        self.elementwise(
+            &self.k.bn_backward_dx,
+            s.numel(),
+            &mut [
+                arg(&xp),
+                arg(&dyp),
+                arg(&rows),
+                arg(&c),
+                arg(&sp),
+                arg(&gp),
+                arg(&dgp),
+                arg(&dbp),
+                arg(&dxp),
+            ],
+        );
+    }
+    fn add_assign(&self, len: usize, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>) {
+        let (sp, dp, n) = (self.ptr(src), self.ptr(dst), len as i64);
+        self.elementwise(&self.k.add_assign, len, &mut [arg(&sp), arg(&dp), arg(&n)]);
+    }
+
+    fn max_pool_forward(&self, g: &PoolGeom, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) {
+        let d = Self::pool_dims(g);
+        let (xp, yp) = (self.ptr(x), self.ptr(y));
+        self.elementwise(
+            &self.k.max_pool_forward,
+            g.output().numel(),
+            &mut [arg(&xp), arg(&d), arg(&yp)],
+        );
+    }
+    fn max_pool_backward(
+        &self,
+        g: &PoolGeom,
+        x: &CudaSlice<f32>,
+        y: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+    ) {
+        let d = Self::pool_dims(g);
+        let (xp, yp, dyp, dxp) = (self.ptr(x), self.ptr(y), self.ptr(dy), self.ptr(dx));
+        self.elementwise(
+            &self.k.max_pool_backward,
+            g.input.numel(),
+            &mut [arg(&xp), arg(&yp), arg(&dyp), arg(&d), arg(&dxp)],
+        );
+    }
+    fn global_avg_pool_forward(&self, s: &Shape4, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) {
+        let (n, hw, c) = (s.n as i32, (s.h * s.w) as i32, s.c as i32);
+        let (xp, yp) = (self.ptr(x), self.ptr(y));
+        self.elementwise(
+            &self.k.gap_forward,
+            s.n * s.c,
+            &mut [arg(&xp), arg(&n), arg(&hw), arg(&c), arg(&yp)],
+        );
+    }
+    fn global_avg_pool_backward(&self, s: &Shape4, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>) {
+        let (n, hw, c) = (s.n as i32, (s.h * s.w) as i32, s.c as i32);
+        let (dyp, dxp) = (self.ptr(dy), self.ptr(dx));
+        self.elementwise(
+            &self.k.gap_backward,
+            s.numel(),
+            &mut [arg(&dyp), arg(&n), arg(&hw), arg(&c), arg(&dxp)],
+        );
+    }
+
+    fn linear_forward(
+        &self,
+        n: usize,
+        din: usize,
+        dout: usize,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) {
+        let (xp, wp, bp, yp) = (self.ptr(x), self.ptr(w), self.ptr(b), self.ptr(y));
+        let (ni, di) = (n as i32, dout as i32);
+        self.elementwise(
+            &self.k.broadcast_rows,
+            n * dout,
+            &mut [arg(&bp), arg(&ni), arg(&di), arg(&yp)],
+        );
+        // Column-major view: y^T[dout, n] += w[dout, din] x^T[din, n].
+        self.sgemm(true, false, dout, n, din, wp, din, xp, din, 1.0, yp, dout);
+    }
+    fn linear_backward(
+        &self,
+        n: usize,
+        din: usize,
+        dout: usize,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+        dw: &mut CudaSlice<f32>,
+        db: &mut CudaSlice<f32>,
+    ) {
+        let (xp, wp, dyp) = (self.ptr(x), self.ptr(w), self.ptr(dy));
+        let (dxp, dwp, dbp) = (self.ptr(dx), self.ptr(dw), self.ptr(db));
+        // dw^T[din, dout] = x^T[din, n] dy[n, dout]
+        self.sgemm(false, true, din, dout, n, xp, din, dyp, dout, 0.0, dwp, din);
+        // dx^T[din, n] = w^T[din, dout] dy^T[dout, n]
+        self.sgemm(false, false, din, n, dout, wp, din, dyp, dout, 0.0, dxp, din);
+        let (ni, di) = (n as i32, dout as i32);
+        self.launch(
+            &self.k.column_sums,
+            Self::channel_grid(dout),
+            (BLOCK, 1),
+            &mut [arg(&dyp), arg(&ni), arg(&di), arg(&dbp)],
+        );
+    }
+    fn cross_entropy(
+        &self,
+        n: usize,
+        classes: usize,
+        logits: &CudaSlice<f32>,
+        labels: &[u32],
+        loss: &mut CudaSlice<f32>,
+        dlogits: &mut CudaSlice<f32>,
+    ) {
+        let mut s = self.scratch.lock().expect("scratch lock");
+        if s.labels.len() < n {
+            s.labels = self.stream.alloc_zeros(n).expect("CUDA alloc");
+        }
+        let host: Vec<i32> = labels[..n].iter().map(|&l| l as i32).collect();
+        self.stream
+            .memcpy_htod(&host, &mut s.labels.slice_mut(..n))
+            .expect("CUDA upload");
+        let (zp, lp, lossp, dp) = (self.ptr(logits), self.ptr(&s.labels), self.ptr(loss), self.ptr(dlogits));
+        let (ni, ci) = (n as i32, classes as i32);
+        self.launch(
+            &self.k.cross_entropy,
+            (1, 1),
+            (256, 1),
+            &mut [arg(&zp), arg(&lp), arg(&ni), arg(&ci), arg(&lossp), arg(&dp)],
+        );
+    }
+
+    fn adam_step(
+        &self,
+        len: usize,
+        h: &AdamStep,
+        param: &mut CudaSlice<f32>,
+        grad: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+    ) {
+        let bc1 = 1.0 - h.beta1.powi(h.step as i32);
+        let bc2 = 1.0 - h.beta2.powi(h.step as i32);
+        let k = AdamConsts {
+            step_size: (h.lr / bc1) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+            one_minus_b1: (1.0 - h.beta1) as f32,
+            b2: h.beta2 as f32,
+            one_minus_b2: (1.0 - h.beta2) as f32,
+            eps: h.eps as f32,
+            wd: h.weight_decay as f32,
+        };
+        let (pp, gp, mp, vp, n) = (self.ptr(param), self.ptr(grad), self.ptr(m), self.ptr(v), len as i64);
+        self.elementwise(
+            &self.k.adam,
+            len,
+            &mut [arg(&pp), arg(&gp), arg(&mp), arg(&vp), arg(&n), arg(&k)],
+        );
+    }
+    fn sgd_step(
+        &self,
+        len: usize,
+        h: &SgdStep,
+        param: &mut CudaSlice<f32>,
+        grad: &CudaSlice<f32>,
+        buf: &mut CudaSlice<f32>,
+    ) {
+        let k = SgdConsts {
+            lr: h.lr as f32,
+            momentum: h.momentum as f32,
+            one_minus_dampening: (1.0 - h.dampening) as f32,
+            wd: h.weight_decay as f32,
+            nesterov: h.nesterov as i32,
+            first: h.first as i32,
+        };
+        let (pp, gp, bp, n) = (self.ptr(param), self.ptr(grad), self.ptr(buf), len as i64);
+        self.elementwise(&self.k.sgd, len, &mut [arg(&pp), arg(&gp), arg(&bp), arg(&n), arg(&k)]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The kernel source compiles (needs only NVRTC, no GPU; skipped without it).
+    #[test]
+    fn kernels_compile_with_nvrtc() {
+        if let Err(e) = super::libs::load_nvrtc() {
+            eprintln!("skipped: {e}");
+            return;
+        }
+        let opts = cudarc::nvrtc::CompileOptions {
+            arch: Some("compute_90"),
+            ..Default::default()
+        };
+        if let Err(e) = cudarc::nvrtc::compile_ptx_with_opts(super::KERNELS, opts) {
+            panic!("kernels.cu does not compile: {e:?}");
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! The CUDA backend against the CPU backend and itself: the same model trained a few steps on
+//! both, checkpoints moving between them, and determinism on the GPU. Each test returns early,
+//! saying why, on a machine without a GPU; the last one checks what users see there instead.
+
+mod common;
+
+use resnet_cifar::checkpoint;
+use resnet_cifar::engine::cpu::Cpu;
+use resnet_cifar::engine::{Backend, Shape4};
+use resnet_cifar::model::{ResNet, ResNetConfig, Stem};
+use resnet_cifar::optim::{Adam, AdamConfig};
+
+fn batch(n: usize, seed: u32) -> (Vec<f32>, Vec<u32>) {
+    let x = (0..n * 32 * 32 * 3)
+        .map(|i| (i as f32 * 0.37 + seed as f32).sin())
+        .collect();
+    (x, (0..n as u32).map(|i| (i * 7 + seed) % 10).collect())
+}
+
+/// Trains `steps` Adam steps on fixed batches; returns the losses and the final eval logits.
+fn train_steps<B: Backend>(be: &B, cfg: ResNetConfig, steps: usize) -> (Vec<f32>, Vec<f32>, ResNet<B>) {
+    let mut model = ResNet::new(be, cfg, 7);
+    let mut adam = Adam::new(AdamConfig::default());
+    let n = 8;
+    let mut x = be.alloc(n * 32 * 32 * 3);
+    let mut losses = Vec::new();
+    for s in 0..steps {
+        let (host, labels) = batch(n, s as u32);
+        be.upload(&host, &mut x);
+        model.forward(be, &x, Shape4::new(n, 32, 32, 3), true);
+        model.backward(be, &x, &labels);
+        adam.step(be, &mut model, 1e-3);
+        losses.push(common::get(be, model.loss(), 1)[0]);
+    }
+    let (host, _) = batch(n, 99);
+    be.upload(&host, &mut x);
+    model.forward(be, &x, Shape4::new(n, 32, 32, 3), false);
+    let logits = common::get(be, model.logits(), n * 10);
+    (losses, logits, model)
+}
+
+fn config(stem: Stem) -> ResNetConfig {
+    ResNetConfig {
+        stem,
+        stages: 4,
+        num_classes: 10,
+    }
+}
+
+#[test]
+fn cuda_trains_like_cpu() {
+    let Some(gpu) = common::cuda() else { return };
+    for stem in [Stem::Seed, Stem::Cifar] {
+        let (cpu_losses, cpu_logits, _) = train_steps(&Cpu, config(stem), 4);
+        let (gpu_losses, gpu_logits, _) = train_steps(gpu, config(stem), 4);
+        for (s, (a, b)) in cpu_losses.iter().zip(&gpu_losses).enumerate() {
+            assert!(
+                (a - b).abs() < 1e-3 * a.abs().max(1.0),
+                "{stem:?} step {s}: loss cpu {a} vs cuda {b}"
+            );
+        }
+        let err = common::max_rel_err(&gpu_logits, &cpu_logits);
+        assert!(err < 2e-2, "{stem:?}: eval logits after 4 steps differ by {err:.2e}");
+        eprintln!("{stem:?}: losses cpu {cpu_losses:?} cuda {gpu_losses:?}; eval logits within {err:.2e}");
+    }
+}
+
+#[test]
+fn cuda_is_deterministic() {
+    let Some(gpu) = common::cuda() else { return };
+    let (l1, z1, mut m1) = train_steps(gpu, config(Stem::Seed), 3);
+    let (l2, z2, mut m2) = train_steps(gpu, config(Stem::Seed), 3);
+    assert_eq!(l1, l2, "losses of two identical runs");
+    assert_eq!(z1, z2, "logits of two identical runs");
+    assert!(
+        checkpoint::to_bytes(&checkpoint::state_dict(gpu, &mut m1), None)
+            == checkpoint::to_bytes(&checkpoint::state_dict(gpu, &mut m2), None),
+        "weights of two identical runs"
+    );
+}
+
+#[test]
+fn checkpoints_move_between_cuda_and_cpu() {
+    let Some(gpu) = common::cuda() else { return };
+    let (_, gpu_logits, mut trained) = train_steps(gpu, config(Stem::Seed), 2);
+    let bytes = checkpoint::to_bytes(&checkpoint::state_dict(gpu, &mut trained), None);
+    let mut on_cpu = ResNet::new(&Cpu, config(Stem::Seed), 0);
+    checkpoint::load_bytes("from-cuda", &bytes, &Cpu, &mut on_cpu).unwrap();
+    let (host, _) = batch(8, 99);
+    on_cpu.forward(&Cpu, &host, Shape4::new(8, 32, 32, 3), false);
+    let cpu_logits = common::get(&Cpu, on_cpu.logits(), 80);
+    let err = common::max_rel_err(&gpu_logits, &cpu_logits);
+    assert!(
+        err < 1e-4,
+        "a CUDA checkpoint evaluated on the CPU differs by {err:.2e}"
+    );
+    // And back: the CPU's state_dict loads on the GPU unchanged.
+    let back = checkpoint::to_bytes(&checkpoint::state_dict(&Cpu, &mut on_cpu), None);
+    assert_eq!(back, bytes, "state_dict bytes after a CUDA -> CPU round trip");
+}
+
+#[test]
+fn without_a_gpu_the_cli_says_so_in_one_line() {
+    if resnet_cifar::engine::cuda::Cuda::new(0, resnet_cifar::engine::cuda::Precision::Fp32).is_ok() {
+        return;
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_resnet-cifar"))
+        .args(["bench", "--device", "cuda", "--steps", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("--device cuda:0"), "{err}");
+}
