@@ -81,3 +81,65 @@ pub fn model_config_of(
         meta,
     ))
 }
+
+/// A run's settings in a TOML file (`train --config FILE`): the same names as the flags, in
+/// snake_case; flags given on the command line override the file.
+///
+/// ```toml
+/// recipe = "fast"
+/// epochs = 30
+/// stem = "seed3x3"
+/// val_split = 5000
+/// ```
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub recipe: Option<String>,
+    pub data: Option<std::path::PathBuf>,
+    pub out: Option<std::path::PathBuf>,
+    pub epochs: Option<usize>,
+    pub batch_size: Option<u64>,
+    pub lr: Option<f64>,
+    pub max_steps: Option<u64>,
+    pub val_split: Option<usize>,
+    pub shuffle: Option<bool>,
+    pub seed: Option<u64>,
+    pub stem: Option<String>,
+    pub stages: Option<u8>,
+    pub label_smoothing: Option<f32>,
+    pub tta: Option<bool>,
+}
+
+impl ConfigFile {
+    /// Reads and checks `path`; errors name the file (and the line, for syntax errors).
+    pub fn read(path: &std::path::Path) -> Result<Self, CliError> {
+        let text = std::fs::read_to_string(path).map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
+        let file: ConfigFile = toml::from_str(&text).map_err(|e| {
+            let msg = e
+                .to_string()
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .collect::<Vec<_>>()
+                .join("; ");
+            CliError::input(format!("{}: {msg}", path.display()))
+        })?;
+        if let Some(s) = &file.stem {
+            s.parse::<Stem>()
+                .map_err(|e| CliError::input(format!("{}: stem: {e}", path.display())))?;
+        }
+        if let Some(r) = &file.recipe {
+            r.parse::<crate::train::Recipe>()
+                .map_err(|e| CliError::input(format!("{}: recipe: {e}", path.display())))?;
+        }
+        if file.batch_size == Some(0) {
+            return Err(CliError::input(format!(
+                "{}: batch_size must be at least 1",
+                path.display()
+            )));
+        }
+        if file.stages.is_some_and(|s| !(3..=4).contains(&s)) {
+            return Err(CliError::input(format!("{}: stages must be 3 or 4", path.display())));
+        }
+        Ok(file)
+    }
+}

@@ -40,19 +40,48 @@ pub fn score_logits(logits: &[f32], labels: &[u32], classes: usize, confusion: &
     (loss / labels.len().max(1) as f64, correct)
 }
 
-pub fn evaluate<B: Backend>(be: &B, model: &mut ResNet<B>, images: &Images, batch_size: usize) -> EvalResult {
+/// Mirrors every image of an NHWC batch left to right.
+pub fn flip_horizontal(x: &[f32], n: usize, h: usize, w: usize, c: usize) -> Vec<f32> {
+    let mut out = vec![0.0; n * h * w * c];
+    for (src_row, dst_row) in x[..n * h * w * c].chunks_exact(w * c).zip(out.chunks_exact_mut(w * c)) {
+        for (px, dst) in src_row.chunks_exact(c).rev().zip(dst_row.chunks_exact_mut(c)) {
+            dst.copy_from_slice(px);
+        }
+    }
+    out
+}
+
+/// Scores `model` on `images` in eval mode. With `tta`, each image's logits are the mean of
+/// the logits of the image and of its mirror image (flip test-time augmentation).
+pub fn evaluate<B: Backend>(
+    be: &B,
+    model: &mut ResNet<B>,
+    images: &Images,
+    batch_size: usize,
+    tta: bool,
+) -> EvalResult {
     let classes = model.cfg.num_classes;
     let mut confusion = vec![vec![0u64; classes]; classes];
     let (mut loss_sum, mut loss_total, mut correct) = (0f64, 0f64, 0usize);
     let mut x = be.alloc(0);
-    let mut logits = Vec::new();
+    let (mut logits, mut mirrored) = (Vec::new(), Vec::new());
     for batch in eval_batches(images, batch_size) {
         let n = batch.len();
+        let shape = Shape4::new(n, 32, 32, 3);
         crate::engine::ensure_len(be, &mut x, batch.x.len());
         be.upload(&batch.x, &mut x);
-        model.forward(be, &x, Shape4::new(n, 32, 32, 3), false);
+        model.forward(be, &x, shape, false);
         logits.resize(n * classes, 0.0);
         be.download(model.logits(), &mut logits);
+        if tta {
+            be.upload(&flip_horizontal(&batch.x, n, 32, 32, 3), &mut x);
+            model.forward(be, &x, shape, false);
+            mirrored.resize(n * classes, 0.0);
+            be.download(model.logits(), &mut mirrored);
+            for (a, b) in logits.iter_mut().zip(&mirrored) {
+                *a = 0.5 * (*a + b);
+            }
+        }
         let (mean, c) = score_logits(&logits, &batch.labels, classes, &mut confusion);
         loss_sum += mean;
         loss_total += mean * n as f64;

@@ -13,4 +13,6 @@ pub mod eval;
 pub mod model;
 pub mod nn;
 pub mod optim;
+pub mod plot;
+pub mod predict;
 pub mod train;

@@ -5,13 +5,16 @@
 use clap::{Args, Parser, Subcommand};
 use resnet_cifar::bench::{self, BenchConfig};
 use resnet_cifar::checkpoint;
-use resnet_cifar::cli::{CliError, model_config_of};
+use resnet_cifar::cli::{CliError, ConfigFile, model_config_of};
+use resnet_cifar::data::CLASS_NAMES;
 use resnet_cifar::data::{Cifar10, Splits, fetch};
 use resnet_cifar::engine::cpu::Cpu;
 use resnet_cifar::engine::cuda::{Cuda, Precision};
 use resnet_cifar::engine::{Backend, Shape4};
 use resnet_cifar::eval::evaluate;
 use resnet_cifar::model::{ResNet, ResNetConfig, Stem, summarize};
+use resnet_cifar::plot;
+use resnet_cifar::predict;
 use resnet_cifar::train::{Console, Recipe, Resume, Stop, TrainConfig, load_resume, train};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -52,9 +55,44 @@ enum Command {
     /// Print the network as PyTorch prints it, with every layer's output shape, parameters
     /// and multiply-adds.
     Summary(SummaryArgs),
+    /// Classify PNG or JPEG images of any size: each is cut to its centred square, resized to
+    /// 32x32 (Lanczos3, antialiased) and normalised like the training images.
+    Predict(PredictArgs),
+    /// Draw PNG charts of one or more runs (training loss, validation loss and accuracy, lr)
+    /// from their metrics.jsonl; several runs share each chart.
+    Plot(PlotArgs),
     /// Manage the dataset.
     #[command(subcommand)]
     Data(DataCommand),
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    /// A state_dict in safetensors (ours or one saved from the seed's PyTorch model).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Image files (PNG or JPEG).
+    #[arg(required = true, value_name = "IMAGE")]
+    images: Vec<PathBuf>,
+    /// How many classes to list for each image.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=10))]
+    top_k: u64,
+    /// Print one JSON array instead of text.
+    #[arg(long)]
+    json: bool,
+    /// The stem, for a state_dict that does not record it.
+    #[arg(long)]
+    stem: Option<Stem>,
+}
+
+#[derive(Args)]
+struct PlotArgs {
+    /// Run folders (as `train --out` made them).
+    #[arg(required = true, value_name = "RUN_DIR")]
+    runs: Vec<PathBuf>,
+    /// Where the PNG files go (default: FIRST_RUN/plots).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -91,9 +129,13 @@ struct TrainArgs {
     /// was never stopped, with the same thread count). Takes --epochs, --max-steps, --data.
     #[arg(long, value_name = "RUN_DIR")]
     resume: Option<PathBuf>,
-    /// Starting configuration; the flags below override single values of it.
-    #[arg(long, default_value = "seed")]
-    recipe: Recipe,
+    /// A TOML file of settings with the flags' names (recipe = "fast", epochs = 30, ...);
+    /// flags given here override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Starting configuration (default: seed); the flags below override single values of it.
+    #[arg(long)]
+    recipe: Option<Recipe>,
     /// Passes over the training images.
     #[arg(long)]
     epochs: Option<usize>,
@@ -115,6 +157,12 @@ struct TrainArgs {
     /// Seed of the initial weights, the augmentation and the shuffling.
     #[arg(long)]
     seed: Option<u64>,
+    /// Label smoothing of the training loss, 0 to 1.
+    #[arg(long)]
+    label_smoothing: Option<f32>,
+    /// Evaluate with flip test-time augmentation (on|off).
+    #[arg(long, value_parser = ["on", "off"])]
+    tta: Option<String>,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -149,6 +197,9 @@ struct EvalArgs {
     /// The stem, for a state_dict that does not record it.
     #[arg(long)]
     stem: Option<Stem>,
+    /// Flip test-time augmentation: score the mean logits of each image and its mirror.
+    #[arg(long)]
+    tta: bool,
 }
 
 /// The network and input size that `summary` and `bench` describe.
@@ -270,6 +321,8 @@ fn main() -> ExitCode {
             Command::Eval(a) => run_eval(a, target),
             Command::Bench(a) => run_bench(a, target),
             Command::Summary(a) => run_summary(a),
+            Command::Plot(a) => run_plot(a),
+            Command::Predict(a) => run_predict(a, target),
             Command::Data(DataCommand::Fetch { dir }) => {
                 fetch_data(&dir).map(|p| println!("CIFAR-10 is in {}", p.display()))
             }
@@ -319,7 +372,36 @@ fn load_data(dir: &Path) -> Result<Cifar10, CliError> {
 /// Raised by SIGINT/SIGTERM: the run finishes its step, saves, and exits.
 static STOP: AtomicBool = AtomicBool::new(false);
 
+/// Fills every setting not given on the command line from the `--config` file.
+fn merge_config_file(mut a: TrainArgs) -> Result<TrainArgs, CliError> {
+    let Some(path) = a.config.clone() else { return Ok(a) };
+    let f = ConfigFile::read(&path)?;
+    let parse = |e: String| CliError::input(format!("{}: {e}", path.display()));
+    if a.recipe.is_none() {
+        a.recipe = f.recipe.map(|r| r.parse()).transpose().map_err(parse)?;
+    }
+    if a.model.stem.is_none() {
+        a.model.stem = f.stem.map(|s| s.parse()).transpose().map_err(parse)?;
+    }
+    a.data = a.data.or(f.data);
+    a.out = a.out.or(f.out);
+    a.epochs = a.epochs.or(f.epochs);
+    a.batch_size = a.batch_size.or(f.batch_size);
+    a.lr = a.lr.or(f.lr);
+    a.max_steps = a.max_steps.or(f.max_steps);
+    a.val_split = a.val_split.or(f.val_split);
+    a.shuffle |= f.shuffle.unwrap_or(false);
+    a.seed = a.seed.or(f.seed);
+    a.model.stages = a.model.stages.or(f.stages);
+    a.label_smoothing = a.label_smoothing.or(f.label_smoothing);
+    if a.tta.is_none() {
+        a.tta = f.tta.map(|t| if t { "on" } else { "off" }.to_string());
+    }
+    Ok(a)
+}
+
 fn run_train(a: TrainArgs, target: Target) -> Result<(), CliError> {
+    let a = merge_config_file(a)?;
     let (cfg, resume, out) = match &a.resume {
         Some(dir) => resumed_config(&a, dir)?,
         None => {
@@ -391,7 +473,7 @@ fn default_run_dir(recipe: &str) -> PathBuf {
 
 /// The recipe with the flags' overrides.
 fn fresh_config(a: &TrainArgs) -> Result<TrainConfig, CliError> {
-    let mut cfg = a.recipe.config();
+    let mut cfg = a.recipe.unwrap_or(Recipe::Seed).config();
     if let Some(e) = a.epochs {
         cfg.epochs = e;
     }
@@ -408,6 +490,15 @@ fn fresh_config(a: &TrainArgs) -> Result<TrainConfig, CliError> {
     cfg.val_split = a.val_split.unwrap_or(cfg.val_split);
     cfg.shuffle |= a.shuffle;
     cfg.seed = a.seed.unwrap_or(cfg.seed);
+    if let Some(s) = a.label_smoothing {
+        if !(0.0..1.0).contains(&s) {
+            return Err(CliError::input(format!("--label-smoothing must be in [0, 1), got {s}")));
+        }
+        cfg.label_smoothing = s;
+    }
+    if let Some(t) = &a.tta {
+        cfg.tta = t == "on";
+    }
     cfg.model.stem = a.model.stem.unwrap_or(cfg.model.stem);
     cfg.model.stages = a.model.stages.map_or(cfg.model.stages, |s| s as usize);
     Ok(cfg)
@@ -423,6 +514,9 @@ fn resumed_config(a: &TrainArgs, dir: &Path) -> Result<(TrainConfig, Option<Resu
         ("--val-split", a.val_split.is_some()),
         ("--shuffle", a.shuffle),
         ("--seed", a.seed.is_some()),
+        ("--recipe", a.recipe.is_some()),
+        ("--label-smoothing", a.label_smoothing.is_some()),
+        ("--tta", a.tta.is_some()),
         ("--stem", a.model.stem.is_some()),
         ("--stages", a.model.stages.is_some()),
     ];
@@ -465,7 +559,7 @@ fn run_eval(a: EvalArgs, target: Target) -> Result<(), CliError> {
     let r = with_backend!(target, |be| {
         let mut model = ResNet::new(be, model_cfg, 0);
         checkpoint::load_bytes(&path, &bytes, be, &mut model).map_err(CliError::input)?;
-        evaluate(be, &mut model, images, a.batch_size as usize)
+        evaluate(be, &mut model, images, a.batch_size as usize, a.tta)
     });
     if a.json {
         let mut v = serde_json::to_value(&r).map_err(CliError::run)?;
@@ -496,6 +590,53 @@ fn run_eval(a: EvalArgs, target: Target) -> Result<(), CliError> {
             print!("{v:>6}");
         }
         println!();
+    }
+    Ok(())
+}
+
+fn run_predict(a: PredictArgs, target: Target) -> Result<(), CliError> {
+    let path = a.checkpoint.display().to_string();
+    let bytes = std::fs::read(&a.checkpoint).map_err(|e| CliError::input(format!("{path}: {e}")))?;
+    let (model_cfg, _) = model_config_of(&path, &bytes, a.stem)?;
+    let images = a
+        .images
+        .iter()
+        .map(|p| predict::load_image(p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(CliError::input)?;
+    let classes: Vec<String> = CLASS_NAMES.iter().map(|s| s.to_string()).collect();
+    let guesses = with_backend!(target, |be| {
+        let mut model = ResNet::new(be, model_cfg, 0);
+        checkpoint::load_bytes(&path, &bytes, be, &mut model).map_err(CliError::input)?;
+        predict::predict(be, &mut model, &images, &classes, a.top_k as usize)
+    });
+    if a.json {
+        let v: Vec<_> = a
+            .images
+            .iter()
+            .zip(&guesses)
+            .map(|(p, g)| serde_json::json!({"image": p.display().to_string(), "top": g}))
+            .collect();
+        println!("{}", serde_json::Value::from(v));
+        return Ok(());
+    }
+    for (p, g) in a.images.iter().zip(&guesses) {
+        let list: Vec<String> = g.iter().map(|g| format!("{} {:.3}", g.class, g.probability)).collect();
+        println!("{}: {}", p.display(), list.join(", "));
+    }
+    Ok(())
+}
+
+fn run_plot(a: PlotArgs) -> Result<(), CliError> {
+    let runs = a
+        .runs
+        .iter()
+        .map(|r| plot::RunCurves::read(r))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(CliError::input)?;
+    let out = a.out.unwrap_or_else(|| a.runs[0].join("plots"));
+    for path in plot::plot(&runs, &out).map_err(CliError::run)? {
+        println!("{}", path.display());
     }
     Ok(())
 }

@@ -320,5 +320,46 @@ fn seed_recipe_is_the_seed_run() {
     );
     assert_eq!(cfg.log_every, 100);
     assert_eq!("seed".parse::<Recipe>().unwrap(), Recipe::Seed);
-    assert!("fast".parse::<Recipe>().unwrap_err().contains("unknown recipe 'fast'"));
+    assert_eq!((cfg.label_smoothing, cfg.tta), (0.0, false));
+    assert!(
+        "quick"
+            .parse::<Recipe>()
+            .unwrap_err()
+            .contains("unknown recipe 'quick'")
+    );
+}
+
+#[test]
+fn flip_tta_mirrors_each_row() {
+    // 2 images of 2x3 pixels, 2 channels: value = image*100 + y*10 + x, channel adds 0.5.
+    let (n, h, w, c) = (2, 2, 3, 2);
+    let x: Vec<f32> = (0..n * h * w * c)
+        .map(|i| {
+            let (ch, px) = (i % c, i / c);
+            let (xx, yy, img) = (px % w, px / w % h, px / (w * h));
+            (img * 100 + yy * 10 + xx) as f32 + 0.5 * ch as f32
+        })
+        .collect();
+    let f = resnet_cifar::eval::flip_horizontal(&x, n, h, w, c);
+    assert_eq!(&f[..c * w], &[2.0, 2.5, 1.0, 1.5, 0.0, 0.5]);
+    assert_eq!(
+        f[(n * h * w - 1) * c],
+        110.0,
+        "last pixel of the last image came from x = 0"
+    );
+    assert_eq!(
+        resnet_cifar::eval::flip_horizontal(&f, n, h, w, c),
+        x,
+        "flipping twice is the identity"
+    );
+}
+
+#[test]
+fn fast_recipe_resolves() {
+    let cfg = "fast".parse::<Recipe>().unwrap().config();
+    assert_eq!(cfg.recipe, "fast");
+    assert!(matches!(cfg.optimizer, OptimizerConfig::Sgd(s) if s.nesterov && s.momentum == 0.9));
+    assert!(matches!(cfg.schedule, Schedule::OneCycle { max_lr, .. } if max_lr == 0.2));
+    assert!(cfg.shuffle && cfg.tta && cfg.label_smoothing == 0.1);
+    assert_eq!(cfg.model.stem, Stem::Seed, "same network as the seed");
 }

@@ -408,21 +408,31 @@ fn linear<B: Backend>(be: &B) {
 }
 
 fn cross_entropy<B: Backend>(be: &B) {
+    cross_entropy_with(be, 0.0);
+    cross_entropy_with(be, 0.2);
+}
+
+/// PyTorch's label smoothing: loss = (1 - s) * CE(onehot) + s * mean over classes of -log p.
+fn cross_entropy_with<B: Backend>(be: &B, smoothing: f32) {
     let (n, k) = (4, 5);
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let z: Vec<f32> = random(&mut rng, n * k).iter().map(|v| 3.0 * v).collect();
     let labels = [0u32, 4, 2, 2];
     let run = |z: &[f32]| {
         let (mut l, mut d) = (be.alloc(1), be.alloc(n * k));
-        be.cross_entropy(n, k, &put(be, z), &labels, &mut l, &mut d);
+        be.cross_entropy(n, k, &put(be, z), &labels, smoothing, &mut l, &mut d);
         (get(be, &l, 1)[0], get(be, &d, n * k))
     };
     let (loss, dz) = run(&z);
-    // Reference loss: mean of logsumexp(z) - z[label].
+    let s = smoothing as f64;
     let want: f64 = z
         .chunks(k)
         .zip(labels)
-        .map(|(row, l)| row.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln() - row[l as usize] as f64)
+        .map(|(row, l)| {
+            let lse = row.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln();
+            let nll = |j: usize| lse - row[j] as f64;
+            (1.0 - s) * nll(l as usize) + s * (0..k).map(nll).sum::<f64>() / k as f64
+        })
         .sum::<f64>()
         / n as f64;
     assert!((loss as f64 - want).abs() < 1e-6);

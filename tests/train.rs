@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::cli;
+
 use resnet_cifar::data::{Cifar10, Splits};
 use resnet_cifar::engine::cpu::Cpu;
 use resnet_cifar::train::{Console, Recipe, train};
@@ -223,18 +225,48 @@ fn a_few_hundred_steps_learn_well_above_chance() {
         .map(|x| x.as_u64().unwrap())
         .sum();
     assert_eq!(total, 2000);
+
+    // eval --tta scores the same images, with the flip averaged in.
+    let (code, out, err) = cli(&[
+        "eval",
+        "--json",
+        "--tta",
+        "--split",
+        "val",
+        "--checkpoint",
+        run.join("last.safetensors").to_str().unwrap(),
+        "--data",
+        common::shared_dir().join("data/cifar10").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let tta: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(tta["images"], 2000);
+    assert_ne!(tta["loss"], v["loss"], "flip TTA changes the logits");
+
+    // plot draws the run's curves from its metrics.jsonl.
+    let plots = dir.path().join("plots");
+    let (code, out, err) = cli(&["plot", run.to_str().unwrap(), "--out", plots.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 4, "{out}");
+    for f in ["train_loss.png", "eval_loss.png", "accuracy.png", "lr.png"] {
+        let img = image::open(plots.join(f)).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (900, 540), "{f}");
+        // Something besides the white background and grey grid: the blue curve.
+        let blue = img.pixels().filter(|p| p[2] > 150 && p[0] < 80).count();
+        assert!(blue > 200, "{f}: {blue} curve pixels");
+    }
 }
 
-fn cli(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_resnet-cifar"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+#[test]
+fn plot_refuses_a_folder_without_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = cli(&["plot", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("metrics.jsonl"), "{err}");
+    std::fs::write(dir.path().join("metrics.jsonl"), "{\"kind\": \"train\"\n").unwrap();
+    let (code, _, err) = cli(&["plot", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("line 1"), "{err}");
 }
 
 #[test]
@@ -258,4 +290,60 @@ fn bad_input_exits_2_with_one_line() {
         out.contains("Recipes:") && out.contains("seed") && out.contains("lr 0.01/(epoch+1)"),
         "{out}"
     );
+}
+
+#[test]
+fn a_toml_config_file_sets_a_run_and_flags_override_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let run = d.join("run");
+    let file = d.join("run.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "recipe = \"fast\"\nepochs = 3\nmax_steps = 5\nval_split = 1000\nstem = \"seed3x3\"\nstages = 3\ndata = {:?}\nout = {:?}\n",
+            common::shared_dir().join("data/cifar10").display().to_string(),
+            run.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = cli(&[
+        "train",
+        "--config",
+        file.to_str().unwrap(),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "16",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["recipe"], "fast", "from the file");
+    assert_eq!(config["epochs"], 3, "from the file");
+    assert_eq!(config["val_split"], 1000, "from the file");
+    assert_eq!(config["model"]["stem"], "seed3x3", "from the file");
+    assert_eq!(config["model"]["stages"], 3, "from the file");
+    assert_eq!(config["max_steps"], 2, "the flag wins");
+    assert_eq!(config["batch_size"], 16, "the flag wins");
+    assert_eq!(
+        config["label_smoothing"].as_f64().unwrap() as f32,
+        0.1,
+        "the recipe's value stays"
+    );
+
+    // Mistakes in the file: one line naming the file and what is wrong.
+    for (text, says) in [
+        ("epochs = 3\nepoch = 4\n", "epoch"),
+        ("stem = \"huge\"\n", "unknown stem 'huge'"),
+        ("recipe = \"quick\"\n", "unknown recipe 'quick'"),
+        ("epochs = \"many\"\n", "epochs"),
+        ("epochs = [\n", "run.toml"),
+    ] {
+        std::fs::write(&file, text).unwrap();
+        let (code, _, err) = cli(&["train", "--config", file.to_str().unwrap()]);
+        assert_eq!(code, 2, "{text}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(err.contains("run.toml") && err.contains(says), "{text}: {err}");
+    }
 }

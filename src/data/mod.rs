@@ -5,6 +5,6 @@ pub mod fetch;
 pub mod loader;
 pub mod transform;
 
-pub use cifar::{Cifar10, DataError, Images, Splits};
+pub use cifar::{CLASS_NAMES, Cifar10, DataError, Images, Splits};
 pub use loader::{EpochPlan, eval_batches, spawn_loader};
 pub use transform::{Augment, Batch};

@@ -225,14 +225,17 @@ pub trait Backend: Send + Sync + 'static {
         dw: &mut Self::Buf,
         db: &mut Self::Buf,
     );
-    /// Mean softmax cross-entropy of `logits` (`[n, classes]`) against `labels`; writes the
+    /// Mean softmax cross-entropy of `logits` (`[n, classes]`) against `labels`, with
+    /// PyTorch's label smoothing (the target is `(1 - s) * onehot + s / classes`); writes the
     /// loss into `loss[0]` and dL/dlogits into `dlogits`.
+    #[allow(clippy::too_many_arguments)]
     fn cross_entropy(
         &self,
         n: usize,
         classes: usize,
         logits: &Self::Buf,
         labels: &[u32],
+        label_smoothing: f32,
         loss: &mut Self::Buf,
         dlogits: &mut Self::Buf,
     );

@@ -230,6 +230,8 @@ pub struct ResNet<B: Backend> {
     ws: B::Buf,
     dlogits: B::Buf,
     loss: B::Buf,
+    /// Label smoothing of the training loss (PyTorch's `label_smoothing`; 0 is plain CE).
+    pub label_smoothing: f32,
 }
 
 impl<B: Backend> ResNet<B> {
@@ -267,6 +269,7 @@ impl<B: Backend> ResNet<B> {
             ws: be.alloc(0),
             dlogits: be.alloc(0),
             loss: be.alloc(1),
+            label_smoothing: 0.0,
         }
     }
 
@@ -310,7 +313,15 @@ impl<B: Backend> ResNet<B> {
         assert_eq!(labels.len(), n, "one label per image");
         let classes = self.cfg.num_classes;
         ensure_len(be, &mut self.dlogits, n * classes);
-        be.cross_entropy(n, classes, &self.fc.out, labels, &mut self.loss, &mut self.dlogits);
+        be.cross_entropy(
+            n,
+            classes,
+            &self.fc.out,
+            labels,
+            self.label_smoothing,
+            &mut self.loss,
+            &mut self.dlogits,
+        );
 
         let largest = self.stem_shapes[1]
             .numel()

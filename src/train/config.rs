@@ -34,6 +34,12 @@ pub struct TrainConfig {
     /// The data folder the run read (so that `--resume` finds it again).
     #[serde(default)]
     pub data: Option<String>,
+    /// Label smoothing of the training loss (0: the seed's plain cross-entropy).
+    #[serde(default)]
+    pub label_smoothing: f32,
+    /// Evaluate with flip test-time augmentation (mean logits of each image and its mirror).
+    #[serde(default)]
+    pub tta: bool,
 }
 
 /// A named starting point for a run.
@@ -42,14 +48,19 @@ pub enum Recipe {
     /// The seed's run exactly: Adam lr 0.01, lr / (epoch + 1), batch 64, 50 epochs, no
     /// shuffling, crop + flip.
     Seed,
+    /// More accuracy in fewer epochs for the same network: SGD with Nesterov momentum and
+    /// weight decay, a one-cycle schedule stepped per batch, label smoothing, shuffling, flip
+    /// test-time augmentation.
+    Fast,
 }
 
 impl Recipe {
-    pub const ALL: [Recipe; 1] = [Recipe::Seed];
+    pub const ALL: [Recipe; 2] = [Recipe::Seed, Recipe::Fast];
 
     pub fn name(self) -> &'static str {
         match self {
             Recipe::Seed => "seed",
+            Recipe::Fast => "fast",
         }
     }
 
@@ -57,6 +68,9 @@ impl Recipe {
         match self {
             Recipe::Seed => {
                 "the seed's run: Adam(lr 0.01, betas 0.9/0.999, eps 1e-8), lr 0.01/(epoch+1) per epoch, batch 64, 50 epochs, no shuffle, crop 4 + flip"
+            }
+            Recipe::Fast => {
+                "SGD(momentum 0.9, Nesterov, weight decay 5e-4), one-cycle lr peaking at 0.2 after 25% of the steps (from 0.02, down to 2e-5), batch 128, 10 epochs, shuffle, crop 4 + flip, label smoothing 0.1, flip test-time augmentation"
             }
         }
     }
@@ -78,8 +92,39 @@ impl Recipe {
                 max_steps: None,
                 log_every: 100,
                 data: None,
+                label_smoothing: 0.0,
+                tta: false,
             },
+            Recipe::Fast => TrainConfig {
+                optimizer: OptimizerConfig::Sgd(SgdConfig {
+                    momentum: 0.9,
+                    dampening: 0.0,
+                    nesterov: true,
+                    weight_decay: 5e-4,
+                }),
+                schedule: Schedule::OneCycle {
+                    max_lr: 0.2,
+                    pct_start: 0.25,
+                    div_factor: 10.0,
+                    final_div_factor: 100.0,
+                },
+                epochs: 10,
+                batch_size: 128,
+                eval_batch_size: 256,
+                shuffle: true,
+                label_smoothing: 0.1,
+                tta: true,
+                ..Recipe::Seed.config()
+            }
+            .named(self),
         }
+    }
+}
+
+impl TrainConfig {
+    fn named(mut self, recipe: Recipe) -> Self {
+        self.recipe = recipe.name().to_string();
+        self
     }
 }
 

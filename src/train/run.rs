@@ -158,6 +158,7 @@ pub fn train<B: Backend>(
     }
     let mut files = RunFiles::create(out, cfg)?;
     let mut model = ResNet::new(be, cfg.model, cfg.seed);
+    model.label_smoothing = cfg.label_smoothing;
     let mut opt = Optimizer::new(&cfg.optimizer);
     let mut pos = Position::default();
     if let Some(r) = resume {
@@ -244,14 +245,16 @@ pub fn train<B: Backend>(
             trained_images += n as u64;
             let step = pos.step;
             let mut msg = String::new();
+            // Every step: a diverging run stops at the step it diverged, before its weights
+            // (all NaN by then) could reach a checkpoint. One float read back per step.
+            be.download(model.loss(), &mut loss);
+            if !loss[0].is_finite() {
+                bail!(
+                    "the loss became {} at step {step}; stopping (the last checkpoint is kept)",
+                    loss[0]
+                );
+            }
             if step.is_multiple_of(cfg.log_every) {
-                be.download(model.loss(), &mut loss);
-                if !loss[0].is_finite() {
-                    bail!(
-                        "the loss became {} at step {step}; stopping (the last checkpoint is kept)",
-                        loss[0]
-                    );
-                }
                 console.line(&format!("step {step}, loss {}", loss[0]));
                 files.tb.add_scalar("train_loss", loss[0], step as usize);
                 files.log(
@@ -295,7 +298,7 @@ pub fn train<B: Backend>(
         files.tb.add_scalar("lr", lr as f32, epoch);
         let mut accuracy = None;
         if let Some((split, images)) = eval_on {
-            let r = evaluate(be, &mut model, images, cfg.eval_batch_size);
+            let r = evaluate(be, &mut model, images, cfg.eval_batch_size, cfg.tta);
             console.line(&format!(
                 "epoch {}/{}: {split} loss {:.4} (sum of batch means; {:.4} per image), accuracy {:.4} ({}/{})",
                 epoch + 1,

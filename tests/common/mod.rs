@@ -136,3 +136,16 @@ pub fn get<B: Backend>(be: &B, buf: &B::Buf, len: usize) -> Vec<f32> {
     be.download(buf, &mut h);
     h
 }
+
+/// Runs the `resnet-cifar` binary: (exit code, stdout, stderr).
+pub fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_resnet-cifar"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}

@@ -198,10 +198,11 @@ impl Backend for Cpu {
         classes: usize,
         logits: &Vec<f32>,
         labels: &[u32],
+        label_smoothing: f32,
         loss: &mut Vec<f32>,
         dlogits: &mut Vec<f32>,
     ) {
-        loss[0] = loss::cross_entropy(n, classes, logits, labels, dlogits);
+        loss[0] = loss::cross_entropy(n, classes, logits, labels, label_smoothing, dlogits);
     }
 
     fn adam_step(

@@ -239,8 +239,9 @@ extern "C" __global__ void column_sums(const float* dy, int n, int d, float* db)
 
 // Mean softmax cross-entropy; one block, so the final sum has a fixed order.
 #define CE_THREADS 256
-extern "C" __global__ void cross_entropy(const float* logits, const int* labels, int n, int classes, float* loss,
-                                         float* dlogits) {
+extern "C" __global__ void cross_entropy(const float* logits, const int* labels, int n, int classes, float smoothing,
+                                         float* loss, float* dlogits) {
+    double s = (double)smoothing, off = s / (double)classes;
     __shared__ double part[CE_THREADS];
     double total = 0.0;
     for (int r = threadIdx.x; r < n; r += CE_THREADS) {
@@ -248,13 +249,17 @@ extern "C" __global__ void cross_entropy(const float* logits, const int* labels,
         float* d = dlogits + (i64)r * classes;
         float m = -INFINITY;
         for (int k = 0; k < classes; k++) m = fmaxf(m, z[k]);
-        double sum = 0.0;
-        for (int k = 0; k < classes; k++) sum += exp((double)(z[k] - m));
+        double sum = 0.0, zsum = 0.0;
+        for (int k = 0; k < classes; k++) {
+            sum += exp((double)(z[k] - m));
+            zsum += (double)z[k];
+        }
         int label = labels[r];
-        total += log(sum) + (double)m - (double)z[label];
+        double lse = log(sum) + (double)m;
+        total += (1.0 - s) * (lse - (double)z[label]) + s * (lse - zsum / (double)classes);
         double scale = 1.0 / (sum * (double)n);
-        for (int k = 0; k < classes; k++) d[k] = (float)(exp((double)(z[k] - m)) * scale);
-        d[label] -= 1.0f / (float)n;
+        for (int k = 0; k < classes; k++) d[k] = (float)(exp((double)(z[k] - m)) * scale - off / (double)n);
+        d[label] -= (float)((1.0 - s) / (double)n);
     }
     part[threadIdx.x] = total;
     __syncthreads();

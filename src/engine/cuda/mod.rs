@@ -693,6 +693,7 @@ impl Backend for Cuda {
         classes: usize,
         logits: &CudaSlice<f32>,
         labels: &[u32],
+        label_smoothing: f32,
         loss: &mut CudaSlice<f32>,
         dlogits: &mut CudaSlice<f32>,
     ) {
@@ -710,7 +711,15 @@ impl Backend for Cuda {
             &self.k.cross_entropy,
             (1, 1),
             (256, 1),
-            &mut [arg(&zp), arg(&lp), arg(&ni), arg(&ci), arg(&lossp), arg(&dp)],
+            &mut [
+                arg(&zp),
+                arg(&lp),
+                arg(&ni),
+                arg(&ci),
+                arg(&label_smoothing),
+                arg(&lossp),
+                arg(&dp),
+            ],
         );
     }
 
