@@ -347,3 +347,43 @@ fn a_toml_config_file_sets_a_run_and_flags_override_it() {
         assert!(err.contains("run.toml") && err.contains(says), "{text}: {err}");
     }
 }
+
+#[test]
+fn disk_full_and_unwritable_output_say_what_happened() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = common::shared_dir().join("data/cifar10");
+    let data = data.to_str().unwrap();
+    let args = |out: &str| {
+        [
+            "train", "--data", data, "--val-split", "1000", "--batch-size", "8", "--max-steps", "101", "--out", out,
+        ]
+        .map(String::from)
+    };
+    let run = |out: &str| {
+        let a = args(out);
+        cli(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+
+    // The run folder cannot be made: a file stands where a folder must go.
+    let file = d.join("plain-file");
+    std::fs::write(&file, "x").unwrap();
+    let (code, _, err) = run(&format!("{}/run", file.display()));
+    assert_ne!(code, 0);
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("plain-file/run") && err.contains("cannot create"), "{err}");
+
+    // Disk full: the metrics log goes to /dev/full, which refuses every write (ENOSPC).
+    if Path::new("/dev/full").exists() {
+        let out = d.join("full");
+        std::fs::create_dir_all(&out).unwrap();
+        std::os::unix::fs::symlink("/dev/full", out.join("metrics.jsonl")).unwrap();
+        let (code, _, err) = run(out.to_str().unwrap());
+        assert_eq!(code, 1, "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(
+            err.contains("metrics.jsonl: write failed") && err.contains("No space left on device"),
+            "{err}"
+        );
+    }
+}

@@ -4,6 +4,7 @@ pub mod config;
 pub mod console;
 pub mod optimizer;
 pub mod run;
+pub mod tensorboard;
 
 pub use config::{OptimizerConfig, Recipe, TrainConfig};
 pub use console::Console;

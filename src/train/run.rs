@@ -13,6 +13,7 @@
 use super::config::TrainConfig;
 use super::console::Console;
 use super::optimizer::Optimizer;
+use super::tensorboard::EventWriter;
 use crate::checkpoint::{self, HostTensor};
 use crate::data::{EpochPlan, Images, Splits, spawn_loader};
 use crate::engine::{Backend, Shape4, ensure_len};
@@ -106,7 +107,7 @@ pub fn eval_split(splits: &Splits) -> Option<(&'static str, &Images)> {
 struct RunFiles {
     root: PathBuf,
     metrics: std::io::BufWriter<std::fs::File>,
-    tb: tensorboard_rs::summary_writer::SummaryWriter,
+    tb: EventWriter,
 }
 
 impl RunFiles {
@@ -127,17 +128,30 @@ impl RunFiles {
         Ok(Self {
             root: root.to_path_buf(),
             metrics: std::io::BufWriter::new(file),
-            tb: tensorboard_rs::summary_writer::SummaryWriter::new(root.join("tensorboard")),
+            tb: EventWriter::create(&root.join("tensorboard"))
+                .with_context(|| format!("{}: cannot write", root.join("tensorboard").display()))?,
         })
     }
 
     fn log(&mut self, value: serde_json::Value) -> Result<()> {
-        writeln!(self.metrics, "{value}").context("metrics.jsonl: write failed")
+        let path = self.root.join("metrics.jsonl");
+        writeln!(self.metrics, "{value}").with_context(|| format!("{}: write failed", path.display()))
+    }
+
+    fn scalar(&mut self, tag: &str, value: f32, step: usize) -> Result<()> {
+        self.tb
+            .scalar(tag, value, step as i64)
+            .with_context(|| format!("{}: write failed", self.tb.path().display()))
     }
 
     fn flush(&mut self) -> Result<()> {
-        self.tb.flush();
-        self.metrics.flush().context("metrics.jsonl: write failed")
+        self.tb
+            .flush()
+            .with_context(|| format!("{}: write failed", self.tb.path().display()))?;
+        let path = self.root.join("metrics.jsonl");
+        self.metrics
+            .flush()
+            .with_context(|| format!("{}: write failed", path.display()))
     }
 }
 
@@ -256,7 +270,7 @@ pub fn train<B: Backend>(
             }
             if step.is_multiple_of(cfg.log_every) {
                 console.line(&format!("step {step}, loss {}", loss[0]));
-                files.tb.add_scalar("train_loss", loss[0], step as usize);
+                files.scalar("train_loss", loss[0], step as usize)?;
                 files.log(
                     serde_json::json!({"kind": "train", "step": step, "epoch": epoch, "loss": loss[0], "lr": lr}),
                 )?;
@@ -295,7 +309,7 @@ pub fn train<B: Backend>(
         pos.epochs_completed = pos.epoch;
 
         let lr = cfg.schedule.lr(epoch, 0, steps_per_epoch, cfg.epochs);
-        files.tb.add_scalar("lr", lr as f32, epoch);
+        files.scalar("lr", lr as f32, epoch)?;
         let mut accuracy = None;
         if let Some((split, images)) = eval_on {
             let r = evaluate(be, &mut model, images, cfg.eval_batch_size, cfg.tta);
@@ -309,10 +323,8 @@ pub fn train<B: Backend>(
                 r.correct,
                 r.images
             ));
-            files
-                .tb
-                .add_scalar("test_loss", r.loss_sum_of_batch_means as f32, epoch);
-            files.tb.add_scalar("test_accuracy", r.accuracy as f32, epoch);
+            files.scalar("test_loss", r.loss_sum_of_batch_means as f32, epoch)?;
+            files.scalar("test_accuracy", r.accuracy as f32, epoch)?;
             files.log(serde_json::json!({
                 "kind": "eval", "split": split, "epoch": epoch, "step": pos.step,
                 "loss_sum_of_batch_means": r.loss_sum_of_batch_means, "loss": r.loss, "accuracy": r.accuracy, "lr": lr,
