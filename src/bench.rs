@@ -2,7 +2,7 @@
 //! CIFAR-shaped batches, as `resnet-cifar bench` reports it.
 
 use crate::engine::{Backend, Shape4};
-use crate::model::{ResNet, ResNetConfig};
+use crate::model::{Arch, ResNetConfig, build};
 use crate::optim::{Adam, AdamConfig};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -10,6 +10,7 @@ use std::time::Instant;
 
 #[derive(Clone, Copy, Debug)]
 pub struct BenchConfig {
+    pub arch: Arch,
     pub model: ResNetConfig,
     pub batch_size: usize,
     pub steps: usize,
@@ -19,6 +20,7 @@ pub struct BenchConfig {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct BenchReport {
     pub backend: String,
+    pub model: String,
     pub threads: usize,
     pub stem: String,
     pub stages: usize,
@@ -49,7 +51,7 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, mut progress: impl FnMut(&str)
     let mut x = be.alloc(input.numel());
     be.upload(&host, &mut x);
 
-    let mut model = ResNet::new(be, cfg.model, 0);
+    let mut model = build(be, cfg.arch, cfg.model, 0);
     let mut adam = Adam::new(AdamConfig::default());
     let mut loss = [0f32];
     let mut start = Instant::now();
@@ -59,7 +61,7 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, mut progress: impl FnMut(&str)
         }
         model.forward(be, &x, input, true);
         model.backward(be, &x, &labels);
-        adam.step(be, &mut model, 1e-3);
+        adam.step(be, model.as_mut(), 1e-3);
         progress(&format!("train step {}/{}", i + 1, cfg.warmup + cfg.steps));
     }
     be.download(model.loss(), &mut loss);
@@ -79,6 +81,7 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, mut progress: impl FnMut(&str)
 
     BenchReport {
         backend: be.name(),
+        model: cfg.arch.name().to_string(),
         threads: rayon::current_num_threads(),
         stem: cfg.model.stem.name().to_string(),
         stages: cfg.model.stages,

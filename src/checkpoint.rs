@@ -39,7 +39,7 @@ fn f32_bytes(values: &[f32]) -> Vec<u8> {
 }
 
 /// The model's state dict on the host, keyed by name.
-pub fn state_dict<B: Backend>(be: &B, model: &mut impl Module<B>) -> BTreeMap<String, HostTensor> {
+pub fn state_dict<B: Backend>(be: &B, model: &mut (impl Module<B> + ?Sized)) -> BTreeMap<String, HostTensor> {
     let mut out = BTreeMap::new();
     model.visit(&mut |e| {
         let (name, t) = match e {
@@ -105,7 +105,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 pub fn save<B: Backend>(
     path: &Path,
     be: &B,
-    model: &mut impl Module<B>,
+    model: &mut (impl Module<B> + ?Sized),
     metadata: Option<HashMap<String, String>>,
 ) -> std::io::Result<()> {
     write_atomic(path, &to_bytes(&state_dict(be, model), metadata))
@@ -115,7 +115,7 @@ pub fn save<B: Backend>(
 pub fn load<B: Backend>(
     path: &Path,
     be: &B,
-    model: &mut impl Module<B>,
+    model: &mut (impl Module<B> + ?Sized),
 ) -> Result<HashMap<String, String>, CheckpointError> {
     let p = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
@@ -155,7 +155,7 @@ pub fn load_bytes<B: Backend>(
     origin: &str,
     bytes: &[u8],
     be: &B,
-    model: &mut impl Module<B>,
+    model: &mut (impl Module<B> + ?Sized),
 ) -> Result<HashMap<String, String>, CheckpointError> {
     let (tensors, meta) = parse(origin, bytes)?;
     load_tensors(origin, &tensors, be, model)?;
@@ -168,7 +168,7 @@ pub fn load_tensors<B: Backend>(
     origin: &str,
     tensors: &BTreeMap<String, HostTensor>,
     be: &B,
-    model: &mut impl Module<B>,
+    model: &mut (impl Module<B> + ?Sized),
 ) -> Result<(), CheckpointError> {
     // First pass: check everything, touch nothing.
     let mut problems = Vec::new();

@@ -1,7 +1,7 @@
 //! Pieces of the command-line tool that are worth testing without a process: reading a
 //! checkpoint's model configuration, and the exit-code convention.
 
-use crate::model::{ResNetConfig, Stem};
+use crate::model::{Arch, ResNetConfig, Stem};
 use safetensors::SafeTensors;
 use std::collections::HashMap;
 
@@ -35,20 +35,39 @@ pub fn model_config_of(
     path: &str,
     bytes: &[u8],
     stem: Option<Stem>,
-) -> Result<(ResNetConfig, HashMap<String, String>), CliError> {
+) -> Result<(Arch, ResNetConfig, HashMap<String, String>), CliError> {
     let bad = |e: &dyn std::fmt::Display| CliError::input(format!("{path}: not a valid safetensors file: {e}"));
     let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| bad(&e))?;
     let meta = header.metadata().clone().unwrap_or_default();
     let st = SafeTensors::deserialize(bytes).map_err(|e| bad(&e))?;
+    let shape = |name: &str| st.tensor(name).ok().map(|t| t.shape().to_vec());
+    let arch = match meta.get("arch") {
+        Some(a) => a
+            .parse()
+            .map_err(|e| CliError::input(format!("{path}: bad 'arch' metadata: {e}")))?,
+        None if shape("features.0.weight").is_some() && shape("features.1.running_mean").is_some() => Arch::Vgg16,
+        None if shape("features.0.weight").is_some() => Arch::Lenet,
+        None => Arch::Resnet18,
+    };
+    if arch != Arch::Resnet18 {
+        let classes = shape("classifier.bias")
+            .or_else(|| shape("classifier.2.bias"))
+            .and_then(|s| s.first().copied())
+            .ok_or_else(|| CliError::input(format!("{path}: no classifier bias: not a {} state_dict", arch.name())))?;
+        let cfg = ResNetConfig {
+            num_classes: classes,
+            ..ResNetConfig::default()
+        };
+        return Ok((arch, cfg, meta));
+    }
     if let Some(json) = meta.get("model") {
         let mut cfg: ResNetConfig =
             serde_json::from_str(json).map_err(|e| CliError::input(format!("{path}: bad 'model' metadata: {e}")))?;
         if let Some(s) = stem {
             cfg.stem = s;
         }
-        return Ok((cfg, meta));
+        return Ok((arch, cfg, meta));
     }
-    let shape = |name: &str| st.tensor(name).ok().map(|t| t.shape().to_vec());
     let conv1 = shape("conv1.0.weight").ok_or_else(|| {
         CliError::input(format!(
             "{path}: no 'conv1.0.weight': not a state_dict of the seed's ResNet-18"
@@ -73,6 +92,7 @@ pub fn model_config_of(
         }
     };
     Ok((
+        arch,
         ResNetConfig {
             stem,
             stages,
@@ -95,6 +115,7 @@ pub fn model_config_of(
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     pub recipe: Option<String>,
+    pub model: Option<String>,
     pub data: Option<std::path::PathBuf>,
     pub out: Option<std::path::PathBuf>,
     pub epochs: Option<usize>,
@@ -126,6 +147,10 @@ impl ConfigFile {
         if let Some(s) = &file.stem {
             s.parse::<Stem>()
                 .map_err(|e| CliError::input(format!("{}: stem: {e}", path.display())))?;
+        }
+        if let Some(m) = &file.model {
+            m.parse::<Arch>()
+                .map_err(|e| CliError::input(format!("{}: model: {e}", path.display())))?;
         }
         if let Some(r) = &file.recipe {
             r.parse::<crate::train::Recipe>()

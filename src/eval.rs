@@ -3,7 +3,7 @@
 
 use crate::data::{Images, eval_batches};
 use crate::engine::{Backend, Shape4};
-use crate::model::ResNet;
+use crate::model::Network;
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct EvalResult {
@@ -55,12 +55,12 @@ pub fn flip_horizontal(x: &[f32], n: usize, h: usize, w: usize, c: usize) -> Vec
 /// the logits of the image and of its mirror image (flip test-time augmentation).
 pub fn evaluate<B: Backend>(
     be: &B,
-    model: &mut ResNet<B>,
+    model: &mut dyn Network<B>,
     images: &Images,
     batch_size: usize,
     tta: bool,
 ) -> EvalResult {
-    let classes = model.cfg.num_classes;
+    let classes = model.num_classes();
     let mut confusion = vec![vec![0u64; classes]; classes];
     let (mut loss_sum, mut loss_total, mut correct) = (0f64, 0f64, 0usize);
     let mut x = be.alloc(0);

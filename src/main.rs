@@ -12,7 +12,7 @@ use resnet_cifar::engine::cpu::Cpu;
 use resnet_cifar::engine::cuda::{Cuda, Precision};
 use resnet_cifar::engine::{Backend, Shape4};
 use resnet_cifar::eval::evaluate;
-use resnet_cifar::model::{ResNet, ResNetConfig, Stem, summarize};
+use resnet_cifar::model::{Arch, ResNet, ResNetConfig, Stem, build, summarize};
 use resnet_cifar::plot;
 use resnet_cifar::predict;
 use resnet_cifar::train::{Console, Recipe, Resume, Stop, TrainConfig, load_resume, train};
@@ -107,6 +107,9 @@ enum DataCommand {
 
 #[derive(Args)]
 struct ModelArgs {
+    /// Architecture: resnet18 (the seed's), lenet or vgg16 (its comparison models).
+    #[arg(long)]
+    model: Option<Arch>,
     /// Network stem: seed (7x7/2 conv, BN, max-pool), torchvision (seed + ReLU), seed3x3
     /// (3x3/2 conv), cifar (3x3/1 conv, BN, ReLU, no pool).
     #[arg(long)]
@@ -205,7 +208,10 @@ struct EvalArgs {
 /// The network and input size that `summary` and `bench` describe.
 #[derive(Args)]
 struct NetArgs {
-    /// Network stem: seed, torchvision, seed3x3 or cifar.
+    /// Architecture: resnet18, lenet or vgg16.
+    #[arg(long, default_value = "resnet18")]
+    model: Arch,
+    /// Network stem (resnet18): seed, torchvision, seed3x3 or cifar.
     #[arg(long, default_value = "seed")]
     stem: Stem,
     /// Residual stages: 4 (the seed) or 3 (drop conv5).
@@ -380,6 +386,9 @@ fn merge_config_file(mut a: TrainArgs) -> Result<TrainArgs, CliError> {
     if a.recipe.is_none() {
         a.recipe = f.recipe.map(|r| r.parse()).transpose().map_err(parse)?;
     }
+    if a.model.model.is_none() {
+        a.model.model = f.model.map(|m| m.parse()).transpose().map_err(parse)?;
+    }
     if a.model.stem.is_none() {
         a.model.stem = f.stem.map(|s| s.parse()).transpose().map_err(parse)?;
     }
@@ -421,11 +430,13 @@ fn run_train(a: TrainArgs, target: Target) -> Result<(), CliError> {
     let mut console = Console::stdout();
     let outcome = with_backend!(target, |be| {
         console.line(&format!(
-            "run {}: recipe {}, stem {}, {} stages, {} epochs, batch {}, on {}",
+            "run {}: recipe {}, {}, {} epochs, batch {}, on {}",
             out.display(),
             cfg.recipe,
-            cfg.model.stem.name(),
-            cfg.model.stages,
+            match cfg.arch {
+                Arch::Resnet18 => format!("resnet18 (stem {}, {} stages)", cfg.model.stem.name(), cfg.model.stages),
+                other => other.name().to_string(),
+            },
             cfg.epochs,
             cfg.batch_size,
             be.name()
@@ -499,6 +510,7 @@ fn fresh_config(a: &TrainArgs) -> Result<TrainConfig, CliError> {
     if let Some(t) = &a.tta {
         cfg.tta = t == "on";
     }
+    cfg.arch = a.model.model.unwrap_or(cfg.arch);
     cfg.model.stem = a.model.stem.unwrap_or(cfg.model.stem);
     cfg.model.stages = a.model.stages.map_or(cfg.model.stages, |s| s as usize);
     Ok(cfg)
@@ -517,6 +529,7 @@ fn resumed_config(a: &TrainArgs, dir: &Path) -> Result<(TrainConfig, Option<Resu
         ("--recipe", a.recipe.is_some()),
         ("--label-smoothing", a.label_smoothing.is_some()),
         ("--tta", a.tta.is_some()),
+        ("--model", a.model.model.is_some()),
         ("--stem", a.model.stem.is_some()),
         ("--stages", a.model.stages.is_some()),
     ];
@@ -539,7 +552,7 @@ fn resumed_config(a: &TrainArgs, dir: &Path) -> Result<(TrainConfig, Option<Resu
 fn run_eval(a: EvalArgs, target: Target) -> Result<(), CliError> {
     let path = a.checkpoint.display().to_string();
     let bytes = std::fs::read(&a.checkpoint).map_err(|e| CliError::input(format!("{path}: {e}")))?;
-    let (model_cfg, meta): (ResNetConfig, _) = model_config_of(&path, &bytes, a.stem)?;
+    let (arch, model_cfg, meta) = model_config_of(&path, &bytes, a.stem)?;
     let data = load_data(&a.data)?;
     let val_split = a
         .val_split
@@ -557,9 +570,9 @@ fn run_eval(a: EvalArgs, target: Target) -> Result<(), CliError> {
             _ => &splits.train,
         };
     let r = with_backend!(target, |be| {
-        let mut model = ResNet::new(be, model_cfg, 0);
-        checkpoint::load_bytes(&path, &bytes, be, &mut model).map_err(CliError::input)?;
-        evaluate(be, &mut model, images, a.batch_size as usize, a.tta)
+        let mut model = build(be, arch, model_cfg, 0);
+        checkpoint::load_bytes(&path, &bytes, be, model.as_mut()).map_err(CliError::input)?;
+        evaluate(be, model.as_mut(), images, a.batch_size as usize, a.tta)
     });
     if a.json {
         let mut v = serde_json::to_value(&r).map_err(CliError::run)?;
@@ -597,7 +610,7 @@ fn run_eval(a: EvalArgs, target: Target) -> Result<(), CliError> {
 fn run_predict(a: PredictArgs, target: Target) -> Result<(), CliError> {
     let path = a.checkpoint.display().to_string();
     let bytes = std::fs::read(&a.checkpoint).map_err(|e| CliError::input(format!("{path}: {e}")))?;
-    let (model_cfg, _) = model_config_of(&path, &bytes, a.stem)?;
+    let (arch, model_cfg, _) = model_config_of(&path, &bytes, a.stem)?;
     let images = a
         .images
         .iter()
@@ -606,9 +619,9 @@ fn run_predict(a: PredictArgs, target: Target) -> Result<(), CliError> {
         .map_err(CliError::input)?;
     let classes: Vec<String> = CLASS_NAMES.iter().map(|s| s.to_string()).collect();
     let guesses = with_backend!(target, |be| {
-        let mut model = ResNet::new(be, model_cfg, 0);
-        checkpoint::load_bytes(&path, &bytes, be, &mut model).map_err(CliError::input)?;
-        predict::predict(be, &mut model, &images, &classes, a.top_k as usize)
+        let mut model = build(be, arch, model_cfg, 0);
+        checkpoint::load_bytes(&path, &bytes, be, model.as_mut()).map_err(CliError::input)?;
+        predict::predict(be, model.as_mut(), &images, &classes, a.top_k as usize)
     });
     if a.json {
         let v: Vec<_> = a
@@ -642,6 +655,12 @@ fn run_plot(a: PlotArgs) -> Result<(), CliError> {
 }
 
 fn run_summary(a: SummaryArgs) -> Result<(), CliError> {
+    if a.net.model != Arch::Resnet18 {
+        return Err(CliError::input(format!(
+            "summary describes resnet18 (the seed's network); --model {} is not covered yet",
+            a.net.model.name()
+        )));
+    }
     let model = ResNet::new(&Cpu, a.net.config(), 0);
     let s = summarize(&model, Shape4::new(a.net.batch_size as usize, 32, 32, 3));
     if a.net.json {
@@ -654,6 +673,7 @@ fn run_summary(a: SummaryArgs) -> Result<(), CliError> {
 
 fn run_bench(a: BenchArgs, target: Target) -> Result<(), CliError> {
     let cfg = BenchConfig {
+        arch: a.net.model,
         model: a.net.config(),
         batch_size: a.net.batch_size as usize,
         steps: a.steps as usize,
@@ -674,8 +694,9 @@ fn run_bench(a: BenchArgs, target: Target) -> Result<(), CliError> {
         return Ok(());
     }
     println!(
-        "resnet-cifar {} stem={} stages={} batch={} threads={} backend={}",
+        "resnet-cifar {} model={} stem={} stages={} batch={} threads={} backend={}",
         env!("CARGO_PKG_VERSION"),
+        r.model,
         r.stem,
         r.stages,
         r.batch_size,

@@ -6,7 +6,7 @@
 
 use crate::data::transform::{MEAN, SIDE, STD};
 use crate::engine::{Backend, Shape4};
-use crate::model::ResNet;
+use crate::model::Network;
 use image::imageops::FilterType;
 use std::path::Path;
 
@@ -35,7 +35,7 @@ pub fn load_image(path: &Path) -> Result<Vec<f32>, String> {
 /// The `k` most probable classes of each image, best first.
 pub fn predict<B: Backend>(
     be: &B,
-    model: &mut ResNet<B>,
+    model: &mut dyn Network<B>,
     images: &[Vec<f32>],
     classes: &[String],
     k: usize,
@@ -45,7 +45,7 @@ pub fn predict<B: Backend>(
     let mut x = be.alloc(n * per);
     be.upload(&images.concat(), &mut x);
     model.forward(be, &x, Shape4::new(n, SIDE, SIDE, 3), false);
-    let nc = model.cfg.num_classes;
+    let nc = model.num_classes();
     let mut logits = vec![0f32; n * nc];
     be.download(model.logits(), &mut logits);
     logits

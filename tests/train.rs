@@ -356,7 +356,17 @@ fn disk_full_and_unwritable_output_say_what_happened() {
     let data = data.to_str().unwrap();
     let args = |out: &str| {
         [
-            "train", "--data", data, "--val-split", "1000", "--batch-size", "8", "--max-steps", "101", "--out", out,
+            "train",
+            "--data",
+            data,
+            "--val-split",
+            "1000",
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "101",
+            "--out",
+            out,
         ]
         .map(String::from)
     };
@@ -386,4 +396,56 @@ fn disk_full_and_unwritable_output_say_what_happened() {
             "{err}"
         );
     }
+}
+
+#[test]
+fn the_comparison_models_train_evaluate_and_bench() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::shared_dir().join("data/cifar10");
+    for model in ["lenet", "vgg16"] {
+        let run = dir.path().join(model);
+        let (code, _, err) = cli(&[
+            "train",
+            "--model",
+            model,
+            "--data",
+            data.to_str().unwrap(),
+            "--val-split",
+            "1000",
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "3",
+            "--out",
+            run.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{model}: {err}");
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["arch"], model);
+        // eval finds the architecture in the checkpoint.
+        let (code, out, err) = cli(&[
+            "eval",
+            "--json",
+            "--split",
+            "val",
+            "--checkpoint",
+            run.join("last.safetensors").to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--batch-size",
+            "500",
+        ]);
+        assert_eq!(code, 0, "{model}: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["images"], 1000);
+        let (code, out, err) = cli(&["bench", "--model", model, "--steps", "1", "--warmup", "0", "--json"]);
+        assert_eq!(code, 0, "{model}: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["model"], model);
+        assert!(v["train_images_per_sec"].as_f64().unwrap() > 0.0);
+    }
+    let (code, _, err) = cli(&["train", "--model", "alexnet"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown model 'alexnet'"), "{err}");
 }

@@ -1,7 +1,11 @@
 //! Model definitions built from `nn` layers.
 
+pub mod network;
 pub mod resnet;
+pub mod sequential;
 pub mod summary;
 
+pub use network::{Arch, Network, build};
 pub use resnet::{ResNet, ResNetConfig, Stem};
+pub use sequential::Sequential;
 pub use summary::{Summary, summarize};

@@ -46,6 +46,7 @@ impl Stem {
             kernel,
             stride,
             pad,
+            bias: false,
         }
     }
 
@@ -129,6 +130,7 @@ impl<B: Backend> BasicBlock<B> {
                     kernel,
                     stride,
                     pad,
+                    bias: false,
                 },
             )
         };

@@ -1,7 +1,7 @@
-//! Conv2d without bias (every conv in ResNet-18 is followed by batch norm).
+//! Conv2d, with an optional bias (ResNet's convs have none: batch norm follows each).
 
 use super::builder::Builder;
-use super::param::{Entry, Module, Param};
+use super::param::{Entry, Layout, Module, Param};
 use crate::engine::{Backend, ConvGeom, Shape4, ensure_len};
 
 #[derive(Clone, Copy, Debug)]
@@ -11,11 +11,13 @@ pub struct Conv2dConfig {
     pub kernel: usize,
     pub stride: usize,
     pub pad: usize,
+    pub bias: bool,
 }
 
 pub struct Conv2d<B: Backend> {
     pub cfg: Conv2dConfig,
     pub weight: Param<B>,
+    pub bias: Option<Param<B>>,
     /// Output of the last forward pass.
     pub out: B::Buf,
     geom: Option<ConvGeom>,
@@ -30,9 +32,13 @@ impl<B: Backend> Conv2d<B> {
             cfg.cin * k * k,
             b.backend().conv_weight_layout(),
         );
+        let bias = cfg
+            .bias
+            .then(|| b.uniform_fan_in("bias", &[cfg.cout], cfg.cin * k * k, Layout::Torch));
         Self {
             cfg,
             weight,
+            bias,
             out: b.backend().alloc(0),
             geom: None,
         }
@@ -60,6 +66,9 @@ impl<B: Backend> Conv2d<B> {
         ensure_len(be, &mut self.out, g.output().numel());
         ensure_len(be, ws, be.conv2d_workspace_len(&g));
         be.conv2d_forward(&g, x, &self.weight.value, &mut self.out, ws);
+        if let Some(b) = &self.bias {
+            be.bias_add(g.output().rows(), g.cout, &b.value, &mut self.out);
+        }
         self.geom = Some(g);
         g.output()
     }
@@ -74,11 +83,18 @@ impl<B: Backend> Conv2d<B> {
         }
         let dw = self.weight.grad.as_mut().expect("conv weight is trainable");
         be.conv2d_backward(&g, x, &self.weight.value, dy, dx, dw, ws);
+        if let Some(b) = &mut self.bias {
+            let db = b.grad.as_mut().expect("conv bias is trainable");
+            be.bias_grad(g.output().rows(), g.cout, dy, db);
+        }
     }
 }
 
 impl<B: Backend> Module<B> for Conv2d<B> {
     fn visit(&mut self, f: &mut dyn FnMut(Entry<'_, B>)) {
         f(Entry::Tensor(&mut self.weight));
+        if let Some(b) = &mut self.bias {
+            f(Entry::Tensor(b));
+        }
     }
 }

@@ -16,7 +16,13 @@ pub struct Linear<B: Backend> {
 
 impl<B: Backend> Linear<B> {
     pub fn new(b: &Builder<B>, din: usize, dout: usize) -> Self {
-        let weight = b.uniform_fan_in("weight", &[dout, din], din, Layout::Torch);
+        Self::with_layout(b, din, dout, Layout::Torch)
+    }
+
+    /// A linear layer whose weight is stored in `layout` (e.g. reading a flattened NHWC
+    /// activation while PyTorch's weight expects NCHW order).
+    pub fn with_layout(b: &Builder<B>, din: usize, dout: usize, layout: Layout) -> Self {
+        let weight = b.uniform_fan_in("weight", &[dout, din], din, layout);
         let bias = b.uniform_fan_in("bias", &[dout], din, Layout::Torch);
         Self {
             din,

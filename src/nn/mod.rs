@@ -7,6 +7,7 @@ pub mod conv2d;
 pub mod linear;
 pub mod param;
 pub mod pool;
+pub mod relu;
 
 pub use batch_norm::BatchNorm2d;
 pub use builder::Builder;
@@ -14,3 +15,4 @@ pub use conv2d::{Conv2d, Conv2dConfig};
 pub use linear::Linear;
 pub use param::{Entry, Layout, Module, Param};
 pub use pool::{GlobalAvgPool, MaxPool2d};
+pub use relu::Relu;

@@ -13,6 +13,9 @@ pub enum Layout {
     ConvHwio,
     /// A conv weight stored `[out, kh, kw, in]` (OHWI): cuDNN's NHWC filter layout.
     ConvOhwi,
+    /// A linear weight `[out, c*h*w]` that reads a flattened activation: PyTorch flattens NCHW
+    /// (`c, y, x` order), the engine NHWC (`y, x, c`), so the columns are permuted.
+    LinearNhwc { h: usize, w: usize, c: usize },
 }
 
 impl Layout {
@@ -22,6 +25,24 @@ impl Layout {
             Layout::Torch => ((oc * i + ic) * kh + y) * kw + x,
             Layout::ConvHwio => ((y * kw + x) * i + ic) * o + oc,
             Layout::ConvOhwi => ((oc * kh + y) * kw + x) * i + ic,
+            Layout::LinearNhwc { .. } => unreachable!("not a conv layout"),
+        }
+    }
+
+    /// Engine offset of PyTorch's element `flat` of a tensor of `shape`.
+    fn offset(self, shape: &[usize], flat: usize) -> usize {
+        match self {
+            Layout::Torch => flat,
+            Layout::LinearNhwc { h, w, c } => {
+                let din = h * w * c;
+                let (o, col) = (flat / din, flat % din);
+                let (ch, y, x) = (col / (h * w), col / w % h, col % w);
+                o * din + (y * w + x) * c + ch
+            }
+            _ => {
+                let dims = conv_dims(shape);
+                self.conv_offset(dims, torch_index(dims, flat))
+            }
         }
     }
 }
@@ -52,10 +73,9 @@ impl<B: Backend> Param<B> {
         if self.layout == Layout::Torch {
             return torch.to_vec();
         }
-        let dims = conv_dims(&self.shape);
         let mut out = vec![0.0; torch.len()];
         for (src, &v) in torch.iter().enumerate() {
-            out[self.layout.conv_offset(dims, torch_index(dims, src))] = v;
+            out[self.layout.offset(&self.shape, src)] = v;
         }
         out
     }
@@ -65,10 +85,9 @@ impl<B: Backend> Param<B> {
         if self.layout == Layout::Torch {
             return engine.to_vec();
         }
-        let dims = conv_dims(&self.shape);
         let mut out = vec![0.0; engine.len()];
         for (dst, v) in out.iter_mut().enumerate() {
-            *v = engine[self.layout.conv_offset(dims, torch_index(dims, dst))];
+            *v = engine[self.layout.offset(&self.shape, dst)];
         }
         out
     }

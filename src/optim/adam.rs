@@ -43,7 +43,7 @@ impl<B: Backend> Adam<B> {
 
     /// Applies one step with learning rate `lr` to every trainable parameter of `model`,
     /// using the gradients its last backward pass wrote.
-    pub fn step(&mut self, be: &B, model: &mut impl Module<B>, lr: f64) {
+    pub fn step(&mut self, be: &B, model: &mut (impl Module<B> + ?Sized), lr: f64) {
         self.steps += 1;
         let h = AdamStep {
             lr,

@@ -43,7 +43,7 @@ impl<B: Backend> Sgd<B> {
         }
     }
 
-    pub fn step(&mut self, be: &B, model: &mut impl Module<B>, lr: f64) {
+    pub fn step(&mut self, be: &B, model: &mut (impl Module<B> + ?Sized), lr: f64) {
         let h = SgdStep {
             lr,
             momentum: self.cfg.momentum,

@@ -2,7 +2,7 @@
 //! `TrainConfig` that is written into the run folder.
 
 use crate::data::Augment;
-use crate::model::ResNetConfig;
+use crate::model::{Arch, ResNetConfig};
 use crate::optim::{AdamConfig, Schedule, SgdConfig};
 
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -15,6 +15,9 @@ pub enum OptimizerConfig {
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainConfig {
     pub recipe: String,
+    /// The architecture (`--model`); `model` holds the classes and ResNet-18's stem and stages.
+    #[serde(default)]
+    pub arch: Arch,
     pub model: ResNetConfig,
     pub optimizer: OptimizerConfig,
     pub schedule: Schedule,
@@ -79,6 +82,7 @@ impl Recipe {
         match self {
             Recipe::Seed => TrainConfig {
                 recipe: self.name().to_string(),
+                arch: Arch::Resnet18,
                 model: ResNetConfig::default(),
                 optimizer: OptimizerConfig::Adam(AdamConfig::default()),
                 schedule: Schedule::InverseEpoch { lr: 0.01 },

@@ -4,7 +4,6 @@
 use super::config::OptimizerConfig;
 use crate::checkpoint::HostTensor;
 use crate::engine::Backend;
-use crate::model::ResNet;
 use crate::nn::Module;
 use crate::optim::{Adam, Sgd};
 use std::collections::BTreeMap;
@@ -22,7 +21,7 @@ impl<B: Backend> Optimizer<B> {
         }
     }
 
-    pub fn step(&mut self, be: &B, model: &mut ResNet<B>, lr: f64) {
+    pub fn step(&mut self, be: &B, model: &mut (impl Module<B> + ?Sized), lr: f64) {
         match self {
             Optimizer::Adam(o) => o.step(be, model, lr),
             Optimizer::Sgd(o) => o.step(be, model, lr),
@@ -41,7 +40,7 @@ impl<B: Backend> Optimizer<B> {
     pub fn load_state(
         &mut self,
         be: &B,
-        model: &mut ResNet<B>,
+        model: &mut (impl Module<B> + ?Sized),
         tensors: &BTreeMap<String, HostTensor>,
         steps: u64,
     ) -> Result<(), String> {
@@ -86,7 +85,7 @@ impl<B: Backend> Optimizer<B> {
     }
 
     /// The optimizer's per-parameter state, named after the parameters of `model`.
-    pub fn state_tensors(&self, be: &B, model: &mut ResNet<B>) -> BTreeMap<String, HostTensor> {
+    pub fn state_tensors(&self, be: &B, model: &mut (impl Module<B> + ?Sized)) -> BTreeMap<String, HostTensor> {
         let mut names = Vec::new();
         model.visit_params(&mut |p| names.push((p.name.clone(), p.numel())));
         let mut out = BTreeMap::new();

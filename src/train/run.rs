@@ -18,7 +18,7 @@ use crate::checkpoint::{self, HostTensor};
 use crate::data::{EpochPlan, Images, Splits, spawn_loader};
 use crate::engine::{Backend, Shape4, ensure_len};
 use crate::eval::{EvalResult, evaluate};
-use crate::model::ResNet;
+use crate::model::{Network, build};
 use anyhow::{Context, Result, bail};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -171,8 +171,9 @@ pub fn train<B: Backend>(
         bail!("batch size must be at least 1");
     }
     let mut files = RunFiles::create(out, cfg)?;
-    let mut model = ResNet::new(be, cfg.model, cfg.seed);
-    model.label_smoothing = cfg.label_smoothing;
+    let mut model = build(be, cfg.arch, cfg.model, cfg.seed);
+    model.set_label_smoothing(cfg.label_smoothing);
+    let model: &mut dyn Network<B> = model.as_mut();
     let mut opt = Optimizer::new(&cfg.optimizer);
     let mut pos = Position::default();
     if let Some(r) = resume {
@@ -183,8 +184,8 @@ pub fn train<B: Backend>(
             .map(|(k, v)| (k["model.".len()..].to_string(), v))
             .collect();
         let origin = out.join("train_state.safetensors").display().to_string();
-        checkpoint::load_tensors(&origin, &model_state, be, &mut model)?;
-        opt.load_state(be, &mut model, &optim_state, r.position.step)
+        checkpoint::load_tensors(&origin, &model_state, be, &mut *model)?;
+        opt.load_state(be, &mut *model, &optim_state, r.position.step)
             .map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
         pos = r.position;
         console.line(&format!(
@@ -253,7 +254,7 @@ pub fn train<B: Backend>(
             model.forward(be, &x, Shape4::new(n, 32, 32, 3), true);
             model.backward(be, &x, &batch.labels);
             let lr = cfg.schedule.lr(epoch, b, steps_per_epoch, cfg.epochs);
-            opt.step(be, &mut model, lr);
+            opt.step(be, &mut *model, lr);
             pos.step += 1;
             pos.batch += 1;
             trained_images += n as u64;
@@ -289,11 +290,11 @@ pub fn train<B: Backend>(
             if let Some(reason) = reason {
                 train_seconds += started.elapsed().as_secs_f64();
                 console.finish_epoch();
-                save_train_state(be, &files.root, cfg, &mut model, &opt, &pos)?;
+                save_train_state(be, &files.root, cfg, &mut *model, &opt, &pos)?;
                 checkpoint::save(
                     &files.root.join("last.safetensors"),
                     be,
-                    &mut model,
+                    &mut *model,
                     Some(meta(cfg, &pos, None)),
                 )
                 .context("last.safetensors: write failed")?;
@@ -312,7 +313,7 @@ pub fn train<B: Backend>(
         files.scalar("lr", lr as f32, epoch)?;
         let mut accuracy = None;
         if let Some((split, images)) = eval_on {
-            let r = evaluate(be, &mut model, images, cfg.eval_batch_size, cfg.tta);
+            let r = evaluate(be, &mut *model, images, cfg.eval_batch_size, cfg.tta);
             console.line(&format!(
                 "epoch {}/{}: {split} loss {:.4} (sum of batch means; {:.4} per image), accuracy {:.4} ({}/{})",
                 epoch + 1,
@@ -343,7 +344,10 @@ pub fn train<B: Backend>(
             .root
             .join("checkpoints")
             .join(format!("epoch-{}.safetensors", epoch + 1));
-        let bytes = checkpoint::to_bytes(&checkpoint::state_dict(be, &mut model), Some(meta(cfg, &pos, accuracy)));
+        let bytes = checkpoint::to_bytes(
+            &checkpoint::state_dict(be, &mut *model),
+            Some(meta(cfg, &pos, accuracy)),
+        );
         checkpoint::write_atomic(&epoch_path, &bytes)
             .with_context(|| format!("{}: write failed", epoch_path.display()))?;
         checkpoint::write_atomic(&files.root.join("last.safetensors"), &bytes)
@@ -352,7 +356,7 @@ pub fn train<B: Backend>(
             checkpoint::write_atomic(&files.root.join("best.safetensors"), &bytes)
                 .context("best.safetensors: write failed")?;
         }
-        save_train_state(be, &files.root, cfg, &mut model, &opt, &pos)?;
+        save_train_state(be, &files.root, cfg, &mut *model, &opt, &pos)?;
         files.flush()?;
         if stop.load(Ordering::Relaxed) {
             return Ok(outcome(
@@ -384,6 +388,7 @@ fn meta(cfg: &TrainConfig, pos: &Position, accuracy: Option<f64>) -> HashMap<Str
         "resnet-cifar state_dict (PyTorch keys and layouts)".into(),
     );
     m.insert("model".into(), serde_json::to_string(&cfg.model).expect("serialisable"));
+    m.insert("arch".into(), cfg.arch.name().into());
     m.insert("recipe".into(), cfg.recipe.clone());
     m.insert("val_split".into(), cfg.val_split.to_string());
     m.insert("epochs_completed".into(), pos.epochs_completed.to_string());
@@ -400,7 +405,7 @@ fn save_train_state<B: Backend>(
     be: &B,
     root: &Path,
     cfg: &TrainConfig,
-    model: &mut ResNet<B>,
+    model: &mut dyn Network<B>,
     opt: &Optimizer<B>,
     pos: &Position,
 ) -> Result<()> {

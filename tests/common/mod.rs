@@ -21,6 +21,9 @@ impl Golden {
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         Self { bytes }
     }
+    pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        Self { bytes }
+    }
     fn st(&self) -> SafeTensors<'_> {
         SafeTensors::deserialize(&self.bytes).expect("golden file parses")
     }
@@ -50,7 +53,7 @@ impl Golden {
 
 /// Sets every state entry as the golden README prescribes: entry k of the state_dict, element
 /// i of its PyTorch layout, computed in f64 and rounded to f32.
-pub fn set_formula_weights<B: Backend>(be: &B, model: &mut impl Module<B>) {
+pub fn set_formula_weights<B: Backend>(be: &B, model: &mut (impl Module<B> + ?Sized)) {
     let mut k = 0usize;
     model.visit(&mut |e| {
         if let Entry::Tensor(p) = e {

@@ -13,7 +13,7 @@ fn block_rows(c: usize) -> usize {
 }
 
 /// Per-channel sums of `f(row, channel, value)` over all rows, in f64.
-fn channel_sums<F>(rows: usize, c: usize, x: &[f32], f: F) -> Vec<f64>
+pub(super) fn channel_sums<F>(rows: usize, c: usize, x: &[f32], f: F) -> Vec<f64>
 where
     F: Fn(usize, f32) -> f32 + Sync,
 {

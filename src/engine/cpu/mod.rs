@@ -142,6 +142,40 @@ impl Backend for Cpu {
             dbeta,
         )
     }
+    fn bias_add(&self, rows: usize, c: usize, bias: &Vec<f32>, y: &mut Vec<f32>) {
+        y[..rows * c].par_chunks_mut(c * 256).for_each(|block| {
+            for row in block.chunks_exact_mut(c) {
+                for (v, b) in row.iter_mut().zip(bias) {
+                    *v += b;
+                }
+            }
+        });
+    }
+    fn bias_grad(&self, rows: usize, c: usize, dy: &Vec<f32>, db: &mut Vec<f32>) {
+        for (d, s) in db.iter_mut().zip(batch_norm::channel_sums(rows, c, dy, |_, v| v)) {
+            *d = s as f32;
+        }
+    }
+    fn relu_forward(&self, len: usize, x: &Vec<f32>, y: &mut Vec<f32>) {
+        y[..len]
+            .par_chunks_mut(1 << 14)
+            .zip(x[..len].par_chunks(1 << 14))
+            .for_each(|(y, x)| {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = x.max(0.0);
+                }
+            });
+    }
+    fn relu_backward(&self, len: usize, y: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>) {
+        dx[..len]
+            .par_chunks_mut(1 << 14)
+            .zip(y[..len].par_chunks(1 << 14).zip(dy[..len].par_chunks(1 << 14)))
+            .for_each(|(dx, (y, dy))| {
+                for ((d, &y), &g) in dx.iter_mut().zip(y).zip(dy) {
+                    *d = if y > 0.0 { g } else { 0.0 };
+                }
+            });
+    }
     fn add_assign(&self, len: usize, src: &Vec<f32>, dst: &mut Vec<f32>) {
         dst[..len]
             .par_chunks_mut(1 << 14)

@@ -139,6 +139,27 @@ extern "C" __global__ void bn_backward_dx(const float* x, const float* dy, i64 r
     }
 }
 
+// Column sums of partials (bn_partial_sums with center == 0) as f32: a bias gradient.
+extern "C" __global__ void partial_column_sums(const double* partial, int parts, int c, float* out) {
+    int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= c) return;
+    double t = 0.0;
+    for (int p = 0; p < parts; p++) t += partial[(i64)p * c + ch];
+    out[ch] = (float)t;
+}
+
+extern "C" __global__ void bias_add(const float* bias, i64 rows, int c, float* y) {
+    GRID_STRIDE(i, rows * c) y[i] += bias[i % c];
+}
+
+extern "C" __global__ void relu_forward(const float* x, i64 n, float* y) {
+    GRID_STRIDE(i, n) y[i] = fmaxf(x[i], 0.0f);
+}
+
+extern "C" __global__ void relu_backward(const float* y, const float* dy, i64 n, float* dx) {
+    GRID_STRIDE(i, n) dx[i] = y[i] > 0.0f ? dy[i] : 0.0f;
+}
+
 // ---- pooling ---------------------------------------------------------------------------------
 
 struct PoolDims {

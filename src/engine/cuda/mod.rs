@@ -49,6 +49,10 @@ struct Kernels {
     gap_forward: CudaFunction,
     gap_backward: CudaFunction,
     broadcast_rows: CudaFunction,
+    partial_column_sums: CudaFunction,
+    bias_add: CudaFunction,
+    relu_forward: CudaFunction,
+    relu_backward: CudaFunction,
     column_sums: CudaFunction,
     cross_entropy: CudaFunction,
     adam: CudaFunction,
@@ -174,6 +178,10 @@ impl Cuda {
             gap_forward: f("global_avg_pool_forward")?,
             gap_backward: f("global_avg_pool_backward")?,
             broadcast_rows: f("broadcast_rows")?,
+            partial_column_sums: f("partial_column_sums")?,
+            bias_add: f("bias_add")?,
+            relu_forward: f("relu_forward")?,
+            relu_backward: f("relu_backward")?,
             column_sums: f("column_sums")?,
             cross_entropy: f("cross_entropy")?,
             adam: f("adam_step")?,
@@ -590,6 +598,40 @@ impl Backend for Cuda {
                 arg(&dbp),
                 arg(&dxp),
             ],
+        );
+    }
+    fn bias_add(&self, rows: usize, c: usize, bias: &CudaSlice<f32>, y: &mut CudaSlice<f32>) {
+        let (bp, yp, r, ci) = (self.ptr(bias), self.ptr(y), rows as i64, c as i32);
+        self.elementwise(&self.k.bias_add, rows * c, &mut [arg(&bp), arg(&r), arg(&ci), arg(&yp)]);
+    }
+    fn bias_grad(&self, rows: usize, c: usize, dy: &CudaSlice<f32>, db: &mut CudaSlice<f32>) {
+        let (parts, scratch) = self.bn_parts(rows, c);
+        let partial = self.ptr(&scratch.partials);
+        let (dyp, dbp, r, ci, null) = (self.ptr(dy), self.ptr(db), rows as i64, c as i32, 0u64);
+        self.launch(
+            &self.k.bn_partial_sums,
+            (c.div_ceil(32) as u32, parts as u32),
+            (32, 8),
+            &mut [arg(&dyp), arg(&r), arg(&ci), arg(&null), arg(&partial)],
+        );
+        let parts_i = parts as i32;
+        self.launch(
+            &self.k.partial_column_sums,
+            Self::channel_grid(c),
+            (BLOCK, 1),
+            &mut [arg(&partial), arg(&parts_i), arg(&ci), arg(&dbp)],
+        );
+    }
+    fn relu_forward(&self, len: usize, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) {
+        let (xp, yp, n) = (self.ptr(x), self.ptr(y), len as i64);
+        self.elementwise(&self.k.relu_forward, len, &mut [arg(&xp), arg(&n), arg(&yp)]);
+    }
+    fn relu_backward(&self, len: usize, y: &CudaSlice<f32>, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>) {
+        let (yp, dyp, dxp, n) = (self.ptr(y), self.ptr(dy), self.ptr(dx), len as i64);
+        self.elementwise(
+            &self.k.relu_backward,
+            len,
+            &mut [arg(&yp), arg(&dyp), arg(&n), arg(&dxp)],
         );
     }
     fn add_assign(&self, len: usize, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>) {

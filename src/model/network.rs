@@ -1,0 +1,85 @@
+//! What the training loop, evaluation and benchmarks need from a model, whatever its
+//! architecture: a forward pass to logits, the loss and backward pass, and its state
+//! (`Module`) for optimizers and checkpoints.
+
+use super::{ResNet, ResNetConfig, Sequential};
+use crate::engine::{Backend, Shape4};
+use crate::nn::Module;
+
+pub trait Network<B: Backend>: Module<B> {
+    /// Forward pass of an NHWC batch; the logits are left in [`Network::logits`].
+    fn forward(&mut self, be: &B, x: &B::Buf, input: Shape4, train: bool);
+    /// Cross-entropy of the last forward pass against `labels`, then every gradient.
+    fn backward(&mut self, be: &B, x: &B::Buf, labels: &[u32]);
+    fn logits(&self) -> &B::Buf;
+    /// The loss of the last backward pass, on the device.
+    fn loss(&self) -> &B::Buf;
+    fn num_classes(&self) -> usize;
+    fn set_label_smoothing(&mut self, smoothing: f32);
+}
+
+/// The architectures `--model` names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// The seed's ResNet-18 and its variants (`--stem`, `--stages`).
+    #[default]
+    Resnet18,
+    /// The classic CIFAR-10 tutorial network the seed compares with.
+    Lenet,
+    /// VGG-16 with batch norm, for 32x32 inputs.
+    Vgg16,
+}
+
+impl Arch {
+    pub const ALL: [Arch; 3] = [Arch::Resnet18, Arch::Lenet, Arch::Vgg16];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Resnet18 => "resnet18",
+            Arch::Lenet => "lenet",
+            Arch::Vgg16 => "vgg16",
+        }
+    }
+}
+
+impl std::str::FromStr for Arch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Arch::ALL
+            .into_iter()
+            .find(|a| a.name() == s)
+            .ok_or_else(|| format!("unknown model '{s}' (expected resnet18, lenet or vgg16)"))
+    }
+}
+
+/// A freshly initialised network. `cfg` gives the classes (and, for ResNet-18, the stem and
+/// stages).
+pub fn build<B: Backend>(be: &B, arch: Arch, cfg: ResNetConfig, seed: u64) -> Box<dyn Network<B>> {
+    match arch {
+        Arch::Resnet18 => Box::new(ResNet::new(be, cfg, seed)),
+        Arch::Lenet => Box::new(Sequential::lenet(be, cfg.num_classes, seed)),
+        Arch::Vgg16 => Box::new(Sequential::vgg16(be, cfg.num_classes, seed)),
+    }
+}
+
+impl<B: Backend> Network<B> for ResNet<B> {
+    fn forward(&mut self, be: &B, x: &B::Buf, input: Shape4, train: bool) {
+        ResNet::forward(self, be, x, input, train)
+    }
+    fn backward(&mut self, be: &B, x: &B::Buf, labels: &[u32]) {
+        ResNet::backward(self, be, x, labels)
+    }
+    fn logits(&self) -> &B::Buf {
+        ResNet::logits(self)
+    }
+    fn loss(&self) -> &B::Buf {
+        ResNet::loss(self)
+    }
+    fn num_classes(&self) -> usize {
+        self.cfg.num_classes
+    }
+    fn set_label_smoothing(&mut self, smoothing: f32) {
+        self.label_smoothing = smoothing;
+    }
+}

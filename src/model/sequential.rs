@@ -1,0 +1,207 @@
+//! Plain feed-forward networks (a chain of layers, no branches): the seed's comparison models,
+//! LeNet and VGG-16. State names follow the PyTorch definitions in `scripts/classic_models.py`
+//! (`features.N.*`, `classifier.N.*`), so checkpoints move between the two.
+
+use super::network::Network;
+use crate::engine::{Backend, Layout, Shape4, ensure_len};
+use crate::nn::{BatchNorm2d, Builder, Conv2d, Conv2dConfig, Entry, Linear, MaxPool2d, Module, Relu};
+
+pub enum Layer<B: Backend> {
+    Conv(Conv2d<B>),
+    /// Batch norm, with the ReLU that follows it fused in.
+    BatchNorm(BatchNorm2d<B>),
+    Relu(Relu<B>),
+    MaxPool(MaxPool2d<B>),
+    /// Flattens its input (NHWC) first.
+    Linear(Linear<B>),
+}
+
+impl<B: Backend> Layer<B> {
+    fn out(&self) -> &B::Buf {
+        match self {
+            Layer::Conv(l) => &l.out,
+            Layer::BatchNorm(l) => &l.out,
+            Layer::Relu(l) => &l.out,
+            Layer::MaxPool(l) => &l.out,
+            Layer::Linear(l) => &l.out,
+        }
+    }
+}
+
+pub struct Sequential<B: Backend> {
+    pub layers: Vec<Layer<B>>,
+    classes: usize,
+    /// Input shape of each layer in the last forward pass.
+    shapes: Vec<Shape4>,
+    grad: [B::Buf; 2],
+    ws: B::Buf,
+    loss: B::Buf,
+    label_smoothing: f32,
+}
+
+fn conv<B: Backend>(b: &Builder<B>, cin: usize, cout: usize, kernel: usize, pad: usize) -> Layer<B> {
+    Layer::Conv(Conv2d::new(
+        b,
+        Conv2dConfig {
+            cin,
+            cout,
+            kernel,
+            stride: 1,
+            pad,
+            bias: true,
+        },
+    ))
+}
+
+impl<B: Backend> Sequential<B> {
+    fn new(be: &B, layers: Vec<Layer<B>>, classes: usize) -> Self {
+        Self {
+            layers,
+            classes,
+            shapes: Vec::new(),
+            grad: [be.alloc(0), be.alloc(0)],
+            ws: be.alloc(0),
+            loss: be.alloc(1),
+            label_smoothing: 0.0,
+        }
+    }
+
+    /// The classic CIFAR-10 tutorial network: three 5x5 convs (3->32->32->64, pad 2), each
+    /// followed by ReLU and a 2x2 max-pool, then linear 1024->64, ReLU, linear 64->classes.
+    pub fn lenet(be: &B, classes: usize, seed: u64) -> Self {
+        let root = Builder::new(be, seed);
+        let (f, c) = (root.pp("features"), root.pp("classifier"));
+        let mut layers = Vec::new();
+        for (i, (cin, cout)) in [(3, 32), (32, 32), (32, 64)].into_iter().enumerate() {
+            layers.push(conv(&f.pp(3 * i), cin, cout, 5, 2));
+            layers.push(Layer::Relu(Relu::new(be)));
+            layers.push(Layer::MaxPool(MaxPool2d::new(be, 2, 2, 0)));
+        }
+        let flat = Layout::LinearNhwc { h: 4, w: 4, c: 64 };
+        layers.push(Layer::Linear(Linear::with_layout(&c.pp(0), 1024, 64, flat)));
+        layers.push(Layer::Relu(Relu::new(be)));
+        layers.push(Layer::Linear(Linear::new(&c.pp(2), 64, classes)));
+        Self::new(be, layers, classes)
+    }
+
+    /// VGG-16 with batch norm for 32x32 inputs: 13 3x3 convs (64, 64, M, 128, 128, M,
+    /// 256 x3, M, 512 x3, M, 512 x3, M), each with batch norm and ReLU, then linear 512->classes.
+    pub fn vgg16(be: &B, classes: usize, seed: u64) -> Self {
+        const PLAN: [usize; 18] = [
+            64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0, 512, 512, 512, 0,
+        ];
+        let root = Builder::new(be, seed);
+        let f = root.pp("features");
+        let (mut layers, mut cin, mut idx) = (Vec::new(), 3, 0);
+        for cout in PLAN {
+            if cout == 0 {
+                layers.push(Layer::MaxPool(MaxPool2d::new(be, 2, 2, 0)));
+                idx += 1;
+            } else {
+                layers.push(conv(&f.pp(idx), cin, cout, 3, 1));
+                layers.push(Layer::BatchNorm(BatchNorm2d::new(&f.pp(idx + 1), cout, true)));
+                (cin, idx) = (cout, idx + 3);
+            }
+        }
+        layers.push(Layer::Linear(Linear::new(&root.pp("classifier"), 512, classes)));
+        Self::new(be, layers, classes)
+    }
+}
+
+impl<B: Backend> Network<B> for Sequential<B> {
+    fn forward(&mut self, be: &B, x: &B::Buf, input: Shape4, train: bool) {
+        self.shapes.clear();
+        let mut s = input;
+        for i in 0..self.layers.len() {
+            self.shapes.push(s);
+            let (before, rest) = self.layers.split_at_mut(i);
+            let x = before.last().map_or(x, |l| l.out());
+            s = match &mut rest[0] {
+                Layer::Conv(l) => l.forward(be, x, s, &mut self.ws),
+                Layer::BatchNorm(l) => {
+                    l.forward(be, x, s, None, train);
+                    s
+                }
+                Layer::Relu(l) => {
+                    l.forward(be, x, s.numel());
+                    s
+                }
+                Layer::MaxPool(l) => l.forward(be, x, s),
+                Layer::Linear(l) => {
+                    assert_eq!(s.h * s.w * s.c, l.din, "linear layer input size");
+                    l.forward(be, x, s.n);
+                    Shape4::new(s.n, 1, 1, l.dout)
+                }
+            };
+        }
+    }
+
+    fn backward(&mut self, be: &B, x: &B::Buf, labels: &[u32]) {
+        let n = self.shapes[0].n;
+        assert_eq!(labels.len(), n, "one label per image");
+        let largest = self
+            .shapes
+            .iter()
+            .map(|s| s.numel())
+            .max()
+            .unwrap_or(0)
+            .max(n * self.classes);
+        for g in &mut self.grad {
+            ensure_len(be, g, largest);
+        }
+        let [ga, gb] = &mut self.grad;
+        let (mut dout, mut dx) = (ga, gb);
+        let logits = self.layers.last().expect("a layer").out();
+        be.cross_entropy(
+            n,
+            self.classes,
+            logits,
+            labels,
+            self.label_smoothing,
+            &mut self.loss,
+            dout,
+        );
+        for i in (0..self.layers.len()).rev() {
+            let (before, rest) = self.layers.split_at_mut(i);
+            let input = before.last().map_or(x, |l| l.out());
+            let s = self.shapes[i];
+            match &mut rest[0] {
+                Layer::Conv(l) => l.backward(be, input, dout, (i > 0).then_some(&mut *dx), &mut self.ws),
+                Layer::BatchNorm(l) => l.backward(be, input, dout, dx),
+                Layer::Relu(l) => l.backward(be, dout, dx),
+                Layer::MaxPool(l) => {
+                    ensure_len(be, dx, s.numel());
+                    l.backward(be, input, dout, dx)
+                }
+                Layer::Linear(l) => l.backward(be, input, dout, dx),
+            }
+            std::mem::swap(&mut dout, &mut dx);
+        }
+    }
+
+    fn logits(&self) -> &B::Buf {
+        self.layers.last().expect("a layer").out()
+    }
+    fn loss(&self) -> &B::Buf {
+        &self.loss
+    }
+    fn num_classes(&self) -> usize {
+        self.classes
+    }
+    fn set_label_smoothing(&mut self, smoothing: f32) {
+        self.label_smoothing = smoothing;
+    }
+}
+
+impl<B: Backend> Module<B> for Sequential<B> {
+    fn visit(&mut self, f: &mut dyn FnMut(Entry<'_, B>)) {
+        for layer in &mut self.layers {
+            match layer {
+                Layer::Conv(l) => l.visit(f),
+                Layer::BatchNorm(l) => l.visit(f),
+                Layer::Linear(l) => l.visit(f),
+                Layer::Relu(_) | Layer::MaxPool(_) => {}
+            }
+        }
+    }
+}
