@@ -24,6 +24,11 @@ shared_at=$(cat "$pack/shared_path")
 if [ ! -e "$shared_at" ]; then
     mkdir -p "$(dirname "$shared_at")" && ln -s "$pack/shared" "$shared_at"
 fi
+# ... and the repository's tests/fixtures.
+manifest=$(cat "$pack/manifest_dir")
+if [ ! -e "$manifest/tests/fixtures" ]; then
+    mkdir -p "$manifest/tests" && ln -s "$pack/fixtures" "$manifest/tests/fixtures"
+fi
 
 if [ "$what" = all ] || [ "$what" = tests ]; then
     step "golden tests (CUDA and CPU)"
@@ -32,6 +37,8 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
     timeout 300 "$bin/gradcheck" cuda 2>&1 | grep -v "^$"
     step "CUDA against the CPU backend"
     timeout 300 "$bin/cuda" --nocapture --test-threads 1 2>&1 | grep -v "^$"
+    step "LeNet and VGG-16 against PyTorch on CUDA"
+    timeout 300 "$bin/classic_models" cuda 2>&1 | grep -v "^$"
 fi
 
 if [ "$what" = all ] || [ "$what" = bench ]; then

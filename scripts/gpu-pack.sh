@@ -10,7 +10,7 @@ shared=$(cd ../shared && pwd)
 rm -rf "$pack" && mkdir -p "$pack/bin" "$pack/shared/golden" "$pack/shared/bench" "$pack/shared/data/cifar10"
 cargo build --release --quiet
 strip -o "$pack/bin/resnet-cifar" target/release/resnet-cifar
-for t in golden gradcheck cuda; do
+for t in golden gradcheck cuda classic_models; do
     exe=$(cargo test --release --no-run --message-format=json --test "$t" 2>/dev/null |
         python3 -c 'import json,sys
 for l in sys.stdin:
@@ -19,8 +19,10 @@ for l in sys.stdin:
     strip -o "$pack/bin/$t" "$exe"
 done
 cp "$shared"/golden/* "$pack/shared/golden/"
+mkdir -p "$pack/fixtures" && cp tests/fixtures/classic_models.safetensors "$pack/fixtures/"
 cp "$shared/bench/torch_reference.py" "$pack/shared/bench/"
 echo "$shared" > "$pack/shared_path"
+pwd > "$pack/manifest_dir"
 n=${DATA_FILES:-0}
 if [ "$n" -gt 0 ]; then
     data="$shared/data/cifar10"

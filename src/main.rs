@@ -12,7 +12,7 @@ use resnet_cifar::engine::cpu::Cpu;
 use resnet_cifar::engine::cuda::{Cuda, Precision};
 use resnet_cifar::engine::{Backend, Shape4};
 use resnet_cifar::eval::evaluate;
-use resnet_cifar::model::{Arch, ResNet, ResNetConfig, Stem, build, summarize};
+use resnet_cifar::model::{Arch, ResNet, ResNetConfig, Sequential, Stem, build, summarize, summarize_sequential};
 use resnet_cifar::plot;
 use resnet_cifar::predict;
 use resnet_cifar::train::{Console, Recipe, Resume, Stop, TrainConfig, load_resume, train};
@@ -655,14 +655,12 @@ fn run_plot(a: PlotArgs) -> Result<(), CliError> {
 }
 
 fn run_summary(a: SummaryArgs) -> Result<(), CliError> {
-    if a.net.model != Arch::Resnet18 {
-        return Err(CliError::input(format!(
-            "summary describes resnet18 (the seed's network); --model {} is not covered yet",
-            a.net.model.name()
-        )));
-    }
-    let model = ResNet::new(&Cpu, a.net.config(), 0);
-    let s = summarize(&model, Shape4::new(a.net.batch_size as usize, 32, 32, 3));
+    let input = Shape4::new(a.net.batch_size as usize, 32, 32, 3);
+    let s = match a.net.model {
+        Arch::Resnet18 => summarize(&ResNet::new(&Cpu, a.net.config(), 0), input),
+        Arch::Lenet => summarize_sequential(&Sequential::lenet(&Cpu, 10, 0), input),
+        Arch::Vgg16 => summarize_sequential(&Sequential::vgg16(&Cpu, 10, 0), input),
+    };
     if a.net.json {
         println!("{}", serde_json::to_string(&s).map_err(CliError::run)?);
     } else {

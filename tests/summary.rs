@@ -2,7 +2,8 @@
 
 use resnet_cifar::engine::Shape4;
 use resnet_cifar::engine::cpu::Cpu;
-use resnet_cifar::model::{ResNet, ResNetConfig, Stem, summarize};
+use resnet_cifar::model::{ResNet, ResNetConfig, Sequential, Stem, summarize, summarize_sequential};
+use resnet_cifar::nn::Module;
 
 #[test]
 fn seed_model_prints_as_pytorch_prints_it() {
@@ -59,4 +60,28 @@ fn variants_change_the_tree() {
         s.rows.iter().find(|r| r.name == "conv4.1.layer.4").unwrap().output,
         [2, 256, 8, 8]
     );
+}
+
+#[test]
+fn comparison_models_print_as_pytorch_prints_them() {
+    // print() of the classes in scripts/classic_models.py (PyTorch 2.15).
+    let input = Shape4::new(64, 32, 32, 3);
+    let mut lenet = Sequential::lenet(&Cpu, 10, 0);
+    let s = summarize_sequential(&lenet, input);
+    assert_eq!(s.tree, include_str!("fixtures/lenet_print.txt"));
+    let mut counted = 0;
+    lenet.visit_params(&mut |p| counted += p.numel());
+    assert_eq!(s.total_params, counted);
+    assert_eq!(s.total_params, 145_578, "PyTorch's count");
+    let row = |s: &resnet_cifar::model::Summary, name: &str| s.rows.iter().find(|r| r.name == name).unwrap().clone();
+    assert_eq!(row(&s, "features.8").output, [64, 64, 4, 4]);
+    assert_eq!(row(&s, "classifier.1").output, [64, 64]);
+    assert_eq!(row(&s, "features.0").macs, 64 * 32 * 32 * 32 * 5 * 5 * 3);
+
+    let vgg = Sequential::vgg16(&Cpu, 10, 0);
+    let s = summarize_sequential(&vgg, input);
+    assert_eq!(s.tree, include_str!("fixtures/vgg16_print.txt"));
+    assert_eq!(s.total_params, 14_728_266, "PyTorch's count");
+    assert_eq!(row(&s, "features.43").output, [64, 512, 1, 1]);
+    assert_eq!(row(&s, "classifier").output, [64, 10]);
 }

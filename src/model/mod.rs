@@ -8,4 +8,4 @@ pub mod summary;
 pub use network::{Arch, Network, build};
 pub use resnet::{ResNet, ResNetConfig, Stem};
 pub use sequential::Sequential;
-pub use summary::{Summary, summarize};
+pub use summary::{Summary, summarize, summarize_sequential};

@@ -29,7 +29,12 @@ impl<B: Backend> Layer<B> {
 }
 
 pub struct Sequential<B: Backend> {
+    /// The PyTorch class name (`LeNet`, `VGG16`), for printing.
+    pub title: &'static str,
     pub layers: Vec<Layer<B>>,
+    /// Where each layer sits in the PyTorch module: (`features`, Some(3)) is `features.3`;
+    /// (`classifier`, None) is a top-level `classifier`.
+    pub labels: Vec<(&'static str, Option<usize>)>,
     classes: usize,
     /// Input shape of each layer in the last forward pass.
     shapes: Vec<Shape4>,
@@ -54,8 +59,11 @@ fn conv<B: Backend>(b: &Builder<B>, cin: usize, cout: usize, kernel: usize, pad:
 }
 
 impl<B: Backend> Sequential<B> {
-    fn new(be: &B, layers: Vec<Layer<B>>, classes: usize) -> Self {
+    fn new(be: &B, title: &'static str, layers: Vec<(&'static str, Option<usize>, Layer<B>)>, classes: usize) -> Self {
+        let (labels, layers) = layers.into_iter().map(|(g, i, l)| ((g, i), l)).unzip();
         Self {
+            title,
+            labels,
             layers,
             classes,
             shapes: Vec::new(),
@@ -73,15 +81,18 @@ impl<B: Backend> Sequential<B> {
         let (f, c) = (root.pp("features"), root.pp("classifier"));
         let mut layers = Vec::new();
         for (i, (cin, cout)) in [(3, 32), (32, 32), (32, 64)].into_iter().enumerate() {
-            layers.push(conv(&f.pp(3 * i), cin, cout, 5, 2));
-            layers.push(Layer::Relu(Relu::new(be)));
-            layers.push(Layer::MaxPool(MaxPool2d::new(be, 2, 2, 0)));
+            layers.push(("features", Some(3 * i), conv(&f.pp(3 * i), cin, cout, 5, 2)));
+            layers.push(("features", Some(3 * i + 1), Layer::Relu(Relu::new(be))));
+            let pool = Layer::MaxPool(MaxPool2d::new(be, 2, 2, 0));
+            layers.push(("features", Some(3 * i + 2), pool));
         }
         let flat = Layout::LinearNhwc { h: 4, w: 4, c: 64 };
-        layers.push(Layer::Linear(Linear::with_layout(&c.pp(0), 1024, 64, flat)));
-        layers.push(Layer::Relu(Relu::new(be)));
-        layers.push(Layer::Linear(Linear::new(&c.pp(2), 64, classes)));
-        Self::new(be, layers, classes)
+        let fc1 = Linear::with_layout(&c.pp(0), 1024, 64, flat);
+        layers.push(("classifier", Some(0), Layer::Linear(fc1)));
+        layers.push(("classifier", Some(1), Layer::Relu(Relu::new(be))));
+        let fc2 = Linear::new(&c.pp(2), 64, classes);
+        layers.push(("classifier", Some(2), Layer::Linear(fc2)));
+        Self::new(be, "LeNet", layers, classes)
     }
 
     /// VGG-16 with batch norm for 32x32 inputs: 13 3x3 convs (64, 64, M, 128, 128, M,
@@ -95,16 +106,18 @@ impl<B: Backend> Sequential<B> {
         let (mut layers, mut cin, mut idx) = (Vec::new(), 3, 0);
         for cout in PLAN {
             if cout == 0 {
-                layers.push(Layer::MaxPool(MaxPool2d::new(be, 2, 2, 0)));
+                layers.push(("features", Some(idx), Layer::MaxPool(MaxPool2d::new(be, 2, 2, 0))));
                 idx += 1;
             } else {
-                layers.push(conv(&f.pp(idx), cin, cout, 3, 1));
-                layers.push(Layer::BatchNorm(BatchNorm2d::new(&f.pp(idx + 1), cout, true)));
+                layers.push(("features", Some(idx), conv(&f.pp(idx), cin, cout, 3, 1)));
+                let bn = BatchNorm2d::new(&f.pp(idx + 1), cout, true);
+                layers.push(("features", Some(idx + 1), Layer::BatchNorm(bn)));
                 (cin, idx) = (cout, idx + 3);
             }
         }
-        layers.push(Layer::Linear(Linear::new(&root.pp("classifier"), 512, classes)));
-        Self::new(be, layers, classes)
+        let fc = Linear::new(&root.pp("classifier"), 512, classes);
+        layers.push(("classifier", None, Layer::Linear(fc)));
+        Self::new(be, "VGG16", layers, classes)
     }
 }
 

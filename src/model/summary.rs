@@ -2,8 +2,9 @@
 //! every layer's output shape, parameters and multiply-adds for a given input.
 
 use super::resnet::{ResNet, Stem};
+use super::sequential::{Layer, Sequential};
 use crate::engine::{Backend, PoolGeom, Shape4};
-use crate::nn::{BatchNorm2d, Conv2d};
+use crate::nn::{BatchNorm2d, Conv2d, Linear, MaxPool2d};
 use std::fmt::Write;
 
 /// One layer of the table.
@@ -41,8 +42,9 @@ fn conv_repr<B: Backend>(c: &Conv2d<B>) -> String {
     } else {
         String::new()
     };
+    let bias = if c.cfg.bias { "" } else { ", bias=False" };
     format!(
-        "Conv2d({}, {}, kernel_size=({k}, {k}), stride=({s}, {s}){pad}, bias=False)",
+        "Conv2d({}, {}, kernel_size=({k}, {k}), stride=({s}, {s}){pad}{bias})",
         c.cfg.cin, c.cfg.cout
     )
 }
@@ -83,14 +85,8 @@ impl Walk {
     fn conv<B: Backend>(&mut self, label: &str, path: &str, c: &Conv2d<B>, input: Shape4) -> Shape4 {
         let out = c.geom(input).output();
         let macs = (out.numel() * c.cfg.cin * c.cfg.kernel * c.cfg.kernel) as u64;
-        self.leaf(
-            label,
-            format!("{path}.{label}"),
-            conv_repr(c),
-            nchw(out),
-            c.weight.numel(),
-            macs,
-        );
+        let params = c.weight.numel() + c.bias.as_ref().map_or(0, |b| b.numel());
+        self.leaf(label, format!("{path}.{label}"), conv_repr(c), nchw(out), params, macs);
         out
     }
     fn bn<B: Backend>(&mut self, label: &str, path: &str, b: &BatchNorm2d<B>, s: Shape4) {
@@ -104,15 +100,92 @@ impl Walk {
         );
     }
     fn relu(&mut self, label: &str, path: &str, s: Shape4) {
-        self.leaf(
-            label,
-            format!("{path}.{label}"),
-            "ReLU(inplace=True)".into(),
-            nchw(s),
-            0,
-            0,
-        );
+        self.relu_as(label, path, s, "ReLU(inplace=True)");
     }
+    fn relu_as(&mut self, label: &str, path: &str, s: Shape4, repr: &str) {
+        self.leaf(label, format!("{path}.{label}"), repr.into(), nchw(s), 0, 0);
+    }
+    fn pool(&mut self, label: &str, name: String, p: &MaxPool2d<impl Backend>, s: Shape4) -> Shape4 {
+        let out = PoolGeom {
+            input: s,
+            k: p.kernel,
+            stride: p.stride,
+            pad: p.pad,
+        }
+        .output();
+        let repr = format!(
+            "MaxPool2d(kernel_size={}, stride={}, padding={}, dilation=1, ceil_mode=False)",
+            p.kernel, p.stride, p.pad
+        );
+        self.leaf(label, name, repr, nchw(out), 0, 0);
+        out
+    }
+    fn linear(&mut self, label: &str, name: String, l: &Linear<impl Backend>, n: usize) {
+        let repr = format!("Linear(in_features={}, out_features={}, bias=True)", l.din, l.dout);
+        let params = l.weight.numel() + l.bias.numel();
+        self.leaf(label, name, repr, vec![n, l.dout], params, (n * l.din * l.dout) as u64);
+    }
+    fn finish(mut self, input: Shape4) -> Summary {
+        self.tree.push_str(")\n");
+        let total_params = self.rows.iter().map(|r| r.params).sum();
+        let total_macs = self.rows.iter().map(|r| r.macs).sum();
+        Summary {
+            input: nchw(input),
+            tree: self.tree,
+            rows: self.rows,
+            total_params,
+            total_macs,
+        }
+    }
+}
+
+/// Describes a layer chain (LeNet, VGG-16) for an NHWC input of shape `input`, printed as
+/// PyTorch prints the classes in `scripts/classic_models.py`.
+pub fn summarize_sequential<B: Backend>(model: &Sequential<B>, input: Shape4) -> Summary {
+    let mut w = Walk {
+        tree: format!("{}(\n", model.title),
+        rows: Vec::new(),
+        depth: 1,
+    };
+    let mut s = input;
+    let mut group: Option<&str> = None;
+    for (layer, &(g, index)) in model.layers.iter().zip(&model.labels) {
+        if group != Some(g) {
+            if group.is_some_and(|_| w.depth > 1) {
+                w.close();
+            }
+            if index.is_some() {
+                w.open(g, "Sequential");
+            }
+            group = Some(g);
+        }
+        let label = index.map_or(g.to_string(), |i| i.to_string());
+        let name = index.map_or(g.to_string(), |i| format!("{g}.{i}"));
+        match layer {
+            Layer::Conv(c) => s = w.conv(&label, g, c, s),
+            Layer::BatchNorm(b) => {
+                w.bn(&label, g, b, s);
+                if b.relu {
+                    let i = index.expect("batch norm inside a Sequential") + 1;
+                    w.relu_as(&i.to_string(), g, s, "ReLU()");
+                }
+            }
+            Layer::Relu(_) if s.h * s.w == 1 => {
+                // After a linear layer: a flat `[n, features]` activation.
+                w.leaf(&label, name, "ReLU()".into(), vec![s.n, s.c], 0, 0)
+            }
+            Layer::Relu(_) => w.relu_as(&label, g, s, "ReLU()"),
+            Layer::MaxPool(p) => s = w.pool(&label, name, p, s),
+            Layer::Linear(l) => {
+                w.linear(&label, name, l, s.n);
+                s = Shape4::new(s.n, 1, 1, l.dout);
+            }
+        }
+    }
+    if w.depth > 1 {
+        w.close();
+    }
+    w.finish(input)
 }
 
 /// Describes `model` for an NHWC input of shape `input`.
@@ -132,18 +205,7 @@ pub fn summarize<B: Backend>(model: &ResNet<B>, input: Shape4) -> Summary {
         next = 3;
     }
     if let Some(p) = &stem.pool {
-        s = PoolGeom {
-            input: s,
-            k: p.kernel,
-            stride: p.stride,
-            pad: p.pad,
-        }
-        .output();
-        let repr = format!(
-            "MaxPool2d(kernel_size={}, stride={}, padding={}, dilation=1, ceil_mode=False)",
-            p.kernel, p.stride, p.pad
-        );
-        w.leaf(&next.to_string(), format!("conv1.{next}"), repr, nchw(s), 0, 0);
+        s = w.pool(&next.to_string(), format!("conv1.{next}"), p, s);
     }
     w.close();
     for (stage, pair) in model.blocks.chunks(2).enumerate() {
@@ -185,26 +247,8 @@ pub fn summarize<B: Backend>(model: &ResNet<B>, input: Shape4) -> Summary {
         0,
         0,
     );
-    let fc = &model.fc;
-    let repr = format!("Linear(in_features={}, out_features={}, bias=True)", fc.din, fc.dout);
-    w.leaf(
-        "fc",
-        "fc".into(),
-        repr,
-        vec![s.n, fc.dout],
-        fc.weight.numel() + fc.bias.numel(),
-        (s.n * fc.din * fc.dout) as u64,
-    );
-    w.tree.push_str(")\n");
-    let total_params = w.rows.iter().map(|r| r.params).sum();
-    let total_macs = w.rows.iter().map(|r| r.macs).sum();
-    Summary {
-        input: nchw(input),
-        tree: w.tree,
-        rows: w.rows,
-        total_params,
-        total_macs,
-    }
+    w.linear("fc", "fc".into(), &model.fc, s.n);
+    w.finish(input)
 }
 
 impl Summary {
