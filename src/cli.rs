@@ -128,7 +128,8 @@ pub struct ConfigFile {
     pub stem: Option<String>,
     pub stages: Option<u8>,
     pub label_smoothing: Option<f32>,
-    pub tta: Option<bool>,
+    pub weight_decay: Option<f64>,
+    pub tta: Option<String>,
 }
 
 impl ConfigFile {
@@ -147,6 +148,10 @@ impl ConfigFile {
         if let Some(s) = &file.stem {
             s.parse::<Stem>()
                 .map_err(|e| CliError::input(format!("{}: stem: {e}", path.display())))?;
+        }
+        if let Some(t) = &file.tta {
+            t.parse::<crate::eval::Tta>()
+                .map_err(|e| CliError::input(format!("{}: tta: {e}", path.display())))?;
         }
         if let Some(m) = &file.model {
             m.parse::<Arch>()

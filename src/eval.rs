@@ -51,35 +51,118 @@ pub fn flip_horizontal(x: &[f32], n: usize, h: usize, w: usize, c: usize) -> Vec
     out
 }
 
-/// Scores `model` on `images` in eval mode. With `tta`, each image's logits are the mean of
-/// the logits of the image and of its mirror image (flip test-time augmentation).
+/// Test-time augmentation: the views of each image whose logits are averaged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Tta {
+    /// The image alone.
+    #[default]
+    Off,
+    /// The image and its mirror image.
+    Flip,
+    /// The image and its mirror image, each also shifted by 2 pixels in the 4 directions
+    /// (zero-padded, as the training crops pad): 10 views.
+    FlipShift,
+}
+
+impl Tta {
+    pub const ALL: [Tta; 3] = [Tta::Off, Tta::Flip, Tta::FlipShift];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Tta::Off => "off",
+            Tta::Flip => "flip",
+            Tta::FlipShift => "flip-shift",
+        }
+    }
+
+    /// (dx, dy, mirrored) of each view.
+    fn views(self) -> Vec<(isize, isize, bool)> {
+        let flips: &[bool] = if self == Tta::Off { &[false] } else { &[false, true] };
+        let shifts: &[(isize, isize)] = if self == Tta::FlipShift {
+            &[(0, 0), (2, 0), (-2, 0), (0, 2), (0, -2)]
+        } else {
+            &[(0, 0)]
+        };
+        flips
+            .iter()
+            .flat_map(|&f| shifts.iter().map(move |&(dx, dy)| (dx, dy, f)))
+            .collect()
+    }
+}
+
+impl std::str::FromStr for Tta {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Tta::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| format!("unknown test-time augmentation '{s}' (expected off, flip or flip-shift)"))
+    }
+}
+
+/// Shifts every image of a normalised NHWC batch by (dx, dy) pixels; uncovered pixels get
+/// `fill` (a black pixel, normalised, as the training crops' zero padding).
+pub fn shift_image(x: &[f32], n: usize, side: usize, dx: isize, dy: isize, fill: [f32; 3]) -> Vec<f32> {
+    let mut out = vec![0.0; n * side * side * 3];
+    for (src, dst) in x
+        .chunks_exact(side * side * 3)
+        .zip(out.chunks_exact_mut(side * side * 3))
+        .take(n)
+    {
+        for y in 0..side {
+            for xx in 0..side {
+                let (sy, sx) = (y as isize - dy, xx as isize - dx);
+                let px = &mut dst[(y * side + xx) * 3..(y * side + xx + 1) * 3];
+                if (0..side as isize).contains(&sy) && (0..side as isize).contains(&sx) {
+                    let at = (sy as usize * side + sx as usize) * 3;
+                    px.copy_from_slice(&src[at..at + 3]);
+                } else {
+                    px.copy_from_slice(&fill);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Scores `model` on `images` in eval mode; each image's logits are the mean over the `tta`
+/// views.
 pub fn evaluate<B: Backend>(
     be: &B,
     model: &mut dyn Network<B>,
     images: &Images,
     batch_size: usize,
-    tta: bool,
+    tta: Tta,
 ) -> EvalResult {
+    let views = tta.views();
+    let fill = [0, 1, 2].map(|c| crate::data::transform::normalize(0, c));
     let classes = model.num_classes();
     let mut confusion = vec![vec![0u64; classes]; classes];
     let (mut loss_sum, mut loss_total, mut correct) = (0f64, 0f64, 0usize);
     let mut x = be.alloc(0);
-    let (mut logits, mut mirrored) = (Vec::new(), Vec::new());
+    let (mut logits, mut view_logits) = (Vec::new(), Vec::new());
     for batch in eval_batches(images, batch_size) {
         let n = batch.len();
         let shape = Shape4::new(n, 32, 32, 3);
         crate::engine::ensure_len(be, &mut x, batch.x.len());
-        be.upload(&batch.x, &mut x);
-        model.forward(be, &x, shape, false);
+        logits.clear();
         logits.resize(n * classes, 0.0);
-        be.download(model.logits(), &mut logits);
-        if tta {
-            be.upload(&flip_horizontal(&batch.x, n, 32, 32, 3), &mut x);
+        for &(dx, dy, flip) in &views {
+            let mut view = if flip {
+                flip_horizontal(&batch.x, n, 32, 32, 3)
+            } else {
+                batch.x.clone()
+            };
+            if (dx, dy) != (0, 0) {
+                view = shift_image(&view, n, 32, dx, dy, fill);
+            }
+            be.upload(&view, &mut x);
             model.forward(be, &x, shape, false);
-            mirrored.resize(n * classes, 0.0);
-            be.download(model.logits(), &mut mirrored);
-            for (a, b) in logits.iter_mut().zip(&mirrored) {
-                *a = 0.5 * (*a + b);
+            view_logits.resize(n * classes, 0.0);
+            be.download(model.logits(), &mut view_logits);
+            for (a, b) in logits.iter_mut().zip(&view_logits) {
+                *a += b / views.len() as f32;
             }
         }
         let (mean, c) = score_logits(&logits, &batch.labels, classes, &mut confusion);

@@ -11,7 +11,7 @@ use resnet_cifar::data::{Cifar10, Splits, fetch};
 use resnet_cifar::engine::cpu::Cpu;
 use resnet_cifar::engine::cuda::{Cuda, Precision};
 use resnet_cifar::engine::{Backend, Shape4};
-use resnet_cifar::eval::evaluate;
+use resnet_cifar::eval::{Tta, evaluate};
 use resnet_cifar::model::{Arch, ResNet, ResNetConfig, Sequential, Stem, build, summarize, summarize_sequential};
 use resnet_cifar::plot;
 use resnet_cifar::predict;
@@ -163,9 +163,12 @@ struct TrainArgs {
     /// Label smoothing of the training loss, 0 to 1.
     #[arg(long)]
     label_smoothing: Option<f32>,
-    /// Evaluate with flip test-time augmentation (on|off).
-    #[arg(long, value_parser = ["on", "off"])]
-    tta: Option<String>,
+    /// L2 weight decay of the recipe's optimizer.
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Test-time augmentation of the evaluations: off, flip or flip-shift.
+    #[arg(long)]
+    tta: Option<Tta>,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -200,9 +203,10 @@ struct EvalArgs {
     /// The stem, for a state_dict that does not record it.
     #[arg(long)]
     stem: Option<Stem>,
-    /// Flip test-time augmentation: score the mean logits of each image and its mirror.
-    #[arg(long)]
-    tta: bool,
+    /// Test-time augmentation: off, flip (mean logits of each image and its mirror) or
+    /// flip-shift (also shifted by 2 pixels in 4 directions: 10 views).
+    #[arg(long, default_value = "off")]
+    tta: Tta,
 }
 
 /// The network and input size that `summary` and `bench` describe.
@@ -403,8 +407,9 @@ fn merge_config_file(mut a: TrainArgs) -> Result<TrainArgs, CliError> {
     a.seed = a.seed.or(f.seed);
     a.model.stages = a.model.stages.or(f.stages);
     a.label_smoothing = a.label_smoothing.or(f.label_smoothing);
+    a.weight_decay = a.weight_decay.or(f.weight_decay);
     if a.tta.is_none() {
-        a.tta = f.tta.map(|t| if t { "on" } else { "off" }.to_string());
+        a.tta = f.tta.map(|t| t.parse()).transpose().map_err(parse)?;
     }
     Ok(a)
 }
@@ -507,8 +512,14 @@ fn fresh_config(a: &TrainArgs) -> Result<TrainConfig, CliError> {
         }
         cfg.label_smoothing = s;
     }
-    if let Some(t) = &a.tta {
-        cfg.tta = t == "on";
+    if let Some(t) = a.tta {
+        cfg.tta = t;
+    }
+    if let Some(wd) = a.weight_decay {
+        if !(wd.is_finite() && wd >= 0.0) {
+            return Err(CliError::input(format!("--weight-decay must be 0 or more, got {wd}")));
+        }
+        cfg.optimizer = cfg.optimizer.with_weight_decay(wd);
     }
     cfg.arch = a.model.model.unwrap_or(cfg.arch);
     cfg.model.stem = a.model.stem.unwrap_or(cfg.model.stem);
@@ -528,6 +539,7 @@ fn resumed_config(a: &TrainArgs, dir: &Path) -> Result<(TrainConfig, Option<Resu
         ("--seed", a.seed.is_some()),
         ("--recipe", a.recipe.is_some()),
         ("--label-smoothing", a.label_smoothing.is_some()),
+        ("--weight-decay", a.weight_decay.is_some()),
         ("--tta", a.tta.is_some()),
         ("--model", a.model.model.is_some()),
         ("--stem", a.model.stem.is_some()),

@@ -320,7 +320,7 @@ fn seed_recipe_is_the_seed_run() {
     );
     assert_eq!(cfg.log_every, 100);
     assert_eq!("seed".parse::<Recipe>().unwrap(), Recipe::Seed);
-    assert_eq!((cfg.label_smoothing, cfg.tta), (0.0, false));
+    assert_eq!((cfg.label_smoothing, cfg.tta), (0.0, resnet_cifar::eval::Tta::Off));
     assert!(
         "quick"
             .parse::<Recipe>()
@@ -355,11 +355,36 @@ fn flip_tta_mirrors_each_row() {
 }
 
 #[test]
+fn tta_shift_moves_pixels_and_fills_with_black() {
+    use resnet_cifar::eval::shift_image;
+    // One 4x4 image, pixel (x, y) = [10y + x, 100 + 10y + x, 200 + 10y + x].
+    let side = 4;
+    let x: Vec<f32> = (0..side * side)
+        .flat_map(|p| (0..3).map(move |c| (100 * c + 10 * (p / side) + p % side) as f32))
+        .collect();
+    let fill = [-1.0, -2.0, -3.0];
+    let s = shift_image(&x, 1, side, 2, 0, fill);
+    let px = |v: &[f32], x: usize, y: usize| v[(y * side + x) * 3..(y * side + x + 1) * 3].to_vec();
+    assert_eq!(px(&s, 2, 1), px(&x, 0, 1), "content moves 2 pixels right");
+    assert_eq!(px(&s, 1, 3), fill.to_vec(), "uncovered pixels are the fill");
+    let s = shift_image(&x, 1, side, 0, -2, fill);
+    assert_eq!(px(&s, 3, 0), px(&x, 3, 2), "content moves 2 pixels up");
+    assert_eq!(px(&s, 0, 2), fill.to_vec());
+    assert_eq!(shift_image(&x, 1, side, 0, 0, fill), x);
+    assert_eq!(
+        "flip-shift".parse::<resnet_cifar::eval::Tta>().unwrap().name(),
+        "flip-shift"
+    );
+    assert!("mirror".parse::<resnet_cifar::eval::Tta>().is_err());
+}
+
+#[test]
 fn fast_recipe_resolves() {
     let cfg = "fast".parse::<Recipe>().unwrap().config();
     assert_eq!(cfg.recipe, "fast");
     assert!(matches!(cfg.optimizer, OptimizerConfig::Sgd(s) if s.nesterov && s.momentum == 0.9));
     assert!(matches!(cfg.schedule, Schedule::OneCycle { max_lr, .. } if max_lr == 0.2));
-    assert!(cfg.shuffle && cfg.tta && cfg.label_smoothing == 0.1);
+    assert!(cfg.shuffle && cfg.label_smoothing == 0.1);
+    assert_eq!(cfg.tta, resnet_cifar::eval::Tta::Flip);
     assert_eq!(cfg.model.stem, Stem::Seed, "same network as the seed");
 }

@@ -231,6 +231,7 @@ fn a_few_hundred_steps_learn_well_above_chance() {
         "eval",
         "--json",
         "--tta",
+        "flip",
         "--split",
         "val",
         "--checkpoint",
@@ -242,6 +243,21 @@ fn a_few_hundred_steps_learn_well_above_chance() {
     let tta: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(tta["images"], 2000);
     assert_ne!(tta["loss"], v["loss"], "flip TTA changes the logits");
+    let (code, out, err) = cli(&[
+        "eval",
+        "--json",
+        "--tta",
+        "flip-shift",
+        "--split",
+        "val",
+        "--checkpoint",
+        run.join("last.safetensors").to_str().unwrap(),
+        "--data",
+        common::shared_dir().join("data/cifar10").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let shifted: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_ne!(shifted["loss"], tta["loss"], "shifted views change the logits again");
 
     // plot draws the run's curves from its metrics.jsonl.
     let plots = dir.path().join("plots");

@@ -2,6 +2,7 @@
 //! `TrainConfig` that is written into the run folder.
 
 use crate::data::Augment;
+use crate::eval::Tta;
 use crate::model::{Arch, ResNetConfig};
 use crate::optim::{AdamConfig, Schedule, SgdConfig};
 
@@ -40,9 +41,9 @@ pub struct TrainConfig {
     /// Label smoothing of the training loss (0: the seed's plain cross-entropy).
     #[serde(default)]
     pub label_smoothing: f32,
-    /// Evaluate with flip test-time augmentation (mean logits of each image and its mirror).
+    /// Test-time augmentation of the evaluations (mean logits over views of each image).
     #[serde(default)]
-    pub tta: bool,
+    pub tta: Tta,
 }
 
 /// A named starting point for a run.
@@ -97,7 +98,7 @@ impl Recipe {
                 log_every: 100,
                 data: None,
                 label_smoothing: 0.0,
-                tta: false,
+                tta: Tta::Off,
             },
             Recipe::Fast => TrainConfig {
                 optimizer: OptimizerConfig::Sgd(SgdConfig {
@@ -117,10 +118,20 @@ impl Recipe {
                 eval_batch_size: 256,
                 shuffle: true,
                 label_smoothing: 0.1,
-                tta: true,
+                tta: Tta::Flip,
                 ..Recipe::Seed.config()
             }
             .named(self),
+        }
+    }
+}
+
+impl OptimizerConfig {
+    /// The same optimizer with L2 weight decay `wd`.
+    pub fn with_weight_decay(self, wd: f64) -> Self {
+        match self {
+            OptimizerConfig::Adam(a) => OptimizerConfig::Adam(AdamConfig { weight_decay: wd, ..a }),
+            OptimizerConfig::Sgd(s) => OptimizerConfig::Sgd(SgdConfig { weight_decay: wd, ..s }),
         }
     }
 }
