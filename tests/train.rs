@@ -226,38 +226,28 @@ fn a_few_hundred_steps_learn_well_above_chance() {
         .sum();
     assert_eq!(total, 2000);
 
-    // eval --tta scores the same images, with the flip averaged in.
-    let (code, out, err) = cli(&[
-        "eval",
-        "--json",
-        "--tta",
-        "flip",
-        "--split",
-        "val",
-        "--checkpoint",
-        run.join("last.safetensors").to_str().unwrap(),
-        "--data",
-        common::shared_dir().join("data/cifar10").to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let tta: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(tta["images"], 2000);
-    assert_ne!(tta["loss"], v["loss"], "flip TTA changes the logits");
-    let (code, out, err) = cli(&[
-        "eval",
-        "--json",
-        "--tta",
-        "flip-shift",
-        "--split",
-        "val",
-        "--checkpoint",
-        run.join("last.safetensors").to_str().unwrap(),
-        "--data",
-        common::shared_dir().join("data/cifar10").to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let shifted: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_ne!(shifted["loss"], tta["loss"], "shifted views change the logits again");
+    // eval --tta scores the same images, with the flip (and shifts) averaged in.
+    let eval_tta = |tta: &str| -> serde_json::Value {
+        let (code, out, err) = cli(&[
+            "eval",
+            "--json",
+            "--tta",
+            tta,
+            "--split",
+            "val",
+            "--checkpoint",
+            run.join("last.safetensors").to_str().unwrap(),
+            "--data",
+            common::shared_dir().join("data/cifar10").to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let flip = eval_tta("flip");
+    assert_eq!(flip["images"], 2000);
+    assert_ne!(flip["loss"], v["loss"], "flip TTA changes the logits");
+    let shifted = eval_tta("flip-shift");
+    assert_ne!(shifted["loss"], flip["loss"], "shifted views change the logits again");
 
     // plot draws the run's curves from its metrics.jsonl.
     let plots = dir.path().join("plots");
