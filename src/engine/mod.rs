@@ -248,6 +248,11 @@ pub trait Backend: Send + Sync + 'static {
         dlogits: &mut Self::Buf,
     );
 
+    /// Records `step` in `watch[0]` and the loss in `watch[1]` the first time `loss[0]` is not
+    /// finite (while `watch[0]` is still 0). The host reads `watch` now and then instead of the
+    /// loss after every step, and still learns the exact step a run diverged at.
+    fn watch_loss(&self, loss: &Self::Buf, step: u64, watch: &mut Self::Buf);
+
     /// One Adam step on `param` with state `m`, `v`.
     fn adam_step(
         &self,

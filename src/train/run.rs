@@ -217,6 +217,8 @@ pub fn train<B: Backend>(
     let steps_per_epoch = EpochPlan::new(train_images.len(), cfg.batch_size, false, 0, 0).num_batches();
     let mut x = be.alloc(0);
     let mut loss = [0f32];
+    let mut watch = be.alloc(2);
+    be.fill(&mut watch, 2, 0.0);
     let mut last_eval = None;
     let (mut trained_images, mut train_seconds) = (0u64, 0f64);
     let outcome = |pos: &Position, stopped, last_eval, images, seconds| TrainOutcome {
@@ -260,16 +262,13 @@ pub fn train<B: Backend>(
             trained_images += n as u64;
             let step = pos.step;
             let mut msg = String::new();
-            // Every step: a diverging run stops at the step it diverged, before its weights
-            // (all NaN by then) could reach a checkpoint. One float read back per step.
-            be.download(model.loss(), &mut loss);
-            if !loss[0].is_finite() {
-                bail!(
-                    "the loss became {} at step {step}; stopping (the last checkpoint is kept)",
-                    loss[0]
-                );
-            }
+            // Every step is watched on the device; the host reads the watch at each log step
+            // and before anything is saved, so a diverged run stops with the step it diverged
+            // at and its NaN weights never reach a checkpoint.
+            be.watch_loss(model.loss(), step, &mut watch);
             if step.is_multiple_of(cfg.log_every) {
+                check_watch(be, &watch)?;
+                be.download(model.loss(), &mut loss);
                 console.line(&format!("step {step}, loss {}", loss[0]));
                 files.scalar("train_loss", loss[0], step as usize)?;
                 files.log(
@@ -288,6 +287,7 @@ pub fn train<B: Backend>(
                 None
             };
             if let Some(reason) = reason {
+                check_watch(be, &watch)?;
                 train_seconds += started.elapsed().as_secs_f64();
                 console.finish_epoch();
                 save_train_state(be, &files.root, cfg, &mut *model, &opt, &pos)?;
@@ -305,6 +305,7 @@ pub fn train<B: Backend>(
         train_seconds += started.elapsed().as_secs_f64();
         console.finish_epoch();
         drop(batches);
+        check_watch(be, &watch)?;
         pos.epoch += 1;
         pos.batch = 0;
         pos.epochs_completed = pos.epoch;
@@ -401,6 +402,20 @@ fn meta(cfg: &TrainConfig, pos: &Position, accuracy: Option<f64>) -> HashMap<Str
 
 /// Everything a resumed run needs beyond the model: optimizer state and the position in the
 /// data, in one safetensors file written atomically.
+/// Fails with the step at which the loss stopped being finite, if it did.
+fn check_watch<B: Backend>(be: &B, watch: &B::Buf) -> Result<()> {
+    let mut w = [0f32; 2];
+    be.download(watch, &mut w);
+    if w[0] != 0.0 {
+        bail!(
+            "the loss became {} at step {}; stopping (the last checkpoint is kept)",
+            w[1],
+            w[0] as u64
+        );
+    }
+    Ok(())
+}
+
 fn save_train_state<B: Backend>(
     be: &B,
     root: &Path,

@@ -239,6 +239,13 @@ impl Backend for Cpu {
         loss[0] = loss::cross_entropy(n, classes, logits, labels, label_smoothing, dlogits);
     }
 
+    fn watch_loss(&self, loss: &Vec<f32>, step: u64, watch: &mut Vec<f32>) {
+        if !loss[0].is_finite() && watch[0] == 0.0 {
+            watch[0] = step as f32;
+            watch[1] = loss[0];
+        }
+    }
+
     fn adam_step(
         &self,
         len: usize,

@@ -291,6 +291,13 @@ extern "C" __global__ void cross_entropy(const float* logits, const int* labels,
     if (threadIdx.x == 0) loss[0] = (float)(part[0] / (double)n);
 }
 
+extern "C" __global__ void watch_loss(const float* loss, float step, float* watch) {
+    if (!isfinite(loss[0]) && watch[0] == 0.0f) {
+        watch[0] = step;
+        watch[1] = loss[0];
+    }
+}
+
 // ---- optimizers (PyTorch's single-tensor formulas, f32 constants derived on the host) ------------
 
 struct AdamConsts {

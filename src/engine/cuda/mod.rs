@@ -55,6 +55,7 @@ struct Kernels {
     relu_backward: CudaFunction,
     column_sums: CudaFunction,
     cross_entropy: CudaFunction,
+    watch_loss: CudaFunction,
     adam: CudaFunction,
     sgd: CudaFunction,
 }
@@ -184,6 +185,7 @@ impl Cuda {
             relu_backward: f("relu_backward")?,
             column_sums: f("column_sums")?,
             cross_entropy: f("cross_entropy")?,
+            watch_loss: f("watch_loss")?,
             adam: f("adam_step")?,
             sgd: f("sgd_step")?,
         };
@@ -763,6 +765,11 @@ impl Backend for Cuda {
                 arg(&dp),
             ],
         );
+    }
+
+    fn watch_loss(&self, loss: &CudaSlice<f32>, step: u64, watch: &mut CudaSlice<f32>) {
+        let (lp, wp, s) = (self.ptr(loss), self.ptr(watch), step as f32);
+        self.launch(&self.k.watch_loss, (1, 1), (1, 1), &mut [arg(&lp), arg(&s), arg(&wp)]);
     }
 
     fn adam_step(
