@@ -161,6 +161,12 @@ impl ConfigFile {
             r.parse::<crate::train::Recipe>()
                 .map_err(|e| CliError::input(format!("{}: recipe: {e}", path.display())))?;
         }
+        if file.epochs == Some(0) {
+            return Err(CliError::input(format!(
+                "{}: epochs must be at least 1",
+                path.display()
+            )));
+        }
         if file.batch_size == Some(0) {
             return Err(CliError::input(format!(
                 "{}: batch_size must be at least 1",

@@ -120,7 +120,7 @@ struct ModelArgs {
 }
 
 #[derive(Args)]
-#[command(after_help = recipes_help())]
+#[command(after_help = recipes_help(), allow_negative_numbers = true)]
 struct TrainArgs {
     /// CIFAR-10 folder (binary version). Without it, ./data is used and filled by download.
     #[arg(long)]
@@ -140,8 +140,8 @@ struct TrainArgs {
     #[arg(long)]
     recipe: Option<Recipe>,
     /// Passes over the training images.
-    #[arg(long)]
-    epochs: Option<usize>,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    epochs: Option<u64>,
     /// Images per optimizer step.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: Option<u64>,
@@ -398,7 +398,7 @@ fn merge_config_file(mut a: TrainArgs) -> Result<TrainArgs, CliError> {
     }
     a.data = a.data.or(f.data);
     a.out = a.out.or(f.out);
-    a.epochs = a.epochs.or(f.epochs);
+    a.epochs = a.epochs.or(f.epochs.map(|e| e as u64));
     a.batch_size = a.batch_size.or(f.batch_size);
     a.lr = a.lr.or(f.lr);
     a.max_steps = a.max_steps.or(f.max_steps);
@@ -491,7 +491,7 @@ fn default_run_dir(recipe: &str) -> PathBuf {
 fn fresh_config(a: &TrainArgs) -> Result<TrainConfig, CliError> {
     let mut cfg = a.recipe.unwrap_or(Recipe::Seed).config();
     if let Some(e) = a.epochs {
-        cfg.epochs = e;
+        cfg.epochs = e as usize;
     }
     if let Some(b) = a.batch_size {
         cfg.batch_size = b as usize;
@@ -553,7 +553,7 @@ fn resumed_config(a: &TrainArgs, dir: &Path) -> Result<(TrainConfig, Option<Resu
     let r = load_resume(dir).map_err(|e| CliError::input(format!("{e:#}")))?;
     let mut cfg = r.config.clone();
     if let Some(e) = a.epochs {
-        cfg.epochs = e;
+        cfg.epochs = e as usize;
     }
     if let Some(m) = a.max_steps {
         cfg.max_steps = Some(m);

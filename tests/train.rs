@@ -287,6 +287,32 @@ fn bad_input_exits_2_with_one_line() {
     let (code, _, err) = cli(&["train", "--stem", "huge"]);
     assert_eq!(code, 2);
     assert!(err.contains("unknown stem 'huge'"), "{err}");
+    // Absurd numbers: each refused before any work, naming the flag.
+    let data = common::shared_dir().join("data/cifar10");
+    let data = data.to_str().unwrap();
+    for (args, says) in [
+        (vec!["train", "--epochs", "-3"], "--epochs"),
+        (
+            vec!["train", "--data", data, "--lr", "-1"],
+            "--lr must be a positive number",
+        ),
+        (
+            vec!["train", "--data", data, "--label-smoothing", "1.5"],
+            "--label-smoothing",
+        ),
+        (
+            vec!["train", "--data", data, "--weight-decay", "-0.1"],
+            "--weight-decay",
+        ),
+        (vec!["--threads", "0", "train"], "--threads must be at least 1"),
+        (vec!["train", "--tta", "sideways"], "sideways"),
+        (vec!["predict", "--checkpoint", "x", "--top-k", "0", "a.png"], "--top-k"),
+        (vec!["--device", "tpu", "bench"], "unknown device 'tpu'"),
+    ] {
+        let (code, _, err) = cli(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
     let (code, _, err) = cli(&["eval", "--checkpoint", &format!("{d}/missing.safetensors")]);
     assert_eq!(code, 2);
     assert!(err.contains("missing.safetensors"), "{err}");
