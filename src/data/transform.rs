@@ -91,33 +91,70 @@ impl Batch {
     }
 }
 
+/// What a batch is made of, before any pixel is touched: for each image its index, crop
+/// position and flip. A backend that keeps the images on its device builds the pixels there
+/// from this ([`crate::engine::Backend::augment`]); the CPU builds them on the loader thread.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchPlan {
+    /// Per image: `[index, top, left, flip]`.
+    pub items: Vec<[u32; 4]>,
+    pub labels: Vec<u32>,
+    /// Padding of the crop (0: none).
+    pub pad: usize,
+}
+
+impl BatchPlan {
+    /// The plan for images `indices`, with randomness from `rng_seed`.
+    pub fn new(images: &Images, indices: &[u32], aug: Augment, rng_seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(rng_seed);
+        let mut items = Vec::with_capacity(indices.len());
+        for &i in indices {
+            // Draw in torchvision's order: crop position, then the flip.
+            let (top, left) = if aug.crop_pad > 0 {
+                let span = 2 * aug.crop_pad + 1;
+                (rng.random_range(0..span), rng.random_range(0..span))
+            } else {
+                (0, 0)
+            };
+            let flip = aug.flip && rng.random_bool(0.5);
+            items.push([i, top as u32, left as u32, flip as u32]);
+        }
+        Self {
+            labels: indices.iter().map(|&i| images.labels[i as usize] as u32).collect(),
+            items,
+            pad: aug.crop_pad,
+        }
+    }
+
+    /// The plan's pixels, NHWC and normalised.
+    pub fn write(&self, images: &Images) -> Vec<f32> {
+        self.write_from(&images.pixels)
+    }
+
+    /// The plan's pixels from a dataset's raw bytes (`[n, 3, 32, 32]`).
+    pub fn write_from(&self, pixels: &[u8]) -> Vec<f32> {
+        let per = SIDE * SIDE * 3;
+        let mut x = vec![0.0; self.items.len() * per];
+        for (out, &[i, top, left, flip]) in x.chunks_exact_mut(per).zip(&self.items) {
+            let i = i as usize;
+            write_image(
+                &pixels[i * IMAGE_BYTES..(i + 1) * IMAGE_BYTES],
+                out,
+                self.pad,
+                top as usize,
+                left as usize,
+                flip != 0,
+            );
+        }
+        x
+    }
+}
+
 /// Builds the batch of images `indices`, augmented with randomness from `rng_seed`.
 pub fn make_batch(images: &Images, indices: &[u32], aug: Augment, rng_seed: u64) -> Batch {
-    let mut rng = ChaCha8Rng::seed_from_u64(rng_seed);
-    let per = SIDE * SIDE * 3;
-    let mut batch = Batch {
-        x: vec![0.0; indices.len() * per],
-        labels: Vec::with_capacity(indices.len()),
-    };
-    for (k, &i) in indices.iter().enumerate() {
-        let i = i as usize;
-        // Draw in torchvision's order: crop position, then the flip.
-        let (top, left) = if aug.crop_pad > 0 {
-            let span = 2 * aug.crop_pad + 1;
-            (rng.random_range(0..span), rng.random_range(0..span))
-        } else {
-            (0, 0)
-        };
-        let flip = aug.flip && rng.random_bool(0.5);
-        write_image(
-            images.image(i),
-            &mut batch.x[k * per..(k + 1) * per],
-            aug.crop_pad,
-            top,
-            left,
-            flip,
-        );
-        batch.labels.push(images.labels[i] as u32);
+    let plan = BatchPlan::new(images, indices, aug, rng_seed);
+    Batch {
+        x: plan.write(images),
+        labels: plan.labels,
     }
-    batch
 }

@@ -15,6 +15,7 @@ use super::console::Console;
 use super::optimizer::Optimizer;
 use super::tensorboard::EventWriter;
 use crate::checkpoint::{self, HostTensor};
+use crate::data::transform::{BatchPlan, stream_seed};
 use crate::data::{EpochPlan, Images, Splits, spawn_loader};
 use crate::engine::{Backend, Shape4, ensure_len};
 use crate::eval::{EvalResult, evaluate};
@@ -231,17 +232,23 @@ pub fn train<B: Backend>(
         train_seconds: seconds,
     };
 
+    // On a GPU the training images go to the device once and each batch is cut there from a
+    // plan (indices, crops, flips) drawn on the host with the same randomness as the CPU's
+    // loader thread, so both build exactly the same batches.
+    let device_pixels = be.augments_on_device().then(|| be.upload_pixels(&train_images.pixels));
     while pos.epoch < cfg.epochs {
         let epoch = pos.epoch;
         let plan = EpochPlan::new(train_images.len(), cfg.batch_size, cfg.shuffle, cfg.seed, epoch);
-        let batches = spawn_loader(
-            train_images.clone(),
-            plan.clone(),
-            pos.batch,
-            cfg.augment,
-            cfg.seed,
-            epoch,
-        );
+        let batches = device_pixels.is_none().then(|| {
+            spawn_loader(
+                train_images.clone(),
+                plan.clone(),
+                pos.batch,
+                cfg.augment,
+                cfg.seed,
+                epoch,
+            )
+        });
         console.start_epoch(
             &format!("epoch {}/{}", epoch + 1, cfg.epochs),
             train_images.len() as u64,
@@ -249,12 +256,25 @@ pub fn train<B: Backend>(
         let started = Instant::now();
         while pos.batch < plan.num_batches() {
             let b = pos.batch;
-            let batch = batches.recv().context("the batch loader stopped")?;
-            let n = batch.len();
-            ensure_len(be, &mut x, batch.x.len());
-            be.upload(&batch.x, &mut x);
+            let labels = match (&device_pixels, &batches) {
+                (Some(pixels), _) => {
+                    let seed = stream_seed(&[cfg.seed, epoch as u64, b as u64]);
+                    let bp = BatchPlan::new(&train_images, plan.batch(b), cfg.augment, seed);
+                    ensure_len(be, &mut x, bp.items.len() * 32 * 32 * 3);
+                    be.augment(pixels, &bp, &mut x);
+                    bp.labels
+                }
+                (None, Some(rx)) => {
+                    let batch = rx.recv().context("the batch loader stopped")?;
+                    ensure_len(be, &mut x, batch.x.len());
+                    be.upload(&batch.x, &mut x);
+                    batch.labels
+                }
+                (None, None) => unreachable!("a loader runs when the device does not augment"),
+            };
+            let n = labels.len();
             model.forward(be, &x, Shape4::new(n, 32, 32, 3), true);
-            model.backward(be, &x, &batch.labels);
+            model.backward(be, &x, &labels);
             let lr = cfg.schedule.lr(epoch, b, steps_per_epoch, cfg.epochs);
             opt.step(be, &mut *model, lr);
             pos.step += 1;

@@ -9,7 +9,7 @@ mod loss;
 mod optim;
 mod pool;
 
-use super::{AdamStep, Backend, ConvGeom, Layout, PoolGeom, SgdStep, Shape4};
+use super::{AdamStep, Backend, BatchPlan, ConvGeom, Layout, PoolGeom, SgdStep, Shape4};
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -17,6 +17,7 @@ pub struct Cpu;
 
 impl Backend for Cpu {
     type Buf = Vec<f32>;
+    type Pixels = Vec<u8>;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -35,6 +36,17 @@ impl Backend for Cpu {
     }
     fn fill(&self, buf: &mut Vec<f32>, len: usize, value: f32) {
         buf[..len].fill(value);
+    }
+
+    fn augments_on_device(&self) -> bool {
+        false
+    }
+    fn upload_pixels(&self, bytes: &[u8]) -> Vec<u8> {
+        bytes.to_vec()
+    }
+    fn augment(&self, pixels: &Vec<u8>, plan: &BatchPlan, x: &mut Vec<f32>) {
+        let out = plan.write_from(pixels);
+        x[..out.len()].copy_from_slice(&out);
     }
 
     fn conv_weight_layout(&self) -> Layout {

@@ -9,7 +9,7 @@
 mod conv;
 mod libs;
 
-use super::{AdamStep, Backend, ConvGeom, Layout, PoolGeom, SgdStep, Shape4};
+use super::{AdamStep, Backend, BatchPlan, ConvGeom, Layout, PoolGeom, SgdStep, Shape4};
 use conv::{ConvPlan, Dnn};
 use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
@@ -36,6 +36,7 @@ pub enum Precision {
 
 struct Kernels {
     fill: CudaFunction,
+    augment: CudaFunction,
     add_assign: CudaFunction,
     bn_partial_sums: CudaFunction,
     bn_mean: CudaFunction,
@@ -64,6 +65,8 @@ struct Kernels {
 struct Scratch {
     partials: CudaSlice<f64>,
     labels: CudaSlice<i32>,
+    /// A batch plan's `[index, top, left, flip]` items.
+    items: CudaSlice<u32>,
 }
 
 pub struct Cuda {
@@ -166,6 +169,7 @@ impl Cuda {
         let f = |name: &str| module.load_function(name).map_err(|e| format!("kernel {name}: {e:?}"));
         let k = Kernels {
             fill: f("fill_f32")?,
+            augment: f("augment")?,
             add_assign: f("add_assign_f32")?,
             bn_partial_sums: f("bn_partial_sums")?,
             bn_mean: f("bn_mean")?,
@@ -199,6 +203,7 @@ impl Cuda {
         let scratch = Scratch {
             partials: stream.alloc_zeros(1).map_err(|e| format!("{e:?}"))?,
             labels: stream.alloc_zeros(1).map_err(|e| format!("{e:?}"))?,
+            items: stream.alloc_zeros(1).map_err(|e| format!("{e:?}"))?,
         };
         let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         Ok(Self {
@@ -388,6 +393,7 @@ impl Cuda {
 
 impl Backend for Cuda {
     type Buf = CudaSlice<f32>;
+    type Pixels = CudaSlice<u8>;
 
     fn name(&self) -> String {
         let p = match self.precision {
@@ -425,6 +431,46 @@ impl Backend for Cuda {
     fn fill(&self, buf: &mut CudaSlice<f32>, len: usize, value: f32) {
         let (p, n) = (self.ptr(buf), len as i64);
         self.elementwise(&self.k.fill, len, &mut [arg(&p), arg(&n), arg(&value)]);
+    }
+
+    fn augments_on_device(&self) -> bool {
+        true
+    }
+    fn upload_pixels(&self, bytes: &[u8]) -> CudaSlice<u8> {
+        self.stream
+            .clone_htod(bytes)
+            .unwrap_or_else(|e| panic!("CUDA: uploading {} bytes of images: {e:?}", bytes.len()))
+    }
+    fn augment(&self, pixels: &CudaSlice<u8>, plan: &BatchPlan, x: &mut CudaSlice<f32>) {
+        let n = plan.items.len();
+        let mut s = self.scratch.lock().expect("scratch lock");
+        if s.items.len() < 4 * n {
+            s.items = self.stream.alloc_zeros(4 * n).expect("CUDA alloc");
+        }
+        let flat: Vec<u32> = plan.items.iter().flatten().copied().collect();
+        self.stream
+            .memcpy_htod(&flat, &mut s.items.slice_mut(..4 * n))
+            .expect("CUDA upload");
+        let (pp, ip, xp) = (self.ptr(pixels), self.ptr(&s.items), self.ptr(x));
+        let (ni, pad) = (n as i32, plan.pad as i32);
+        let (m, sd) = (crate::data::transform::MEAN, crate::data::transform::STD);
+        self.elementwise(
+            &self.k.augment,
+            n * 3072,
+            &mut [
+                arg(&pp),
+                arg(&ip),
+                arg(&ni),
+                arg(&pad),
+                arg(&m[0]),
+                arg(&m[1]),
+                arg(&m[2]),
+                arg(&sd[0]),
+                arg(&sd[1]),
+                arg(&sd[2]),
+                arg(&xp),
+            ],
+        );
     }
 
     fn conv_weight_layout(&self) -> Layout {
