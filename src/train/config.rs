@@ -74,7 +74,7 @@ impl Recipe {
                 "the seed's run: Adam(lr 0.01, betas 0.9/0.999, eps 1e-8), lr 0.01/(epoch+1) per epoch, batch 64, 50 epochs, no shuffle, crop 4 + flip"
             }
             Recipe::Fast => {
-                "SGD(momentum 0.9, Nesterov, weight decay 5e-4), one-cycle lr peaking at 0.2 after 25% of the steps (from 0.02, down to 2e-5), batch 128, 10 epochs, shuffle, crop 4 + flip, label smoothing 0.1, flip test-time augmentation"
+                "SGD(momentum 0.9, Nesterov, weight decay 2e-4), one-cycle lr peaking at 0.2 after 25% of the steps (from 0.02, down to 2e-5), batch 128, 10 epochs, shuffle, crop 4 + flip, label smoothing 0.1, flip test-time augmentation"
             }
         }
     }
@@ -105,7 +105,9 @@ impl Recipe {
                     momentum: 0.9,
                     dampening: 0.0,
                     nesterov: true,
-                    weight_decay: 5e-4,
+                    // Measured against 5e-4: 81.28% vs 80.92% after 10 epochs, 85.94% vs
+                    // 85.20% after 30 (README, Results).
+                    weight_decay: 2e-4,
                 }),
                 schedule: Schedule::OneCycle {
                     max_lr: 0.2,
