@@ -114,8 +114,10 @@ pub fn model_config_of(
 #[derive(Clone, Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
-    pub recipe: Option<String>,
-    pub model: Option<String>,
+    #[serde(default, deserialize_with = "parsed")]
+    pub recipe: Option<crate::train::Recipe>,
+    #[serde(default, deserialize_with = "parsed")]
+    pub model: Option<Arch>,
     pub data: Option<std::path::PathBuf>,
     pub out: Option<std::path::PathBuf>,
     pub epochs: Option<usize>,
@@ -125,11 +127,24 @@ pub struct ConfigFile {
     pub val_split: Option<usize>,
     pub shuffle: Option<bool>,
     pub seed: Option<u64>,
-    pub stem: Option<String>,
+    #[serde(default, deserialize_with = "parsed")]
+    pub stem: Option<Stem>,
     pub stages: Option<u8>,
     pub label_smoothing: Option<f32>,
     pub weight_decay: Option<f64>,
-    pub tta: Option<String>,
+    #[serde(default, deserialize_with = "parsed")]
+    pub tta: Option<crate::eval::Tta>,
+}
+
+/// Reads an optional string key through its type's `FromStr`, so that a bad value (an unknown
+/// stem, say) is refused while parsing, with the key's line.
+fn parsed<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr<Err = String>,
+{
+    let s: Option<String> = serde::Deserialize::deserialize(d)?;
+    s.map(|s| s.parse().map_err(serde::de::Error::custom)).transpose()
 }
 
 impl ConfigFile {
@@ -145,22 +160,6 @@ impl ConfigFile {
                 .join("; ");
             CliError::input(format!("{}: {msg}", path.display()))
         })?;
-        if let Some(s) = &file.stem {
-            s.parse::<Stem>()
-                .map_err(|e| CliError::input(format!("{}: stem: {e}", path.display())))?;
-        }
-        if let Some(t) = &file.tta {
-            t.parse::<crate::eval::Tta>()
-                .map_err(|e| CliError::input(format!("{}: tta: {e}", path.display())))?;
-        }
-        if let Some(m) = &file.model {
-            m.parse::<Arch>()
-                .map_err(|e| CliError::input(format!("{}: model: {e}", path.display())))?;
-        }
-        if let Some(r) = &file.recipe {
-            r.parse::<crate::train::Recipe>()
-                .map_err(|e| CliError::input(format!("{}: recipe: {e}", path.display())))?;
-        }
         if file.epochs == Some(0) {
             return Err(CliError::input(format!(
                 "{}: epochs must be at least 1",

@@ -149,13 +149,13 @@ pub fn evaluate<B: Backend>(
         logits.clear();
         logits.resize(n * classes, 0.0);
         for &(dx, dy, flip) in &views {
-            let mut view = if flip {
-                flip_horizontal(&batch.x, n, 32, 32, 3)
-            } else {
-                batch.x.clone()
-            };
+            // The batch itself is uploaded as it is; only other views are built.
+            let mut view = std::borrow::Cow::Borrowed(&batch.x[..]);
+            if flip {
+                view = flip_horizontal(&view, n, 32, 32, 3).into();
+            }
             if (dx, dy) != (0, 0) {
-                view = shift_image(&view, n, 32, dx, dy, fill);
+                view = shift_image(&view, n, 32, dx, dy, fill).into();
             }
             be.upload(&view, &mut x);
             model.forward(be, &x, shape, false);

@@ -386,16 +386,9 @@ static STOP: AtomicBool = AtomicBool::new(false);
 fn merge_config_file(mut a: TrainArgs) -> Result<TrainArgs, CliError> {
     let Some(path) = a.config.clone() else { return Ok(a) };
     let f = ConfigFile::read(&path)?;
-    let parse = |e: String| CliError::input(format!("{}: {e}", path.display()));
-    if a.recipe.is_none() {
-        a.recipe = f.recipe.map(|r| r.parse()).transpose().map_err(parse)?;
-    }
-    if a.model.model.is_none() {
-        a.model.model = f.model.map(|m| m.parse()).transpose().map_err(parse)?;
-    }
-    if a.model.stem.is_none() {
-        a.model.stem = f.stem.map(|s| s.parse()).transpose().map_err(parse)?;
-    }
+    a.recipe = a.recipe.or(f.recipe);
+    a.model.model = a.model.model.or(f.model);
+    a.model.stem = a.model.stem.or(f.stem);
     a.data = a.data.or(f.data);
     a.out = a.out.or(f.out);
     a.epochs = a.epochs.or(f.epochs.map(|e| e as u64));
@@ -408,9 +401,7 @@ fn merge_config_file(mut a: TrainArgs) -> Result<TrainArgs, CliError> {
     a.model.stages = a.model.stages.or(f.stages);
     a.label_smoothing = a.label_smoothing.or(f.label_smoothing);
     a.weight_decay = a.weight_decay.or(f.weight_decay);
-    if a.tta.is_none() {
-        a.tta = f.tta.map(|t| t.parse()).transpose().map_err(parse)?;
-    }
+    a.tta = a.tta.or(f.tta);
     Ok(a)
 }
 

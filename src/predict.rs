@@ -4,7 +4,7 @@
 //! (so nothing is stretched) and resized to 32x32 with an antialiasing filter (Lanczos3), then
 //! normalised as the training images are.
 
-use crate::data::transform::{MEAN, SIDE, STD};
+use crate::data::transform::{SIDE, normalize};
 use crate::engine::{Backend, Shape4};
 use crate::model::Network;
 use image::imageops::FilterType;
@@ -28,7 +28,7 @@ pub fn load_image(path: &Path) -> Result<Vec<f32>, String> {
     let small = image::imageops::resize(&square, SIDE as u32, SIDE as u32, FilterType::Lanczos3);
     Ok(small
         .pixels()
-        .flat_map(|p| (0..3).map(move |c| (p[c] as f32 / 255.0 - MEAN[c]) / STD[c]))
+        .flat_map(|p| (0..3).map(move |c| normalize(p[c], c)))
         .collect())
 }
 

@@ -22,10 +22,9 @@ impl Layout {
     /// Engine offset of PyTorch's element `[o, i, y, x]` of a `[o, i, kh, kw]` conv weight.
     fn conv_offset(self, [o, i, kh, kw]: [usize; 4], [oc, ic, y, x]: [usize; 4]) -> usize {
         match self {
-            Layout::Torch => ((oc * i + ic) * kh + y) * kw + x,
             Layout::ConvHwio => ((y * kw + x) * i + ic) * o + oc,
             Layout::ConvOhwi => ((oc * kh + y) * kw + x) * i + ic,
-            Layout::LinearNhwc { .. } => unreachable!("not a conv layout"),
+            Layout::Torch | Layout::LinearNhwc { .. } => unreachable!("not a conv layout"),
         }
     }
 

@@ -89,6 +89,17 @@ fn choose<A: Copy>(
     results.iter().find(ok).map(|&(a, _, _, _, m)| (a, m))
 }
 
+/// The fields [`choose`] reads from the first `count` of cuDNN's algorithm results (each
+/// direction has its own result struct with the same fields).
+macro_rules! rows {
+    ($perf:expr, $count:expr) => {
+        $perf[..$count as usize]
+            .iter()
+            .map(|p| (p.algo, p.status, p.memory, p.determinism, p.mathType))
+            .collect::<Vec<_>>()
+    };
+}
+
 impl ConvPlan {
     /// Descriptors and algorithms for `g`. With `tf32` false, only full-fp32 math is allowed.
     pub fn new(dnn_h: &Dnn, g: &ConvGeom, tf32: bool) -> Self {
@@ -121,10 +132,7 @@ impl ConvPlan {
         check("forward algorithm", unsafe {
             dnn::get_convolution_forward_algorithm(h, x, w, fwd_desc, y, N as i32, &mut count, perf.as_mut_ptr())
         });
-        let r: Vec<_> = perf[..count as usize]
-            .iter()
-            .map(|p| (p.algo, p.status, p.memory, p.determinism, p.mathType))
-            .collect();
+        let r = rows!(perf, count);
         let (fwd, fwd_math) = choose(&r, tf32).unwrap_or_else(|| panic!("cuDNN: no forward algorithm for {g:?}"));
 
         let mut perf = [unsafe { std::mem::zeroed::<sys::cudnnConvolutionBwdDataAlgoPerf_t>() }; N];
@@ -140,10 +148,7 @@ impl ConvPlan {
                 perf.as_mut_ptr(),
             )
         });
-        let r: Vec<_> = perf[..count as usize]
-            .iter()
-            .map(|p| (p.algo, p.status, p.memory, p.determinism, p.mathType))
-            .collect();
+        let r = rows!(perf, count);
         let (bwd_data, data_math) =
             choose(&r, tf32).unwrap_or_else(|| panic!("cuDNN: no deterministic backward-data algorithm for {g:?}"));
 
@@ -160,10 +165,7 @@ impl ConvPlan {
                 perf.as_mut_ptr(),
             )
         });
-        let r: Vec<_> = perf[..count as usize]
-            .iter()
-            .map(|p| (p.algo, p.status, p.memory, p.determinism, p.mathType))
-            .collect();
+        let r = rows!(perf, count);
         let (bwd_filter, filter_math) =
             choose(&r, tf32).unwrap_or_else(|| panic!("cuDNN: no deterministic backward-filter algorithm for {g:?}"));
 

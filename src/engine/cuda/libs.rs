@@ -34,13 +34,14 @@ pub fn load_nvrtc() -> Result<(), String> {
 }
 
 fn load_libs(libs: &[(&str, &[&str])]) -> Result<(), String> {
-    let dirs = search_dirs();
+    // Searched only when a library is not found by name (the search runs Python).
+    let dirs = std::cell::OnceCell::new();
     let mut missing = Vec::new();
     for (name, extras) in libs {
         if unsafe { open(name) }.is_ok() {
             continue;
         }
-        match dirs.iter().find(|d| d.join(name).is_file()) {
+        match dirs.get_or_init(search_dirs).iter().find(|d| d.join(name).is_file()) {
             Some(dir) => {
                 for extra in *extras {
                     if let Some(path) = find_prefixed(dir, extra) {
