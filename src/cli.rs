@@ -134,6 +134,9 @@ pub struct ConfigFile {
     pub weight_decay: Option<f64>,
     #[serde(default, deserialize_with = "parsed")]
     pub tta: Option<crate::eval::Tta>,
+    pub decay_1d: Option<bool>,
+    pub zero_init_residual: Option<bool>,
+    pub crop_pad: Option<u8>,
 }
 
 /// Reads an optional string key through its type's `FromStr`, so that a bad value (an unknown
@@ -171,6 +174,9 @@ impl ConfigFile {
                 "{}: batch_size must be at least 1",
                 path.display()
             )));
+        }
+        if file.crop_pad.is_some_and(|p| p > 16) {
+            return Err(CliError::input(format!("{}: crop_pad must be 0 to 16", path.display())));
         }
         if file.stages.is_some_and(|s| !(3..=4).contains(&s)) {
             return Err(CliError::input(format!("{}: stages must be 3 or 4", path.display())));

@@ -169,6 +169,17 @@ struct TrainArgs {
     /// Test-time augmentation of the evaluations: off, flip or flip-shift.
     #[arg(long)]
     tta: Option<Tta>,
+    /// Weight decay on 1-D parameters (BatchNorm scales and shifts, biases) too: true is
+    /// PyTorch's single parameter group, false exempts them.
+    #[arg(long, value_name = "BOOL")]
+    decay_1d: Option<bool>,
+    /// Start every residual block as the identity: the last BatchNorm scale of each block at 0
+    /// (torchvision's zero_init_residual).
+    #[arg(long, value_name = "BOOL")]
+    zero_init_residual: Option<bool>,
+    /// Zero padding of the training crops: random 32x32 crops of the padded image (0: none).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=16))]
+    crop_pad: Option<u8>,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -402,6 +413,9 @@ fn merge_config_file(mut a: TrainArgs) -> Result<TrainArgs, CliError> {
     a.label_smoothing = a.label_smoothing.or(f.label_smoothing);
     a.weight_decay = a.weight_decay.or(f.weight_decay);
     a.tta = a.tta.or(f.tta);
+    a.decay_1d = a.decay_1d.or(f.decay_1d);
+    a.zero_init_residual = a.zero_init_residual.or(f.zero_init_residual);
+    a.crop_pad = a.crop_pad.or(f.crop_pad);
     Ok(a)
 }
 
@@ -512,6 +526,11 @@ fn fresh_config(a: &TrainArgs) -> Result<TrainConfig, CliError> {
         }
         cfg.optimizer = cfg.optimizer.with_weight_decay(wd);
     }
+    if let Some(d) = a.decay_1d {
+        cfg.optimizer = cfg.optimizer.with_decay_1d(d);
+    }
+    cfg.zero_init_residual = a.zero_init_residual.unwrap_or(cfg.zero_init_residual);
+    cfg.augment.crop_pad = a.crop_pad.map_or(cfg.augment.crop_pad, usize::from);
     cfg.arch = a.model.model.unwrap_or(cfg.arch);
     cfg.model.stem = a.model.stem.unwrap_or(cfg.model.stem);
     cfg.model.stages = a.model.stages.map_or(cfg.model.stages, |s| s as usize);
@@ -532,6 +551,9 @@ fn resumed_config(a: &TrainArgs, dir: &Path) -> Result<(TrainConfig, Option<Resu
         ("--label-smoothing", a.label_smoothing.is_some()),
         ("--weight-decay", a.weight_decay.is_some()),
         ("--tta", a.tta.is_some()),
+        ("--decay-1d", a.decay_1d.is_some()),
+        ("--zero-init-residual", a.zero_init_residual.is_some()),
+        ("--crop-pad", a.crop_pad.is_some()),
         ("--model", a.model.model.is_some()),
         ("--stem", a.model.stem.is_some()),
         ("--stages", a.model.stages.is_some()),

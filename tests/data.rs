@@ -305,7 +305,8 @@ fn seed_recipe_is_the_seed_run() {
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
-            weight_decay: 0.0
+            weight_decay: 0.0,
+            decay_1d: true,
         })
     );
     assert_eq!(cfg.schedule, Schedule::InverseEpoch { lr: 0.01 });

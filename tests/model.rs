@@ -6,7 +6,7 @@ use common::shared_dir;
 use resnet_cifar::checkpoint;
 use resnet_cifar::engine::cpu::Cpu;
 use resnet_cifar::engine::{Backend, Shape4};
-use resnet_cifar::model::{ResNet, ResNetConfig, Stem};
+use resnet_cifar::model::{Network, ResNet, ResNetConfig, Stem};
 use resnet_cifar::nn::{Entry, Module};
 use resnet_cifar::optim::{Adam, AdamConfig};
 
@@ -131,6 +131,41 @@ fn torchvision_stem_differs_from_seed_only_by_relu() {
         logits(&be, &mut tv, &x, 2, true),
         "the ReLU changes the output"
     );
+}
+
+/// Scales every residual-branch conv weight of `model` by 3.
+fn scale_branch_convs(be: &Cpu, model: &mut ResNet<Cpu>) {
+    model.visit(&mut |e| {
+        if let Entry::Tensor(p) = e
+            && p.name.contains(".layer.")
+            && p.shape.len() == 4
+        {
+            let v: Vec<f32> = p.read(be).iter().map(|w| w * 3.0).collect();
+            p.write(be, &v);
+        }
+    });
+}
+
+#[test]
+fn zero_init_residual_makes_every_branch_silent() {
+    let be = Cpu;
+    let (x, _) = batch(&be, 2, 1);
+    for zero in [false, true] {
+        let mut a = ResNet::new(&be, cfg(Stem::Seed), 9);
+        let mut b = ResNet::new(&be, cfg(Stem::Seed), 9);
+        if zero {
+            Network::zero_init_residual(&mut a, &be);
+            Network::zero_init_residual(&mut b, &be);
+        }
+        scale_branch_convs(&be, &mut b);
+        // With the last BN scale of each branch at 0, the branch convs cannot change the output:
+        // only the stem, the shortcuts and the fc do.
+        assert_eq!(
+            logits(&be, &mut a, &x, 2, true) == logits(&be, &mut b, &x, 2, true),
+            zero,
+            "zero_init_residual {zero}"
+        );
+    }
 }
 
 #[test]

@@ -49,6 +49,7 @@ fn adam_with_weight_decay_matches_pytorch() {
         beta2: 0.99,
         eps: 1e-3,
         weight_decay: 0.05,
+        decay_1d: true,
     });
     let got = run(|m| opt.step(&Cpu, m, 0.1));
     assert_close(
@@ -71,6 +72,7 @@ fn sgd_variants_match_pytorch() {
                 dampening: 0.3,
                 nesterov: false,
                 weight_decay: 0.01,
+                decay_1d: true,
             },
             [1.390463263e-01, -1.207226753e+00, 2.120062590e+00, 3.519412279e-01],
         ),
@@ -80,6 +82,7 @@ fn sgd_variants_match_pytorch() {
                 dampening: 0.0,
                 nesterov: true,
                 weight_decay: 5e-4,
+                decay_1d: true,
             },
             [-6.275572628e-02, -1.206706762e+00, 2.337946892e+00, 5.731655359e-01],
         ),
@@ -88,6 +91,56 @@ fn sgd_variants_match_pytorch() {
         let mut opt = Sgd::new(cfg);
         let got = run(|m| opt.step(&Cpu, m, 0.1));
         assert_close(&got, &want, &format!("{cfg:?}"));
+    }
+}
+
+/// A conv-shaped weight and a BatchNorm-shaped scale, both with zero gradients: only weight
+/// decay moves them.
+struct WeightAndScale(Param<Cpu>, Param<Cpu>);
+
+impl Module<Cpu> for WeightAndScale {
+    fn visit(&mut self, f: &mut dyn FnMut(Entry<'_, Cpu>)) {
+        f(Entry::Tensor(&mut self.0));
+        f(Entry::Tensor(&mut self.1));
+    }
+}
+
+#[test]
+fn decay_1d_false_exempts_only_one_dimensional_parameters() {
+    let be = Cpu;
+    for decay_1d in [true, false] {
+        let b = Builder::new(&be, 0);
+        let mut m = WeightAndScale(
+            b.constant("w", &[2, 1, 1, 2], 1.0, true),
+            b.constant("gamma", &[4], 1.0, true),
+        );
+        for p in [&mut m.0, &mut m.1] {
+            be.fill(p.grad.as_mut().unwrap(), 4, 0.0);
+        }
+        let sgd = SgdConfig {
+            weight_decay: 0.5,
+            decay_1d,
+            ..SgdConfig::default()
+        };
+        let adam = AdamConfig {
+            weight_decay: 0.5,
+            decay_1d,
+            ..AdamConfig::default()
+        };
+        Sgd::new(sgd).step(&be, &mut m, 0.1);
+        // SGD: w - lr * wd * w.
+        assert_eq!(m.0.read(&be), vec![0.95; 4]);
+        let gamma = if decay_1d { 0.95 } else { 1.0 };
+        assert_eq!(m.1.read(&be), vec![gamma; 4]);
+        // Adam: the decay term is the whole gradient, so a decayed tensor moves by about lr.
+        Adam::new(adam).step(&be, &mut m, 0.1);
+        assert!(m.0.read(&be).iter().all(|&v| (v - 0.85).abs() < 1e-4));
+        let moved = if decay_1d { gamma - 0.1 } else { gamma };
+        assert!(
+            m.1.read(&be).iter().all(|&v| (v - moved).abs() < 1e-4),
+            "{:?}",
+            m.1.read(&be)
+        );
     }
 }
 

@@ -306,6 +306,8 @@ fn bad_input_exits_2_with_one_line() {
         ),
         (vec!["--threads", "0", "train"], "--threads must be at least 1"),
         (vec!["train", "--tta", "sideways"], "sideways"),
+        (vec!["train", "--crop-pad", "17"], "--crop-pad"),
+        (vec!["train", "--zero-init-residual", "maybe"], "--zero-init-residual"),
         (vec!["predict", "--checkpoint", "x", "--top-k", "0", "a.png"], "--top-k"),
         (vec!["--device", "tpu", "bench"], "unknown device 'tpu'"),
     ] {
@@ -333,7 +335,7 @@ fn a_toml_config_file_sets_a_run_and_flags_override_it() {
     std::fs::write(
         &file,
         format!(
-            "recipe = \"fast\"\nepochs = 3\nmax_steps = 5\nval_split = 1000\nstem = \"seed3x3\"\nstages = 3\ndata = {:?}\nout = {:?}\n",
+            "recipe = \"fast\"\nepochs = 3\nmax_steps = 5\nval_split = 1000\nstem = \"seed3x3\"\nstages = 3\ncrop_pad = 2\nzero_init_residual = true\ndecay_1d = false\ndata = {:?}\nout = {:?}\n",
             common::shared_dir().join("data/cifar10").display().to_string(),
             run.display().to_string()
         ),
@@ -356,6 +358,9 @@ fn a_toml_config_file_sets_a_run_and_flags_override_it() {
     assert_eq!(config["val_split"], 1000, "from the file");
     assert_eq!(config["model"]["stem"], "seed3x3", "from the file");
     assert_eq!(config["model"]["stages"], 3, "from the file");
+    assert_eq!(config["augment"]["crop_pad"], 2, "from the file");
+    assert_eq!(config["zero_init_residual"], true, "from the file");
+    assert_eq!(config["optimizer"]["decay_1d"], false, "from the file");
     assert_eq!(config["max_steps"], 2, "the flag wins");
     assert_eq!(config["batch_size"], 16, "the flag wins");
     assert_eq!(
@@ -371,6 +376,8 @@ fn a_toml_config_file_sets_a_run_and_flags_override_it() {
         ("recipe = \"quick\"\n", "unknown recipe 'quick'"),
         ("epochs = \"many\"\n", "epochs"),
         ("epochs = [\n", "run.toml"),
+        ("crop_pad = 20\n", "crop_pad must be 0 to 16"),
+        ("zero_init_residual = \"yes\"\n", "zero_init_residual"),
     ] {
         std::fs::write(&file, text).unwrap();
         let (code, _, err) = cli(&["train", "--config", file.to_str().unwrap()]);

@@ -16,6 +16,10 @@ pub trait Network<B: Backend>: Module<B> {
     fn loss(&self) -> &B::Buf;
     fn num_classes(&self) -> usize;
     fn set_label_smoothing(&mut self, smoothing: f32);
+    /// Sets the scale (gamma) of the last BatchNorm of every residual branch to 0, so each
+    /// block starts as the identity (torchvision's `zero_init_residual`). Networks without
+    /// residual branches have nothing to change.
+    fn zero_init_residual(&mut self, _be: &B) {}
 }
 
 /// The architectures `--model` names.
@@ -81,5 +85,12 @@ impl<B: Backend> Network<B> for ResNet<B> {
     }
     fn set_label_smoothing(&mut self, smoothing: f32) {
         self.label_smoothing = smoothing;
+    }
+    fn zero_init_residual(&mut self, be: &B) {
+        for block in &mut self.blocks {
+            let gamma = &mut block.bn_b.weight;
+            let n = gamma.numel();
+            be.fill(&mut gamma.value, n, 0.0);
+        }
     }
 }

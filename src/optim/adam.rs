@@ -10,6 +10,9 @@ pub struct AdamConfig {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// Decay 1-D parameters too (see [`super::SgdConfig::decay_1d`]).
+    #[serde(default = "super::yes")]
+    pub decay_1d: bool,
 }
 
 impl Default for AdamConfig {
@@ -20,6 +23,7 @@ impl Default for AdamConfig {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.0,
+            decay_1d: true,
         }
     }
 }
@@ -54,6 +58,7 @@ impl<B: Backend> Adam<B> {
             step: self.steps,
         };
         let mut i = 0;
+        let decay_1d = self.cfg.decay_1d;
         let state = &mut self.state;
         model.visit_params(&mut |p| {
             let n = p.numel();
@@ -61,6 +66,10 @@ impl<B: Backend> Adam<B> {
                 state.push((be.alloc(n), be.alloc(n)));
             }
             let (m, v) = &mut state[i];
+            let h = AdamStep {
+                weight_decay: super::decay_for(p, h.weight_decay, decay_1d),
+                ..h
+            };
             be.adam_step(n, &h, &mut p.value, p.grad.as_ref().expect("trainable"), m, v);
             i += 1;
         });

@@ -10,6 +10,10 @@ pub struct SgdConfig {
     pub dampening: f64,
     pub nesterov: bool,
     pub weight_decay: f64,
+    /// Decay 1-D parameters too (BatchNorm weights and biases, biases): PyTorch's one
+    /// parameter group. `false` is the usual second group with no decay.
+    #[serde(default = "super::yes")]
+    pub decay_1d: bool,
 }
 
 impl Default for SgdConfig {
@@ -19,6 +23,7 @@ impl Default for SgdConfig {
             dampening: 0.0,
             nesterov: false,
             weight_decay: 0.0,
+            decay_1d: true,
         }
     }
 }
@@ -54,12 +59,17 @@ impl<B: Backend> Sgd<B> {
         };
         self.steps += 1;
         let mut i = 0;
+        let decay_1d = self.cfg.decay_1d;
         let state = &mut self.state;
         model.visit_params(&mut |p| {
             let n = p.numel();
             if state.len() == i {
                 state.push(be.alloc(n));
             }
+            let h = SgdStep {
+                weight_decay: super::decay_for(p, h.weight_decay, decay_1d),
+                ..h
+            };
             be.sgd_step(n, &h, &mut p.value, p.grad.as_ref().expect("trainable"), &mut state[i]);
             i += 1;
         });

@@ -174,6 +174,9 @@ pub fn train<B: Backend>(
     let mut files = RunFiles::create(out, cfg)?;
     let mut model = build(be, cfg.arch, cfg.model, cfg.seed);
     model.set_label_smoothing(cfg.label_smoothing);
+    if cfg.zero_init_residual {
+        model.zero_init_residual(be);
+    }
     let model: &mut dyn Network<B> = model.as_mut();
     let mut opt = Optimizer::new(&cfg.optimizer);
     let mut pos = Position::default();

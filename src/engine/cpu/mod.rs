@@ -20,7 +20,10 @@ impl Backend for Cpu {
     type Pixels = Vec<u8>;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        match rayon::current_num_threads() {
+            1 => "cpu (1 thread)".to_string(),
+            n => format!("cpu ({n} threads)"),
+        }
     }
     fn alloc(&self, len: usize) -> Vec<f32> {
         vec![0.0; len]
