@@ -388,4 +388,10 @@ fn fast_recipe_resolves() {
     assert!(cfg.shuffle && cfg.label_smoothing == 0.1);
     assert_eq!(cfg.tta, resnet_cifar::eval::Tta::Flip);
     assert_eq!(cfg.model.stem, Stem::Seed, "same network as the seed");
+    assert_eq!(cfg.augment.crop_pad, 2);
+
+    let cifar = "cifar".parse::<Recipe>().unwrap().config();
+    assert_eq!((cifar.recipe.as_str(), cifar.model.stem), ("cifar", Stem::Cifar));
+    assert_eq!((cifar.epochs, cifar.augment.crop_pad), (30, 4));
+    assert!(matches!(cifar.optimizer, OptimizerConfig::Sgd(s) if s.weight_decay == 5e-4 && s.nesterov));
 }
