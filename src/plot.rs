@@ -109,13 +109,18 @@ struct Chart {
     log_y: bool,
 }
 
-const COLOURS: [RGBColor; 6] = [
+/// Matplotlib's ten "tab10" colours: ten runs on one chart before a colour repeats.
+const COLOURS: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
     RGBColor(214, 39, 40),
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
 ];
 
 const FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
