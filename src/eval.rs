@@ -94,10 +94,7 @@ impl Tta {
 impl std::str::FromStr for Tta {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Tta::ALL
-            .into_iter()
-            .find(|t| t.name() == s)
-            .ok_or_else(|| format!("unknown test-time augmentation '{s}' (expected off, flip or flip-shift)"))
+        crate::named::parse_name("test-time augmentation", &Tta::ALL, Tta::name, s)
     }
 }
 

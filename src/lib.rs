@@ -11,6 +11,7 @@ pub mod data;
 pub mod engine;
 pub mod eval;
 pub mod model;
+pub mod named;
 pub mod nn;
 pub mod optim;
 pub mod plot;

@@ -50,10 +50,7 @@ impl Arch {
 impl std::str::FromStr for Arch {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Arch::ALL
-            .into_iter()
-            .find(|a| a.name() == s)
-            .ok_or_else(|| format!("unknown model '{s}' (expected resnet18, lenet or vgg16)"))
+        crate::named::parse_name("model", &Arch::ALL, Arch::name, s)
     }
 }
 

@@ -62,10 +62,7 @@ impl Stem {
 impl std::str::FromStr for Stem {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Stem::ALL.into_iter().find(|v| v.name() == s).ok_or_else(|| {
-            let names: Vec<_> = Stem::ALL.iter().map(|v| v.name()).collect();
-            format!("unknown stem '{s}' (expected one of: {})", names.join(", "))
-        })
+        crate::named::parse_name("stem", &Stem::ALL, Stem::name, s)
     }
 }
 
