@@ -137,6 +137,7 @@ pub struct ConfigFile {
     pub decay_1d: Option<bool>,
     pub zero_init_residual: Option<bool>,
     pub crop_pad: Option<u8>,
+    pub alternate_flip: Option<bool>,
 }
 
 /// Reads an optional string key through its type's `FromStr`, so that a bad value (an unknown

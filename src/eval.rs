@@ -63,26 +63,35 @@ pub enum Tta {
     /// The image and its mirror image, each also shifted by 2 pixels in the 4 directions
     /// (zero-padded, as the training crops pad): 10 views.
     FlipShift,
+    /// As `FlipShift` with shifts of 1 pixel: for networks trained on crops padded by 1,
+    /// which shifts of 2 take out of what they saw in training.
+    FlipShift1,
 }
 
 impl Tta {
-    pub const ALL: [Tta; 3] = [Tta::Off, Tta::Flip, Tta::FlipShift];
+    pub const ALL: [Tta; 4] = [Tta::Off, Tta::Flip, Tta::FlipShift, Tta::FlipShift1];
 
     pub fn name(self) -> &'static str {
         match self {
             Tta::Off => "off",
             Tta::Flip => "flip",
             Tta::FlipShift => "flip-shift",
+            Tta::FlipShift1 => "flip-shift1",
         }
     }
 
     /// (dx, dy, mirrored) of each view.
-    fn views(self) -> Vec<(isize, isize, bool)> {
+    pub fn views(self) -> Vec<(isize, isize, bool)> {
         let flips: &[bool] = if self == Tta::Off { &[false] } else { &[false, true] };
-        let shifts: &[(isize, isize)] = if self == Tta::FlipShift {
-            &[(0, 0), (2, 0), (-2, 0), (0, 2), (0, -2)]
-        } else {
+        let d = match self {
+            Tta::Off | Tta::Flip => 0,
+            Tta::FlipShift => 2,
+            Tta::FlipShift1 => 1,
+        };
+        let shifts: &[(isize, isize)] = if d == 0 {
             &[(0, 0)]
+        } else {
+            &[(0, 0), (d, 0), (-d, 0), (0, d), (0, -d)]
         };
         flips
             .iter()

@@ -166,7 +166,7 @@ struct TrainArgs {
     /// L2 weight decay of the recipe's optimizer.
     #[arg(long)]
     weight_decay: Option<f64>,
-    /// Test-time augmentation of the evaluations: off, flip or flip-shift.
+    /// Test-time augmentation of the evaluations: off, flip, flip-shift or flip-shift1.
     #[arg(long)]
     tta: Option<Tta>,
     /// Weight decay on 1-D parameters (BatchNorm scales and shifts, biases) too: true is
@@ -180,6 +180,9 @@ struct TrainArgs {
     /// Zero padding of the training crops: random 32x32 crops of the padded image (0: none).
     #[arg(long, value_parser = clap::value_parser!(u8).range(0..=16))]
     crop_pad: Option<u8>,
+    /// Mirror each training image in every other epoch instead of by a coin each time.
+    #[arg(long, value_name = "BOOL")]
+    alternate_flip: Option<bool>,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -215,7 +218,8 @@ struct EvalArgs {
     #[arg(long)]
     stem: Option<Stem>,
     /// Test-time augmentation: off, flip (mean logits of each image and its mirror) or
-    /// flip-shift (also shifted by 2 pixels in 4 directions: 10 views).
+    /// flip-shift (also shifted by 2 pixels in 4 directions: 10 views) or flip-shift1 (shifts
+    /// of 1 pixel, for networks trained on crops padded by 1).
     #[arg(long, default_value = "off")]
     tta: Tta,
 }
@@ -416,6 +420,7 @@ fn merge_config_file(mut a: TrainArgs) -> Result<TrainArgs, CliError> {
     a.decay_1d = a.decay_1d.or(f.decay_1d);
     a.zero_init_residual = a.zero_init_residual.or(f.zero_init_residual);
     a.crop_pad = a.crop_pad.or(f.crop_pad);
+    a.alternate_flip = a.alternate_flip.or(f.alternate_flip);
     Ok(a)
 }
 
@@ -531,6 +536,7 @@ fn fresh_config(a: &TrainArgs) -> Result<TrainConfig, CliError> {
     }
     cfg.zero_init_residual = a.zero_init_residual.unwrap_or(cfg.zero_init_residual);
     cfg.augment.crop_pad = a.crop_pad.map_or(cfg.augment.crop_pad, usize::from);
+    cfg.augment.alternate_flip = a.alternate_flip.unwrap_or(cfg.augment.alternate_flip);
     cfg.arch = a.model.model.unwrap_or(cfg.arch);
     cfg.model.stem = a.model.stem.unwrap_or(cfg.model.stem);
     cfg.model.stages = a.model.stages.map_or(cfg.model.stages, |s| s as usize);
@@ -554,6 +560,7 @@ fn resumed_config(a: &TrainArgs, dir: &Path) -> Result<(TrainConfig, Option<Resu
         ("--decay-1d", a.decay_1d.is_some()),
         ("--zero-init-residual", a.zero_init_residual.is_some()),
         ("--crop-pad", a.crop_pad.is_some()),
+        ("--alternate-flip", a.alternate_flip.is_some()),
         ("--model", a.model.model.is_some()),
         ("--stem", a.model.stem.is_some()),
         ("--stages", a.model.stages.is_some()),

@@ -116,7 +116,7 @@ fn without_a_gpu_the_cli_says_so_in_one_line() {
 
 /// A batch cut on the backend from a plan equals the host loader's batch, bit for bit.
 fn augment_matches_the_host<B: Backend>(be: &B) {
-    use resnet_cifar::data::transform::BatchPlan;
+    use resnet_cifar::data::transform::{BatchKey, BatchPlan};
     use resnet_cifar::data::{Augment, Images};
     let images = Images {
         pixels: (0..40 * 3072).map(|i| (i * 7 % 251) as u8).collect(),
@@ -125,7 +125,7 @@ fn augment_matches_the_host<B: Backend>(be: &B) {
     let pixels = be.upload_pixels(&images.pixels);
     let indices: Vec<u32> = (0..40).rev().step_by(3).collect();
     for (aug, seed) in [(Augment::SEED, 3), (Augment::NONE, 0), (Augment::SEED, 11)] {
-        let plan = BatchPlan::new(&images, &indices, aug, seed);
+        let plan = BatchPlan::new(&images, &indices, aug, BatchKey::new(seed, 1, 0));
         let mut x = be.alloc(indices.len() * 3072);
         be.augment(&pixels, &plan, &mut x);
         let got = common::get(be, &x, indices.len() * 3072);

@@ -4,7 +4,7 @@ mod common;
 
 use resnet_cifar::data::cifar::{self, IMAGE_BYTES, RECORD_BYTES, TRAIN_FILES};
 use resnet_cifar::data::transform::{MEAN, STD, make_batch, normalize};
-use resnet_cifar::data::{Augment, Cifar10, EpochPlan, Images, Splits, fetch};
+use resnet_cifar::data::{Augment, BatchKey, Cifar10, EpochPlan, Images, Splits, fetch};
 use resnet_cifar::model::Stem;
 use resnet_cifar::optim::{AdamConfig, Schedule};
 use resnet_cifar::train::{OptimizerConfig, Recipe};
@@ -126,7 +126,7 @@ fn normalisation_uses_the_seed_constants() {
         pixels: (0..IMAGE_BYTES).map(|i| (i % 251) as u8).collect(),
         labels: vec![4],
     };
-    let b = make_batch(&img, &[0], Augment::NONE, 0);
+    let b = make_batch(&img, &[0], Augment::NONE, BatchKey::new(0, 0, 0));
     for (c, y, x) in [(0, 0, 0), (1, 5, 7), (2, 31, 31)] {
         let v = img.pixels[c * 1024 + y * 32 + x];
         assert_eq!(b.x[(y * 32 + x) * 3 + c], normalize(v, c));
@@ -150,7 +150,7 @@ fn crop_and_flip_statistics() {
         img.labels.push(0);
     }
     let idx: Vec<u32> = (0..n as u32).collect();
-    let b = make_batch(&img, &idx, Augment::SEED, 123);
+    let b = make_batch(&img, &idx, Augment::SEED, BatchKey::new(123, 0, 0));
     let zero = normalize(0, 0);
     let (mut flips, mut padded_rows, mut shifts) = (0, 0, std::collections::HashMap::new());
     for k in 0..n {
@@ -187,12 +187,67 @@ fn crop_and_flip_statistics() {
     );
     // Same seed, same batch; another seed, another batch.
     assert_eq!(
-        make_batch(&img, &idx[..10], Augment::SEED, 5).x,
-        make_batch(&img, &idx[..10], Augment::SEED, 5).x
+        make_batch(&img, &idx[..10], Augment::SEED, BatchKey::new(5, 0, 0)).x,
+        make_batch(&img, &idx[..10], Augment::SEED, BatchKey::new(5, 0, 0)).x
     );
     assert_ne!(
-        make_batch(&img, &idx[..10], Augment::SEED, 5).x,
-        make_batch(&img, &idx[..10], Augment::SEED, 6).x
+        make_batch(&img, &idx[..10], Augment::SEED, BatchKey::new(5, 0, 0)).x,
+        make_batch(&img, &idx[..10], Augment::SEED, BatchKey::new(6, 0, 0)).x
+    );
+}
+
+/// Which images of a batch came out mirrored, for images whose pixels rise left to right.
+fn mirrored(b: &resnet_cifar::data::Batch) -> Vec<bool> {
+    (0..b.len()).map(|k| b.x[k * 3072] > b.x[k * 3072 + 31 * 3]).collect()
+}
+
+#[test]
+fn alternating_flips_mirror_each_image_every_other_epoch() {
+    let n = 1000;
+    let mut img = Images::default();
+    for _ in 0..n {
+        img.pixels.extend((0..IMAGE_BYTES).map(|i| (i % 32 * 4) as u8));
+        img.labels.push(0);
+    }
+    let alternate = Augment {
+        crop_pad: 0,
+        flip: true,
+        alternate_flip: true,
+    };
+    let idx: Vec<u32> = (0..n as u32).collect();
+    let rev: Vec<u32> = idx.iter().rev().copied().collect();
+    let epoch = |e: usize| mirrored(&make_batch(&img, &idx, alternate, BatchKey::new(9, e, 0)));
+    let first = epoch(0);
+    let frac = first.iter().filter(|&&f| f).count() as f64 / n as f64;
+    assert!(
+        (frac - 0.5).abs() < 0.06,
+        "half the images mirrored in the first epoch: {frac}"
+    );
+    for e in 1..4 {
+        let expect: Vec<bool> = first.iter().map(|&f| f ^ (e % 2 == 1)).collect();
+        assert_eq!(epoch(e), expect, "epoch {e} mirrors the images epoch {} did not", e - 1);
+    }
+    // The choice belongs to the image, wherever it sits in whichever batch.
+    let mut moved = mirrored(&make_batch(&img, &rev, alternate, BatchKey::new(9, 2, 7)));
+    moved.reverse();
+    assert_eq!(moved, first);
+    // Another run seed, another pattern; coin flips (the default) do not alternate.
+    assert_ne!(
+        mirrored(&make_batch(&img, &idx, alternate, BatchKey::new(10, 0, 0))),
+        first
+    );
+    let coin = Augment {
+        alternate_flip: false,
+        ..alternate
+    };
+    let (c0, c1) = (
+        mirrored(&make_batch(&img, &idx, coin, BatchKey::new(9, 0, 0))),
+        mirrored(&make_batch(&img, &idx, coin, BatchKey::new(9, 1, 0))),
+    );
+    let same = c0.iter().zip(&c1).filter(|(a, b)| a == b).count();
+    assert!(
+        (400..600).contains(&same),
+        "coin flips are independent across epochs: {same}"
     );
 }
 
@@ -316,7 +371,8 @@ fn seed_recipe_is_the_seed_run() {
         cfg.augment,
         Augment {
             crop_pad: 4,
-            flip: true
+            flip: true,
+            alternate_flip: false,
         }
     );
     assert_eq!(cfg.log_every, 100);
@@ -377,6 +433,20 @@ fn tta_shift_moves_pixels_and_fills_with_black() {
         "flip-shift"
     );
     assert!("mirror".parse::<resnet_cifar::eval::Tta>().is_err());
+    // The views: each shift comes with and without the mirror, shifted 2 or 1 pixels.
+    use resnet_cifar::eval::Tta;
+    assert_eq!(Tta::Off.views(), [(0, 0, false)]);
+    assert_eq!(Tta::Flip.views(), [(0, 0, false), (0, 0, true)]);
+    for (tta, d) in [(Tta::FlipShift, 2), (Tta::FlipShift1, 1)] {
+        let v = tta.views();
+        assert_eq!(v.len(), 10, "{tta:?}");
+        for (dx, dy, _) in &v {
+            assert!([0, d].contains(&(dx.abs() + dy.abs())), "{tta:?}: {v:?}");
+        }
+        assert_eq!(v.iter().filter(|x| x.2).count(), 5, "{tta:?}");
+        assert_eq!(v.iter().filter(|x| x.0 == -d && x.1 == 0).count(), 2, "{tta:?}");
+    }
+    assert_eq!("flip-shift1".parse::<Tta>(), Ok(Tta::FlipShift1));
 }
 
 #[test]
@@ -388,7 +458,7 @@ fn fast_recipe_resolves() {
     assert!(cfg.shuffle && cfg.label_smoothing == 0.1);
     assert_eq!(cfg.tta, resnet_cifar::eval::Tta::Flip);
     assert_eq!(cfg.model.stem, Stem::Seed, "same network as the seed");
-    assert_eq!(cfg.augment.crop_pad, 2);
+    assert_eq!(cfg.augment.crop_pad, 1);
 
     let cifar = "cifar".parse::<Recipe>().unwrap().config();
     assert_eq!((cifar.recipe.as_str(), cifar.model.stem), ("cifar", Stem::Cifar));

@@ -248,6 +248,9 @@ fn a_few_hundred_steps_learn_well_above_chance() {
     assert_ne!(flip["loss"], v["loss"], "flip TTA changes the logits");
     let shifted = eval_tta("flip-shift");
     assert_ne!(shifted["loss"], flip["loss"], "shifted views change the logits again");
+    let shifted1 = eval_tta("flip-shift1");
+    assert_ne!(shifted1["loss"], flip["loss"], "1-pixel shifts change the logits too");
+    assert_ne!(shifted1["loss"], shifted["loss"], "and differently from 2-pixel ones");
 
     // plot draws the run's curves from its metrics.jsonl.
     let plots = dir.path().join("plots");
@@ -335,7 +338,7 @@ fn a_toml_config_file_sets_a_run_and_flags_override_it() {
     std::fs::write(
         &file,
         format!(
-            "recipe = \"fast\"\nepochs = 3\nmax_steps = 5\nval_split = 1000\nstem = \"seed3x3\"\nstages = 3\ncrop_pad = 2\nzero_init_residual = true\ndecay_1d = false\ndata = {:?}\nout = {:?}\n",
+            "recipe = \"fast\"\nepochs = 3\nmax_steps = 5\nval_split = 1000\nstem = \"seed3x3\"\nstages = 3\ncrop_pad = 2\nalternate_flip = true\nzero_init_residual = true\ndecay_1d = false\ndata = {:?}\nout = {:?}\n",
             common::shared_dir().join("data/cifar10").display().to_string(),
             run.display().to_string()
         ),
@@ -359,6 +362,7 @@ fn a_toml_config_file_sets_a_run_and_flags_override_it() {
     assert_eq!(config["model"]["stem"], "seed3x3", "from the file");
     assert_eq!(config["model"]["stages"], 3, "from the file");
     assert_eq!(config["augment"]["crop_pad"], 2, "from the file");
+    assert_eq!(config["augment"]["alternate_flip"], true, "from the file");
     assert_eq!(config["zero_init_residual"], true, "from the file");
     assert_eq!(config["optimizer"]["decay_1d"], false, "from the file");
     assert_eq!(config["max_steps"], 2, "the flag wins");

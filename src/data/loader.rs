@@ -2,7 +2,7 @@
 //! ahead of the training step, so loading and augmentation overlap with compute.
 
 use super::cifar::Images;
-use super::transform::{Augment, Batch, make_batch, stream_seed};
+use super::transform::{Augment, Batch, BatchKey, make_batch, stream_seed};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -54,12 +54,7 @@ pub fn spawn_loader(
         .name("batch-loader".into())
         .spawn(move || {
             for b in first..plan.num_batches() {
-                let batch = make_batch(
-                    &images,
-                    plan.batch(b),
-                    aug,
-                    stream_seed(&[seed, epoch as u64, b as u64]),
-                );
+                let batch = make_batch(&images, plan.batch(b), aug, BatchKey::new(seed, epoch, b));
                 if tx.send(batch).is_err() {
                     return;
                 }
@@ -72,5 +67,5 @@ pub fn spawn_loader(
 /// Batches of `images` in order, without augmentation (evaluation).
 pub fn eval_batches(images: &Images, batch_size: usize) -> impl Iterator<Item = Batch> + '_ {
     let plan = EpochPlan::new(images.len(), batch_size, false, 0, 0);
-    (0..plan.num_batches()).map(move |b| make_batch(images, plan.batch(b), Augment::NONE, 0))
+    (0..plan.num_batches()).map(move |b| make_batch(images, plan.batch(b), Augment::NONE, BatchKey::new(0, 0, b)))
 }

@@ -7,4 +7,4 @@ pub mod transform;
 
 pub use cifar::{CLASS_NAMES, Cifar10, DataError, Images, Splits};
 pub use loader::{EpochPlan, eval_batches, spawn_loader};
-pub use transform::{Augment, Batch};
+pub use transform::{Augment, Batch, BatchKey};

@@ -19,16 +19,23 @@ pub struct Augment {
     /// Zero padding before the random 32x32 crop (0: no crop).
     pub crop_pad: usize,
     pub flip: bool,
+    /// With `flip`: each image is mirrored in every other epoch (at random in the first,
+    /// then the opposite of its previous epoch) instead of by a coin each time, so short runs
+    /// see every image both ways equally often (Keller Jordan's airbench, "alternating flip").
+    #[serde(default)]
+    pub alternate_flip: bool,
 }
 
 impl Augment {
     pub const SEED: Augment = Augment {
         crop_pad: 4,
         flip: true,
+        alternate_flip: false,
     };
     pub const NONE: Augment = Augment {
         crop_pad: 0,
         flip: false,
+        alternate_flip: false,
     };
 }
 
@@ -74,6 +81,31 @@ pub fn write_image(src: &[u8], out: &mut [f32], pad: usize, top: usize, left: us
     }
 }
 
+/// Where a batch sits in a run: its randomness is a function of these alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchKey {
+    /// The run's seed.
+    pub seed: u64,
+    pub epoch: usize,
+    pub batch: usize,
+}
+
+impl BatchKey {
+    pub fn new(seed: u64, epoch: usize, batch: usize) -> Self {
+        Self { seed, epoch, batch }
+    }
+    /// The seed of the batch's own random stream (crops, coin-flip mirrors).
+    fn rng_seed(self) -> u64 {
+        stream_seed(&[self.seed, self.epoch as u64, self.batch as u64])
+    }
+    /// Whether image `index` is mirrored this epoch under alternating flips: a coin per image
+    /// for the run, inverted in odd epochs.
+    fn alternate_flip(self, index: u32) -> bool {
+        let first = stream_seed(&[self.seed, index as u64, 0x464C_4950]) & 1 == 1;
+        first ^ (self.epoch % 2 == 1)
+    }
+}
+
 /// One batch ready for the engine.
 #[derive(Clone, Debug, Default)]
 pub struct Batch {
@@ -104,9 +136,9 @@ pub struct BatchPlan {
 }
 
 impl BatchPlan {
-    /// The plan for images `indices`, with randomness from `rng_seed`.
-    pub fn new(images: &Images, indices: &[u32], aug: Augment, rng_seed: u64) -> Self {
-        let mut rng = ChaCha8Rng::seed_from_u64(rng_seed);
+    /// The plan for images `indices` as batch `key` of a run.
+    pub fn new(images: &Images, indices: &[u32], aug: Augment, key: BatchKey) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(key.rng_seed());
         let mut items = Vec::with_capacity(indices.len());
         for &i in indices {
             // Draw in torchvision's order: crop position, then the flip.
@@ -116,7 +148,11 @@ impl BatchPlan {
             } else {
                 (0, 0)
             };
-            let flip = aug.flip && rng.random_bool(0.5);
+            let flip = match (aug.flip, aug.alternate_flip) {
+                (false, _) => false,
+                (true, false) => rng.random_bool(0.5),
+                (true, true) => key.alternate_flip(i),
+            };
             items.push([i, top as u32, left as u32, flip as u32]);
         }
         Self {
@@ -150,9 +186,9 @@ impl BatchPlan {
     }
 }
 
-/// Builds the batch of images `indices`, augmented with randomness from `rng_seed`.
-pub fn make_batch(images: &Images, indices: &[u32], aug: Augment, rng_seed: u64) -> Batch {
-    let plan = BatchPlan::new(images, indices, aug, rng_seed);
+/// Builds the batch of images `indices`, augmented as batch `key` of a run.
+pub fn make_batch(images: &Images, indices: &[u32], aug: Augment, key: BatchKey) -> Batch {
+    let plan = BatchPlan::new(images, indices, aug, key);
     Batch {
         x: plan.write(images),
         labels: plan.labels,

@@ -15,7 +15,7 @@ use super::console::Console;
 use super::optimizer::Optimizer;
 use super::tensorboard::EventWriter;
 use crate::checkpoint::{self, HostTensor};
-use crate::data::transform::{BatchPlan, stream_seed};
+use crate::data::transform::{BatchKey, BatchPlan};
 use crate::data::{EpochPlan, Images, Splits, spawn_loader};
 use crate::engine::{Backend, Shape4, ensure_len};
 use crate::eval::{EvalResult, evaluate};
@@ -261,8 +261,8 @@ pub fn train<B: Backend>(
             let b = pos.batch;
             let labels = match (&device_pixels, &batches) {
                 (Some(pixels), _) => {
-                    let seed = stream_seed(&[cfg.seed, epoch as u64, b as u64]);
-                    let bp = BatchPlan::new(&train_images, plan.batch(b), cfg.augment, seed);
+                    let key = BatchKey::new(cfg.seed, epoch, b);
+                    let bp = BatchPlan::new(&train_images, plan.batch(b), cfg.augment, key);
                     ensure_len(be, &mut x, bp.items.len() * 32 * 32 * 3);
                     be.augment(pixels, &bp, &mut x);
                     bp.labels
