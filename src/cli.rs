@@ -1,9 +1,10 @@
 //! Pieces of the command-line tool that are worth testing without a process: reading a
 //! checkpoint's model configuration, and the exit-code convention.
 
+use crate::checkpoint::{self, StateDict};
 use crate::model::{Arch, ResNetConfig, Stem};
-use safetensors::SafeTensors;
 use std::collections::HashMap;
+use std::path::Path;
 
 /// An error with the exit code it deserves: 2 for bad input (flags, data files, checkpoints
 /// given), 1 for a failure during a run.
@@ -28,19 +29,41 @@ impl CliError {
     }
 }
 
-/// The model a state_dict file holds: from its metadata when we wrote it, else inferred from
+/// A state_dict file read for `eval` and `predict`: its tensors, parsed once, and the model
+/// they fit.
+pub struct CheckpointFile {
+    pub tensors: StateDict,
+    pub meta: HashMap<String, String>,
+    pub arch: Arch,
+    pub model: ResNetConfig,
+}
+
+impl CheckpointFile {
+    /// Reads `path`; errors name it. `stem` as for [`model_config_of`].
+    pub fn read(path: &Path, stem: Option<Stem>) -> Result<Self, CliError> {
+        let origin = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|e| CliError::input(format!("{origin}: {e}")))?;
+        let (tensors, meta) = checkpoint::parse(&origin, &bytes).map_err(CliError::input)?;
+        let (arch, model) = model_config_of(&origin, &tensors, &meta, stem)?;
+        Ok(Self {
+            tensors,
+            meta,
+            arch,
+            model,
+        })
+    }
+}
+
+/// The model a state_dict holds: from its metadata when we wrote it, else inferred from
 /// its tensors (a state_dict saved from PyTorch). `stem` overrides; a 3x3 stem conv is
-/// ambiguous (seed3x3 or cifar) and needs it.
+/// ambiguous (seed3x3 or cifar) and needs it. `path` names the file in errors.
 pub fn model_config_of(
     path: &str,
-    bytes: &[u8],
+    tensors: &StateDict,
+    meta: &HashMap<String, String>,
     stem: Option<Stem>,
-) -> Result<(Arch, ResNetConfig, HashMap<String, String>), CliError> {
-    let bad = |e: &dyn std::fmt::Display| CliError::input(format!("{path}: not a valid safetensors file: {e}"));
-    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| bad(&e))?;
-    let meta = header.metadata().clone().unwrap_or_default();
-    let st = SafeTensors::deserialize(bytes).map_err(|e| bad(&e))?;
-    let shape = |name: &str| st.tensor(name).ok().map(|t| t.shape().to_vec());
+) -> Result<(Arch, ResNetConfig), CliError> {
+    let shape = |name: &str| tensors.get(name).map(|t| t.shape.clone());
     let arch = match meta.get("arch") {
         Some(a) => a
             .parse()
@@ -58,7 +81,7 @@ pub fn model_config_of(
             num_classes: classes,
             ..ResNetConfig::default()
         };
-        return Ok((arch, cfg, meta));
+        return Ok((arch, cfg));
     }
     if let Some(json) = meta.get("model") {
         let mut cfg: ResNetConfig =
@@ -66,7 +89,7 @@ pub fn model_config_of(
         if let Some(s) = stem {
             cfg.stem = s;
         }
-        return Ok((arch, cfg, meta));
+        return Ok((arch, cfg));
     }
     let conv1 = shape("conv1.0.weight").ok_or_else(|| {
         CliError::input(format!(
@@ -98,7 +121,6 @@ pub fn model_config_of(
             stages,
             num_classes: classes,
         },
-        meta,
     ))
 }
 

@@ -5,7 +5,7 @@
 use clap::{Args, Parser, Subcommand};
 use resnet_cifar::bench::{self, BenchConfig};
 use resnet_cifar::checkpoint;
-use resnet_cifar::cli::{CliError, ConfigFile, model_config_of};
+use resnet_cifar::cli::{CheckpointFile, CliError, ConfigFile};
 use resnet_cifar::data::CLASS_NAMES;
 use resnet_cifar::data::{Cifar10, Splits, fetch};
 use resnet_cifar::engine::cpu::Cpu;
@@ -583,12 +583,11 @@ fn resumed_config(a: &TrainArgs, dir: &Path) -> Result<(TrainConfig, Option<Resu
 
 fn run_eval(a: EvalArgs, target: Target) -> Result<(), CliError> {
     let path = a.checkpoint.display().to_string();
-    let bytes = std::fs::read(&a.checkpoint).map_err(|e| CliError::input(format!("{path}: {e}")))?;
-    let (arch, model_cfg, meta) = model_config_of(&path, &bytes, a.stem)?;
+    let file = CheckpointFile::read(&a.checkpoint, a.stem)?;
     let data = load_data(&a.data)?;
     let val_split = a
         .val_split
-        .or_else(|| meta.get("val_split").and_then(|v| v.parse().ok()))
+        .or_else(|| file.meta.get("val_split").and_then(|v| v.parse().ok()))
         .unwrap_or(0);
     let splits = Splits::new(data, if a.split == "val" { val_split } else { 0 }).map_err(CliError::input)?;
     let images =
@@ -602,8 +601,8 @@ fn run_eval(a: EvalArgs, target: Target) -> Result<(), CliError> {
             _ => &splits.train,
         };
     let r = with_backend!(target, |be| {
-        let mut model = build(be, arch, model_cfg, 0);
-        checkpoint::load_bytes(&path, &bytes, be, model.as_mut()).map_err(CliError::input)?;
+        let mut model = build(be, file.arch, file.model, 0);
+        checkpoint::load_tensors(&path, &file.tensors, be, model.as_mut()).map_err(CliError::input)?;
         evaluate(be, model.as_mut(), images, a.batch_size as usize, a.tta)
     });
     if a.json {
@@ -641,8 +640,7 @@ fn run_eval(a: EvalArgs, target: Target) -> Result<(), CliError> {
 
 fn run_predict(a: PredictArgs, target: Target) -> Result<(), CliError> {
     let path = a.checkpoint.display().to_string();
-    let bytes = std::fs::read(&a.checkpoint).map_err(|e| CliError::input(format!("{path}: {e}")))?;
-    let (arch, model_cfg, _) = model_config_of(&path, &bytes, a.stem)?;
+    let file = CheckpointFile::read(&a.checkpoint, a.stem)?;
     let images = a
         .images
         .iter()
@@ -651,8 +649,8 @@ fn run_predict(a: PredictArgs, target: Target) -> Result<(), CliError> {
         .map_err(CliError::input)?;
     let classes: Vec<String> = CLASS_NAMES.iter().map(|s| s.to_string()).collect();
     let guesses = with_backend!(target, |be| {
-        let mut model = build(be, arch, model_cfg, 0);
-        checkpoint::load_bytes(&path, &bytes, be, model.as_mut()).map_err(CliError::input)?;
+        let mut model = build(be, file.arch, file.model, 0);
+        checkpoint::load_tensors(&path, &file.tensors, be, model.as_mut()).map_err(CliError::input)?;
         predict::predict(be, model.as_mut(), &images, &classes, a.top_k as usize)
     });
     if a.json {
