@@ -217,7 +217,7 @@ struct EvalArgs {
     /// The stem, for a state_dict that does not record it.
     #[arg(long)]
     stem: Option<Stem>,
-    /// Test-time augmentation: off, flip (mean logits of each image and its mirror) or
+    /// Test-time augmentation: off, flip (mean logits of each image and its mirror),
     /// flip-shift (also shifted by 2 pixels in 4 directions: 10 views) or flip-shift1 (shifts
     /// of 1 pixel, for networks trained on crops padded by 1).
     #[arg(long, default_value = "off")]
