@@ -124,6 +124,16 @@ pub fn model_config_of(
     ))
 }
 
+/// Bounds (inclusive) of the train settings that have them, shared by the flags (clap's range
+/// parsers) and [`ConfigFile::read`], so that both refuse the same values.
+pub mod limits {
+    pub const AT_LEAST_1: (u64, u64) = (1, u64::MAX);
+    /// Padding beyond 16 would let a 32x32 crop miss the image entirely.
+    pub const CROP_PAD: (u64, u64) = (0, 16);
+    /// The seed's four residual stages, or three (its proposal to drop `conv5`).
+    pub const STAGES: (u64, u64) = (3, 4);
+}
+
 /// A run's settings in a TOML file (`train --config FILE`): the same names as the flags, in
 /// snake_case; flags given on the command line override the file.
 ///
@@ -186,23 +196,24 @@ impl ConfigFile {
                 .join("; ");
             CliError::input(format!("{}: {msg}", path.display()))
         })?;
-        if file.epochs == Some(0) {
-            return Err(CliError::input(format!(
-                "{}: epochs must be at least 1",
-                path.display()
-            )));
-        }
-        if file.batch_size == Some(0) {
-            return Err(CliError::input(format!(
-                "{}: batch_size must be at least 1",
-                path.display()
-            )));
-        }
-        if file.crop_pad.is_some_and(|p| p > 16) {
-            return Err(CliError::input(format!("{}: crop_pad must be 0 to 16", path.display())));
-        }
-        if file.stages.is_some_and(|s| !(3..=4).contains(&s)) {
-            return Err(CliError::input(format!("{}: stages must be 3 or 4", path.display())));
+        let bounded = [
+            ("epochs", file.epochs.map(|v| v as u64), limits::AT_LEAST_1),
+            ("batch_size", file.batch_size, limits::AT_LEAST_1),
+            ("max_steps", file.max_steps, limits::AT_LEAST_1),
+            ("crop_pad", file.crop_pad.map(u64::from), limits::CROP_PAD),
+            ("stages", file.stages.map(u64::from), limits::STAGES),
+        ];
+        for (key, value, (min, max)) in bounded {
+            if let Some(v) = value.filter(|v| !(min..=max).contains(v)) {
+                let allowed = match max {
+                    u64::MAX => format!("at least {min}"),
+                    _ => format!("{min} to {max}"),
+                };
+                return Err(CliError::input(format!(
+                    "{}: {key} must be {allowed}, got {v}",
+                    path.display()
+                )));
+            }
         }
         Ok(file)
     }

@@ -5,7 +5,7 @@
 use clap::{Args, Parser, Subcommand};
 use resnet_cifar::bench::{self, BenchConfig};
 use resnet_cifar::checkpoint;
-use resnet_cifar::cli::{CheckpointFile, CliError, ConfigFile};
+use resnet_cifar::cli::{CheckpointFile, CliError, ConfigFile, limits};
 use resnet_cifar::data::CLASS_NAMES;
 use resnet_cifar::data::{Cifar10, Splits, fetch};
 use resnet_cifar::engine::cpu::Cpu;
@@ -115,7 +115,7 @@ struct ModelArgs {
     #[arg(long)]
     stem: Option<Stem>,
     /// Residual stages: 4 (the seed) or 3 (drop conv5).
-    #[arg(long, value_parser = clap::value_parser!(u8).range(3..=4))]
+    #[arg(long, value_parser = clap::value_parser!(u8).range(limits::STAGES.0 as i64..=limits::STAGES.1 as i64))]
     stages: Option<u8>,
 }
 
@@ -140,16 +140,16 @@ struct TrainArgs {
     #[arg(long)]
     recipe: Option<Recipe>,
     /// Passes over the training images.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(limits::AT_LEAST_1.0..))]
     epochs: Option<u64>,
     /// Images per optimizer step.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(limits::AT_LEAST_1.0..))]
     batch_size: Option<u64>,
     /// Base (or peak) learning rate of the recipe's schedule.
     #[arg(long)]
     lr: Option<f64>,
     /// Stop after this many optimizer steps, with a checkpoint.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(limits::AT_LEAST_1.0..))]
     max_steps: Option<u64>,
     /// Hold out the last N training images as a validation set.
     #[arg(long)]
@@ -178,7 +178,7 @@ struct TrainArgs {
     #[arg(long, value_name = "BOOL")]
     zero_init_residual: Option<bool>,
     /// Zero padding of the training crops: random 32x32 crops of the padded image (0: none).
-    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=16))]
+    #[arg(long, value_parser = clap::value_parser!(u8).range(limits::CROP_PAD.0 as i64..=limits::CROP_PAD.1 as i64))]
     crop_pad: Option<u8>,
     /// Mirror each training image in every other epoch instead of by a coin each time.
     #[arg(long, value_name = "BOOL")]
@@ -209,7 +209,7 @@ struct EvalArgs {
     /// Size of the validation split (default: the one the checkpoint's run used).
     #[arg(long)]
     val_split: Option<usize>,
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(limits::AT_LEAST_1.0..))]
     batch_size: u64,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -234,10 +234,10 @@ struct NetArgs {
     #[arg(long, default_value = "seed")]
     stem: Stem,
     /// Residual stages: 4 (the seed) or 3 (drop conv5).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(3..=4))]
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(limits::STAGES.0 as i64..=limits::STAGES.1 as i64))]
     stages: u8,
     /// Images in the (random, CIFAR-shaped) input batch.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(limits::AT_LEAST_1.0..))]
     batch_size: u64,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -265,7 +265,7 @@ struct BenchArgs {
     #[command(flatten)]
     net: NetArgs,
     /// Timed steps, for training and for inference each.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(limits::AT_LEAST_1.0..))]
     steps: u64,
     /// Untimed steps first.
     #[arg(long, default_value_t = 3)]

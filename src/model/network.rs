@@ -81,7 +81,7 @@ impl<B: Backend> Network<B> for ResNet<B> {
         self.cfg.num_classes
     }
     fn set_label_smoothing(&mut self, smoothing: f32) {
-        self.label_smoothing = smoothing;
+        self.criterion.label_smoothing = smoothing;
     }
     fn zero_init_residual(&mut self, be: &B) {
         for block in &mut self.blocks {

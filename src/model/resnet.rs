@@ -6,7 +6,9 @@
 //! first pass (or when the batch grows), so a training step does not allocate activations.
 
 use crate::engine::{Backend, Shape4, ensure_len};
-use crate::nn::{BatchNorm2d, Builder, Conv2d, Conv2dConfig, Entry, GlobalAvgPool, Linear, MaxPool2d, Module};
+use crate::nn::{
+    BatchNorm2d, Builder, Conv2d, Conv2dConfig, CrossEntropy, Entry, GlobalAvgPool, Linear, MaxPool2d, Module,
+};
 
 /// The first layers of the network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -228,9 +230,8 @@ pub struct ResNet<B: Backend> {
     scratch: [B::Buf; 2],
     ws: B::Buf,
     dlogits: B::Buf,
-    loss: B::Buf,
-    /// Label smoothing of the training loss (PyTorch's `label_smoothing`; 0 is plain CE).
-    pub label_smoothing: f32,
+    /// The training loss (its label smoothing is set through [`super::Network`]).
+    pub criterion: CrossEntropy<B>,
 }
 
 impl<B: Backend> ResNet<B> {
@@ -267,8 +268,7 @@ impl<B: Backend> ResNet<B> {
             scratch: [be.alloc(0), be.alloc(0)],
             ws: be.alloc(0),
             dlogits: be.alloc(0),
-            loss: be.alloc(1),
-            label_smoothing: 0.0,
+            criterion: CrossEntropy::new(be),
         }
     }
 
@@ -310,17 +310,8 @@ impl<B: Backend> ResNet<B> {
     pub fn backward(&mut self, be: &B, x: &B::Buf, labels: &[u32]) {
         let n = self.n;
         assert_eq!(labels.len(), n, "one label per image");
-        let classes = self.cfg.num_classes;
-        ensure_len(be, &mut self.dlogits, n * classes);
-        be.cross_entropy(
-            n,
-            classes,
-            &self.fc.out,
-            labels,
-            self.label_smoothing,
-            &mut self.loss,
-            &mut self.dlogits,
-        );
+        self.criterion
+            .forward_backward(be, &self.fc.out, self.cfg.num_classes, labels, &mut self.dlogits);
 
         let largest = self.stem_shapes[1]
             .numel()
@@ -351,7 +342,7 @@ impl<B: Backend> ResNet<B> {
 
     /// The loss computed by the last [`Self::backward`].
     pub fn loss(&self) -> &B::Buf {
-        &self.loss
+        &self.criterion.loss
     }
 
     /// Number of trainable values.

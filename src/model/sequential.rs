@@ -4,7 +4,7 @@
 
 use super::network::Network;
 use crate::engine::{Backend, Layout, Shape4, ensure_len};
-use crate::nn::{BatchNorm2d, Builder, Conv2d, Conv2dConfig, Entry, Linear, MaxPool2d, Module, Relu};
+use crate::nn::{BatchNorm2d, Builder, Conv2d, Conv2dConfig, CrossEntropy, Entry, Linear, MaxPool2d, Module, Relu};
 
 pub enum Layer<B: Backend> {
     Conv(Conv2d<B>),
@@ -40,8 +40,7 @@ pub struct Sequential<B: Backend> {
     shapes: Vec<Shape4>,
     grad: [B::Buf; 2],
     ws: B::Buf,
-    loss: B::Buf,
-    label_smoothing: f32,
+    criterion: CrossEntropy<B>,
 }
 
 fn conv<B: Backend>(b: &Builder<B>, cin: usize, cout: usize, kernel: usize, pad: usize) -> Layer<B> {
@@ -69,8 +68,7 @@ impl<B: Backend> Sequential<B> {
             shapes: Vec::new(),
             grad: [be.alloc(0), be.alloc(0)],
             ws: be.alloc(0),
-            loss: be.alloc(1),
-            label_smoothing: 0.0,
+            criterion: CrossEntropy::new(be),
         }
     }
 
@@ -165,15 +163,7 @@ impl<B: Backend> Network<B> for Sequential<B> {
         let [ga, gb] = &mut self.grad;
         let (mut dout, mut dx) = (ga, gb);
         let logits = self.layers.last().expect("a layer").out();
-        be.cross_entropy(
-            n,
-            self.classes,
-            logits,
-            labels,
-            self.label_smoothing,
-            &mut self.loss,
-            dout,
-        );
+        self.criterion.forward_backward(be, logits, self.classes, labels, dout);
         for i in (0..self.layers.len()).rev() {
             let (before, rest) = self.layers.split_at_mut(i);
             let input = before.last().map_or(x, |l| l.out());
@@ -196,13 +186,13 @@ impl<B: Backend> Network<B> for Sequential<B> {
         self.layers.last().expect("a layer").out()
     }
     fn loss(&self) -> &B::Buf {
-        &self.loss
+        &self.criterion.loss
     }
     fn num_classes(&self) -> usize {
         self.classes
     }
     fn set_label_smoothing(&mut self, smoothing: f32) {
-        self.label_smoothing = smoothing;
+        self.criterion.label_smoothing = smoothing;
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod batch_norm;
 pub mod builder;
 pub mod conv2d;
+pub mod cross_entropy;
 pub mod linear;
 pub mod param;
 pub mod pool;
@@ -12,6 +13,7 @@ pub mod relu;
 pub use batch_norm::BatchNorm2d;
 pub use builder::Builder;
 pub use conv2d::{Conv2d, Conv2dConfig};
+pub use cross_entropy::CrossEntropy;
 pub use linear::Linear;
 pub use param::{Entry, Layout, Module, Param};
 pub use pool::{GlobalAvgPool, MaxPool2d};

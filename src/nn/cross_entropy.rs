@@ -1,0 +1,38 @@
+//! The training loss as a layer: mean cross-entropy of logits against labels (PyTorch's
+//! `CrossEntropyLoss`, with its `label_smoothing`), computed together with its gradient so
+//! that every network starts its backward pass the same way.
+
+use crate::engine::{Backend, ensure_len};
+
+pub struct CrossEntropy<B: Backend> {
+    /// Label smoothing (0 is plain cross-entropy).
+    pub label_smoothing: f32,
+    /// The mean loss of the last batch, left on the device so that a step needs no host
+    /// round trip.
+    pub loss: B::Buf,
+}
+
+impl<B: Backend> CrossEntropy<B> {
+    pub fn new(be: &B) -> Self {
+        Self {
+            label_smoothing: 0.0,
+            loss: be.alloc(1),
+        }
+    }
+
+    /// The loss of `logits` (`[labels.len(), classes]`) into [`Self::loss`], and its gradient
+    /// with respect to the logits into `dlogits` (grown to fit).
+    pub fn forward_backward(&mut self, be: &B, logits: &B::Buf, classes: usize, labels: &[u32], dlogits: &mut B::Buf) {
+        let n = labels.len();
+        ensure_len(be, dlogits, n * classes);
+        be.cross_entropy(
+            n,
+            classes,
+            logits,
+            labels,
+            self.label_smoothing,
+            &mut self.loss,
+            dlogits,
+        );
+    }
+}
