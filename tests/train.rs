@@ -174,6 +174,10 @@ fn a_few_hundred_steps_learn_well_above_chance() {
         "train loss at steps 100, 200, 300"
     );
     assert_eq!(lines.iter().filter(|l| l["kind"] == "eval").count(), 2);
+    for l in lines.iter().filter(|l| l["kind"] == "eval") {
+        let seconds = l["train_seconds"].as_f64().unwrap();
+        assert!(seconds > 0.0 && seconds < 600.0, "an epoch's training time: {seconds}");
+    }
 
     // TensorBoard: the seed's scalars at the seed's steps.
     let tb: Vec<_> = std::fs::read_dir(run.join("tensorboard"))
@@ -264,6 +268,16 @@ fn a_few_hundred_steps_learn_well_above_chance() {
         let blue = img.pixels().filter(|p| p[2] > 150 && p[0] < 80).count();
         assert!(blue > 200, "{f}: {blue} curve pixels");
     }
+}
+
+#[test]
+fn durations_read_as_a_person_would_say_them() {
+    use resnet_cifar::train::console::duration;
+    assert_eq!(duration(0.2), "0 s");
+    assert_eq!(duration(42.4), "42 s");
+    assert_eq!(duration(59.6), "1 min 0 s");
+    assert_eq!(duration(425.0), "7 min 5 s");
+    assert_eq!(duration((3 * 3600 + 12 * 60 + 29) as f64), "3 h 12 min");
 }
 
 #[test]

@@ -69,3 +69,13 @@ impl Console {
         }
     }
 }
+
+/// `s` seconds as "42 s", "7 min 5 s" or "3 h 12 min".
+pub fn duration(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min {} s", s / 60, s % 60),
+        _ => format!("{} h {} min", s / 3600, s % 3600 / 60),
+    }
+}

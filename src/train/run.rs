@@ -11,7 +11,7 @@
 //! ```
 
 use super::config::TrainConfig;
-use super::console::Console;
+use super::console::{Console, duration};
 use super::optimizer::Optimizer;
 use super::tensorboard::EventWriter;
 use crate::checkpoint::{self, HostTensor};
@@ -325,7 +325,8 @@ pub fn train<B: Backend>(
                 return Ok(outcome(&pos, Some(reason), last_eval, trained_images, train_seconds));
             }
         }
-        train_seconds += started.elapsed().as_secs_f64();
+        let epoch_seconds = started.elapsed().as_secs_f64();
+        train_seconds += epoch_seconds;
         console.finish_epoch();
         drop(batches);
         check_watch(be, &watch)?;
@@ -339,20 +340,22 @@ pub fn train<B: Backend>(
         if let Some((split, images)) = eval_on {
             let r = evaluate(be, &mut *model, images, cfg.eval_batch_size, cfg.tta);
             console.line(&format!(
-                "epoch {}/{}: {split} loss {:.4} (sum of batch means; {:.4} per image), accuracy {:.4} ({}/{})",
+                "epoch {}/{}: {split} loss {:.4} (sum of batch means; {:.4} per image), accuracy {:.4} ({}/{}); {}",
                 epoch + 1,
                 cfg.epochs,
                 r.loss_sum_of_batch_means,
                 r.loss,
                 r.accuracy,
                 r.correct,
-                r.images
+                r.images,
+                pace(epoch_seconds, cfg.epochs - pos.epoch)
             ));
             files.scalar("test_loss", r.loss_sum_of_batch_means as f32, epoch)?;
             files.scalar("test_accuracy", r.accuracy as f32, epoch)?;
             files.log(serde_json::json!({
                 "kind": "eval", "split": split, "epoch": epoch, "step": pos.step,
                 "loss_sum_of_batch_means": r.loss_sum_of_batch_means, "loss": r.loss, "accuracy": r.accuracy, "lr": lr,
+                "train_seconds": epoch_seconds,
             }))?;
             accuracy = Some(r.accuracy);
             if pos.best.is_none_or(|(_, a)| r.accuracy > a) {
@@ -360,7 +363,15 @@ pub fn train<B: Backend>(
             }
             last_eval = Some(r);
         } else {
-            files.log(serde_json::json!({"kind": "epoch", "epoch": epoch, "step": pos.step, "lr": lr}))?;
+            console.line(&format!(
+                "epoch {}/{}: {}",
+                epoch + 1,
+                cfg.epochs,
+                pace(epoch_seconds, cfg.epochs - pos.epoch)
+            ));
+            files.log(serde_json::json!({
+                "kind": "epoch", "epoch": epoch, "step": pos.step, "lr": lr, "train_seconds": epoch_seconds,
+            }))?;
         }
 
         // Checkpoints: this epoch's, then last (and best when it is), then the resume state.
@@ -459,4 +470,14 @@ fn save_train_state<B: Backend>(
     let path = root.join("train_state.safetensors");
     checkpoint::write_atomic(&path, &checkpoint::to_bytes(&tensors, Some(meta)))
         .with_context(|| format!("{}: write failed", path.display()))
+}
+
+/// How long an epoch's training took and, at that pace, how long the epochs left will take:
+/// the line a user checking a long run's log wants.
+fn pace(epoch_seconds: f64, epochs_left: usize) -> String {
+    let took = format!("trained in {}", duration(epoch_seconds));
+    match epochs_left {
+        0 => took,
+        n => format!("{took}, about {} to go", duration(epoch_seconds * n as f64)),
+    }
 }
