@@ -2,7 +2,8 @@
 //! checkpoint's model configuration, and the exit-code convention.
 
 use crate::checkpoint::{self, StateDict};
-use crate::model::{Arch, ResNetConfig, Stem};
+use crate::engine::Backend;
+use crate::model::{Arch, Network, ResNetConfig, Stem, build};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -32,6 +33,8 @@ impl CliError {
 /// A state_dict file read for `eval` and `predict`: its tensors, parsed once, and the model
 /// they fit.
 pub struct CheckpointFile {
+    /// The path as errors and reports name it.
+    pub origin: String,
     pub tensors: StateDict,
     pub meta: HashMap<String, String>,
     pub arch: Arch,
@@ -46,11 +49,19 @@ impl CheckpointFile {
         let (tensors, meta) = checkpoint::parse(&origin, &bytes).map_err(CliError::input)?;
         let (arch, model) = model_config_of(&origin, &tensors, &meta, stem)?;
         Ok(Self {
+            origin,
             tensors,
             meta,
             arch,
             model,
         })
+    }
+
+    /// The network the file holds, built on `be` with the file's weights.
+    pub fn network<B: Backend>(&self, be: &B) -> Result<Box<dyn Network<B>>, CliError> {
+        let mut model = build(be, self.arch, self.model, 0);
+        checkpoint::load_tensors(&self.origin, &self.tensors, be, model.as_mut()).map_err(CliError::input)?;
+        Ok(model)
     }
 }
 

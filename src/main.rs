@@ -4,7 +4,6 @@
 
 use clap::{Args, Parser, Subcommand};
 use resnet_cifar::bench::{self, BenchConfig};
-use resnet_cifar::checkpoint;
 use resnet_cifar::cli::{CheckpointFile, CliError, ConfigFile, limits};
 use resnet_cifar::data::CLASS_NAMES;
 use resnet_cifar::data::{Cifar10, Splits, fetch};
@@ -12,7 +11,7 @@ use resnet_cifar::engine::cpu::Cpu;
 use resnet_cifar::engine::cuda::{Cuda, Precision};
 use resnet_cifar::engine::{Backend, Shape4};
 use resnet_cifar::eval::{Tta, evaluate};
-use resnet_cifar::model::{Arch, ResNet, ResNetConfig, Sequential, Stem, build, summarize, summarize_sequential};
+use resnet_cifar::model::{Arch, ResNet, ResNetConfig, Sequential, Stem, summarize, summarize_sequential};
 use resnet_cifar::plot;
 use resnet_cifar::predict;
 use resnet_cifar::train::{Console, Recipe, Resume, Stop, TrainConfig, load_resume, train};
@@ -582,7 +581,6 @@ fn resumed_config(a: &TrainArgs, dir: &Path) -> Result<(TrainConfig, Option<Resu
 }
 
 fn run_eval(a: EvalArgs, target: Target) -> Result<(), CliError> {
-    let path = a.checkpoint.display().to_string();
     let file = CheckpointFile::read(&a.checkpoint, a.stem)?;
     let data = load_data(&a.data)?;
     let val_split = a
@@ -601,19 +599,18 @@ fn run_eval(a: EvalArgs, target: Target) -> Result<(), CliError> {
             _ => &splits.train,
         };
     let r = with_backend!(target, |be| {
-        let mut model = build(be, file.arch, file.model, 0);
-        checkpoint::load_tensors(&path, &file.tensors, be, model.as_mut()).map_err(CliError::input)?;
+        let mut model = file.network(be)?;
         evaluate(be, model.as_mut(), images, a.batch_size as usize, a.tta)
     });
     if a.json {
         let mut v = serde_json::to_value(&r).map_err(CliError::run)?;
         v["split"] = a.split.clone().into();
-        v["checkpoint"] = path.into();
+        v["checkpoint"] = file.origin.clone().into();
         v["classes"] = splits.classes.clone().into();
         println!("{v}");
         return Ok(());
     }
-    println!("{path} on the {} split ({} images)", a.split, r.images);
+    println!("{} on the {} split ({} images)", file.origin, a.split, r.images);
     println!(
         "accuracy {:.4} ({}/{}), loss {:.4} per image ({:.4} summed over batch means)",
         r.accuracy, r.correct, r.images, r.loss, r.loss_sum_of_batch_means
@@ -639,7 +636,6 @@ fn run_eval(a: EvalArgs, target: Target) -> Result<(), CliError> {
 }
 
 fn run_predict(a: PredictArgs, target: Target) -> Result<(), CliError> {
-    let path = a.checkpoint.display().to_string();
     let file = CheckpointFile::read(&a.checkpoint, a.stem)?;
     let images = a
         .images
@@ -649,8 +645,7 @@ fn run_predict(a: PredictArgs, target: Target) -> Result<(), CliError> {
         .map_err(CliError::input)?;
     let classes: Vec<String> = CLASS_NAMES.iter().map(|s| s.to_string()).collect();
     let guesses = with_backend!(target, |be| {
-        let mut model = build(be, file.arch, file.model, 0);
-        checkpoint::load_tensors(&path, &file.tensors, be, model.as_mut()).map_err(CliError::input)?;
+        let mut model = file.network(be)?;
         predict::predict(be, model.as_mut(), &images, &classes, a.top_k as usize)
     });
     if a.json {
