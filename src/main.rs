@@ -208,6 +208,8 @@ struct EvalArgs {
     /// Size of the validation split (default: the one the checkpoint's run used).
     #[arg(long)]
     val_split: Option<usize>,
+    /// Images per forward pass: accuracy and per-image loss do not depend on it (the seed's
+    /// sum of batch means does).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(limits::AT_LEAST_1.0..))]
     batch_size: u64,
     /// Print one JSON object instead of text.
