@@ -23,8 +23,8 @@ struct Tolerance {
     eval_after_step: f64,
 }
 
-/// Seed stem, measured: samples within 1.5e-4 of scale (mean 1.4e-5), sums within 4.4e-5,
-/// eval after the step 2.6e-4. The bounds leave room for kernels that sum in another order.
+/// Seed stem, measured (with Winograd convolutions on the 8x8 and 4x4 maps): samples within
+/// 1.5e-4 of scale (mean 1.8e-5), sums within 5.8e-5, eval after the step 2.5e-4. The bounds leave room for kernels that sum in another order.
 const SEED_TOL: Tolerance = Tolerance {
     sample: 1e-3,
     sample_mean: 1e-4,
@@ -170,6 +170,7 @@ fn check_stem<B: Backend>(be: &B, stem: Stem, file: &str, tol: &Tolerance) {
     model.forward(be, &x, input, false);
     be.download(model.logits(), &mut logits);
     let err = max_rel_err(&logits, &g.f32("eval_logits_after_step"));
+    eprintln!("{file}: eval logits after the step: {err:.2e}");
     assert!(
         err < tol.eval_after_step,
         "{file}: eval logits after the step differ by {err:.2e}"

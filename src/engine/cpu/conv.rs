@@ -10,9 +10,11 @@
 //! A batch is processed in chunks of whole images so the im2col workspace stays bounded
 //! (`WORKSPACE_BUDGET` values) however large the batch or the feature map; chunking depends only
 //! on the geometry, never on the thread count, so results are deterministic. 1x1 stride-1
-//! convolutions skip im2col: an NHWC activation already is their patch matrix.
+//! convolutions skip im2col: an NHWC activation already is their patch matrix. 3x3 stride-1
+//! convolutions with enough channels go to `winograd.rs` instead.
 
 use super::gemm::{Mat, matmul};
+use super::winograd;
 use crate::engine::ConvGeom;
 use rayon::prelude::*;
 
@@ -39,7 +41,9 @@ fn images_per_chunk(g: &ConvGeom) -> usize {
 }
 
 pub fn workspace_len(g: &ConvGeom) -> usize {
-    if is_pointwise(g) {
+    if winograd::applies(g) {
+        winograd::workspace_len(g)
+    } else if is_pointwise(g) {
         0
     } else {
         images_per_chunk(g) * workspace_per_image(g)
@@ -168,6 +172,9 @@ fn col2im(g: &ConvGeom, cols: &[f32], first: usize, count: usize, dx: &mut [f32]
 // the weight gradient p^T dy ~25% faster than computing dy^T p into an OHWI weight.
 
 pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32], ws: &mut [f32]) {
+    if winograd::applies(g) {
+        return winograd::forward(g, x, w, y, ws);
+    }
     let k = g.patch_len();
     let rows = rows_per_image(g);
     let weight = Mat::rows(&w[..g.weight_len()], g.cout);
@@ -203,6 +210,9 @@ pub fn backward(
     dw: &mut [f32],
     ws: &mut [f32],
 ) {
+    if winograd::applies(g) {
+        return winograd::backward(g, x, w, dy, dx, dw, ws);
+    }
     let k = g.patch_len();
     let rows = rows_per_image(g);
     let weight_t = Mat::transposed(&w[..g.weight_len()], g.cout);
@@ -602,27 +612,35 @@ mod tests {
     }
 
     #[test]
-    fn both_paths_match_a_direct_convolution() {
+    fn every_path_matches_a_direct_convolution() {
+        // (h, w, stride, kernel, pad, cin, cout, Winograd's path): 3x3 stride-1 convolutions
+        // with 16 channels and more take it where it saves multiplies (4x4 maps and larger).
         let cases = [
-            (8, 1, 3, 1),
-            (4, 1, 3, 1),
-            (2, 1, 3, 1),
-            (1, 1, 3, 1),
-            (2, 2, 3, 1),
-            (5, 2, 3, 1),
-            (9, 2, 7, 3),
-            (4, 2, 1, 0),
-            (3, 1, 1, 0),
+            (8, 9, 1, 3, 1, 5, 6, false),
+            (4, 5, 1, 3, 1, 5, 6, false),
+            (2, 3, 1, 3, 1, 5, 6, false),
+            (1, 2, 1, 3, 1, 5, 6, false),
+            (2, 3, 2, 3, 1, 5, 6, false),
+            (5, 6, 2, 3, 1, 5, 6, false),
+            (9, 10, 2, 7, 3, 5, 6, false),
+            (4, 5, 2, 1, 0, 5, 6, false),
+            (3, 4, 1, 1, 0, 5, 6, false),
+            (8, 9, 1, 3, 1, 16, 24, true),
+            (5, 6, 1, 3, 1, 24, 16, true),
+            (4, 4, 1, 3, 1, 16, 17, true),
+            (4, 5, 1, 3, 1, 16, 16, false),
+            (2, 2, 1, 3, 1, 16, 16, false),
         ];
-        for (h, stride, k, pad) in cases {
+        for (h, w, stride, k, pad, cin, cout, wino) in cases {
             let g = ConvGeom {
-                input: Shape4::new(3, h, h + 1, 5),
-                cout: 6,
+                input: Shape4::new(3, h, w, cin),
+                cout,
                 kh: k,
                 kw: k,
                 stride,
                 pad,
             };
+            assert_eq!(winograd::applies(&g), wino, "{g:?}");
             let val = |i: usize, salt: f32| ((i as f32 * 0.618 + salt).sin() * 1000.0).fract();
             let x: Vec<f32> = (0..g.input.numel()).map(|i| val(i, 0.1)).collect();
             let w: Vec<f32> = (0..g.weight_len()).map(|i| val(i, 0.2)).collect();

@@ -8,6 +8,7 @@ mod linear;
 mod loss;
 mod optim;
 mod pool;
+mod winograd;
 
 use super::{AdamStep, Backend, BatchPlan, ConvGeom, Layout, PoolGeom, SgdStep, Shape4};
 use rayon::prelude::*;
