@@ -257,6 +257,7 @@ pub fn train<B: Backend>(
             train_images.len() as u64,
         );
         let started = Instant::now();
+        let first_batch = pos.batch;
         while pos.batch < plan.num_batches() {
             let b = pos.batch;
             let labels = match (&device_pixels, &batches) {
@@ -327,6 +328,9 @@ pub fn train<B: Backend>(
         }
         let epoch_seconds = started.elapsed().as_secs_f64();
         train_seconds += epoch_seconds;
+        // A resumed run starts mid-epoch: scale its time to a whole epoch for the estimate.
+        let whole_epoch_seconds =
+            epoch_seconds * plan.num_batches() as f64 / (plan.num_batches() - first_batch).max(1) as f64;
         console.finish_epoch();
         drop(batches);
         check_watch(be, &watch)?;
@@ -348,7 +352,7 @@ pub fn train<B: Backend>(
                 r.accuracy,
                 r.correct,
                 r.images,
-                pace(epoch_seconds, cfg.epochs - pos.epoch)
+                pace(epoch_seconds, whole_epoch_seconds, cfg.epochs - pos.epoch)
             ));
             files.scalar("test_loss", r.loss_sum_of_batch_means as f32, epoch)?;
             files.scalar("test_accuracy", r.accuracy as f32, epoch)?;
@@ -367,7 +371,7 @@ pub fn train<B: Backend>(
                 "epoch {}/{}: {}",
                 epoch + 1,
                 cfg.epochs,
-                pace(epoch_seconds, cfg.epochs - pos.epoch)
+                pace(epoch_seconds, whole_epoch_seconds, cfg.epochs - pos.epoch)
             ));
             files.log(serde_json::json!({
                 "kind": "epoch", "epoch": epoch, "step": pos.step, "lr": lr, "train_seconds": epoch_seconds,
@@ -472,12 +476,12 @@ fn save_train_state<B: Backend>(
         .with_context(|| format!("{}: write failed", path.display()))
 }
 
-/// How long an epoch's training took and, at that pace, how long the epochs left will take:
-/// the line a user checking a long run's log wants.
-fn pace(epoch_seconds: f64, epochs_left: usize) -> String {
+/// How long an epoch's training took and, at that pace (`whole_epoch_seconds` a full epoch),
+/// how long the epochs left will take: the line a user checking a long run's log wants.
+fn pace(epoch_seconds: f64, whole_epoch_seconds: f64, epochs_left: usize) -> String {
     let took = format!("trained in {}", duration(epoch_seconds));
     match epochs_left {
         0 => took,
-        n => format!("{took}, about {} to go", duration(epoch_seconds * n as f64)),
+        n => format!("{took}, about {} to go", duration(whole_epoch_seconds * n as f64)),
     }
 }
