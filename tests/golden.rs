@@ -23,13 +23,15 @@ struct Tolerance {
     eval_after_step: f64,
 }
 
-/// Seed stem, measured (with Winograd convolutions on the 8x8 and 4x4 maps): samples within
-/// 1.5e-4 of scale (mean 1.8e-5), sums within 5.8e-5, eval after the step 2.5e-4. The bounds leave room for kernels that sum in another order.
+/// Seed stem, measured (with Winograd F(4x4, 3x3) convolutions on the 8x8 and 4x4 maps):
+/// samples within 3.5e-4 of scale (mean 2.0e-5), sums within 8.7e-5, eval after the step
+/// 1.4e-3 (2.6e-4 with im2col everywhere). The bounds leave room for kernels that sum in
+/// another order, and stay well inside the 1.6e-2 at which PyTorch's own f32 run lands.
 const SEED_TOL: Tolerance = Tolerance {
     sample: 1e-3,
     sample_mean: 1e-4,
     sum: 3e-3,
-    eval_after_step: 2e-3,
+    eval_after_step: 5e-3,
 };
 
 /// Cifar stem. In its golden run one pre-ReLU activation of conv5.0 (flat index 25041) is

@@ -614,7 +614,8 @@ mod tests {
     #[test]
     fn every_path_matches_a_direct_convolution() {
         // (h, w, stride, kernel, pad, cin, cout, Winograd's path): 3x3 stride-1 convolutions
-        // with 16 channels and more take it where it saves multiplies (4x4 maps and larger).
+        // with 16 channels and more take it where it saves multiplies (4x4 maps and larger),
+        // with 4x4 tiles (5x6) or 6x6 tiles (the others).
         let cases = [
             (8, 9, 1, 3, 1, 5, 6, false),
             (4, 5, 1, 3, 1, 5, 6, false),
@@ -628,7 +629,9 @@ mod tests {
             (8, 9, 1, 3, 1, 16, 24, true),
             (5, 6, 1, 3, 1, 24, 16, true),
             (4, 4, 1, 3, 1, 16, 17, true),
-            (4, 5, 1, 3, 1, 16, 16, false),
+            (4, 5, 1, 3, 1, 16, 16, true),
+            (16, 16, 1, 3, 1, 16, 16, true),
+            (3, 3, 1, 3, 1, 16, 16, false),
             (2, 2, 1, 3, 1, 16, 16, false),
         ];
         for (h, w, stride, k, pad, cin, cout, wino) in cases {

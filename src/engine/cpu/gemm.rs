@@ -39,8 +39,29 @@ fn parallelism() -> Parallelism {
     }
 }
 
-/// `dst[m, n] (row-major, row stride dst_rs) = a[m, k] * b[k, n] (+ dst if accumulate)`.
+/// `dst[m, n] (row-major, row stride dst_rs) = a[m, k] * b[k, n] (+ dst if accumulate)`, on
+/// every thread of the pool.
 pub fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat, accumulate: bool) {
+    matmul_in(parallelism(), m, n, k, dst, dst_rs, a, b, accumulate)
+}
+
+/// [`matmul`] on the calling thread alone: for many independent products run side by side.
+pub fn matmul_serial(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat, accumulate: bool) {
+    matmul_in(Parallelism::None, m, n, k, dst, dst_rs, a, b, accumulate)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_in(
+    parallelism: Parallelism,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    accumulate: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -78,7 +99,7 @@ pub fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, a: M
             false,
             false,
             false,
-            parallelism(),
+            parallelism,
         );
     }
 }

@@ -1,107 +1,169 @@
-//! 3x3, stride-1, padding-1 convolutions by Winograd's minimal filtering F(2x2, 3x3) (Lavin &
-//! Gray, "Fast Algorithms for Convolutional Neural Networks", 2016).
+//! 3x3, stride-1, padding-1 convolutions by Winograd's minimal filtering (Lavin & Gray, "Fast
+//! Algorithms for Convolutional Neural Networks", 2016), F(2x2, 3x3) and F(4x4, 3x3).
 //!
-//! A 2x2 block of outputs is `A^T [(G g G^T) . (B^T d B)] A` for its 4x4 input tile `d` and
-//! the 3x3 filter `g`: after transforming tiles and filters, each of the 16 tile positions
-//! is one matrix multiply `[tiles, cin] x [cin, cout]`, 16 multiply-adds per output block and
-//! channel pair where im2col spends 36. The weight gradient is the same graph run backwards
-//! (`G^T [sum over tiles of (A dY A^T) . V] G`, the same 16 multiplies) and the input gradient
-//! is a forward pass over `dy` with the filters rotated by 180 degrees and their channels
-//! swapped. The transforms' constants are 0, +-1 and +-1/2, so F(2x2, 3x3) loses little
-//! precision in f32.
+//! An m x m block of outputs is `A^T [(G g G^T) . (B^T d B)] A` for its n x n input tile `d`
+//! (n = m + 2) and the 3x3 filter `g`: after transforming tiles and filters, each of the n^2
+//! tile positions is one matrix multiply `[tiles, cin] x [cin, cout]`. Per output and channel
+//! pair that is 16/4 = 4 multiply-adds for F(2x2, 3x3) and 36/16 = 2.25 for F(4x4, 3x3), where
+//! im2col spends 9. The weight gradient is the same graph run backwards
+//! (`G^T [sum over tiles of (A dY A^T) . V] G`, the same multiplies) and the input gradient is
+//! a forward pass over `dy` with the filters rotated by 180 degrees and their channels swapped.
 //!
-//! Layouts: transformed tiles are tile-major, `[tile][16][channels]`, so that one tile's 16
+//! Layouts: transformed tiles are tile-major, `[tile][n^2][channels]`, so that one tile's
 //! vectors are contiguous and tiles transform in parallel; the matrix multiply for position
-//! `xi` reads them with a row stride of `16 * channels`. Transformed filters are
-//! `[16][cin][cout]`. Every transform is written as 4-point transforms over whole channel
-//! vectors ("blocks"), first down the columns of the 4x4 grid, then along its rows.
+//! `xi` reads them with a row stride of `n^2 * channels`. Its products are position-major,
+//! `[n^2][tile][channels]`, so that the n^2 multiplies run side by side on disjoint outputs.
+//! Transformed filters are `[n^2][cin][cout]`. Every transform is an n-point transform of lines of whole channel
+//! vectors ("blocks"), first down the columns of the n x n grid, then along its rows.
 
-use super::gemm::{Mat, matmul};
+use super::gemm::{Mat, matmul_serial};
 use crate::engine::ConvGeom;
 use rayon::prelude::*;
 
 /// Upper bound on the transformed tiles of one chunk of images, in f32 values (4 MiB): small
 /// enough that a chunk's tiles stay in cache between the transforms and the multiplies.
-/// Measured on the cifar stem (2 threads): 127 img/s in training with this budget, 106 with
-/// 32 MiB, 98 with 1 MiB.
+/// Measured on the cifar stem with F(2x2, 3x3) (2 threads): 127 img/s in training with this
+/// budget, 106 with 32 MiB, 98 with 1 MiB.
 const WORKSPACE_BUDGET: usize = 1 << 20;
 
 /// Fewer channels than this (the 3-channel stem conv) leave the matrix multiplies too thin to
 /// gain from the transforms.
 const MIN_CHANNELS: usize = 16;
 
-/// Whether `g` is a convolution this module computes: 3x3, stride 1, padding 1, with enough
-/// channels, on maps where the tiles need at most 70% of the multiplies of the taps that
-/// land inside the image (32x32: 46%, 8x8: 53%, 4x4: 64%; on 2x2 and 3x3 maps, where the
-/// tiles are mostly padding, the tap classes of `conv.rs` do less work).
-pub fn applies(g: &ConvGeom) -> bool {
+/// One of the two algorithms: its tile (n points, m = n - 2 outputs) and the 1-D transforms
+/// of a line of n values. Each takes and returns n values; unused places are ignored on
+/// input and arbitrary on output.
+trait Minimal<const N: usize>: Sync {
+    /// `B^T`: a line of an input tile.
+    fn input(d: [f32; N]) -> [f32; N];
+    /// `A^T`: a line of products, to the m outputs in the first places.
+    fn output(m: [f32; N]) -> [f32; N];
+    /// `G`: a line of 3 filter taps (first places).
+    fn filter(g: [f32; N]) -> [f32; N];
+    /// `A`: a line of m output gradients (first places); the transpose of `output`.
+    fn grad(a: [f32; N]) -> [f32; N];
+    /// `G^T`: a line of filter-tile gradients, to 3 taps; the transpose of `filter`.
+    fn filter_grad(d: [f32; N]) -> [f32; N];
+}
+
+/// F(2x2, 3x3): 4x4 tiles, transforms with constants 0, +-1, +-1/2.
+struct F2;
+
+impl Minimal<4> for F2 {
+    fn input([d0, d1, d2, d3]: [f32; 4]) -> [f32; 4] {
+        [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+    }
+    fn output([m0, m1, m2, m3]: [f32; 4]) -> [f32; 4] {
+        [m0 + m1 + m2, m1 - m2 - m3, m2, m3]
+    }
+    fn filter([g0, g1, g2, _]: [f32; 4]) -> [f32; 4] {
+        [g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2]
+    }
+    fn grad([a, b, _, _]: [f32; 4]) -> [f32; 4] {
+        [a, a + b, a - b, -b]
+    }
+    fn filter_grad([d0, d1, d2, d3]: [f32; 4]) -> [f32; 4] {
+        [d0 + 0.5 * (d1 + d2), 0.5 * (d1 - d2), 0.5 * (d1 + d2) + d3, 0.0]
+    }
+}
+
+/// F(4x4, 3x3): 6x6 tiles at the points 0, +-1, +-2 (constants up to 8 and down to 1/24).
+struct F4;
+
+impl Minimal<6> for F4 {
+    fn input([d0, d1, d2, d3, d4, d5]: [f32; 6]) -> [f32; 6] {
+        [
+            4.0 * d0 - 5.0 * d2 + d4,
+            -4.0 * (d1 + d2) + d3 + d4,
+            4.0 * (d1 - d2) - d3 + d4,
+            2.0 * (d3 - d1) - d2 + d4,
+            2.0 * (d1 - d3) - d2 + d4,
+            4.0 * d1 - 5.0 * d3 + d5,
+        ]
+    }
+    fn output([m0, m1, m2, m3, m4, m5]: [f32; 6]) -> [f32; 6] {
+        let (s12, d12, s34, d34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
+        [
+            m0 + s12 + s34,
+            d12 + 2.0 * d34,
+            s12 + 4.0 * s34,
+            d12 + 8.0 * d34 + m5,
+            m4,
+            m5,
+        ]
+    }
+    fn filter([g0, g1, g2, _, _, _]: [f32; 6]) -> [f32; 6] {
+        [
+            g0 / 4.0,
+            -(g0 + g1 + g2) / 6.0,
+            -(g0 - g1 + g2) / 6.0,
+            g0 / 24.0 + g1 / 12.0 + g2 / 6.0,
+            g0 / 24.0 - g1 / 12.0 + g2 / 6.0,
+            g2,
+        ]
+    }
+    fn grad([a0, a1, a2, a3, _, _]: [f32; 6]) -> [f32; 6] {
+        [
+            a0,
+            a0 + a1 + a2 + a3,
+            a0 - a1 + a2 - a3,
+            a0 + 2.0 * a1 + 4.0 * a2 + 8.0 * a3,
+            a0 - 2.0 * a1 + 4.0 * a2 - 8.0 * a3,
+            a3,
+        ]
+    }
+    fn filter_grad([d0, d1, d2, d3, d4, d5]: [f32; 6]) -> [f32; 6] {
+        [
+            d0 / 4.0 - (d1 + d2) / 6.0 + (d3 + d4) / 24.0,
+            (d2 - d1) / 6.0 + (d3 - d4) / 12.0,
+            (d3 + d4 - d1 - d2) / 6.0 + d5,
+            0.0,
+            0.0,
+            0.0,
+        ]
+    }
+}
+
+/// Multiplies per channel pair of tiles of n points covering an `h x w` map.
+fn tile_multiplies(n: usize, h: usize, w: usize) -> usize {
+    n * n * h.div_ceil(n - 2) * w.div_ceil(n - 2)
+}
+
+/// The tile size (4 or 6 points) for `g`, or none: 3x3, stride 1, padding 1, enough channels,
+/// and tiles that need at most 70% of the multiplies of the taps landing inside the image
+/// (with 6-point tiles: 32x32 26%, 8x8 30%, 4x4 36%; on 2x2 and 3x3 maps, where tiles are mostly
+/// padding, the tap classes of `conv.rs` do less work). The smaller tile wins ties: it rounds
+/// less.
+fn tile_points(g: &ConvGeom) -> Option<usize> {
     let (h, w) = (g.input.h, g.input.w);
     let shape = g.kh == 3 && g.kw == 3 && g.stride == 1 && g.pad == 1;
     let channels = g.input.c >= MIN_CHANNELS && g.cout >= MIN_CHANNELS;
     // Valid taps: 3 per output along each axis, 2 at the two edges.
     let taps = (3 * h).saturating_sub(2) * (3 * w).saturating_sub(2);
-    shape && channels && 10 * 16 * h.div_ceil(2) * w.div_ceil(2) <= 7 * taps
+    let n = if tile_multiplies(6, h, w) < tile_multiplies(4, h, w) {
+        6
+    } else {
+        4
+    };
+    (shape && channels && 10 * tile_multiplies(n, h, w) <= 7 * taps).then_some(n)
 }
 
-/// The 2x2 output tiles covering an `h x w` map (the last row or column of tiles hangs over
-/// the edge of odd maps).
-#[derive(Clone, Copy, Debug)]
-struct Tiling {
-    h: usize,
-    w: usize,
-    th: usize,
-    tw: usize,
+/// Whether `g` is a convolution this module computes.
+pub fn applies(g: &ConvGeom) -> bool {
+    tile_points(g).is_some()
 }
 
-impl Tiling {
-    fn of(g: &ConvGeom) -> Self {
-        let (h, w) = (g.input.h, g.input.w);
-        Self {
-            h,
-            w,
-            th: h.div_ceil(2),
-            tw: w.div_ceil(2),
-        }
-    }
-    fn tiles(&self) -> usize {
-        self.th * self.tw
-    }
-}
-
-fn images_per_chunk(g: &ConvGeom) -> usize {
-    let per_image = 16 * Tiling::of(g).tiles() * (g.input.c + g.cout);
-    let budget = std::env::var("WINO_BUDGET")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(WORKSPACE_BUDGET);
-    (budget / per_image.max(1)).clamp(1, g.input.n.max(1))
-}
-
-/// Workspace: two sets of transformed filters (the forward's, or the rotated ones and the
-/// weight gradient's), then one chunk's transformed input tiles and output tiles.
 pub fn workspace_len(g: &ConvGeom) -> usize {
-    32 * g.input.c * g.cout + images_per_chunk(g) * 16 * Tiling::of(g).tiles() * (g.input.c + g.cout)
+    match tile_points(g) {
+        Some(4) => Plan::<4>::of(g).workspace_len(),
+        _ => Plan::<6>::of(g).workspace_len(),
+    }
 }
 
 pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32], ws: &mut [f32]) {
-    let (cin, cout) = (g.input.c, g.cout);
-    let (u, rest) = ws.split_at_mut(32 * cin * cout);
-    filter_tiles(w, cin, cout, false, &mut u[..16 * cin * cout]);
-    forward_tiled(g, cin, cout, x, &u[..16 * cin * cout], y, rest);
-}
-
-/// The forward pass of a `cin -> cout` convolution of `x` (spatial size of `g`) with
-/// transformed filters `u`, into `y`; `ws` holds one chunk's tiles.
-fn forward_tiled(g: &ConvGeom, cin: usize, cout: usize, x: &[f32], u: &[f32], y: &mut [f32], ws: &mut [f32]) {
-    let t = Tiling::of(g);
-    let chunk = images_per_chunk(g);
-    for first in (0..g.input.n).step_by(chunk) {
-        let count = chunk.min(g.input.n - first);
-        let rows = count * t.tiles();
-        let (v, m) = ws.split_at_mut(chunk * 16 * t.tiles() * cin);
-        input_tiles(t, cin, x, first, count, v);
-        multiply(rows, cin, cout, v, u, m);
-        output_tiles(t, cout, m, first, count, y);
+    match tile_points(g) {
+        Some(4) => Plan::<4>::of(g).forward::<F2>(x, w, y, ws),
+        _ => Plan::<6>::of(g).forward::<F4>(x, w, y, ws),
     }
 }
 
@@ -110,258 +172,341 @@ pub fn backward(
     x: &[f32],
     w: &[f32],
     dy: &[f32],
-    mut dx: Option<&mut [f32]>,
+    dx: Option<&mut [f32]>,
     dw: &mut [f32],
     ws: &mut [f32],
 ) {
-    let (cin, cout) = (g.input.c, g.cout);
-    let t = Tiling::of(g);
-    let (filters, tiles) = ws.split_at_mut(32 * cin * cout);
-    let (u_rot, du) = filters.split_at_mut(16 * cin * cout);
-    if dx.is_some() {
-        filter_tiles(w, cin, cout, true, u_rot);
+    match tile_points(g) {
+        Some(4) => Plan::<4>::of(g).backward::<F2>(x, w, dy, dx, dw, ws),
+        _ => Plan::<6>::of(g).backward::<F4>(x, w, dy, dx, dw, ws),
     }
-    let chunk = images_per_chunk(g);
-    for first in (0..g.input.n).step_by(chunk) {
-        let count = chunk.min(g.input.n - first);
-        let rows = count * t.tiles();
-        let (v, dm) = tiles.split_at_mut(chunk * 16 * t.tiles() * cin);
-        // Weight gradient: dU[xi] += V[xi]^T dM[xi].
-        input_tiles(t, cin, x, first, count, v);
-        grad_tiles(t, cout, dy, first, count, dm);
-        for xi in 0..16 {
-            let lhs = Mat {
-                data: &v[xi * cin..rows * 16 * cin],
-                rs: 1,
-                cs: 16 * cin,
-            };
-            let rhs = Mat {
-                data: &dm[xi * cout..rows * 16 * cout],
-                rs: 16 * cout,
-                cs: 1,
-            };
-            let dst = &mut du[xi * cin * cout..(xi + 1) * cin * cout];
-            matmul(cin, cout, rows, dst, cout, lhs, rhs, first > 0);
+}
+
+/// A convolution's tiling with n-point tiles: the map, its tiles, the channels and the chunk
+/// of images whose tiles are transformed at once.
+#[derive(Clone, Copy, Debug)]
+struct Plan<const N: usize> {
+    images: usize,
+    h: usize,
+    w: usize,
+    th: usize,
+    tw: usize,
+    cin: usize,
+    cout: usize,
+    chunk: usize,
+}
+
+impl<const N: usize> Plan<N> {
+    const POSITIONS: usize = N * N;
+    const OUT: usize = N - 2;
+
+    fn of(g: &ConvGeom) -> Self {
+        let (h, w) = (g.input.h, g.input.w);
+        let (th, tw) = (h.div_ceil(Self::OUT), w.div_ceil(Self::OUT));
+        let per_image = Self::POSITIONS * th * tw * (g.input.c + g.cout);
+        Self {
+            images: g.input.n,
+            h,
+            w,
+            th,
+            tw,
+            cin: g.input.c,
+            cout: g.cout,
+            chunk: (WORKSPACE_BUDGET / per_image.max(1)).clamp(1, g.input.n.max(1)),
         }
-        // Input gradient: a forward pass over dy with the rotated filters; the tiles of dy
-        // (cout channels) fit where dM was, and the product (cin channels) where V was.
-        if let Some(dx) = dx.as_deref_mut() {
-            input_tiles(t, cout, dy, first, count, dm);
-            multiply(rows, cout, cin, dm, u_rot, v);
-            output_tiles(t, cin, v, first, count, dx);
+    }
+
+    fn tiles(&self) -> usize {
+        self.th * self.tw
+    }
+
+    /// Two sets of transformed filters (the forward's, or the rotated ones and the weight
+    /// gradient's), then one chunk's transformed input tiles and output tiles.
+    fn workspace_len(&self) -> usize {
+        let filters = Self::POSITIONS * self.cin * self.cout;
+        2 * filters + self.chunk * Self::POSITIONS * self.tiles() * (self.cin + self.cout)
+    }
+
+    fn forward<W: Minimal<N>>(&self, x: &[f32], w: &[f32], y: &mut [f32], ws: &mut [f32]) {
+        let filters = Self::POSITIONS * self.cin * self.cout;
+        let (u, rest) = ws.split_at_mut(2 * filters);
+        self.filter_tiles::<W>(w, false, &mut u[..filters]);
+        let (cin, cout) = (self.cin, self.cout);
+        for first in (0..self.images).step_by(self.chunk) {
+            let count = self.chunk.min(self.images - first);
+            let (v, m) = rest.split_at_mut(self.chunk * Self::POSITIONS * self.tiles() * cin);
+            self.input_tiles::<W>(cin, x, first, count, v);
+            self.multiply(count * self.tiles(), cin, cout, v, &u[..filters], m);
+            self.output_tiles::<W>(cout, m, first, count, y);
         }
     }
-    filter_grad(du, cin, cout, &mut dw[..g.weight_len()]);
-}
 
-/// `m[xi] = v[xi] u[xi]` for the 16 tile positions: `rows` tiles, `k -> n` channels.
-fn multiply(rows: usize, k: usize, n: usize, v: &[f32], u: &[f32], m: &mut [f32]) {
-    for xi in 0..16 {
-        let lhs = Mat {
-            data: &v[xi * k..rows * 16 * k],
-            rs: 16 * k,
-            cs: 1,
-        };
-        let rhs = Mat::rows(&u[xi * k * n..(xi + 1) * k * n], n);
-        matmul(rows, n, k, &mut m[xi * n..rows * 16 * n], 16 * n, lhs, rhs, false);
+    fn backward<W: Minimal<N>>(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        mut dx: Option<&mut [f32]>,
+        dw: &mut [f32],
+        ws: &mut [f32],
+    ) {
+        let (cin, cout, p) = (self.cin, self.cout, Self::POSITIONS);
+        let (filters, tiles) = ws.split_at_mut(2 * p * cin * cout);
+        let (u_rot, du) = filters.split_at_mut(p * cin * cout);
+        if dx.is_some() {
+            self.filter_tiles::<W>(w, true, u_rot);
+        }
+        for first in (0..self.images).step_by(self.chunk) {
+            let count = self.chunk.min(self.images - first);
+            let rows = count * self.tiles();
+            let (v, dm) = tiles.split_at_mut(self.chunk * p * self.tiles() * cin);
+            // Weight gradient: dU[xi] += V[xi]^T dM[xi].
+            self.input_tiles::<W>(cin, x, first, count, v);
+            self.grad_tiles::<W>(cout, dy, first, count, dm);
+            du[..p * cin * cout]
+                .par_chunks_mut(cin * cout)
+                .enumerate()
+                .for_each(|(xi, dst)| {
+                    let lhs = Mat {
+                        data: &v[xi * cin..rows * p * cin],
+                        rs: 1,
+                        cs: p * cin,
+                    };
+                    let rhs = Mat {
+                        data: &dm[xi * cout..rows * p * cout],
+                        rs: p * cout,
+                        cs: 1,
+                    };
+                    matmul_serial(cin, cout, rows, dst, cout, lhs, rhs, first > 0);
+                });
+            // Input gradient: a forward pass over dy with the rotated filters; the tiles of dy
+            // (cout channels) fit where dM was, and the product (cin channels) where V was.
+            if let Some(dx) = dx.as_deref_mut() {
+                self.input_tiles::<W>(cout, dy, first, count, dm);
+                self.multiply(rows, cout, cin, dm, u_rot, v);
+                self.output_tiles::<W>(cin, v, first, count, dx);
+            }
+        }
+        self.filter_grad::<W>(du, &mut dw[..9 * cin * cout]);
+    }
+
+    /// `m[xi] = v[xi] u[xi]` for every tile position: `rows` tiles, `k -> n` channels. The
+    /// products are position-major (`[n^2][rows][n]`) and run side by side, one per thread
+    /// at a time: many small products keep the threads busier than each split across them.
+    fn multiply(&self, rows: usize, k: usize, n: usize, v: &[f32], u: &[f32], m: &mut [f32]) {
+        let p = Self::POSITIONS;
+        m[..p * rows * n]
+            .par_chunks_mut(rows * n)
+            .enumerate()
+            .for_each(|(xi, mx)| {
+                let lhs = Mat {
+                    data: &v[xi * k..rows * p * k],
+                    rs: p * k,
+                    cs: 1,
+                };
+                let rhs = Mat::rows(&u[xi * k * n..(xi + 1) * k * n], n);
+                matmul_serial(rows, n, k, mx, n, lhs, rhs, false);
+            });
+    }
+
+    /// `V = B^T d B` for every tile of images `first..first + count` of `x` (`c` channels).
+    fn input_tiles<W: Minimal<N>>(&self, c: usize, x: &[f32], first: usize, count: usize, v: &mut [f32]) {
+        let (p, m) = (Self::POSITIONS, Self::OUT);
+        let image_len = self.h * self.w * c;
+        v[..count * self.tiles() * p * c]
+            .par_chunks_mut(self.tiles() * p * c)
+            .enumerate()
+            .for_each(|(i, tiles)| {
+                let img = &x[(first + i) * image_len..(first + i + 1) * image_len];
+                let zeros = vec![0.0; c];
+                for (k, tile) in tiles.chunks_exact_mut(p * c).enumerate() {
+                    let (ty, tx) = (k / self.tw, k % self.tw);
+                    // Grid place (r, j) reads pixel (m ty - 1 + r, m tx - 1 + j), or padding.
+                    let pixel = |r: usize, j: usize| {
+                        let (iy, ix) = ((m * ty + r).wrapping_sub(1), (m * tx + j).wrapping_sub(1));
+                        if iy < self.h && ix < self.w {
+                            let at = (iy * self.w + ix) * c;
+                            &img[at..at + c]
+                        } else {
+                            &zeros[..]
+                        }
+                    };
+                    let mut blocks = blocks_of::<N>(tile, c);
+                    // The column pass reads the pixels themselves, the row pass works in place.
+                    for j in 0..N {
+                        let src: [&[f32]; N] = std::array::from_fn(|r| pixel(r, j));
+                        let dst = blocks
+                            .get_disjoint_mut(std::array::from_fn::<usize, N, _>(|r| r * N + j))
+                            .expect("distinct places");
+                        let dst = dst.map(|b| &mut b[..c]);
+                        for ci in 0..c {
+                            let out = W::input(std::array::from_fn(|r| src[r][ci]));
+                            for r in 0..N {
+                                dst[r][ci] = out[r];
+                            }
+                        }
+                    }
+                    transform::<N, _>(&mut blocks, W::input, 0, N);
+                }
+            });
+    }
+
+    /// `Y = A^T M A` for every tile of images `first..first + count` from the position-major
+    /// products `mt` (`[n^2][tiles][c]`), written into `y` (`c` channels).
+    fn output_tiles<W: Minimal<N>>(&self, c: usize, mt: &[f32], first: usize, count: usize, y: &mut [f32]) {
+        let (p, m) = (Self::POSITIONS, Self::OUT);
+        let image_len = self.h * self.w * c;
+        let rows = count * self.tiles();
+        y[first * image_len..(first + count) * image_len]
+            .par_chunks_mut(image_len)
+            .enumerate()
+            .for_each(|(i, img)| {
+                let mut tile = vec![0.0; p * c];
+                for k in 0..self.tiles() {
+                    let (ty, tx) = (k / self.tw, k % self.tw);
+                    let row = i * self.tiles() + k;
+                    for (xi, block) in tile.chunks_exact_mut(c).enumerate() {
+                        block.copy_from_slice(&mt[(xi * rows + row) * c..][..c]);
+                    }
+                    let mut blocks = blocks_of::<N>(&mut tile, c);
+                    transform::<N, _>(&mut blocks, W::output, N, m);
+                    for r in 0..m {
+                        for j in 0..m {
+                            let (oy, ox) = (m * ty + r, m * tx + j);
+                            if oy < self.h && ox < self.w {
+                                let at = (oy * self.w + ox) * c;
+                                img[at..at + c].copy_from_slice(blocks[r * N + j]);
+                            }
+                        }
+                    }
+                }
+            });
+    }
+
+    /// `dM = A dY A^T` for every tile of images `first..first + count` of `dy` (`c` channels);
+    /// places past the edge of the map have no output and count as 0.
+    fn grad_tiles<W: Minimal<N>>(&self, c: usize, dy: &[f32], first: usize, count: usize, dm: &mut [f32]) {
+        let (p, m) = (Self::POSITIONS, Self::OUT);
+        let image_len = self.h * self.w * c;
+        dm[..count * self.tiles() * p * c]
+            .par_chunks_mut(self.tiles() * p * c)
+            .enumerate()
+            .for_each(|(i, tiles)| {
+                let img = &dy[(first + i) * image_len..(first + i + 1) * image_len];
+                for (k, tile) in tiles.chunks_exact_mut(p * c).enumerate() {
+                    let (ty, tx) = (k / self.tw, k % self.tw);
+                    let mut blocks = blocks_of::<N>(tile, c);
+                    for r in 0..m {
+                        for j in 0..m {
+                            let (oy, ox) = (m * ty + r, m * tx + j);
+                            let block = &mut blocks[r * N + j];
+                            if oy < self.h && ox < self.w {
+                                let at = (oy * self.w + ox) * c;
+                                block.copy_from_slice(&img[at..at + c]);
+                            } else {
+                                block.fill(0.0);
+                            }
+                        }
+                    }
+                    transform::<N, _>(&mut blocks, W::grad, m, N);
+                }
+            });
+    }
+
+    /// `U = G g G^T` for every channel pair of HWIO filters `w`, into `u` as `[n^2][cin][cout]`;
+    /// `rotated`: of the filters rotated by 180 degrees with in and out swapped
+    /// (`[n^2][cout][cin]`), as the input gradient convolves with.
+    fn filter_tiles<W: Minimal<N>>(&self, w: &[f32], rotated: bool, u: &mut [f32]) {
+        let (cin, cout) = (self.cin, self.cout);
+        let len = cin * cout;
+        u[..Self::POSITIONS * len].fill(0.0);
+        for ky in 0..3 {
+            for kx in 0..3 {
+                let tap = &w[(ky * 3 + kx) * len..(ky * 3 + kx + 1) * len];
+                if rotated {
+                    let dst = &mut u[((2 - ky) * N + 2 - kx) * len..][..len];
+                    dst.par_chunks_mut(cin).enumerate().for_each(|(co, row)| {
+                        for (ci, d) in row.iter_mut().enumerate() {
+                            *d = tap[ci * cout + co];
+                        }
+                    });
+                } else {
+                    u[(ky * N + kx) * len..][..len].copy_from_slice(tap);
+                }
+            }
+        }
+        parts::<N>(&mut u[..Self::POSITIONS * len], len)
+            .into_par_iter()
+            .for_each(|mut blocks| transform::<N, _>(&mut blocks, W::filter, 3, N));
+    }
+
+    /// `dg = G^T dU G` for every channel pair, from `du` (`[n^2][cin][cout]`, consumed) into
+    /// the HWIO gradient `dw`.
+    fn filter_grad<W: Minimal<N>>(&self, du: &mut [f32], dw: &mut [f32]) {
+        let len = self.cin * self.cout;
+        parts::<N>(&mut du[..Self::POSITIONS * len], len)
+            .into_par_iter()
+            .for_each(|mut blocks| transform::<N, _>(&mut blocks, W::filter_grad, N, 3));
+        for ky in 0..3 {
+            for kx in 0..3 {
+                dw[(ky * 3 + kx) * len..][..len].copy_from_slice(&du[(ky * N + kx) * len..][..len]);
+            }
+        }
     }
 }
 
-// ---- the transforms ---------------------------------------------------------------------------
-
-/// `B^T` on a line of input: the rows of `B^T d`.
-fn input_line([d0, d1, d2, d3]: [f32; 4]) -> [f32; 4] {
-    [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
-}
-
-/// `A^T` on a line of products: the 2 outputs in the first two places.
-fn output_line([m0, m1, m2, m3]: [f32; 4]) -> [f32; 4] {
-    [m0 + m1 + m2, m1 - m2 - m3, m2, m3]
-}
-
-/// `G` on a line of a 3x3 filter (in the first three places).
-fn filter_line([g0, g1, g2, _]: [f32; 4]) -> [f32; 4] {
-    [g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2]
-}
-
-/// `A` on a line of 2 output gradients (in the first two places): the transpose of
-/// [`output_line`].
-fn grad_line([a, b, _, _]: [f32; 4]) -> [f32; 4] {
-    [a, a + b, a - b, -b]
-}
-
-/// `G^T` on a line of filter-tile gradients: the transpose of [`filter_line`], 3 results.
-fn filter_grad_line([d0, d1, d2, d3]: [f32; 4]) -> [f32; 4] {
-    [d0 + 0.5 * (d1 + d2), 0.5 * (d1 - d2), 0.5 * (d1 + d2) + d3, 0.0]
-}
-
-/// Applies `f` down the first `cols` columns of the 4x4 grid of blocks, then along its first
-/// `rows` rows; block `4 * i + j` is grid place (i, j).
-/// `f` is a 4-point transform of one line (column or row), applied to every channel; generic
-/// so that each transform is compiled into its loop.
-fn transform<F: Fn([f32; 4]) -> [f32; 4] + Copy>(blocks: &mut [&mut [f32]; 16], f: F, cols: usize, rows: usize) {
+/// Applies `f` down the first `cols` columns of the n x n grid of blocks, then along its
+/// first `rows` rows; block `n * i + j` is grid place (i, j). Generic in `f` so that each
+/// transform is compiled into its loop.
+fn transform<const N: usize, F: Fn([f32; N]) -> [f32; N] + Copy>(
+    blocks: &mut [&mut [f32]],
+    f: F,
+    cols: usize,
+    rows: usize,
+) {
     for j in 0..cols {
-        line(blocks, [j, 4 + j, 8 + j, 12 + j], f);
+        line(blocks, std::array::from_fn(|i| i * N + j), f);
     }
     for i in 0..rows {
-        line(blocks, [4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3], f);
+        line(blocks, std::array::from_fn(|j| i * N + j), f);
     }
 }
 
-fn line<F: Fn([f32; 4]) -> [f32; 4]>(blocks: &mut [&mut [f32]; 16], at: [usize; 4], f: F) {
-    let [a, b, c, d] = blocks.get_disjoint_mut(at).expect("four distinct places");
-    for (((a, b), c), d) in a.iter_mut().zip(b.iter_mut()).zip(c.iter_mut()).zip(d.iter_mut()) {
-        [*a, *b, *c, *d] = f([*a, *b, *c, *d]);
+// One index walks N slices at once, which no iterator chain of fixed length can.
+#[allow(clippy::needless_range_loop)]
+fn line<const N: usize, F: Fn([f32; N]) -> [f32; N]>(blocks: &mut [&mut [f32]], at: [usize; N], f: F) {
+    let lines = blocks.get_disjoint_mut(at).expect("distinct places");
+    let len = lines[0].len();
+    let lines = lines.map(|b| &mut b[..len]);
+    for ci in 0..len {
+        let out = f(std::array::from_fn(|k| lines[k][ci]));
+        for k in 0..N {
+            lines[k][ci] = out[k];
+        }
     }
 }
 
-/// One tile's 16 blocks of `c` values.
-fn blocks_of(tile: &mut [f32], c: usize) -> [&mut [f32]; 16] {
-    let mut it = tile.chunks_exact_mut(c);
-    std::array::from_fn(|_| it.next().expect("16 blocks"))
-}
-
-/// `V = B^T d B` for every tile of images `first..first + count` of `x` (`c` channels).
-fn input_tiles(t: Tiling, c: usize, x: &[f32], first: usize, count: usize, v: &mut [f32]) {
-    let image_len = t.h * t.w * c;
-    v[..count * t.tiles() * 16 * c]
-        .par_chunks_mut(t.tiles() * 16 * c)
-        .enumerate()
-        .for_each(|(i, tiles)| {
-            let img = &x[(first + i) * image_len..(first + i + 1) * image_len];
-            let zeros = vec![0.0; c];
-            for (k, tile) in tiles.chunks_exact_mut(16 * c).enumerate() {
-                let (ty, tx) = (k / t.tw, k % t.tw);
-                // Grid place (r, j) reads pixel (2 ty - 1 + r, 2 tx - 1 + j), or padding.
-                let pixel = |r: usize, j: usize| {
-                    let (iy, ix) = ((2 * ty + r).wrapping_sub(1), (2 * tx + j).wrapping_sub(1));
-                    if iy < t.h && ix < t.w {
-                        let at = (iy * t.w + ix) * c;
-                        &img[at..at + c]
-                    } else {
-                        &zeros[..]
-                    }
-                };
-                let mut blocks = blocks_of(tile, c);
-                // The column pass reads the pixels themselves (no copy), the row pass works in place.
-                for j in 0..4 {
-                    let src = [pixel(0, j), pixel(1, j), pixel(2, j), pixel(3, j)];
-                    let [a, b, cc, d] = blocks.get_disjoint_mut([j, 4 + j, 8 + j, 12 + j]).expect("distinct");
-                    for (i, (((a, b), cc), d)) in a
-                        .iter_mut()
-                        .zip(b.iter_mut())
-                        .zip(cc.iter_mut())
-                        .zip(d.iter_mut())
-                        .enumerate()
-                    {
-                        [*a, *b, *cc, *d] = input_line([src[0][i], src[1][i], src[2][i], src[3][i]]);
-                    }
-                }
-                transform(&mut blocks, input_line, 0, 4);
-            }
-        });
-}
-
-/// `Y = A^T M A` for every tile of images `first..first + count`, written into `y` (`c`
-/// channels); `m` is consumed.
-fn output_tiles(t: Tiling, c: usize, m: &mut [f32], first: usize, count: usize, y: &mut [f32]) {
-    let image_len = t.h * t.w * c;
-    y[first * image_len..(first + count) * image_len]
-        .par_chunks_mut(image_len)
-        .zip(m[..count * t.tiles() * 16 * c].par_chunks_mut(t.tiles() * 16 * c))
-        .for_each(|(img, tiles)| {
-            for (k, tile) in tiles.chunks_exact_mut(16 * c).enumerate() {
-                let (ty, tx) = (k / t.tw, k % t.tw);
-                let mut blocks = blocks_of(tile, c);
-                transform(&mut blocks, output_line, 4, 2);
-                for (p, block) in [0, 1, 4, 5].into_iter().map(|p| (p, &blocks[p])) {
-                    let (oy, ox) = (2 * ty + p / 4, 2 * tx + p % 4);
-                    if oy < t.h && ox < t.w {
-                        let at = (oy * t.w + ox) * c;
-                        img[at..at + c].copy_from_slice(block);
-                    }
-                }
-            }
-        });
-}
-
-/// `dM = A dY A^T` for every tile of images `first..first + count` of `dy` (`c` channels);
-/// places past the edge of odd maps have no output and count as 0.
-fn grad_tiles(t: Tiling, c: usize, dy: &[f32], first: usize, count: usize, dm: &mut [f32]) {
-    let image_len = t.h * t.w * c;
-    dm[..count * t.tiles() * 16 * c]
-        .par_chunks_mut(t.tiles() * 16 * c)
-        .enumerate()
-        .for_each(|(i, tiles)| {
-            let img = &dy[(first + i) * image_len..(first + i + 1) * image_len];
-            for (k, tile) in tiles.chunks_exact_mut(16 * c).enumerate() {
-                let (ty, tx) = (k / t.tw, k % t.tw);
-                let mut blocks = blocks_of(tile, c);
-                for p in [0, 1, 4, 5] {
-                    let (oy, ox) = (2 * ty + p / 4, 2 * tx + p % 4);
-                    if oy < t.h && ox < t.w {
-                        let at = (oy * t.w + ox) * c;
-                        blocks[p].copy_from_slice(&img[at..at + c]);
-                    } else {
-                        blocks[p].fill(0.0);
-                    }
-                }
-                transform(&mut blocks, grad_line, 2, 4);
-            }
-        });
+/// One tile's n^2 blocks of `c` values.
+fn blocks_of<const N: usize>(tile: &mut [f32], c: usize) -> Vec<&mut [f32]> {
+    tile.chunks_exact_mut(c).take(N * N).collect()
 }
 
 /// Blocks of this many values are transformed as one parallel task.
 const FILTER_PART: usize = 4096;
 
-/// Splits 16 blocks of `len` values into parts of at most [`FILTER_PART`] values each, one
-/// 16-block set per part, to transform in parallel.
-fn parts(blocks: &mut [f32], len: usize) -> Vec<[&mut [f32]; 16]> {
+/// Splits n^2 blocks of `len` values into parts of at most [`FILTER_PART`] values each, one
+/// set of n^2 pieces per part, to transform in parallel.
+fn parts<const N: usize>(blocks: &mut [f32], len: usize) -> Vec<Vec<&mut [f32]>> {
     let mut pieces: Vec<_> = blocks
         .chunks_exact_mut(len)
         .map(|b| b.chunks_mut(FILTER_PART))
         .collect();
     (0..len.div_ceil(FILTER_PART))
-        .map(|_| std::array::from_fn(|p| pieces[p].next().expect("a piece per block")))
+        .map(|_| {
+            pieces
+                .iter_mut()
+                .map(|p| p.next().expect("a piece per block"))
+                .collect()
+        })
         .collect()
-}
-
-/// `U = G g G^T` for every channel pair of HWIO filters `w`, into `u` as `[16][cin][cout]`;
-/// `rotated`: of the filters rotated by 180 degrees with in and out swapped
-/// (`[16][cout][cin]`), as the input gradient convolves with.
-fn filter_tiles(w: &[f32], cin: usize, cout: usize, rotated: bool, u: &mut [f32]) {
-    let len = cin * cout;
-    u[..16 * len].fill(0.0);
-    for ky in 0..3 {
-        for kx in 0..3 {
-            let tap = &w[(ky * 3 + kx) * len..(ky * 3 + kx + 1) * len];
-            if rotated {
-                let dst = &mut u[((2 - ky) * 4 + 2 - kx) * len..][..len];
-                dst.par_chunks_mut(cin).enumerate().for_each(|(co, row)| {
-                    for (ci, d) in row.iter_mut().enumerate() {
-                        *d = tap[ci * cout + co];
-                    }
-                });
-            } else {
-                u[(ky * 4 + kx) * len..][..len].copy_from_slice(tap);
-            }
-        }
-    }
-    parts(&mut u[..16 * len], len)
-        .into_par_iter()
-        .for_each(|mut blocks| transform(&mut blocks, filter_line, 3, 4));
-}
-
-/// `dg = G^T dU G` for every channel pair, from `du` (`[16][cin][cout]`, consumed) into the
-/// HWIO gradient `dw`.
-fn filter_grad(du: &mut [f32], cin: usize, cout: usize, dw: &mut [f32]) {
-    let len = cin * cout;
-    parts(&mut du[..16 * len], len)
-        .into_par_iter()
-        .for_each(|mut blocks| transform(&mut blocks, filter_grad_line, 4, 3));
-    for ky in 0..3 {
-        for kx in 0..3 {
-            dw[(ky * 3 + kx) * len..][..len].copy_from_slice(&du[(ky * 4 + kx) * len..][..len]);
-        }
-    }
 }
