@@ -311,44 +311,35 @@ impl<const N: usize> Plan<N> {
 
     /// `V = B^T d B` for every tile of images `first..first + count` of `x` (`c` channels).
     fn input_tiles<W: Minimal<N>>(&self, c: usize, x: &[f32], first: usize, count: usize, v: &mut [f32]) {
-        let (p, m) = (Self::POSITIONS, Self::OUT);
-        let image_len = self.h * self.w * c;
-        v[..count * self.tiles() * p * c]
-            .par_chunks_mut(self.tiles() * p * c)
-            .enumerate()
-            .for_each(|(i, tiles)| {
-                let img = &x[(first + i) * image_len..(first + i + 1) * image_len];
-                let zeros = vec![0.0; c];
-                for (k, tile) in tiles.chunks_exact_mut(p * c).enumerate() {
-                    let (ty, tx) = (k / self.tw, k % self.tw);
-                    // Grid place (r, j) reads pixel (m ty - 1 + r, m tx - 1 + j), or padding.
-                    let pixel = |r: usize, j: usize| {
-                        let (iy, ix) = ((m * ty + r).wrapping_sub(1), (m * tx + j).wrapping_sub(1));
-                        if iy < self.h && ix < self.w {
-                            let at = (iy * self.w + ix) * c;
-                            &img[at..at + c]
-                        } else {
-                            &zeros[..]
-                        }
-                    };
-                    let mut blocks = blocks_of::<N>(tile, c);
-                    // The column pass reads the pixels themselves, the row pass works in place.
-                    for j in 0..N {
-                        let src: [&[f32]; N] = std::array::from_fn(|r| pixel(r, j));
-                        let dst = blocks
-                            .get_disjoint_mut(std::array::from_fn::<usize, N, _>(|r| r * N + j))
-                            .expect("distinct places");
-                        let dst = dst.map(|b| &mut b[..c]);
-                        for ci in 0..c {
-                            let out = W::input(std::array::from_fn(|r| src[r][ci]));
-                            for r in 0..N {
-                                dst[r][ci] = out[r];
-                            }
-                        }
-                    }
-                    transform::<N, _>(&mut blocks, W::input, 0, N);
+        let m = Self::OUT;
+        let zeros = vec![0.0; c];
+        self.each_tile(c, x, first, count, v, |img, ty, tx, blocks| {
+            // Grid place (r, j) reads pixel (m ty - 1 + r, m tx - 1 + j), or padding.
+            let pixel = |r: usize, j: usize| {
+                let (iy, ix) = ((m * ty + r).wrapping_sub(1), (m * tx + j).wrapping_sub(1));
+                if iy < self.h && ix < self.w {
+                    let at = (iy * self.w + ix) * c;
+                    &img[at..at + c]
+                } else {
+                    &zeros[..]
                 }
-            });
+            };
+            // The column pass reads the pixels themselves, the row pass works in place.
+            for j in 0..N {
+                let src: [&[f32]; N] = std::array::from_fn(|r| pixel(r, j));
+                let dst = blocks
+                    .get_disjoint_mut(std::array::from_fn::<usize, N, _>(|r| r * N + j))
+                    .expect("distinct places");
+                let dst = dst.map(|b| &mut b[..c]);
+                for ci in 0..c {
+                    let out = W::input(std::array::from_fn(|r| src[r][ci]));
+                    for r in 0..N {
+                        dst[r][ci] = out[r];
+                    }
+                }
+            }
+            transform::<N, _>(blocks, W::input, 0, N);
+        });
     }
 
     /// `Y = A^T M A` for every tile of images `first..first + count` from the position-major
@@ -386,29 +377,39 @@ impl<const N: usize> Plan<N> {
     /// `dM = A dY A^T` for every tile of images `first..first + count` of `dy` (`c` channels);
     /// places past the edge of the map have no output and count as 0.
     fn grad_tiles<W: Minimal<N>>(&self, c: usize, dy: &[f32], first: usize, count: usize, dm: &mut [f32]) {
-        let (p, m) = (Self::POSITIONS, Self::OUT);
+        let m = Self::OUT;
+        self.each_tile(c, dy, first, count, dm, |img, ty, tx, blocks| {
+            for r in 0..m {
+                for j in 0..m {
+                    let (oy, ox) = (m * ty + r, m * tx + j);
+                    let block = &mut blocks[r * N + j];
+                    if oy < self.h && ox < self.w {
+                        let at = (oy * self.w + ox) * c;
+                        block.copy_from_slice(&img[at..at + c]);
+                    } else {
+                        block.fill(0.0);
+                    }
+                }
+            }
+            transform::<N, _>(blocks, W::grad, m, N);
+        });
+    }
+
+    /// Calls `f(image, ty, tx, blocks)` for every tile of images `first..first + count` of
+    /// `src` (`c` channels), `blocks` being the tile's n^2 blocks in `out`; images in parallel.
+    fn each_tile<F>(&self, c: usize, src: &[f32], first: usize, count: usize, out: &mut [f32], f: F)
+    where
+        F: Fn(&[f32], usize, usize, &mut [&mut [f32]]) + Sync,
+    {
+        let p = Self::POSITIONS;
         let image_len = self.h * self.w * c;
-        dm[..count * self.tiles() * p * c]
+        out[..count * self.tiles() * p * c]
             .par_chunks_mut(self.tiles() * p * c)
             .enumerate()
             .for_each(|(i, tiles)| {
-                let img = &dy[(first + i) * image_len..(first + i + 1) * image_len];
+                let img = &src[(first + i) * image_len..(first + i + 1) * image_len];
                 for (k, tile) in tiles.chunks_exact_mut(p * c).enumerate() {
-                    let (ty, tx) = (k / self.tw, k % self.tw);
-                    let mut blocks = blocks_of::<N>(tile, c);
-                    for r in 0..m {
-                        for j in 0..m {
-                            let (oy, ox) = (m * ty + r, m * tx + j);
-                            let block = &mut blocks[r * N + j];
-                            if oy < self.h && ox < self.w {
-                                let at = (oy * self.w + ox) * c;
-                                block.copy_from_slice(&img[at..at + c]);
-                            } else {
-                                block.fill(0.0);
-                            }
-                        }
-                    }
-                    transform::<N, _>(&mut blocks, W::grad, m, N);
+                    f(img, k / self.tw, k % self.tw, &mut blocks_of::<N>(tile, c));
                 }
             });
     }
