@@ -148,6 +148,8 @@ fn tile_points(g: &ConvGeom) -> Option<usize> {
     (shape && channels && 10 * tile_multiplies(n, h, w) <= 7 * taps).then_some(n)
 }
 
+const NOT_APPLICABLE: &str = "winograd: not a convolution it computes (check applies() first)";
+
 /// Whether `g` is a convolution this module computes.
 pub fn applies(g: &ConvGeom) -> bool {
     tile_points(g).is_some()
@@ -156,14 +158,16 @@ pub fn applies(g: &ConvGeom) -> bool {
 pub fn workspace_len(g: &ConvGeom) -> usize {
     match tile_points(g) {
         Some(4) => Plan::<4>::of(g).workspace_len(),
-        _ => Plan::<6>::of(g).workspace_len(),
+        Some(_) => Plan::<6>::of(g).workspace_len(),
+        None => panic!("{NOT_APPLICABLE}: {g:?}"),
     }
 }
 
 pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32], ws: &mut [f32]) {
     match tile_points(g) {
         Some(4) => Plan::<4>::of(g).forward::<F2>(x, w, y, ws),
-        _ => Plan::<6>::of(g).forward::<F4>(x, w, y, ws),
+        Some(_) => Plan::<6>::of(g).forward::<F4>(x, w, y, ws),
+        None => panic!("{NOT_APPLICABLE}: {g:?}"),
     }
 }
 
@@ -178,7 +182,8 @@ pub fn backward(
 ) {
     match tile_points(g) {
         Some(4) => Plan::<4>::of(g).backward::<F2>(x, w, dy, dx, dw, ws),
-        _ => Plan::<6>::of(g).backward::<F4>(x, w, dy, dx, dw, ws),
+        Some(_) => Plan::<6>::of(g).backward::<F4>(x, w, dy, dx, dw, ws),
+        None => panic!("{NOT_APPLICABLE}: {g:?}"),
     }
 }
 
