@@ -138,7 +138,7 @@ pub fn model_config_of(
 /// Bounds (inclusive) of the train settings that have them, shared by the flags (clap's range
 /// parsers) and [`ConfigFile::read`], so that both refuse the same values.
 pub mod limits {
-    pub const AT_LEAST_1: (u64, u64) = (1, u64::MAX);
+    pub const POSITIVE: (u64, u64) = (1, u64::MAX);
     /// Padding beyond 16 would let a 32x32 crop miss the image entirely.
     pub const CROP_PAD: (u64, u64) = (0, 16);
     /// The seed's four residual stages, or three (its proposal to drop `conv5`).
@@ -208,9 +208,9 @@ impl ConfigFile {
             CliError::input(format!("{}: {msg}", path.display()))
         })?;
         let bounded = [
-            ("epochs", file.epochs.map(|v| v as u64), limits::AT_LEAST_1),
-            ("batch_size", file.batch_size, limits::AT_LEAST_1),
-            ("max_steps", file.max_steps, limits::AT_LEAST_1),
+            ("epochs", file.epochs.map(|v| v as u64), limits::POSITIVE),
+            ("batch_size", file.batch_size, limits::POSITIVE),
+            ("max_steps", file.max_steps, limits::POSITIVE),
             ("crop_pad", file.crop_pad.map(u64::from), limits::CROP_PAD),
             ("stages", file.stages.map(u64::from), limits::STAGES),
         ];

@@ -139,16 +139,16 @@ struct TrainArgs {
     #[arg(long)]
     recipe: Option<Recipe>,
     /// Passes over the training images.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(limits::AT_LEAST_1.0..))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(limits::POSITIVE.0..))]
     epochs: Option<u64>,
     /// Images per optimizer step.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(limits::AT_LEAST_1.0..))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(limits::POSITIVE.0..))]
     batch_size: Option<u64>,
     /// Base (or peak) learning rate of the recipe's schedule.
     #[arg(long)]
     lr: Option<f64>,
     /// Stop after this many optimizer steps, with a checkpoint.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(limits::AT_LEAST_1.0..))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(limits::POSITIVE.0..))]
     max_steps: Option<u64>,
     /// Hold out the last N training images as a validation set.
     #[arg(long)]
@@ -210,7 +210,7 @@ struct EvalArgs {
     val_split: Option<usize>,
     /// Images per forward pass: accuracy and per-image loss do not depend on it (the seed's
     /// sum of batch means does).
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(limits::AT_LEAST_1.0..))]
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(limits::POSITIVE.0..))]
     batch_size: u64,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -238,7 +238,7 @@ struct NetArgs {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(limits::STAGES.0 as i64..=limits::STAGES.1 as i64))]
     stages: u8,
     /// Images in the (random, CIFAR-shaped) input batch.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(limits::AT_LEAST_1.0..))]
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(limits::POSITIVE.0..))]
     batch_size: u64,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -266,7 +266,7 @@ struct BenchArgs {
     #[command(flatten)]
     net: NetArgs,
     /// Timed steps, for training and for inference each.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(limits::AT_LEAST_1.0..))]
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(limits::POSITIVE.0..))]
     steps: u64,
     /// Untimed steps first.
     #[arg(long, default_value_t = 3)]

@@ -341,6 +341,7 @@ pub fn train<B: Backend>(
         let lr = cfg.schedule.lr(epoch, 0, steps_per_epoch, cfg.epochs);
         files.scalar("lr", lr as f32, epoch)?;
         let mut accuracy = None;
+        let progress = pace(epoch_seconds, whole_epoch_seconds, cfg.epochs - pos.epoch);
         if let Some((split, images)) = eval_on {
             let r = evaluate(be, &mut *model, images, cfg.eval_batch_size, cfg.tta);
             console.line(&format!(
@@ -352,7 +353,7 @@ pub fn train<B: Backend>(
                 r.accuracy,
                 r.correct,
                 r.images,
-                pace(epoch_seconds, whole_epoch_seconds, cfg.epochs - pos.epoch)
+                progress
             ));
             files.scalar("test_loss", r.loss_sum_of_batch_means as f32, epoch)?;
             files.scalar("test_accuracy", r.accuracy as f32, epoch)?;
@@ -367,12 +368,7 @@ pub fn train<B: Backend>(
             }
             last_eval = Some(r);
         } else {
-            console.line(&format!(
-                "epoch {}/{}: {}",
-                epoch + 1,
-                cfg.epochs,
-                pace(epoch_seconds, whole_epoch_seconds, cfg.epochs - pos.epoch)
-            ));
+            console.line(&format!("epoch {}/{}: {}", epoch + 1, cfg.epochs, progress));
             files.log(serde_json::json!({
                 "kind": "epoch", "epoch": epoch, "step": pos.step, "lr": lr, "train_seconds": epoch_seconds,
             }))?;
