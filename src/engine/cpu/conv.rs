@@ -41,8 +41,8 @@ fn images_per_chunk(g: &ConvGeom) -> usize {
 }
 
 pub fn workspace_len(g: &ConvGeom) -> usize {
-    if winograd::applies(g) {
-        winograd::workspace_len(g)
+    if let Some(tiling) = winograd::tiling(g) {
+        tiling.workspace_len()
     } else if is_pointwise(g) {
         0
     } else {
@@ -172,8 +172,8 @@ fn col2im(g: &ConvGeom, cols: &[f32], first: usize, count: usize, dx: &mut [f32]
 // the weight gradient p^T dy ~25% faster than computing dy^T p into an OHWI weight.
 
 pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32], ws: &mut [f32]) {
-    if winograd::applies(g) {
-        return winograd::forward(g, x, w, y, ws);
+    if let Some(tiling) = winograd::tiling(g) {
+        return tiling.forward(x, w, y, ws);
     }
     let k = g.patch_len();
     let rows = rows_per_image(g);
@@ -210,8 +210,8 @@ pub fn backward(
     dw: &mut [f32],
     ws: &mut [f32],
 ) {
-    if winograd::applies(g) {
-        return winograd::backward(g, x, w, dy, dx, dw, ws);
+    if let Some(tiling) = winograd::tiling(g) {
+        return tiling.backward(x, w, dy, dx, dw, ws);
     }
     let k = g.patch_len();
     let rows = rows_per_image(g);
@@ -613,28 +613,28 @@ mod tests {
 
     #[test]
     fn every_path_matches_a_direct_convolution() {
-        // (h, w, stride, kernel, pad, cin, cout, Winograd's path): 3x3 stride-1 convolutions
-        // with 16 channels and more take it where it saves multiplies (4x4 maps and larger),
-        // with 4x4 tiles (5x6) or 6x6 tiles (the others).
+        // (h, w, stride, kernel, pad, cin, cout, Winograd's tile points, if its path): 3x3
+        // stride-1 convolutions with 16 channels and more take it where it saves multiplies
+        // (4x4 maps and larger), with 4-point tiles where they tie with 6-point ones (5x6).
         let cases = [
-            (8, 9, 1, 3, 1, 5, 6, false),
-            (4, 5, 1, 3, 1, 5, 6, false),
-            (2, 3, 1, 3, 1, 5, 6, false),
-            (1, 2, 1, 3, 1, 5, 6, false),
-            (2, 3, 2, 3, 1, 5, 6, false),
-            (5, 6, 2, 3, 1, 5, 6, false),
-            (9, 10, 2, 7, 3, 5, 6, false),
-            (4, 5, 2, 1, 0, 5, 6, false),
-            (3, 4, 1, 1, 0, 5, 6, false),
-            (8, 9, 1, 3, 1, 16, 24, true),
-            (5, 6, 1, 3, 1, 24, 16, true),
-            (4, 4, 1, 3, 1, 16, 17, true),
-            (4, 5, 1, 3, 1, 16, 16, true),
-            (16, 16, 1, 3, 1, 16, 16, true),
-            (3, 3, 1, 3, 1, 16, 16, false),
-            (2, 2, 1, 3, 1, 16, 16, false),
+            (8, 9, 1, 3, 1, 5, 6, None),
+            (4, 5, 1, 3, 1, 5, 6, None),
+            (2, 3, 1, 3, 1, 5, 6, None),
+            (1, 2, 1, 3, 1, 5, 6, None),
+            (2, 3, 2, 3, 1, 5, 6, None),
+            (5, 6, 2, 3, 1, 5, 6, None),
+            (9, 10, 2, 7, 3, 5, 6, None),
+            (4, 5, 2, 1, 0, 5, 6, None),
+            (3, 4, 1, 1, 0, 5, 6, None),
+            (8, 9, 1, 3, 1, 16, 24, Some(6)),
+            (5, 6, 1, 3, 1, 24, 16, Some(4)),
+            (4, 4, 1, 3, 1, 16, 17, Some(6)),
+            (4, 5, 1, 3, 1, 16, 16, Some(6)),
+            (16, 16, 1, 3, 1, 16, 16, Some(6)),
+            (3, 3, 1, 3, 1, 16, 16, None),
+            (2, 2, 1, 3, 1, 16, 16, None),
         ];
-        for (h, w, stride, k, pad, cin, cout, wino) in cases {
+        for (h, w, stride, k, pad, cin, cout, tile_points) in cases {
             let g = ConvGeom {
                 input: Shape4::new(3, h, w, cin),
                 cout,
@@ -643,7 +643,7 @@ mod tests {
                 stride,
                 pad,
             };
-            assert_eq!(winograd::applies(&g), wino, "{g:?}");
+            assert_eq!(winograd::tiling(&g).map(|t| t.points()), tile_points, "{g:?}");
             let val = |i: usize, salt: f32| ((i as f32 * 0.618 + salt).sin() * 1000.0).fract();
             let x: Vec<f32> = (0..g.input.numel()).map(|i| val(i, 0.1)).collect();
             let w: Vec<f32> = (0..g.weight_len()).map(|i| val(i, 0.2)).collect();

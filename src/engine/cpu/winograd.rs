@@ -148,42 +148,57 @@ fn tile_points(g: &ConvGeom) -> Option<usize> {
     (shape && channels && 10 * tile_multiplies(n, h, w) <= 7 * taps).then_some(n)
 }
 
-const NOT_APPLICABLE: &str = "winograd: not a convolution it computes (check applies() first)";
+/// How Winograd's method computes a convolution: with 4-point or 6-point tiles.
+#[derive(Clone, Copy, Debug)]
+pub struct Tiling(Tiles);
 
-/// Whether `g` is a convolution this module computes.
-pub fn applies(g: &ConvGeom) -> bool {
-    tile_points(g).is_some()
+#[derive(Clone, Copy, Debug)]
+enum Tiles {
+    F2(Plan<4>),
+    F4(Plan<6>),
 }
 
-pub fn workspace_len(g: &ConvGeom) -> usize {
-    match tile_points(g) {
-        Some(4) => Plan::<4>::of(g).workspace_len(),
-        Some(_) => Plan::<6>::of(g).workspace_len(),
-        None => panic!("{NOT_APPLICABLE}: {g:?}"),
+/// The tiling of `g`, or none when this module does not compute it.
+pub fn tiling(g: &ConvGeom) -> Option<Tiling> {
+    tile_points(g).map(|n| {
+        Tiling(if n == 4 {
+            Tiles::F2(Plan::of(g))
+        } else {
+            Tiles::F4(Plan::of(g))
+        })
+    })
+}
+
+impl Tiling {
+    /// Points along a tile's side: 4 for F(2x2, 3x3), 6 for F(4x4, 3x3) (the path test
+    /// checks the choice).
+    #[cfg(test)]
+    pub fn points(&self) -> usize {
+        match self.0 {
+            Tiles::F2(_) => 4,
+            Tiles::F4(_) => 6,
+        }
     }
-}
 
-pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32], ws: &mut [f32]) {
-    match tile_points(g) {
-        Some(4) => Plan::<4>::of(g).forward::<F2>(x, w, y, ws),
-        Some(_) => Plan::<6>::of(g).forward::<F4>(x, w, y, ws),
-        None => panic!("{NOT_APPLICABLE}: {g:?}"),
+    pub fn workspace_len(&self) -> usize {
+        match self.0 {
+            Tiles::F2(plan) => plan.workspace_len(),
+            Tiles::F4(plan) => plan.workspace_len(),
+        }
     }
-}
 
-pub fn backward(
-    g: &ConvGeom,
-    x: &[f32],
-    w: &[f32],
-    dy: &[f32],
-    dx: Option<&mut [f32]>,
-    dw: &mut [f32],
-    ws: &mut [f32],
-) {
-    match tile_points(g) {
-        Some(4) => Plan::<4>::of(g).backward::<F2>(x, w, dy, dx, dw, ws),
-        Some(_) => Plan::<6>::of(g).backward::<F4>(x, w, dy, dx, dw, ws),
-        None => panic!("{NOT_APPLICABLE}: {g:?}"),
+    pub fn forward(&self, x: &[f32], w: &[f32], y: &mut [f32], ws: &mut [f32]) {
+        match self.0 {
+            Tiles::F2(plan) => plan.forward::<F2>(x, w, y, ws),
+            Tiles::F4(plan) => plan.forward::<F4>(x, w, y, ws),
+        }
+    }
+
+    pub fn backward(&self, x: &[f32], w: &[f32], dy: &[f32], dx: Option<&mut [f32]>, dw: &mut [f32], ws: &mut [f32]) {
+        match self.0 {
+            Tiles::F2(plan) => plan.backward::<F2>(x, w, dy, dx, dw, ws),
+            Tiles::F4(plan) => plan.backward::<F4>(x, w, dy, dx, dw, ws),
+        }
     }
 }
 
