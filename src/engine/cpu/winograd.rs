@@ -373,13 +373,13 @@ impl<const N: usize> Plan<N> {
             .enumerate()
             .for_each(|(i, img)| {
                 let mut tile = vec![0.0; p * c];
+                let mut blocks: Vec<&mut [f32]> = tile.chunks_exact_mut(c).collect();
                 for k in 0..self.tiles() {
                     let (ty, tx) = (k / self.tw, k % self.tw);
                     let row = i * self.tiles() + k;
-                    for (xi, block) in tile.chunks_exact_mut(c).enumerate() {
+                    for (xi, block) in blocks.iter_mut().enumerate() {
                         block.copy_from_slice(&mt[(xi * rows + row) * c..][..c]);
                     }
-                    let mut blocks = blocks_of::<N>(&mut tile, c);
                     transform::<N, _>(&mut blocks, W::output, N, m);
                     for r in 0..m {
                         for j in 0..m {
@@ -428,8 +428,11 @@ impl<const N: usize> Plan<N> {
             .enumerate()
             .for_each(|(i, tiles)| {
                 let img = &src[(first + i) * image_len..(first + i + 1) * image_len];
+                let mut blocks = Vec::with_capacity(p);
                 for (k, tile) in tiles.chunks_exact_mut(p * c).enumerate() {
-                    f(img, k / self.tw, k % self.tw, &mut blocks_of::<N>(tile, c));
+                    blocks.clear();
+                    blocks.extend(tile.chunks_exact_mut(c));
+                    f(img, k / self.tw, k % self.tw, &mut blocks);
                 }
             });
     }
@@ -505,11 +508,6 @@ fn line<const N: usize, F: Fn([f32; N]) -> [f32; N]>(blocks: &mut [&mut [f32]], 
             lines[k][ci] = out[k];
         }
     }
-}
-
-/// One tile's n^2 blocks of `c` values.
-fn blocks_of<const N: usize>(tile: &mut [f32], c: usize) -> Vec<&mut [f32]> {
-    tile.chunks_exact_mut(c).take(N * N).collect()
 }
 
 /// Blocks of this many values are transformed as one parallel task.
