@@ -141,6 +141,8 @@ pub mod limits {
     pub const POSITIVE: (u64, u64) = (1, u64::MAX);
     /// Padding beyond 16 would let a 32x32 crop miss the image entirely.
     pub const CROP_PAD: (u64, u64) = (0, 16);
+    /// A cutout square as large as the image.
+    pub const CUTOUT: (u64, u64) = (0, 32);
     /// The seed's four residual stages, or three (its proposal to drop `conv5`).
     pub const STAGES: (u64, u64) = (3, 4);
 }
@@ -181,6 +183,7 @@ pub struct ConfigFile {
     pub zero_init_residual: Option<bool>,
     pub crop_pad: Option<u8>,
     pub alternate_flip: Option<bool>,
+    pub cutout: Option<u8>,
 }
 
 /// Reads an optional string key through its type's `FromStr`, so that a bad value (an unknown
@@ -212,6 +215,7 @@ impl ConfigFile {
             ("batch_size", file.batch_size, limits::POSITIVE),
             ("max_steps", file.max_steps, limits::POSITIVE),
             ("crop_pad", file.crop_pad.map(u64::from), limits::CROP_PAD),
+            ("cutout", file.cutout.map(u64::from), limits::CUTOUT),
             ("stages", file.stages.map(u64::from), limits::STAGES),
         ];
         for (key, value, (min, max)) in bounded {

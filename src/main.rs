@@ -182,6 +182,10 @@ struct TrainArgs {
     /// Mirror each training image in every other epoch instead of by a coin each time.
     #[arg(long, value_name = "BOOL")]
     alternate_flip: Option<bool>,
+    /// Cutout: zero a SIDE x SIDE square at a random centre of each training image, after the
+    /// crop and flip (clipped at the edges; 0: none).
+    #[arg(long, value_name = "SIDE", value_parser = clap::value_parser!(u8).range(limits::CUTOUT.0 as i64..=limits::CUTOUT.1 as i64))]
+    cutout: Option<u8>,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -422,6 +426,7 @@ fn merge_config_file(mut a: TrainArgs) -> Result<TrainArgs, CliError> {
     a.zero_init_residual = a.zero_init_residual.or(f.zero_init_residual);
     a.crop_pad = a.crop_pad.or(f.crop_pad);
     a.alternate_flip = a.alternate_flip.or(f.alternate_flip);
+    a.cutout = a.cutout.or(f.cutout);
     Ok(a)
 }
 
@@ -538,6 +543,7 @@ fn fresh_config(a: &TrainArgs) -> Result<TrainConfig, CliError> {
     cfg.zero_init_residual = a.zero_init_residual.unwrap_or(cfg.zero_init_residual);
     cfg.augment.crop_pad = a.crop_pad.map_or(cfg.augment.crop_pad, usize::from);
     cfg.augment.alternate_flip = a.alternate_flip.unwrap_or(cfg.augment.alternate_flip);
+    cfg.augment.cutout = a.cutout.map_or(cfg.augment.cutout, usize::from);
     cfg.arch = a.model.model.unwrap_or(cfg.arch);
     cfg.model.stem = a.model.stem.unwrap_or(cfg.model.stem);
     cfg.model.stages = a.model.stages.map_or(cfg.model.stages, |s| s as usize);
@@ -562,6 +568,7 @@ fn resumed_config(a: &TrainArgs, dir: &Path) -> Result<(TrainConfig, Option<Resu
         ("--zero-init-residual", a.zero_init_residual.is_some()),
         ("--crop-pad", a.crop_pad.is_some()),
         ("--alternate-flip", a.alternate_flip.is_some()),
+        ("--cutout", a.cutout.is_some()),
         ("--model", a.model.model.is_some()),
         ("--stem", a.model.stem.is_some()),
         ("--stages", a.model.stages.is_some()),

@@ -213,6 +213,7 @@ fn alternating_flips_mirror_each_image_every_other_epoch() {
         crop_pad: 0,
         flip: true,
         alternate_flip: true,
+        cutout: 0,
     };
     let idx: Vec<u32> = (0..n as u32).collect();
     let rev: Vec<u32> = idx.iter().rev().copied().collect();
@@ -249,6 +250,74 @@ fn alternating_flips_mirror_each_image_every_other_epoch() {
         (400..600).contains(&same),
         "coin flips are independent across epochs: {same}"
     );
+}
+
+#[test]
+fn cutout_zeroes_one_clipped_square_per_image() {
+    let n = 2000;
+    let img = Images {
+        pixels: vec![200; n * IMAGE_BYTES],
+        labels: vec![0; n],
+    };
+    let idx: Vec<u32> = (0..n as u32).collect();
+    let key = BatchKey::new(3, 1, 4);
+    let plain = make_batch(&img, &idx, Augment::NONE, key);
+    assert!(plain.x.iter().all(|&v| v != 0.0));
+    for side in [8usize, 5] {
+        let aug = Augment {
+            cutout: side,
+            ..Augment::NONE
+        };
+        let cut = make_batch(&img, &idx, aug, key);
+        assert_eq!(cut.x, make_batch(&img, &idx, aug, key).x, "same key, same squares");
+        let (mut full, mut clipped, mut lowest, mut highest) = (0, [0; 4], 32, 0);
+        for k in 0..n {
+            let image = &cut.x[k * 3072..(k + 1) * 3072];
+            let zero = |y: usize, x: usize| image[(y * 32 + x) * 3..][..3].iter().all(|&v| v == 0.0);
+            let places: Vec<(usize, usize)> = (0..32 * 32)
+                .map(|p| (p / 32, p % 32))
+                .filter(|&(y, x)| zero(y, x))
+                .collect();
+            let top = places.iter().map(|p| p.0).min().unwrap();
+            let bottom = places.iter().map(|p| p.0).max().unwrap();
+            let left = places.iter().map(|p| p.1).min().unwrap();
+            let right = places.iter().map(|p| p.1).max().unwrap();
+            let (h, w) = (bottom - top + 1, right - left + 1);
+            assert_eq!(places.len(), h * w, "image {k}: the zeros form one rectangle");
+            assert!(h <= side && w <= side, "image {k}: {h}x{w} within {side}x{side}");
+            // A side shorter than the square's only where the square meets the image's edge.
+            assert!(
+                h == side || top == 0 || bottom == 31,
+                "image {k}: rows {top}..={bottom}"
+            );
+            assert!(
+                w == side || left == 0 || right == 31,
+                "image {k}: columns {left}..={right}"
+            );
+            let edges = [
+                top == 0 && h < side,
+                bottom == 31 && h < side,
+                left == 0 && w < side,
+                right == 31 && w < side,
+            ];
+            for (c, e) in clipped.iter_mut().zip(edges) {
+                *c += e as usize;
+            }
+            full += (h * w == side * side) as usize;
+            (lowest, highest) = (lowest.min(top), highest.max(bottom));
+            // Everything outside the square is the image as it was.
+            for (i, (a, b)) in image.iter().zip(&plain.x[k * 3072..(k + 1) * 3072]).enumerate() {
+                assert!(*a == *b || zero(i / 3 / 32, i / 3 % 32), "image {k}, value {i}");
+            }
+        }
+        // Centres anywhere on the image: mostly whole squares, some clipped at every edge.
+        assert!(full > n / 2, "{full} whole squares of {n}");
+        assert!(
+            clipped.iter().all(|&c| c > n / 100),
+            "clipped at top, bottom, left, right: {clipped:?}"
+        );
+        assert_eq!((lowest, highest), (0, 31));
+    }
 }
 
 #[test]
@@ -373,6 +442,7 @@ fn seed_recipe_is_the_seed_run() {
             crop_pad: 4,
             flip: true,
             alternate_flip: false,
+            cutout: 0,
         }
     );
     assert_eq!(cfg.log_every, 100);

@@ -396,6 +396,7 @@ fn a_toml_config_file_sets_a_run_and_flags_override_it() {
         ("epochs = [\n", "run.toml"),
         ("crop_pad = 20\n", "crop_pad must be 0 to 16, got 20"),
         ("stages = 5\n", "stages must be 3 to 4"),
+        ("cutout = 33\n", "cutout must be 0 to 32"),
         ("max_steps = 0\n", "max_steps must be at least 1"),
         ("zero_init_residual = \"yes\"\n", "zero_init_residual"),
     ] {

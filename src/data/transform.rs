@@ -24,6 +24,11 @@ pub struct Augment {
     /// see every image both ways equally often (Keller Jordan's airbench, "alternating flip").
     #[serde(default)]
     pub alternate_flip: bool,
+    /// Side of a square cut out of each training image after the crop and flip, centred
+    /// anywhere on the image and clipped at its edges (Cutout, DeVries & Taylor 2017): its
+    /// pixels become 0 after normalising, the mean colour. 0: none.
+    #[serde(default)]
+    pub cutout: usize,
 }
 
 impl Augment {
@@ -31,11 +36,13 @@ impl Augment {
         crop_pad: 4,
         flip: true,
         alternate_flip: false,
+        cutout: 0,
     };
     pub const NONE: Augment = Augment {
         crop_pad: 0,
         flip: false,
         alternate_flip: false,
+        cutout: 0,
     };
 }
 
@@ -124,7 +131,7 @@ impl Batch {
 }
 
 /// What a batch is made of, before any pixel is touched: for each image its index, crop
-/// position and flip. A backend that keeps the images on its device builds the pixels there
+/// position, flip and cutout centre. A backend that keeps the images on its device builds the pixels there
 /// from this ([`crate::engine::Backend::augment`]); the CPU builds them on the loader thread.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BatchPlan {
@@ -133,6 +140,10 @@ pub struct BatchPlan {
     pub labels: Vec<u32>,
     /// Padding of the crop (0: none).
     pub pad: usize,
+    /// Per image, with a cutout: the centre `[y, x]` of its square.
+    pub holes: Vec<[u32; 2]>,
+    /// Side of the cutout square (0: none).
+    pub cutout: usize,
 }
 
 impl BatchPlan {
@@ -140,6 +151,7 @@ impl BatchPlan {
     pub fn new(images: &Images, indices: &[u32], aug: Augment, key: BatchKey) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(key.rng_seed());
         let mut items = Vec::with_capacity(indices.len());
+        let mut holes = Vec::new();
         for &i in indices {
             // Draw in torchvision's order: crop position, then the flip.
             let (top, left) = if aug.crop_pad > 0 {
@@ -154,11 +166,17 @@ impl BatchPlan {
                 (true, true) => key.alternate_flip(i),
             };
             items.push([i, top as u32, left as u32, flip as u32]);
+            if aug.cutout > 0 {
+                let side = SIDE as u32;
+                holes.push([rng.random_range(0..side), rng.random_range(0..side)]);
+            }
         }
         Self {
             labels: indices.iter().map(|&i| images.labels[i as usize] as u32).collect(),
             items,
             pad: aug.crop_pad,
+            holes,
+            cutout: aug.cutout,
         }
     }
 
@@ -182,7 +200,19 @@ impl BatchPlan {
                 flip != 0,
             );
         }
+        for (out, &[cy, cx]) in x.chunks_exact_mut(per).zip(&self.holes) {
+            cut_out(out, self.cutout, cy as usize, cx as usize);
+        }
         x
+    }
+}
+
+/// Zeroes the `side x side` square of `image` (NHWC, 32x32x3) centred at `(cy, cx)`, clipped
+/// at the edges (an even side reaches one pixel further up and left, as Cutout's reference code).
+fn cut_out(image: &mut [f32], side: usize, cy: usize, cx: usize) {
+    let span = |c: usize| c.saturating_sub(side / 2)..(c + side.div_ceil(2)).min(SIDE);
+    for y in span(cy) {
+        image[(y * SIDE + span(cx).start) * 3..(y * SIDE + span(cx).end) * 3].fill(0.0);
     }
 }
 

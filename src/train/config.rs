@@ -140,6 +140,7 @@ impl Recipe {
                     crop_pad: 1,
                     flip: true,
                     alternate_flip: false,
+                    cutout: 0,
                 },
                 ..Recipe::Seed.config()
             }

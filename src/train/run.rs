@@ -237,8 +237,10 @@ pub fn train<B: Backend>(
 
     // On a GPU the training images go to the device once and each batch is cut there from a
     // plan (indices, crops, flips) drawn on the host with the same randomness as the CPU's
-    // loader thread, so both build exactly the same batches.
-    let device_pixels = be.augments_on_device().then(|| be.upload_pixels(&train_images.pixels));
+    // loader thread, so both build exactly the same batches. Cutout's squares are cut on the
+    // host only, so a run with them takes the loader's path on every backend.
+    let on_device = be.augments_on_device() && cfg.augment.cutout == 0;
+    let device_pixels = on_device.then(|| be.upload_pixels(&train_images.pixels));
     while pos.epoch < cfg.epochs {
         let epoch = pos.epoch;
         let plan = EpochPlan::new(train_images.len(), cfg.batch_size, cfg.shuffle, cfg.seed, epoch);
