@@ -131,8 +131,9 @@ impl Batch {
 }
 
 /// What a batch is made of, before any pixel is touched: for each image its index, crop
-/// position, flip and cutout centre. A backend that keeps the images on its device builds the pixels there
-/// from this ([`crate::engine::Backend::augment`]); the CPU builds them on the loader thread.
+/// position, flip and cutout centre. A backend that keeps the images on its device builds the
+/// pixels there from this ([`crate::engine::Backend::augment`], crops and flips only: runs
+/// with cutout squares take the loader's path); the CPU builds them on the loader thread.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BatchPlan {
     /// Per image: `[index, top, left, flip]`.

@@ -442,6 +442,12 @@ impl Backend for Cuda {
             .unwrap_or_else(|e| panic!("CUDA: uploading {} bytes of images: {e:?}", bytes.len()))
     }
     fn augment(&self, pixels: &CudaSlice<u8>, plan: &BatchPlan, x: &mut CudaSlice<f32>) {
+        // The kernel crops and flips; cutout squares are cut on the host (the training loop
+        // sends runs with them through its loader).
+        assert!(
+            plan.holes.is_empty(),
+            "CUDA augment: cutout squares are not cut on the device"
+        );
         let n = plan.items.len();
         let mut s = self.scratch.lock().expect("scratch lock");
         if s.items.len() < 4 * n {
