@@ -429,11 +429,7 @@ mod classes {
             &mut out[..]
         };
         for (i, (p_off, w_off, len)) in runs(g, &class.0, &class.1).into_iter().enumerate() {
-            let lhs = Mat {
-                data: &p[p_off..m * kc],
-                rs: kc,
-                cs: 1,
-            };
+            let lhs = Mat::rows(&p[p_off..m * kc], kc);
             let rhs = Mat::rows(&w[w_off * g.cout..g.weight_len()], g.cout);
             matmul(m, g.cout, len, dst, g.cout, lhs, rhs, i > 0);
         }
@@ -470,11 +466,7 @@ mod classes {
         let runs = runs(g, &class.0, &class.1);
         // dw[run, :] += p[:, run]^T dyc
         for &(p_off, w_off, len) in &runs {
-            let lhs = Mat {
-                data: &p[p_off..m * kc],
-                rs: 1,
-                cs: kc,
-            };
+            let lhs = Mat::transposed(&p[p_off..m * kc], kc);
             matmul(
                 len,
                 g.cout,

@@ -12,13 +12,22 @@ pub struct Mat<'a> {
 }
 
 impl<'a> Mat<'a> {
-    /// Row-major `[rows, cols]` with rows packed.
-    pub fn rows(data: &'a [f32], cols: usize) -> Self {
-        Self { data, rs: cols, cs: 1 }
+    /// Row-major, row i starting at `i * stride` (packed rows: the stride is the column
+    /// count; a larger one reads a block of columns out of a wider matrix).
+    pub fn rows(data: &'a [f32], stride: usize) -> Self {
+        Self {
+            data,
+            rs: stride,
+            cs: 1,
+        }
     }
-    /// The transpose of a row-major matrix with `cols` columns.
-    pub fn transposed(data: &'a [f32], cols: usize) -> Self {
-        Self { data, rs: 1, cs: cols }
+    /// The transpose of a row-major matrix whose rows are `stride` apart.
+    pub fn transposed(data: &'a [f32], stride: usize) -> Self {
+        Self {
+            data,
+            rs: 1,
+            cs: stride,
+        }
     }
     fn check(&self, rows: usize, cols: usize, what: &str) {
         if rows == 0 || cols == 0 {

@@ -13,8 +13,9 @@
 //! vectors are contiguous and tiles transform in parallel; the matrix multiply for position
 //! `xi` reads them with a row stride of `n^2 * channels`. Its products are position-major,
 //! `[n^2][tile][channels]`, so that the n^2 multiplies run side by side on disjoint outputs.
-//! Transformed filters are `[n^2][cin][cout]`. Every transform is an n-point transform of lines of whole channel
-//! vectors ("blocks"), first down the columns of the n x n grid, then along its rows.
+//! Transformed filters are `[n^2][cin][cout]`. Every transform is an n-point transform of
+//! lines of whole channel vectors ("blocks"), first down the columns of the n x n grid, then
+//! along its rows.
 
 use super::gemm::{Mat, matmul_serial};
 use crate::engine::ConvGeom;
@@ -287,16 +288,8 @@ impl<const N: usize> Plan<N> {
                 .par_chunks_mut(cin * cout)
                 .enumerate()
                 .for_each(|(xi, dst)| {
-                    let lhs = Mat {
-                        data: &v[xi * cin..rows * p * cin],
-                        rs: 1,
-                        cs: p * cin,
-                    };
-                    let rhs = Mat {
-                        data: &dm[xi * cout..rows * p * cout],
-                        rs: p * cout,
-                        cs: 1,
-                    };
+                    let lhs = Mat::transposed(&v[xi * cin..rows * p * cin], p * cin);
+                    let rhs = Mat::rows(&dm[xi * cout..rows * p * cout], p * cout);
                     matmul_serial(cin, cout, rows, dst, cout, lhs, rhs, first > 0);
                 });
             // Input gradient: a forward pass over dy with the rotated filters; the tiles of dy
@@ -319,11 +312,7 @@ impl<const N: usize> Plan<N> {
             .par_chunks_mut(rows * n)
             .enumerate()
             .for_each(|(xi, mx)| {
-                let lhs = Mat {
-                    data: &v[xi * k..rows * p * k],
-                    rs: p * k,
-                    cs: 1,
-                };
+                let lhs = Mat::rows(&v[xi * k..rows * p * k], p * k);
                 let rhs = Mat::rows(&u[xi * k * n..(xi + 1) * k * n], n);
                 matmul_serial(rows, n, k, mx, n, lhs, rhs, false);
             });
