@@ -145,6 +145,12 @@ pub mod limits {
     pub const CUTOUT: (u64, u64) = (0, 32);
     /// The seed's four residual stages, or three (its proposal to drop `conv5`).
     pub const STAGES: (u64, u64) = (3, 4);
+
+    /// Bounds as the range clap's integer parsers take (`value_parser!(u8).range(..)`), for
+    /// the bounded ones (not [`POSITIVE`], whose top does not fit an i64).
+    pub const fn flag_range((min, max): (u64, u64)) -> std::ops::RangeInclusive<i64> {
+        std::ops::RangeInclusive::new(min as i64, max as i64)
+    }
 }
 
 /// A run's settings in a TOML file (`train --config FILE`): the same names as the flags, in

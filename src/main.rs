@@ -114,7 +114,7 @@ struct ModelArgs {
     #[arg(long)]
     stem: Option<Stem>,
     /// Residual stages: 4 (the seed) or 3 (drop conv5).
-    #[arg(long, value_parser = clap::value_parser!(u8).range(limits::STAGES.0 as i64..=limits::STAGES.1 as i64))]
+    #[arg(long, value_parser = clap::value_parser!(u8).range(limits::flag_range(limits::STAGES)))]
     stages: Option<u8>,
 }
 
@@ -177,14 +177,14 @@ struct TrainArgs {
     #[arg(long, value_name = "BOOL")]
     zero_init_residual: Option<bool>,
     /// Zero padding of the training crops: random 32x32 crops of the padded image (0: none).
-    #[arg(long, value_parser = clap::value_parser!(u8).range(limits::CROP_PAD.0 as i64..=limits::CROP_PAD.1 as i64))]
+    #[arg(long, value_parser = clap::value_parser!(u8).range(limits::flag_range(limits::CROP_PAD)))]
     crop_pad: Option<u8>,
     /// Mirror each training image in every other epoch instead of by a coin each time.
     #[arg(long, value_name = "BOOL")]
     alternate_flip: Option<bool>,
     /// Cutout: zero a SIDE x SIDE square at a random centre of each training image, after the
     /// crop and flip (clipped at the edges; 0: none).
-    #[arg(long, value_name = "SIDE", value_parser = clap::value_parser!(u8).range(limits::CUTOUT.0 as i64..=limits::CUTOUT.1 as i64))]
+    #[arg(long, value_name = "SIDE", value_parser = clap::value_parser!(u8).range(limits::flag_range(limits::CUTOUT)))]
     cutout: Option<u8>,
     #[command(flatten)]
     model: ModelArgs,
@@ -239,7 +239,7 @@ struct NetArgs {
     #[arg(long, default_value = "seed")]
     stem: Stem,
     /// Residual stages: 4 (the seed) or 3 (drop conv5).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(limits::STAGES.0 as i64..=limits::STAGES.1 as i64))]
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(limits::flag_range(limits::STAGES)))]
     stages: u8,
     /// Images in the (random, CIFAR-shaped) input batch.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(limits::POSITIVE.0..))]
