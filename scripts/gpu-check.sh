@@ -70,7 +70,7 @@ fi
 
 if [ "$what" = all ] || [ "$what" = train ]; then
     step "train: the seed's recipe on the GPU"
-    timeout 400 "$bin/resnet-cifar" --device cuda train --data "$pack/shared/data/cifar10" \
+    timeout 400 "$bin/resnet-cifar" train --device cuda --data "$pack/shared/data/cifar10" \
         --out /tmp/gpu-run --val-split 5000 ${TRAIN_EPOCHS:+--epochs $TRAIN_EPOCHS}
     cp /tmp/gpu-run/metrics.jsonl "$out/metrics.jsonl" 2>/dev/null || true
 fi

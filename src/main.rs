@@ -26,21 +26,39 @@ use std::sync::atomic::{AtomicBool, Ordering};
     about = "Train ResNet-18 on CIFAR-10 with an engine made for it"
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where and how a command computes: the flags of `train`, `eval`, `bench` and `predict`.
+#[derive(Args)]
+struct ComputeArgs {
     /// Worker threads (default: every core). Results are bit-identical for the same seed and
     /// thread count.
-    #[arg(long, global = true)]
+    #[arg(long)]
     threads: Option<usize>,
     /// Where to compute: cpu, cuda (GPU 0) or cuda:N. CUDA needs the NVIDIA driver and the CUDA
     /// libraries (NVRTC, cuBLAS, cuDNN 9), found on LD_LIBRARY_PATH, in RESNET_CIFAR_CUDA_LIBS,
     /// CUDA_HOME, /usr/local/cuda, or a PyTorch install's nvidia/*/lib folders.
-    #[arg(long, global = true, default_value = "cpu")]
+    #[arg(long, default_value = "cpu")]
     device: Device,
     /// GPU arithmetic for convolutions: fp32, or tf32 (tensor cores, PyTorch's default for
     /// cuDNN convolutions).
-    #[arg(long, global = true, default_value = "tf32", value_parser = ["fp32", "tf32"])]
+    #[arg(long, default_value = "tf32", value_parser = ["fp32", "tf32"])]
     precision: String,
-    #[command(subcommand)]
-    command: Command,
+}
+
+impl ComputeArgs {
+    fn target(&self) -> Target {
+        Target {
+            device: self.device,
+            precision: if self.precision == "fp32" {
+                Precision::Fp32
+            } else {
+                Precision::Tf32
+            },
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -82,6 +100,8 @@ struct PredictArgs {
     /// The stem, for a state_dict that does not record it.
     #[arg(long)]
     stem: Option<Stem>,
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 #[derive(Args)]
@@ -188,6 +208,8 @@ struct TrainArgs {
     cutout: Option<u8>,
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 fn recipes_help() -> String {
@@ -227,6 +249,8 @@ struct EvalArgs {
     /// of 1 pixel, for networks trained on crops padded by 1).
     #[arg(long, default_value = "off")]
     tta: Tta,
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 /// The network and input size that `summary` and `bench` describe.
@@ -275,6 +299,8 @@ struct BenchArgs {
     /// Untimed steps first.
     #[arg(long, default_value_t = 3)]
     warmup: u64,
+    #[command(flatten)]
+    compute: ComputeArgs,
 }
 
 /// The `--device` flag.
@@ -327,7 +353,14 @@ macro_rules! with_backend {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = (|| {
-        let threads = match cli.threads {
+        let compute = match &cli.command {
+            Command::Train(a) => Some(&a.compute),
+            Command::Eval(a) => Some(&a.compute),
+            Command::Bench(a) => Some(&a.compute),
+            Command::Predict(a) => Some(&a.compute),
+            Command::Summary(_) | Command::Plot(_) | Command::Data(_) => None,
+        };
+        let threads = match compute.and_then(|c| c.threads) {
             Some(0) => return Err(CliError::input("--threads must be at least 1")),
             Some(t) => t,
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -338,21 +371,13 @@ fn main() -> ExitCode {
             .num_threads(threads)
             .build()
             .map_err(CliError::run)?;
-        let target = Target {
-            device: cli.device,
-            precision: if cli.precision == "fp32" {
-                Precision::Fp32
-            } else {
-                Precision::Tf32
-            },
-        };
         pool.install(|| match cli.command {
-            Command::Train(a) => run_train(a, target),
-            Command::Eval(a) => run_eval(a, target),
-            Command::Bench(a) => run_bench(a, target),
+            Command::Train(a) => run_train(a),
+            Command::Eval(a) => run_eval(a),
+            Command::Bench(a) => run_bench(a),
             Command::Summary(a) => run_summary(a),
             Command::Plot(a) => run_plot(a),
-            Command::Predict(a) => run_predict(a, target),
+            Command::Predict(a) => run_predict(a),
             Command::Data(DataCommand::Fetch { dir }) => {
                 fetch_data(&dir).map(|p| println!("CIFAR-10 is in {}", p.display()))
             }
@@ -430,7 +455,8 @@ fn merge_config_file(mut a: TrainArgs) -> Result<TrainArgs, CliError> {
     Ok(a)
 }
 
-fn run_train(a: TrainArgs, target: Target) -> Result<(), CliError> {
+fn run_train(a: TrainArgs) -> Result<(), CliError> {
+    let target = a.compute.target();
     let a = merge_config_file(a)?;
     let (cfg, resume, out) = match &a.resume {
         Some(dir) => resumed_config(&a, dir)?,
@@ -589,7 +615,8 @@ fn resumed_config(a: &TrainArgs, dir: &Path) -> Result<(TrainConfig, Option<Resu
     Ok((cfg, Some(r), dir.to_path_buf()))
 }
 
-fn run_eval(a: EvalArgs, target: Target) -> Result<(), CliError> {
+fn run_eval(a: EvalArgs) -> Result<(), CliError> {
+    let target = a.compute.target();
     let file = CheckpointFile::read(&a.checkpoint, a.stem)?;
     let data = load_data(&a.data)?;
     let val_split = a
@@ -644,7 +671,8 @@ fn run_eval(a: EvalArgs, target: Target) -> Result<(), CliError> {
     Ok(())
 }
 
-fn run_predict(a: PredictArgs, target: Target) -> Result<(), CliError> {
+fn run_predict(a: PredictArgs) -> Result<(), CliError> {
+    let target = a.compute.target();
     let file = CheckpointFile::read(&a.checkpoint, a.stem)?;
     let images = a
         .images
@@ -703,7 +731,8 @@ fn run_summary(a: SummaryArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn run_bench(a: BenchArgs, target: Target) -> Result<(), CliError> {
+fn run_bench(a: BenchArgs) -> Result<(), CliError> {
+    let target = a.compute.target();
     let cfg = BenchConfig {
         arch: a.net.model,
         model: a.net.config(),

@@ -321,12 +321,12 @@ fn bad_input_exits_2_with_one_line() {
             vec!["train", "--data", data, "--weight-decay", "-0.1"],
             "--weight-decay",
         ),
-        (vec!["--threads", "0", "train"], "--threads must be at least 1"),
+        (vec!["train", "--threads", "0"], "--threads must be at least 1"),
         (vec!["train", "--tta", "sideways"], "sideways"),
         (vec!["train", "--crop-pad", "17"], "--crop-pad"),
         (vec!["train", "--zero-init-residual", "maybe"], "--zero-init-residual"),
         (vec!["predict", "--checkpoint", "x", "--top-k", "0", "a.png"], "--top-k"),
-        (vec!["--device", "tpu", "bench"], "unknown device 'tpu'"),
+        (vec!["bench", "--device", "tpu"], "unknown device 'tpu'"),
     ] {
         let (code, _, err) = cli(&args);
         assert_eq!(code, 2, "{args:?}: {err}");
@@ -341,6 +341,21 @@ fn bad_input_exits_2_with_one_line() {
         out.contains("Recipes:") && out.contains("seed") && out.contains("lr 0.01/(epoch+1)"),
         "{out}"
     );
+    // --threads, --device and --precision belong to the commands that compute, and only to them.
+    for (command, computes) in [
+        ("train", true),
+        ("eval", true),
+        ("bench", true),
+        ("predict", true),
+        ("plot", false),
+        ("summary", false),
+    ] {
+        let (code, out, err) = cli(&[command, "--help"]);
+        assert_eq!(code, 0, "{command}: {err}");
+        for flag in ["--threads", "--device", "--precision"] {
+            assert_eq!(out.contains(flag), computes, "{command} --help and {flag}: {out}");
+        }
+    }
 }
 
 #[test]
