@@ -1,0 +1,130 @@
+//! The subcommands, one file each (its flags and its `run`), and what they share: where a
+//! command computes (`--threads`, `--device`, `--precision`) and how the data is found.
+
+use clap::Args;
+use resnet_cifar::cli::CliError;
+use resnet_cifar::data::{Cifar10, fetch};
+use resnet_cifar::engine::cuda::Precision;
+use std::path::{Path, PathBuf};
+
+/// Runs `$body` with `$be` bound to the backend `$target` names.
+/// (A macro because the backend is a type: each arm compiles `$body` for its own.)
+macro_rules! with_backend {
+    ($target:expr, |$be:ident| $body:expr) => {
+        match $target.device {
+            $crate::cmd::Device::Cpu => {
+                let $be = &resnet_cifar::engine::cpu::Cpu;
+                $body
+            }
+            $crate::cmd::Device::Cuda(ordinal) => {
+                let cuda = resnet_cifar::engine::cuda::Cuda::new(ordinal, $target.precision)
+                    .map_err(|e| resnet_cifar::cli::CliError::input(format!("--device cuda:{ordinal}: {e}")))?;
+                let $be = &cuda;
+                $body
+            }
+        }
+    };
+}
+
+pub mod bench;
+pub mod data;
+pub mod eval;
+pub mod plot;
+pub mod predict;
+pub mod summary;
+pub mod train;
+
+/// Where and how a command computes: the flags of `train`, `eval`, `bench` and `predict`.
+#[derive(Args)]
+pub struct ComputeArgs {
+    /// Worker threads (default: every core). Results are bit-identical for the same seed and
+    /// thread count.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Where to compute: cpu, cuda (GPU 0) or cuda:N. CUDA needs the NVIDIA driver and the CUDA
+    /// libraries (NVRTC, cuBLAS, cuDNN 9), found on LD_LIBRARY_PATH, in RESNET_CIFAR_CUDA_LIBS,
+    /// CUDA_HOME, /usr/local/cuda, or a PyTorch install's nvidia/*/lib folders.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// GPU arithmetic for convolutions: fp32, or tf32 (tensor cores, PyTorch's default for
+    /// cuDNN convolutions).
+    #[arg(long, default_value = "tf32", value_parser = ["fp32", "tf32"])]
+    precision: String,
+}
+
+impl ComputeArgs {
+    fn target(&self) -> Target {
+        Target {
+            device: self.device,
+            precision: if self.precision == "fp32" {
+                Precision::Fp32
+            } else {
+                Precision::Tf32
+            },
+        }
+    }
+}
+
+/// The `--device` flag.
+#[derive(Clone, Copy, Debug)]
+enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("unknown device '{s}' (expected cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
+/// Where a command computes: the device and its precision.
+#[derive(Clone, Copy)]
+struct Target {
+    device: Device,
+    precision: Precision,
+}
+
+/// A progress bar for the CIFAR-10 download.
+fn download_bar() -> impl FnMut(u64, Option<u64>) {
+    let bar = indicatif::ProgressBar::new(fetch::ARCHIVE_BYTES);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "downloading CIFAR-10 [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template"),
+    );
+    move |done, total| {
+        if let Some(t) = total {
+            bar.set_length(t);
+        }
+        bar.set_position(done);
+        if total.is_some_and(|t| done >= t) {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// CIFAR-10 in `dir`, downloaded first when it is not there.
+fn fetch_data(dir: &Path) -> Result<PathBuf, CliError> {
+    fetch::ensure(dir, download_bar()).map_err(CliError::input)
+}
+
+/// The CIFAR-10 files in `dir`; the error says how to get them.
+fn load_data(dir: &Path) -> Result<Cifar10, CliError> {
+    Cifar10::load(dir).map_err(|e| {
+        CliError::input(format!(
+            "{e}\n(get the data with: resnet-cifar data fetch --dir {})",
+            dir.display()
+        ))
+    })
+}
