@@ -203,9 +203,9 @@ pub trait Backend: Send + Sync + 'static {
         dgamma: &mut Self::Buf,
         dbeta: &mut Self::Buf,
     );
-    /// y[r, ch] += bias[ch] for each of `rows` rows of `c` channels (a conv's or linear's bias).
+    /// `y[r, ch] += bias[ch]` for each of `rows` rows of `c` channels (a conv's or linear's bias).
     fn bias_add(&self, rows: usize, c: usize, bias: &Self::Buf, y: &mut Self::Buf);
-    /// db[ch] = the sum over `rows` rows of dy[r, ch] (overwritten).
+    /// `db[ch]` = the sum over `rows` rows of `dy[r, ch]` (overwritten).
     fn bias_grad(&self, rows: usize, c: usize, dy: &Self::Buf, db: &mut Self::Buf);
     /// y = max(x, 0) over `len` values.
     fn relu_forward(&self, len: usize, x: &Self::Buf, y: &mut Self::Buf);

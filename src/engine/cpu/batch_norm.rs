@@ -39,7 +39,7 @@ where
     total
 }
 
-/// Applies y = relu?((x - center[c]) * scale[c] + shift[c] + residual?) row by row.
+/// Applies `y = relu?((x - center[c]) * scale[c] + shift[c] + residual?)` row by row.
 /// Centering first (rather than folding the mean into the shift) keeps f32 rounding small
 /// when a channel's mean is large against its spread.
 fn affine(
