@@ -76,14 +76,6 @@ extern "C" __global__ void bn_partial_sums(const float* x, i64 rows, int c, cons
     bn_block_reduce(acc, partial, c, ch);
 }
 
-extern "C" __global__ void bn_mean(const double* partial, int parts, i64 rows, int c, float* saved) {
-    int ch = blockIdx.x * blockDim.x + threadIdx.x;
-    if (ch >= c) return;
-    double t = 0.0;
-    for (int p = 0; p < parts; p++) t += partial[(i64)p * c + ch];
-    saved[ch] = (float)(t / (double)rows);
-}
-
 // saved = [mean | invstd]; running statistics as PyTorch updates them (unbiased variance).
 extern "C" __global__ void bn_var(const double* partial, int parts, i64 rows, int c, float eps, float momentum,
                                   float* saved, float* running_mean, float* running_var) {
@@ -162,13 +154,14 @@ extern "C" __global__ void bn_backward_dx(const float* x, const float* dy, i64 r
     }
 }
 
-// Column sums of partials (bn_partial_sums with center == 0) as f32: a bias gradient.
-extern "C" __global__ void partial_column_sums(const double* partial, int parts, int c, float* out) {
+// Column sums of partials (bn_partial_sums with center == 0) divided by `divisor`, as f32:
+// a batch norm's mean (divisor: rows) or a bias gradient (divisor 1, exact).
+extern "C" __global__ void partial_column_sums(const double* partial, int parts, int c, double divisor, float* out) {
     int ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= c) return;
     double t = 0.0;
     for (int p = 0; p < parts; p++) t += partial[(i64)p * c + ch];
-    out[ch] = (float)t;
+    out[ch] = (float)(t / divisor);
 }
 
 extern "C" __global__ void bias_add(const float* bias, i64 rows, int c, float* y) {

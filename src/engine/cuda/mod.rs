@@ -34,31 +34,49 @@ pub enum Precision {
     Tf32,
 }
 
-struct Kernels {
-    fill: CudaFunction,
-    augment: CudaFunction,
-    add_assign: CudaFunction,
-    bn_partial_sums: CudaFunction,
-    bn_mean: CudaFunction,
-    bn_var: CudaFunction,
-    bn_apply: CudaFunction,
-    bn_backward_sums: CudaFunction,
-    bn_backward_finalize: CudaFunction,
-    bn_backward_dx: CudaFunction,
-    max_pool_forward: CudaFunction,
-    max_pool_backward: CudaFunction,
-    gap_forward: CudaFunction,
-    gap_backward: CudaFunction,
-    broadcast_rows: CudaFunction,
-    partial_column_sums: CudaFunction,
-    bias_add: CudaFunction,
-    relu_forward: CudaFunction,
-    relu_backward: CudaFunction,
-    column_sums: CudaFunction,
-    cross_entropy: CudaFunction,
-    watch_loss: CudaFunction,
-    adam: CudaFunction,
-    sgd: CudaFunction,
+/// Declares `Kernels`, one `CudaFunction` a kernel of `kernels.cu`, with the list of their
+/// names (which the NVRTC test checks against the compiled module) and the loader.
+macro_rules! kernels {
+    ($($field:ident = $name:literal,)*) => {
+        struct Kernels {
+            $($field: CudaFunction,)*
+        }
+
+        impl Kernels {
+            #[cfg(test)]
+            const NAMES: &[&str] = &[$($name),*];
+
+            fn load(f: impl Fn(&str) -> Result<CudaFunction, String>) -> Result<Self, String> {
+                Ok(Self { $($field: f($name)?,)* })
+            }
+        }
+    };
+}
+
+kernels! {
+    fill = "fill_f32",
+    augment = "augment",
+    add_assign = "add_assign_f32",
+    bn_partial_sums = "bn_partial_sums",
+    bn_var = "bn_var",
+    bn_apply = "bn_apply",
+    bn_backward_sums = "bn_backward_sums",
+    bn_backward_finalize = "bn_backward_finalize",
+    bn_backward_dx = "bn_backward_dx",
+    max_pool_forward = "max_pool_forward",
+    max_pool_backward = "max_pool_backward",
+    gap_forward = "global_avg_pool_forward",
+    gap_backward = "global_avg_pool_backward",
+    broadcast_rows = "broadcast_rows",
+    partial_column_sums = "partial_column_sums",
+    bias_add = "bias_add",
+    relu_forward = "relu_forward",
+    relu_backward = "relu_backward",
+    column_sums = "column_sums",
+    cross_entropy = "cross_entropy",
+    watch_loss = "watch_loss",
+    adam = "adam_step",
+    sgd = "sgd_step",
 }
 
 /// Device scratch that ops borrow for the length of a call.
@@ -167,32 +185,7 @@ impl Cuda {
             .load_module(ptx)
             .map_err(|e| format!("loading the kernels: {e:?}"))?;
         let f = |name: &str| module.load_function(name).map_err(|e| format!("kernel {name}: {e:?}"));
-        let k = Kernels {
-            fill: f("fill_f32")?,
-            augment: f("augment")?,
-            add_assign: f("add_assign_f32")?,
-            bn_partial_sums: f("bn_partial_sums")?,
-            bn_mean: f("bn_mean")?,
-            bn_var: f("bn_var")?,
-            bn_apply: f("bn_apply")?,
-            bn_backward_sums: f("bn_backward_sums")?,
-            bn_backward_finalize: f("bn_backward_finalize")?,
-            bn_backward_dx: f("bn_backward_dx")?,
-            max_pool_forward: f("max_pool_forward")?,
-            max_pool_backward: f("max_pool_backward")?,
-            gap_forward: f("global_avg_pool_forward")?,
-            gap_backward: f("global_avg_pool_backward")?,
-            broadcast_rows: f("broadcast_rows")?,
-            partial_column_sums: f("partial_column_sums")?,
-            bias_add: f("bias_add")?,
-            relu_forward: f("relu_forward")?,
-            relu_backward: f("relu_backward")?,
-            column_sums: f("column_sums")?,
-            cross_entropy: f("cross_entropy")?,
-            watch_loss: f("watch_loss")?,
-            adam: f("adam_step")?,
-            sgd: f("sgd_step")?,
-        };
+        let k = Kernels::load(f)?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| format!("cuBLAS: {e:?}"))?;
         let handle = cudarc::cudnn::result::create_handle().map_err(|e| format!("cuDNN: {e:?}"))?;
         unsafe { cudarc::cudnn::result::set_stream(handle, stream.cu_stream() as _) }
@@ -547,11 +540,12 @@ impl Backend for Cuda {
             &mut [arg(&xp), arg(&rows), arg(&c), arg(&null), arg(&partial)],
         );
         let parts_i = parts as i32;
+        let divisor = rows as f64;
         self.launch(
-            &self.k.bn_mean,
+            &self.k.partial_column_sums,
             Self::channel_grid(s.c),
             (BLOCK, 1),
-            &mut [arg(&partial), arg(&parts_i), arg(&rows), arg(&c), arg(&sp)],
+            &mut [arg(&partial), arg(&parts_i), arg(&c), arg(&divisor), arg(&sp)],
         );
         self.launch(
             &self.k.bn_partial_sums,
@@ -661,7 +655,7 @@ impl Backend for Cuda {
     fn bias_grad(&self, rows: usize, c: usize, dy: &CudaSlice<f32>, db: &mut CudaSlice<f32>) {
         let (parts, scratch) = self.bn_parts(rows, c);
         let partial = self.ptr(&scratch.partials);
-        let (dyp, dbp, r, ci, null) = (self.ptr(dy), self.ptr(db), rows as i64, c as i32, 0u64);
+        let (dyp, dbp, r, ci, null, one) = (self.ptr(dy), self.ptr(db), rows as i64, c as i32, 0u64, 1f64);
         self.launch(
             &self.k.bn_partial_sums,
             (c.div_ceil(32) as u32, parts as u32),
@@ -673,7 +667,7 @@ impl Backend for Cuda {
             &self.k.partial_column_sums,
             Self::channel_grid(c),
             (BLOCK, 1),
-            &mut [arg(&partial), arg(&parts_i), arg(&ci), arg(&dbp)],
+            &mut [arg(&partial), arg(&parts_i), arg(&ci), arg(&one), arg(&dbp)],
         );
     }
     fn relu_forward(&self, len: usize, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) {
@@ -885,8 +879,17 @@ mod tests {
             arch: Some("compute_90"),
             ..Default::default()
         };
-        if let Err(e) = cudarc::nvrtc::compile_ptx_with_opts(super::KERNELS, opts) {
-            panic!("kernels.cu does not compile: {e:?}");
-        }
+        let ptx = match cudarc::nvrtc::compile_ptx_with_opts(super::KERNELS, opts) {
+            Ok(ptx) => ptx.to_src(),
+            Err(e) => panic!("kernels.cu does not compile: {e:?}"),
+        };
+        // Every kernel the backend loads is an entry point of the module, and every entry
+        // point is loaded (a misspelt name would otherwise fail only on a GPU).
+        let entries: std::collections::BTreeSet<&str> = ptx
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix(".visible .entry ")?.split('(').next())
+            .collect();
+        let loaded: std::collections::BTreeSet<&str> = super::Kernels::NAMES.iter().copied().collect();
+        assert_eq!(loaded, entries);
     }
 }
