@@ -45,7 +45,36 @@ enum Command {
     Data(data::DataCommand),
 }
 
+/// The x86 instruction sets this build may use (`.cargo/config.toml` compiles for x86-64-v3)
+/// that the CPU lacks: checked first, so that an older CPU gets a sentence, not a crash.
+#[cfg(target_arch = "x86_64")]
+#[inline(never)]
+fn missing_cpu_features() -> Vec<&'static str> {
+    let mut missing = Vec::new();
+    macro_rules! need {
+        ($($feature:tt),*) => {$(
+            if cfg!(target_feature = $feature) && !std::arch::is_x86_feature_detected!($feature) {
+                missing.push($feature);
+            }
+        )*};
+    }
+    need!("avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "lzcnt", "movbe");
+    missing
+}
+
 fn main() -> ExitCode {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let missing = missing_cpu_features();
+        if !missing.is_empty() {
+            eprintln!(
+                "error: this build of resnet-cifar needs {} (x86-64-v3), which this CPU lacks; \
+                 build it with RUSTFLAGS=\"-C target-cpu=x86-64\" cargo build --release",
+                missing.join(", ")
+            );
+            return ExitCode::from(2);
+        }
+    }
     let cli = Cli::parse();
     let result = (|| {
         let compute = match &cli.command {
