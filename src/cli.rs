@@ -45,6 +45,13 @@ impl CheckpointFile {
     /// Reads `path`; errors name it. `stem` as for [`model_config_of`].
     pub fn read(path: &Path, stem: Option<Stem>) -> Result<Self, CliError> {
         let origin = path.display().to_string();
+        if path.join("last.safetensors").is_file() {
+            return Err(CliError::input(format!(
+                "{origin} is a run folder; give one of its checkpoints: {} (the most accurate epoch) or {} (the last)",
+                path.join("best.safetensors").display(),
+                path.join("last.safetensors").display()
+            )));
+        }
         let bytes = std::fs::read(path).map_err(|e| CliError::input(format!("{origin}: {e}")))?;
         let (tensors, meta) = checkpoint::parse(&origin, &bytes).map_err(CliError::input)?;
         let (arch, model) = model_config_of(&origin, &tensors, &meta, stem)?;

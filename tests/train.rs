@@ -335,6 +335,23 @@ fn bad_input_exits_2_with_one_line() {
     let (code, _, err) = cli(&["eval", "--checkpoint", &format!("{d}/missing.safetensors")]);
     assert_eq!(code, 2);
     assert!(err.contains("missing.safetensors"), "{err}");
+    // A run folder where a checkpoint belongs: the error names the two to choose from.
+    let run = format!("{d}/run");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(format!("{run}/last.safetensors"), b"").unwrap();
+    for args in [
+        vec!["eval", "--checkpoint", &run],
+        vec!["predict", "--checkpoint", &run, "x.png"],
+    ] {
+        let (code, _, err) = cli(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(
+            err.contains("is a run folder")
+                && err.contains("run/best.safetensors")
+                && err.contains("run/last.safetensors"),
+            "{args:?}: {err}"
+        );
+    }
     let (code, out, _) = cli(&["train", "--help"]);
     assert_eq!(code, 0);
     assert!(
