@@ -27,6 +27,9 @@ use rayon::prelude::*;
 /// budget, 106 with 32 MiB, 98 with 1 MiB.
 const WORKSPACE_BUDGET: usize = 1 << 20;
 
+/// Tiles transformed in one parallel task.
+const TILES_PER_TASK: usize = 8;
+
 /// Fewer channels than this (the 3-channel stem conv) leave the matrix multiplies too thin to
 /// gain from the transforms.
 const MIN_CHANNELS: usize = 16;
@@ -352,7 +355,9 @@ impl<const N: usize> Plan<N> {
     }
 
     /// `Y = A^T M A` for every tile of images `first..first + count` from the position-major
-    /// products `mt` (`[n^2][tiles][c]`), written into `y` (`c` channels).
+    /// products `mt` (`[n^2][tiles][c]`), written into `y` (`c` channels). One task per row
+    /// of tiles (the m rows of the map it covers), so that a chunk of few images still
+    /// spreads evenly over the threads.
     fn output_tiles<W: Minimal<N>>(&self, c: usize, mt: &[f32], first: usize, count: usize, y: &mut [f32]) {
         let (p, m) = (Self::POSITIONS, Self::OUT);
         let image_len = self.h * self.w * c;
@@ -360,23 +365,25 @@ impl<const N: usize> Plan<N> {
         y[first * image_len..(first + count) * image_len]
             .par_chunks_mut(image_len)
             .enumerate()
-            .for_each(|(i, img)| {
+            .flat_map(|(i, img)| {
+                img.par_chunks_mut(m * self.w * c)
+                    .enumerate()
+                    .map(move |(ty, band)| (i, ty, band))
+            })
+            .for_each(|(i, ty, band)| {
                 let mut tile = vec![0.0; p * c];
                 let mut blocks: Vec<&mut [f32]> = tile.chunks_exact_mut(c).collect();
-                for k in 0..self.tiles() {
-                    let (ty, tx) = (k / self.tw, k % self.tw);
-                    let row = i * self.tiles() + k;
+                for tx in 0..self.tw {
+                    let row = i * self.tiles() + ty * self.tw + tx;
                     for (xi, block) in blocks.iter_mut().enumerate() {
                         block.copy_from_slice(&mt[(xi * rows + row) * c..][..c]);
                     }
                     transform::<N, _>(&mut blocks, W::output, N, m);
-                    for r in 0..m {
-                        for j in 0..m {
-                            let (oy, ox) = (m * ty + r, m * tx + j);
-                            if oy < self.h && ox < self.w {
-                                let at = (oy * self.w + ox) * c;
-                                img[at..at + c].copy_from_slice(blocks[r * N + j]);
-                            }
+                    // The band's rows r of this tile's outputs, within the map.
+                    for r in 0..m.min(self.h - m * ty) {
+                        for j in 0..m.min(self.w - m * tx) {
+                            let at = (r * self.w + m * tx + j) * c;
+                            band[at..at + c].copy_from_slice(blocks[r * N + j]);
                         }
                     }
                 }
@@ -405,23 +412,27 @@ impl<const N: usize> Plan<N> {
     }
 
     /// Calls `f(image, ty, tx, blocks)` for every tile of images `first..first + count` of
-    /// `src` (`c` channels), `blocks` being the tile's n^2 blocks in `out`; images in parallel.
+    /// `src` (`c` channels), `blocks` being the tile's n^2 blocks in `out`. Runs of
+    /// [`TILES_PER_TASK`] tiles are the parallel tasks, not whole images: a chunk may hold as
+    /// few as 3 images (32x32 maps of 64 channels), which 2 threads would share unevenly.
     fn each_tile<F>(&self, c: usize, src: &[f32], first: usize, count: usize, out: &mut [f32], f: F)
     where
         F: Fn(&[f32], usize, usize, &mut [&mut [f32]]) + Sync,
     {
-        let p = Self::POSITIONS;
+        let (p, tiles) = (Self::POSITIONS, self.tiles());
         let image_len = self.h * self.w * c;
-        out[..count * self.tiles() * p * c]
-            .par_chunks_mut(self.tiles() * p * c)
+        out[..count * tiles * p * c]
+            .par_chunks_mut(TILES_PER_TASK * p * c)
             .enumerate()
-            .for_each(|(i, tiles)| {
-                let img = &src[(first + i) * image_len..(first + i + 1) * image_len];
+            .for_each(|(task, run)| {
                 let mut blocks = Vec::with_capacity(p);
-                for (k, tile) in tiles.chunks_exact_mut(p * c).enumerate() {
+                for (j, tile) in run.chunks_exact_mut(p * c).enumerate() {
+                    let k = task * TILES_PER_TASK + j;
+                    let (i, t) = (k / tiles, k % tiles);
+                    let img = &src[(first + i) * image_len..][..image_len];
                     blocks.clear();
                     blocks.extend(tile.chunks_exact_mut(c));
-                    f(img, k / self.tw, k % self.tw, &mut blocks);
+                    f(img, t / self.tw, t % self.tw, &mut blocks);
                 }
             });
     }
