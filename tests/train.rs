@@ -373,6 +373,12 @@ fn bad_input_exits_2_with_one_line() {
             assert_eq!(out.contains(flag), computes, "{command} --help and {flag}: {out}");
         }
     }
+    let (code, _, err) = cli(&["bench", "--precision", "fp16"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("unknown precision 'fp16' (expected one of: fp32, tf32)"),
+        "{err}"
+    );
 }
 
 #[test]

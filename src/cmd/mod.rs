@@ -48,19 +48,15 @@ pub struct ComputeArgs {
     device: Device,
     /// GPU arithmetic for convolutions: fp32, or tf32 (tensor cores, PyTorch's default for
     /// cuDNN convolutions).
-    #[arg(long, default_value = "tf32", value_parser = ["fp32", "tf32"])]
-    precision: String,
+    #[arg(long, default_value = "tf32")]
+    precision: Precision,
 }
 
 impl ComputeArgs {
     fn target(&self) -> Target {
         Target {
             device: self.device,
-            precision: if self.precision == "fp32" {
-                Precision::Fp32
-            } else {
-                Precision::Tf32
-            },
+            precision: self.precision,
         }
     }
 }
