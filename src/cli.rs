@@ -52,6 +52,11 @@ impl CheckpointFile {
                 path.join("last.safetensors").display()
             )));
         }
+        if path.is_dir() {
+            return Err(CliError::input(format!(
+                "{origin} is a folder without checkpoints; give a .safetensors file (a run folder holds best.safetensors and last.safetensors)"
+            )));
+        }
         let bytes = std::fs::read(path).map_err(|e| CliError::input(format!("{origin}: {e}")))?;
         let (tensors, meta) = checkpoint::parse(&origin, &bytes).map_err(CliError::input)?;
         let (arch, model) = model_config_of(&origin, &tensors, &meta, stem)?;

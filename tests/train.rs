@@ -352,6 +352,11 @@ fn bad_input_exits_2_with_one_line() {
             "{args:?}: {err}"
         );
     }
+    let empty = format!("{d}/empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (code, _, err) = cli(&["eval", "--checkpoint", &empty]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("empty is a folder without checkpoints"), "{err}");
     let (code, out, _) = cli(&["train", "--help"]);
     assert_eq!(code, 0);
     assert!(
