@@ -532,6 +532,9 @@ fn fast_recipe_resolves() {
 
     let cifar = "cifar".parse::<Recipe>().unwrap().config();
     assert_eq!((cifar.recipe.as_str(), cifar.model.stem), ("cifar", Stem::Cifar));
-    assert_eq!((cifar.epochs, cifar.augment.crop_pad), (30, 4));
+    assert_eq!(
+        (cifar.epochs, cifar.augment.crop_pad, cifar.augment.cutout),
+        (60, 4, 16)
+    );
     assert!(matches!(cifar.optimizer, OptimizerConfig::Sgd(s) if s.weight_decay == 5e-4 && s.nesterov));
 }

@@ -84,7 +84,7 @@ impl Recipe {
                 "SGD(momentum 0.9, Nesterov, weight decay 2e-4), one-cycle lr peaking at 0.2 after 25% of the steps (from 0.02, down to 2e-5), batch 128, 10 epochs, shuffle, crop 1 + flip, label smoothing 0.1, flip test-time augmentation"
             }
             Recipe::Cifar => {
-                "for the full-resolution network: stem cifar, the fast recipe with weight decay 5e-4, crop 4 + flip and 30 epochs"
+                "for the full-resolution network: stem cifar, the fast recipe with weight decay 5e-4, crop 4 + flip, Cutout 16 and 60 epochs"
             }
         }
     }
@@ -153,10 +153,15 @@ impl Recipe {
                         ..fast.model
                     },
                     // The full-resolution network overfits sooner: the usual weight decay 5e-4
-                    // and the seed's crops (padding 4).
+                    // and the seed's crops (padding 4). 30 epochs of that fit the training
+                    // images (loss 0.54, smoothing's floor 0.50) and reach 91.66%; Cutout 16 and
+                    // twice the epochs reach 92.46% (README, Results).
                     optimizer: fast.optimizer.with_weight_decay(5e-4),
-                    augment: Augment::SEED,
-                    epochs: 30,
+                    augment: Augment {
+                        cutout: 16,
+                        ..Augment::SEED
+                    },
+                    epochs: 60,
                     ..fast
                 }
                 .named(self)
