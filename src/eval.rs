@@ -68,18 +68,14 @@ pub enum Tta {
     FlipShift1,
 }
 
+crate::named::choices!(Tta, "test-time augmentation", {
+    Off => "off",
+    Flip => "flip",
+    FlipShift => "flip-shift",
+    FlipShift1 => "flip-shift1",
+});
+
 impl Tta {
-    pub const ALL: [Tta; 4] = [Tta::Off, Tta::Flip, Tta::FlipShift, Tta::FlipShift1];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Tta::Off => "off",
-            Tta::Flip => "flip",
-            Tta::FlipShift => "flip-shift",
-            Tta::FlipShift1 => "flip-shift1",
-        }
-    }
-
     /// (dx, dy, mirrored) of each view.
     pub fn views(self) -> Vec<(isize, isize, bool)> {
         let flips: &[bool] = if self == Tta::Off { &[false] } else { &[false, true] };
@@ -97,13 +93,6 @@ impl Tta {
             .iter()
             .flat_map(|&f| shifts.iter().map(move |&(dx, dy)| (dx, dy, f)))
             .collect()
-    }
-}
-
-impl std::str::FromStr for Tta {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        crate::named::parse_name("test-time augmentation", &Tta::ALL, Tta::name, s)
     }
 }
 

@@ -35,24 +35,11 @@ pub enum Arch {
     Vgg16,
 }
 
-impl Arch {
-    pub const ALL: [Arch; 3] = [Arch::Resnet18, Arch::Lenet, Arch::Vgg16];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Arch::Resnet18 => "resnet18",
-            Arch::Lenet => "lenet",
-            Arch::Vgg16 => "vgg16",
-        }
-    }
-}
-
-impl std::str::FromStr for Arch {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        crate::named::parse_name("model", &Arch::ALL, Arch::name, s)
-    }
-}
+crate::named::choices!(Arch, "model", {
+    Resnet18 => "resnet18",
+    Lenet => "lenet",
+    Vgg16 => "vgg16",
+});
 
 /// A freshly initialised network. `cfg` gives the classes (and, for ResNet-18, the stem and
 /// stages).

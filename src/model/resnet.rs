@@ -24,18 +24,14 @@ pub enum Stem {
     Cifar,
 }
 
+crate::named::choices!(Stem, "stem", {
+    Seed => "seed",
+    Torchvision => "torchvision",
+    Seed3x3 => "seed3x3",
+    Cifar => "cifar",
+});
+
 impl Stem {
-    pub const ALL: [Stem; 4] = [Stem::Seed, Stem::Torchvision, Stem::Seed3x3, Stem::Cifar];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Stem::Seed => "seed",
-            Stem::Torchvision => "torchvision",
-            Stem::Seed3x3 => "seed3x3",
-            Stem::Cifar => "cifar",
-        }
-    }
-
     fn conv(self) -> Conv2dConfig {
         let (kernel, stride, pad) = match self {
             Stem::Seed | Stem::Torchvision => (7, 2, 3),
@@ -58,13 +54,6 @@ impl Stem {
 
     fn max_pool(self) -> bool {
         !matches!(self, Stem::Cifar)
-    }
-}
-
-impl std::str::FromStr for Stem {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        crate::named::parse_name("stem", &Stem::ALL, Stem::name, s)
     }
 }
 

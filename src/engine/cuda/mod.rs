@@ -34,24 +34,10 @@ pub enum Precision {
     Tf32,
 }
 
-impl Precision {
-    pub const ALL: [Precision; 2] = [Precision::Fp32, Precision::Tf32];
-
-    /// The name `--precision` takes.
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::Fp32 => "fp32",
-            Precision::Tf32 => "tf32",
-        }
-    }
-}
-
-impl std::str::FromStr for Precision {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        crate::named::parse_name("precision", &Precision::ALL, Precision::name, s)
-    }
-}
+crate::named::choices!(Precision, "precision", {
+    Fp32 => "fp32",
+    Tf32 => "tf32",
+});
 
 /// Declares `Kernels`, one `CudaFunction` a kernel of `kernels.cu`, with the list of their
 /// names (which the NVRTC test checks against the compiled module) and the loader.
