@@ -1,5 +1,6 @@
 //! Throughput of training steps (forward, loss, backward, Adam) and inference on random
-//! CIFAR-shaped batches, as `resnet-cifar bench` reports it.
+//! batches of the configured image size (CIFAR's 32x32 by default), as `resnet-cifar bench`
+//! reports it.
 
 use crate::engine::{Backend, Shape4};
 use crate::model::{Arch, ResNetConfig, build};
@@ -25,6 +26,7 @@ pub struct BenchReport {
     pub stem: String,
     pub stages: usize,
     pub batch_size: usize,
+    pub image_size: usize,
     pub steps: usize,
     pub train_images_per_sec: f64,
     pub infer_images_per_sec: f64,
@@ -42,7 +44,8 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> BenchReport {
     let n = cfg.batch_size;
-    let input = Shape4::new(n, 32, 32, 3);
+    let side = cfg.model.image_size;
+    let input = Shape4::new(n, side, side, 3);
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let host: Vec<f32> = (0..input.numel()).map(|_| rng.random_range(-2.0f32..2.0)).collect();
     let labels: Vec<u32> = (0..n)
@@ -86,6 +89,7 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, mut progress: impl FnMut(&str)
         stem: cfg.model.stem.name().to_string(),
         stages: cfg.model.stages,
         batch_size: n,
+        image_size: side,
         steps: cfg.steps,
         train_images_per_sec: train,
         infer_images_per_sec: infer,

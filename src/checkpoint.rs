@@ -10,8 +10,9 @@ use crate::engine::Backend;
 use crate::nn::{Entry, Module};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::Path;
+
+pub use crate::atomic_file::write_atomic;
 
 /// A problem found while matching a file against a model; loading reports all of them.
 #[derive(Debug, thiserror::Error)]
@@ -74,31 +75,6 @@ pub fn to_bytes(tensors: &BTreeMap<String, HostTensor>, metadata: Option<HashMap
         )
     });
     safetensors::serialize(views, metadata).expect("serialisable state dict")
-}
-
-/// Writes `bytes` to `path` atomically: temporary file in the same folder, fsync, rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        // Make the rename itself durable.
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// Saves the model's state dict to `path` (atomically).
@@ -170,11 +146,27 @@ pub fn load_tensors<B: Backend>(
     be: &B,
     model: &mut (impl Module<B> + ?Sized),
 ) -> Result<(), CheckpointError> {
+    load_tensors_except(origin, tensors, be, model, &|_| false)
+}
+
+/// As [`load_tensors`], leaving alone the model's entries whose names `skip` picks (they keep
+/// their values; the file's tensors of those names are ignored).
+pub fn load_tensors_except<B: Backend>(
+    origin: &str,
+    tensors: &BTreeMap<String, HostTensor>,
+    be: &B,
+    model: &mut (impl Module<B> + ?Sized),
+    skip: &dyn Fn(&str) -> bool,
+) -> Result<(), CheckpointError> {
     // First pass: check everything, touch nothing.
     let mut problems = Vec::new();
     let mut expected = std::collections::HashSet::new();
     model.visit(&mut |e| {
         let name = e.name().to_string();
+        if skip(&name) {
+            expected.insert(name);
+            return;
+        }
         let (want_shape, want_dtype) = match &e {
             Entry::Tensor(p) => (p.shape.clone(), Dtype::F32),
             Entry::Counter { .. } => (vec![], Dtype::I64),
@@ -206,6 +198,7 @@ pub fn load_tensors<B: Backend>(
 
     // Second pass: every tensor is known to fit.
     model.visit(&mut |e| match e {
+        e if skip(e.name()) => {}
         Entry::Tensor(p) => p.write(be, &f32_values(&tensors[&p.name].bytes)),
         Entry::Counter { name, value } => {
             let d = &tensors[name].bytes;

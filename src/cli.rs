@@ -2,8 +2,10 @@
 //! checkpoint's model configuration, and the exit-code convention.
 
 use crate::checkpoint::{self, StateDict};
+use crate::data::{DataSpec, LabelSet};
 use crate::engine::Backend;
-use crate::model::{Arch, Network, ResNetConfig, Stem, build};
+use crate::model::{Arch, Network, ResNetConfig, Stem, build, torchvision};
+use crate::train::Settings;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -39,6 +41,11 @@ pub struct CheckpointFile {
     pub meta: HashMap<String, String>,
     pub arch: Arch,
     pub model: ResNetConfig,
+    /// The data the model was trained on: class names, image size, normalisation (CIFAR-10's
+    /// for a file that does not record it).
+    pub spec: DataSpec,
+    /// CIFAR-100's labels, when the model was trained on them.
+    pub labels: Option<LabelSet>,
 }
 
 impl CheckpointFile {
@@ -58,14 +65,46 @@ impl CheckpointFile {
             )));
         }
         let bytes = std::fs::read(path).map_err(|e| CliError::input(format!("{origin}: {e}")))?;
-        let (tensors, meta) = checkpoint::parse(&origin, &bytes).map_err(CliError::input)?;
-        let (arch, model) = model_config_of(&origin, &tensors, &meta, stem)?;
+        let (mut tensors, meta) = checkpoint::parse(&origin, &bytes).map_err(CliError::input)?;
+        let mut stem = stem;
+        if torchvision::is_torchvision(tensors.keys().map(String::as_str)) {
+            tensors = from_torchvision(&origin, tensors)?;
+            stem = stem.or(Some(Stem::Torchvision));
+        }
+        let labels = match meta.get("labels") {
+            Some(l) => Some(
+                l.parse()
+                    .map_err(|e| CliError::input(format!("{origin}: bad 'labels' metadata: {e}")))?,
+            ),
+            None => None,
+        };
+        let (arch, mut model) = model_config_of(&origin, &tensors, &meta, stem)?;
+        let spec: DataSpec = match meta.get("dataset") {
+            Some(json) => serde_json::from_str(json)
+                .map_err(|e| CliError::input(format!("{origin}: bad 'dataset' metadata: {e}")))?,
+            // A state_dict saved elsewhere: CIFAR-10 as the seed trains it, or numbered classes.
+            None if model.num_classes == DataSpec::default().classes.len() => DataSpec::default(),
+            None => DataSpec {
+                classes: (0..model.num_classes).map(|i| format!("class {i}")).collect(),
+                ..DataSpec::default()
+            },
+        };
+        model.image_size = spec.image_size;
+        if spec.classes.len() != model.num_classes {
+            return Err(CliError::input(format!(
+                "{origin}: names {} classes but its classifier has {}",
+                spec.classes.len(),
+                model.num_classes
+            )));
+        }
         Ok(Self {
             origin,
             tensors,
             meta,
             arch,
             model,
+            spec,
+            labels,
         })
     }
 
@@ -75,6 +114,20 @@ impl CheckpointFile {
         checkpoint::load_tensors(&self.origin, &self.tensors, be, model.as_mut()).map_err(CliError::input)?;
         Ok(model)
     }
+}
+
+/// torchvision's ResNet-18 tensors under our names; a name that is not ResNet-18's is refused.
+fn from_torchvision(origin: &str, tensors: StateDict) -> Result<StateDict, CliError> {
+    let mut out = StateDict::new();
+    for (name, t) in tensors {
+        let ours = torchvision::to_seed_name(&name).ok_or_else(|| {
+            CliError::input(format!(
+                "{origin}: '{name}' is not a tensor of torchvision's ResNet-18 (the file has its other names)"
+            ))
+        })?;
+        out.insert(ours, t);
+    }
+    Ok(out)
 }
 
 /// The model a state_dict holds: from its metadata when we wrote it, else inferred from
@@ -143,30 +196,16 @@ pub fn model_config_of(
             stem,
             stages,
             num_classes: classes,
+            ..ResNetConfig::default()
         },
     ))
 }
 
-/// Bounds (inclusive) of the train settings that have them, shared by the flags (clap's range
-/// parsers) and [`ConfigFile::read`], so that both refuse the same values.
-pub mod limits {
-    pub const POSITIVE: (u64, u64) = (1, u64::MAX);
-    /// Padding beyond 16 would let a 32x32 crop miss the image entirely.
-    pub const CROP_PAD: (u64, u64) = (0, 16);
-    /// A cutout square as large as the image.
-    pub const CUTOUT: (u64, u64) = (0, 32);
-    /// The seed's four residual stages, or three (its proposal to drop `conv5`).
-    pub const STAGES: (u64, u64) = (3, 4);
+pub use crate::train::settings::limits;
 
-    /// Bounds as the range clap's integer parsers take (`value_parser!(u8).range(..)`), for
-    /// the bounded ones (not [`POSITIVE`], whose top does not fit an i64).
-    pub const fn flag_range((min, max): (u64, u64)) -> std::ops::RangeInclusive<i64> {
-        std::ops::RangeInclusive::new(min as i64, max as i64)
-    }
-}
-
-/// A run's settings in a TOML file (`train --config FILE`): the same names as the flags, in
-/// snake_case; flags given on the command line override the file.
+/// Reads a run's settings from a TOML file (`train --config FILE`): the same names as the
+/// flags, in snake_case. Errors name the file (and the line, for syntax errors); values the
+/// flags bound are checked against the same bounds.
 ///
 /// ```toml
 /// recipe = "fast"
@@ -174,80 +213,28 @@ pub mod limits {
 /// stem = "seed3x3"
 /// val_split = 5000
 /// ```
-#[derive(Clone, Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConfigFile {
-    #[serde(default, deserialize_with = "parsed")]
-    pub recipe: Option<crate::train::Recipe>,
-    #[serde(default, deserialize_with = "parsed")]
-    pub model: Option<Arch>,
-    pub data: Option<std::path::PathBuf>,
-    pub out: Option<std::path::PathBuf>,
-    pub epochs: Option<usize>,
-    pub batch_size: Option<u64>,
-    pub lr: Option<f64>,
-    pub max_steps: Option<u64>,
-    pub val_split: Option<usize>,
-    pub shuffle: Option<bool>,
-    pub seed: Option<u64>,
-    #[serde(default, deserialize_with = "parsed")]
-    pub stem: Option<Stem>,
-    pub stages: Option<u8>,
-    pub label_smoothing: Option<f32>,
-    pub weight_decay: Option<f64>,
-    #[serde(default, deserialize_with = "parsed")]
-    pub tta: Option<crate::eval::Tta>,
-    pub decay_1d: Option<bool>,
-    pub zero_init_residual: Option<bool>,
-    pub crop_pad: Option<u8>,
-    pub alternate_flip: Option<bool>,
-    pub cutout: Option<u8>,
-}
-
-/// Reads an optional string key through its type's `FromStr`, so that a bad value (an unknown
-/// stem, say) is refused while parsing, with the key's line.
-fn parsed<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: std::str::FromStr<Err = String>,
-{
-    let s: Option<String> = serde::Deserialize::deserialize(d)?;
-    s.map(|s| s.parse().map_err(serde::de::Error::custom)).transpose()
-}
-
-impl ConfigFile {
-    /// Reads and checks `path`; errors name the file (and the line, for syntax errors).
-    pub fn read(path: &std::path::Path) -> Result<Self, CliError> {
-        let text = std::fs::read_to_string(path).map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
-        let file: ConfigFile = toml::from_str(&text).map_err(|e| {
-            let msg = e
-                .to_string()
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .collect::<Vec<_>>()
-                .join("; ");
-            CliError::input(format!("{}: {msg}", path.display()))
-        })?;
-        let bounded = [
-            ("epochs", file.epochs.map(|v| v as u64), limits::POSITIVE),
-            ("batch_size", file.batch_size, limits::POSITIVE),
-            ("max_steps", file.max_steps, limits::POSITIVE),
-            ("crop_pad", file.crop_pad.map(u64::from), limits::CROP_PAD),
-            ("cutout", file.cutout.map(u64::from), limits::CUTOUT),
-            ("stages", file.stages.map(u64::from), limits::STAGES),
-        ];
-        for (key, value, (min, max)) in bounded {
-            if let Some(v) = value.filter(|v| !(min..=max).contains(v)) {
-                let allowed = match max {
-                    u64::MAX => format!("at least {min}"),
-                    _ => format!("{min} to {max}"),
-                };
-                return Err(CliError::input(format!(
-                    "{}: {key} must be {allowed}, got {v}",
-                    path.display()
-                )));
-            }
+pub fn read_settings_file(path: &Path) -> Result<Settings, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
+    let file: Settings = toml::from_str(&text).map_err(|e| {
+        let msg = e
+            .to_string()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
+        CliError::input(format!("{}: {msg}", path.display()))
+    })?;
+    for (key, value, (min, max)) in file.bounded() {
+        if let Some(v) = value.filter(|v| !(min..=max).contains(v)) {
+            let allowed = match max {
+                u64::MAX => format!("at least {min}"),
+                _ => format!("{min} to {max}"),
+            };
+            return Err(CliError::input(format!(
+                "{}: {key} must be {allowed}, got {v}",
+                path.display()
+            )));
         }
-        Ok(file)
     }
+    Ok(file)
 }

@@ -1,7 +1,7 @@
 //! Evaluation: loss, accuracy, per-class accuracy and the confusion matrix of a model on a set
 //! of images, in eval mode (running BatchNorm statistics), as the seed's test loop computes them.
 
-use crate::data::{Images, eval_batches};
+use crate::data::{Images, Normalization, eval_batches};
 use crate::engine::{Backend, Shape4};
 use crate::model::Network;
 
@@ -52,8 +52,7 @@ pub fn flip_horizontal(x: &[f32], n: usize, h: usize, w: usize, c: usize) -> Vec
 }
 
 /// Test-time augmentation: the views of each image whose logits are averaged.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Tta {
     /// The image alone.
     #[default]
@@ -127,19 +126,21 @@ pub fn evaluate<B: Backend>(
     be: &B,
     model: &mut dyn Network<B>,
     images: &Images,
+    norm: &Normalization,
     batch_size: usize,
     tta: Tta,
 ) -> EvalResult {
     let views = tta.views();
-    let fill = [0, 1, 2].map(|c| crate::data::transform::normalize(0, c));
+    let side = images.side;
+    let fill = [0, 1, 2].map(|c| norm.apply(0, c));
     let classes = model.num_classes();
     let mut confusion = vec![vec![0u64; classes]; classes];
     let (mut loss_sum, mut loss_total, mut correct) = (0f64, 0f64, 0usize);
     let mut x = be.alloc(0);
     let (mut logits, mut view_logits) = (Vec::new(), Vec::new());
-    for batch in eval_batches(images, batch_size) {
+    for batch in eval_batches(images, batch_size, norm) {
         let n = batch.len();
-        let shape = Shape4::new(n, 32, 32, 3);
+        let shape = Shape4::new(n, side, side, 3);
         crate::engine::ensure_len(be, &mut x, batch.x.len());
         logits.clear();
         logits.resize(n * classes, 0.0);
@@ -147,10 +148,10 @@ pub fn evaluate<B: Backend>(
             // The batch itself is uploaded as it is; only other views are built.
             let mut view = std::borrow::Cow::Borrowed(&batch.x[..]);
             if flip {
-                view = flip_horizontal(&view, n, 32, 32, 3).into();
+                view = flip_horizontal(&view, n, side, side, 3).into();
             }
             if (dx, dy) != (0, 0) {
-                view = shift_image(&view, n, 32, dx, dy, fill).into();
+                view = shift_image(&view, n, side, dx, dy, fill).into();
             }
             be.upload(&view, &mut x);
             model.forward(be, &x, shape, false);

@@ -4,6 +4,7 @@
 //! with PyTorch names, and layers with explicit forward and backward), `model` (ResNet-18),
 //! `optim` (Adam, SGD, learning-rate schedules), `checkpoint` (safetensors state_dicts).
 
+pub mod atomic_file;
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;

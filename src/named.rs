@@ -10,7 +10,8 @@ pub fn parse_name<T: Copy>(kind: &str, all: &[T], name: fn(T) -> &'static str, s
 }
 
 /// Names a closed set of choices: `ALL` (every member, in help order), `name()` (what flags
-/// and config files say) and `FromStr` by [`parse_name`], whose errors call the set `$kind`.
+/// and config files say), `FromStr` by [`parse_name`], whose errors call the set `$kind`, and
+/// serde as the same names (run configs, TOML files and checkpoint metadata say what flags say).
 macro_rules! choices {
     ($ty:ident, $kind:literal, { $($variant:ident => $name:literal),+ $(,)? }) => {
         impl $ty {
@@ -28,6 +29,19 @@ macro_rules! choices {
             type Err = String;
             fn from_str(s: &str) -> Result<Self, String> {
                 $crate::named::parse_name($kind, &$ty::ALL, $ty::name, s)
+            }
+        }
+
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.name())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
             }
         }
     };

@@ -1,13 +1,14 @@
 //! `resnet-cifar predict`: classify image files of any size with a trained checkpoint.
 //!
-//! Each image is decoded (PNG or JPEG), converted to RGB, cut to its largest centred square
-//! (so nothing is stretched) and resized to 32x32 with an antialiasing filter (Lanczos3), then
-//! normalised as the training images are.
+//! Each image is decoded (any format the `image` crate reads), converted to RGB, cut to its
+//! largest centred square (so nothing is stretched) and resized to the model's image size with
+//! an antialiasing filter (Lanczos3), exactly as an image folder's training images are, then
+//! normalised as the model's training images were.
 
-use crate::data::transform::{SIDE, normalize};
+use crate::data::DataSpec;
+use crate::data::folder;
 use crate::engine::{Backend, Shape4};
 use crate::model::Network;
-use image::imageops::FilterType;
 use std::path::Path;
 
 /// One class and its softmax probability.
@@ -18,17 +19,15 @@ pub struct Guess {
     pub probability: f64,
 }
 
-/// Loads `path` as a normalised 32x32 NHWC image (`[32 * 32 * 3]`).
-pub fn load_image(path: &Path) -> Result<Vec<f32>, String> {
-    let img = image::open(path).map_err(|e| format!("{}: not a readable PNG or JPEG image: {e}", path.display()))?;
-    let rgb = img.to_rgb8();
-    let (w, h) = rgb.dimensions();
-    let side = w.min(h);
-    let square = image::imageops::crop_imm(&rgb, (w - side) / 2, (h - side) / 2, side, side).to_image();
-    let small = image::imageops::resize(&square, SIDE as u32, SIDE as u32, FilterType::Lanczos3);
-    Ok(small
-        .pixels()
-        .flat_map(|p| (0..3).map(move |c| normalize(p[c], c)))
+/// Loads `path` as a normalised NHWC image of the size `spec` gives (`[size * size * 3]`).
+pub fn load_image(path: &Path, spec: &DataSpec) -> Result<Vec<f32>, String> {
+    let img = folder::decode(path).map_err(|e| format!("{}: not a readable image: {e}", path.display()))?;
+    let size = spec.image_size;
+    let planes = folder::fit(&img, size);
+    let plane = size * size;
+    Ok((0..plane)
+        .flat_map(|i| (0..3).map(move |c| (i, c)))
+        .map(|(i, c)| spec.norm.apply(planes[c * plane + i], c))
         .collect())
 }
 
@@ -37,14 +36,13 @@ pub fn predict<B: Backend>(
     be: &B,
     model: &mut dyn Network<B>,
     images: &[Vec<f32>],
-    classes: &[String],
+    spec: &DataSpec,
     k: usize,
 ) -> Vec<Vec<Guess>> {
-    let n = images.len();
-    let per = SIDE * SIDE * 3;
-    let mut x = be.alloc(n * per);
+    let (n, side, classes) = (images.len(), spec.image_size, &spec.classes);
+    let mut x = be.alloc(n * side * side * 3);
     be.upload(&images.concat(), &mut x);
-    model.forward(be, &x, Shape4::new(n, SIDE, SIDE, 3), false);
+    model.forward(be, &x, Shape4::new(n, side, side, 3), false);
     let nc = model.num_classes();
     let mut logits = vec![0f32; n * nc];
     be.download(model.logits(), &mut logits);

@@ -44,6 +44,7 @@ fn config(stem: Stem) -> ResNetConfig {
         stem,
         stages: 4,
         num_classes: 10,
+        image_size: 32,
     }
 }
 
@@ -114,30 +115,44 @@ fn without_a_gpu_the_cli_says_so_in_one_line() {
     assert!(err.contains("--device cuda:0"), "{err}");
 }
 
-/// A batch cut on the backend from a plan equals the host loader's batch, bit for bit.
-fn augment_matches_the_host<B: Backend>(be: &B) {
+/// A batch cut on the GPU from a plan equals the host loader's batch, bit for bit, at CIFAR's
+/// size and at another (the kernel takes the side), with another normalisation too.
+#[test]
+fn augment_matches_the_host_cuda() {
     use resnet_cifar::data::transform::{BatchKey, BatchPlan};
-    use resnet_cifar::data::{Augment, Images};
-    let images = Images {
-        pixels: (0..40 * 3072).map(|i| (i * 7 % 251) as u8).collect(),
-        labels: (0..40).map(|i| (i % 10) as u8).collect(),
+    use resnet_cifar::data::{Augment, Images, Normalization};
+    use resnet_cifar::engine::{CropPlan, DeviceBatches};
+    let Some(be) = common::cuda() else { return };
+    let other = Normalization {
+        mean: [0.3, 0.5, 0.1],
+        std: [0.2, 0.25, 0.3],
     };
-    let pixels = be.upload_pixels(&images.pixels);
-    let indices: Vec<u32> = (0..40).rev().step_by(3).collect();
-    for (aug, seed) in [(Augment::SEED, 3), (Augment::NONE, 0), (Augment::SEED, 11)] {
-        let plan = BatchPlan::new(&images, &indices, aug, BatchKey::new(seed, 1, 0));
-        let mut x = be.alloc(indices.len() * 3072);
-        be.augment(&pixels, &plan, &mut x);
-        let got = common::get(be, &x, indices.len() * 3072);
-        assert!(
-            got == plan.write(&images),
-            "{}: augmented batch differs from the host's",
-            be.name()
-        );
-        assert_eq!(plan.labels, indices.iter().map(|&i| i % 10).collect::<Vec<_>>());
+    for (side, norm) in [(32, Normalization::CIFAR10), (20, other)] {
+        let per = 3 * side * side;
+        let images = Images {
+            pixels: (0..40 * per).map(|i| (i * 7 % 251) as u8).collect(),
+            labels: (0..40).map(|i| i % 10).collect(),
+            side,
+        };
+        let pixels = be.upload_pixels(&images.pixels).expect("a GPU keeps the images");
+        let indices: Vec<u32> = (0..40).rev().step_by(3).collect();
+        for (aug, seed) in [(Augment::SEED, 3), (Augment::NONE, 0), (Augment::SEED, 11)] {
+            let plan = BatchPlan::new(&images, &indices, aug, BatchKey::new(seed, 1, 0));
+            let mut x = be.alloc(indices.len() * per);
+            let crops = CropPlan {
+                items: &plan.items,
+                side,
+                pad: plan.pad,
+                mean: norm.mean,
+                std: norm.std,
+            };
+            be.crop_flip(&pixels, &crops, &mut x);
+            let got = common::get(be, &x, indices.len() * per);
+            assert!(
+                got == plan.write(&images, &norm),
+                "side {side}: the GPU's batch differs from the host's"
+            );
+            assert_eq!(plan.labels, indices.iter().map(|&i| i % 10).collect::<Vec<_>>());
+        }
     }
-}
-
-on_backends! {
-    augment_matches_the_host_cpu, augment_matches_the_host_cuda => augment_matches_the_host;
 }

@@ -3,12 +3,19 @@
 mod common;
 
 use resnet_cifar::data::cifar::{self, IMAGE_BYTES, RECORD_BYTES, TRAIN_FILES};
-use resnet_cifar::data::transform::{MEAN, STD, make_batch, normalize};
-use resnet_cifar::data::{Augment, BatchKey, Cifar10, EpochPlan, Images, Splits, fetch};
+use resnet_cifar::data::transform::make_batch;
+use resnet_cifar::data::{Augment, BatchKey, Cifar10, EpochPlan, Images, Normalization, Splits, fetch};
 use resnet_cifar::model::Stem;
 use resnet_cifar::optim::{AdamConfig, Schedule};
 use resnet_cifar::train::{OptimizerConfig, Recipe};
 use std::path::Path;
+
+const NORM: Normalization = Normalization::CIFAR10;
+
+/// A CIFAR-10 byte after ToTensor and the seed's Normalize.
+fn normalize(v: u8, c: usize) -> f32 {
+    NORM.apply(v, c)
+}
 
 fn record(label: u8, fill: u8) -> Vec<u8> {
     let mut r = vec![fill; RECORD_BYTES];
@@ -116,8 +123,8 @@ fn missing_or_short_files_name_the_problem() {
 
 #[test]
 fn normalisation_uses_the_seed_constants() {
-    assert_eq!(MEAN, [0.4914, 0.4822, 0.4465]);
-    assert_eq!(STD, [0.2023, 0.1994, 0.2010]);
+    assert_eq!(NORM.mean, [0.4914, 0.4822, 0.4465]);
+    assert_eq!(NORM.std, [0.2023, 0.1994, 0.2010]);
     assert!((normalize(255, 0) - (1.0 - 0.4914) / 0.2023).abs() < 1e-6);
     assert!((normalize(0, 2) - (-0.4465 / 0.2010)).abs() < 1e-6);
     // The test transform is the identity layout change plus normalisation: pixel (y, x) of
@@ -125,8 +132,9 @@ fn normalisation_uses_the_seed_constants() {
     let img = Images {
         pixels: (0..IMAGE_BYTES).map(|i| (i % 251) as u8).collect(),
         labels: vec![4],
+        side: 32,
     };
-    let b = make_batch(&img, &[0], Augment::NONE, BatchKey::new(0, 0, 0));
+    let b = make_batch(&img, &[0], Augment::NONE, BatchKey::new(0, 0, 0), &NORM);
     for (c, y, x) in [(0, 0, 0), (1, 5, 7), (2, 31, 31)] {
         let v = img.pixels[c * 1024 + y * 32 + x];
         assert_eq!(b.x[(y * 32 + x) * 3 + c], normalize(v, c));
@@ -137,7 +145,7 @@ fn normalisation_uses_the_seed_constants() {
 #[test]
 fn crop_and_flip_statistics() {
     // An image whose pixel value encodes its column; crop offsets and flips show in batch 0.
-    let mut img = Images::default();
+    let mut img = Images::new(32);
     let n = 2000;
     for _ in 0..n {
         for _channel in 0..3 {
@@ -150,7 +158,7 @@ fn crop_and_flip_statistics() {
         img.labels.push(0);
     }
     let idx: Vec<u32> = (0..n as u32).collect();
-    let b = make_batch(&img, &idx, Augment::SEED, BatchKey::new(123, 0, 0));
+    let b = make_batch(&img, &idx, Augment::SEED, BatchKey::new(123, 0, 0), &NORM);
     let zero = normalize(0, 0);
     let (mut flips, mut padded_rows, mut shifts) = (0, 0, std::collections::HashMap::new());
     for k in 0..n {
@@ -187,12 +195,12 @@ fn crop_and_flip_statistics() {
     );
     // Same seed, same batch; another seed, another batch.
     assert_eq!(
-        make_batch(&img, &idx[..10], Augment::SEED, BatchKey::new(5, 0, 0)).x,
-        make_batch(&img, &idx[..10], Augment::SEED, BatchKey::new(5, 0, 0)).x
+        make_batch(&img, &idx[..10], Augment::SEED, BatchKey::new(5, 0, 0), &NORM).x,
+        make_batch(&img, &idx[..10], Augment::SEED, BatchKey::new(5, 0, 0), &NORM).x
     );
     assert_ne!(
-        make_batch(&img, &idx[..10], Augment::SEED, BatchKey::new(5, 0, 0)).x,
-        make_batch(&img, &idx[..10], Augment::SEED, BatchKey::new(6, 0, 0)).x
+        make_batch(&img, &idx[..10], Augment::SEED, BatchKey::new(5, 0, 0), &NORM).x,
+        make_batch(&img, &idx[..10], Augment::SEED, BatchKey::new(6, 0, 0), &NORM).x
     );
 }
 
@@ -204,7 +212,7 @@ fn mirrored(b: &resnet_cifar::data::Batch) -> Vec<bool> {
 #[test]
 fn alternating_flips_mirror_each_image_every_other_epoch() {
     let n = 1000;
-    let mut img = Images::default();
+    let mut img = Images::new(32);
     for _ in 0..n {
         img.pixels.extend((0..IMAGE_BYTES).map(|i| (i % 32 * 4) as u8));
         img.labels.push(0);
@@ -217,7 +225,7 @@ fn alternating_flips_mirror_each_image_every_other_epoch() {
     };
     let idx: Vec<u32> = (0..n as u32).collect();
     let rev: Vec<u32> = idx.iter().rev().copied().collect();
-    let epoch = |e: usize| mirrored(&make_batch(&img, &idx, alternate, BatchKey::new(9, e, 0)));
+    let epoch = |e: usize| mirrored(&make_batch(&img, &idx, alternate, BatchKey::new(9, e, 0), &NORM));
     let first = epoch(0);
     let frac = first.iter().filter(|&&f| f).count() as f64 / n as f64;
     assert!(
@@ -229,12 +237,12 @@ fn alternating_flips_mirror_each_image_every_other_epoch() {
         assert_eq!(epoch(e), expect, "epoch {e} mirrors the images epoch {} did not", e - 1);
     }
     // The choice belongs to the image, wherever it sits in whichever batch.
-    let mut moved = mirrored(&make_batch(&img, &rev, alternate, BatchKey::new(9, 2, 7)));
+    let mut moved = mirrored(&make_batch(&img, &rev, alternate, BatchKey::new(9, 2, 7), &NORM));
     moved.reverse();
     assert_eq!(moved, first);
     // Another run seed, another pattern; coin flips (the default) do not alternate.
     assert_ne!(
-        mirrored(&make_batch(&img, &idx, alternate, BatchKey::new(10, 0, 0))),
+        mirrored(&make_batch(&img, &idx, alternate, BatchKey::new(10, 0, 0), &NORM)),
         first
     );
     let coin = Augment {
@@ -242,8 +250,8 @@ fn alternating_flips_mirror_each_image_every_other_epoch() {
         ..alternate
     };
     let (c0, c1) = (
-        mirrored(&make_batch(&img, &idx, coin, BatchKey::new(9, 0, 0))),
-        mirrored(&make_batch(&img, &idx, coin, BatchKey::new(9, 1, 0))),
+        mirrored(&make_batch(&img, &idx, coin, BatchKey::new(9, 0, 0), &NORM)),
+        mirrored(&make_batch(&img, &idx, coin, BatchKey::new(9, 1, 0), &NORM)),
     );
     let same = c0.iter().zip(&c1).filter(|(a, b)| a == b).count();
     assert!(
@@ -258,18 +266,23 @@ fn cutout_zeroes_one_clipped_square_per_image() {
     let img = Images {
         pixels: vec![200; n * IMAGE_BYTES],
         labels: vec![0; n],
+        side: 32,
     };
     let idx: Vec<u32> = (0..n as u32).collect();
     let key = BatchKey::new(3, 1, 4);
-    let plain = make_batch(&img, &idx, Augment::NONE, key);
+    let plain = make_batch(&img, &idx, Augment::NONE, key, &NORM);
     assert!(plain.x.iter().all(|&v| v != 0.0));
     for side in [8usize, 5] {
         let aug = Augment {
             cutout: side,
             ..Augment::NONE
         };
-        let cut = make_batch(&img, &idx, aug, key);
-        assert_eq!(cut.x, make_batch(&img, &idx, aug, key).x, "same key, same squares");
+        let cut = make_batch(&img, &idx, aug, key, &NORM);
+        assert_eq!(
+            cut.x,
+            make_batch(&img, &idx, aug, key, &NORM).x,
+            "same key, same squares"
+        );
         let (mut full, mut clipped, mut lowest, mut highest) = (0, [0; 4], 32, 0);
         for k in 0..n {
             let image = &cut.x[k * 3072..(k + 1) * 3072];

@@ -89,6 +89,7 @@ fn checkpoint_reader_never_panics_or_loads_partly() {
         stem: Stem::Seed,
         stages: 3,
         num_classes: 10,
+        image_size: 32,
     };
     let mut model = ResNet::new(&Cpu, cfg, 0);
     let valid = checkpoint::to_bytes(&checkpoint::state_dict(&Cpu, &mut model), None);

@@ -56,6 +56,7 @@ fn check_stem<B: Backend>(be: &B, stem: Stem, file: &str, tol: &Tolerance) {
             stem,
             stages: 4,
             num_classes: 10,
+            image_size: 32,
         },
         0,
     );

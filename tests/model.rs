@@ -15,6 +15,7 @@ fn cfg(stem: Stem) -> ResNetConfig {
         stem,
         stages: 4,
         num_classes: 10,
+        image_size: 32,
     }
 }
 
@@ -92,6 +93,7 @@ fn variants_build_and_produce_logits() {
                     stem,
                     stages,
                     num_classes: 7,
+                    image_size: 32,
                 },
                 0,
             );
@@ -245,6 +247,7 @@ fn checkpoint_loading_is_strict_and_names_every_problem() {
             stem: Stem::Cifar,
             stages: 3,
             num_classes: 10,
+            image_size: 32,
         },
         1,
     );

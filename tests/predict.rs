@@ -6,15 +6,14 @@ mod common;
 use common::cli;
 
 use resnet_cifar::checkpoint;
-use resnet_cifar::data::Cifar10;
-use resnet_cifar::data::transform::normalize;
+use resnet_cifar::data::{Cifar10, Dataset, Normalization};
 use resnet_cifar::engine::Shape4;
 use resnet_cifar::engine::cpu::Cpu;
 use resnet_cifar::model::{ResNet, ResNetConfig};
 use std::path::Path;
 
 /// CIFAR image `i` of the first training file as an RGB image (the files store planes).
-fn cifar_image(data: &Cifar10, i: usize) -> image::RgbImage {
+fn cifar_image(data: &Dataset, i: usize) -> image::RgbImage {
     let px = &data.train.pixels[i * 3072..(i + 1) * 3072];
     image::RgbImage::from_fn(32, 32, |x, y| {
         let at = (y * 32 + x) as usize;
@@ -36,7 +35,7 @@ fn predict_matches_the_model_and_handles_any_image() {
     img.save(d.join("a.png")).unwrap();
     let x: Vec<f32> = img
         .pixels()
-        .flat_map(|p| (0..3).map(move |c| normalize(p[c], c)))
+        .flat_map(|p| (0..3).map(move |c| Normalization::CIFAR10.apply(p[c], c)))
         .collect();
     model.forward(&Cpu, &x, Shape4::new(1, 32, 32, 3), false);
     let logits = common::get(&Cpu, model.logits(), 10);

@@ -6,7 +6,7 @@ mod common;
 use resnet_cifar::checkpoint;
 use resnet_cifar::data::{Cifar10, Splits};
 use resnet_cifar::engine::cpu::Cpu;
-use resnet_cifar::train::{Console, Recipe, Stop, TrainConfig, load_resume, train};
+use resnet_cifar::train::{Console, Recipe, Start, Stop, TrainConfig, load_resume, train};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
@@ -19,7 +19,7 @@ fn small_splits() -> Splits {
         train: std::sync::Arc::new(all.train.slice(0..640)),
         val: all.val.clone(),
         test: None,
-        classes: all.classes.clone(),
+        spec: all.spec.clone(),
     }
 }
 
@@ -45,9 +45,17 @@ fn final_state(run: &Path) -> (Vec<(String, Vec<u8>)>, String) {
 
 fn run(cfg: &TrainConfig, splits: &Splits, dir: &Path, resume: bool, stop: bool) -> Option<Stop> {
     let r = resume.then(|| load_resume(dir).unwrap());
-    train(&Cpu, cfg, splits, dir, &mut Console::quiet(), r, &AtomicBool::new(stop))
-        .unwrap()
-        .stopped
+    train(
+        &Cpu,
+        cfg,
+        splits,
+        dir,
+        &mut Console::quiet(),
+        r.into(),
+        &AtomicBool::new(stop),
+    )
+    .unwrap()
+    .stopped
 }
 
 #[test]
@@ -153,7 +161,7 @@ fn a_diverging_loss_stops_the_run_with_its_step() {
         &splits,
         tmp.path(),
         &mut Console::quiet(),
-        None,
+        Start::Fresh,
         &AtomicBool::new(false),
     )
     .unwrap_err();

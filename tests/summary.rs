@@ -41,6 +41,7 @@ fn variants_change_the_tree() {
             stem: Stem::Cifar,
             stages: 3,
             num_classes: 10,
+            image_size: 32,
         },
         0,
     );
@@ -66,7 +67,7 @@ fn variants_change_the_tree() {
 fn comparison_models_print_as_pytorch_prints_them() {
     // print() of the classes in scripts/classic_models.py (PyTorch 2.15).
     let input = Shape4::new(64, 32, 32, 3);
-    let mut lenet = Sequential::lenet(&Cpu, 10, 0);
+    let mut lenet = Sequential::lenet(&Cpu, 10, 32, 0);
     let s = summarize_sequential(&lenet, input);
     assert_eq!(s.tree, include_str!("fixtures/lenet_print.txt"));
     let mut counted = 0;
@@ -78,7 +79,7 @@ fn comparison_models_print_as_pytorch_prints_them() {
     assert_eq!(row(&s, "classifier.1").output, [64, 64]);
     assert_eq!(row(&s, "features.0").macs, 64 * 32 * 32 * 32 * 5 * 5 * 3);
 
-    let vgg = Sequential::vgg16(&Cpu, 10, 0);
+    let vgg = Sequential::vgg16(&Cpu, 10, 32, 0);
     let s = summarize_sequential(&vgg, input);
     assert_eq!(s.tree, include_str!("fixtures/vgg16_print.txt"));
     assert_eq!(s.total_params, 14_728_266, "PyTorch's count");

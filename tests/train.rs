@@ -8,7 +8,7 @@ use common::cli;
 
 use resnet_cifar::data::{Cifar10, Splits};
 use resnet_cifar::engine::cpu::Cpu;
-use resnet_cifar::train::{Console, Recipe, train};
+use resnet_cifar::train::{Console, Recipe, Start, train};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
@@ -128,7 +128,7 @@ fn a_few_hundred_steps_learn_well_above_chance() {
         train: std::sync::Arc::new(all.train.slice(0..10_000)),
         val: all.val.clone(),
         test: None,
-        classes: all.classes.clone(),
+        spec: all.spec.clone(),
     };
     let mut cfg = Recipe::Seed.config();
     cfg.epochs = 2;
@@ -141,7 +141,7 @@ fn a_few_hundred_steps_learn_well_above_chance() {
         &splits,
         &run,
         &mut Console::quiet(),
-        None,
+        Start::Fresh,
         &AtomicBool::new(false),
     )
     .unwrap();
@@ -298,7 +298,10 @@ fn bad_input_exits_2_with_one_line() {
     let d = dir.path().to_str().unwrap();
     let (code, _, err) = cli(&["train", "--data", d, "--out", &format!("{d}/run")]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.starts_with("error: no CIFAR-10 data in"), "{err}");
+    assert!(
+        err.starts_with("error: ") && err.contains("the folder is empty"),
+        "{err}"
+    );
     let (code, _, err) = cli(&["train", "--batch-size", "0"]);
     assert_eq!(code, 2, "{err}");
     let (code, _, err) = cli(&["train", "--stem", "huge"]);

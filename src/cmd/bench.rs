@@ -24,7 +24,7 @@ pub fn run(a: BenchArgs) -> Result<(), CliError> {
     let target = a.compute.target();
     let cfg = BenchConfig {
         arch: a.net.model,
-        model: a.net.config(),
+        model: a.net.checked_config()?,
         batch_size: a.net.batch_size as usize,
         steps: a.steps as usize,
         warmup: a.warmup as usize,
@@ -44,12 +44,14 @@ pub fn run(a: BenchArgs) -> Result<(), CliError> {
         return Ok(());
     }
     println!(
-        "resnet-cifar {} model={} stem={} stages={} batch={} threads={} backend={}",
+        "resnet-cifar {} model={} stem={} stages={} batch={} image={}x{} threads={} backend={}",
         env!("CARGO_PKG_VERSION"),
         r.model,
         r.stem,
         r.stages,
         r.batch_size,
+        r.image_size,
+        r.image_size,
         r.threads,
         r.backend
     );

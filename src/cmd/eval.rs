@@ -1,9 +1,9 @@
 //! `eval`: a checkpoint's loss, accuracy, per-class accuracy and confusion matrix.
 
-use super::{ComputeArgs, load_data};
+use super::{ComputeArgs, open_data};
 use clap::Args;
 use resnet_cifar::cli::{CheckpointFile, CliError, limits};
-use resnet_cifar::data::Splits;
+use resnet_cifar::data::{DataOptions, Splits};
 use resnet_cifar::eval::{Tta, evaluate};
 use resnet_cifar::model::Stem;
 use std::path::PathBuf;
@@ -13,10 +13,14 @@ pub struct EvalArgs {
     /// A state_dict in safetensors: one of ours, or one saved from the seed's PyTorch model.
     #[arg(long)]
     checkpoint: PathBuf,
-    /// CIFAR-10 folder (binary version).
+    /// The data: a CIFAR-10 or CIFAR-100 folder, or an image folder (as for train); read at
+    /// the checkpoint's image size, with its classes and normalisation.
     #[arg(long, default_value = "data")]
     data: PathBuf,
-    /// Which images: test (test_batch.bin), val (the last --val-split training images), train.
+    /// Decode an image folder without the images that cannot be decoded.
+    #[arg(long)]
+    skip_bad_images: bool,
+    /// Which images: test (the data's test images), val (the last --val-split training images), train.
     #[arg(long, default_value = "test", value_parser = ["test", "val", "train"])]
     split: String,
     /// Size of the validation split (default: the one the checkpoint's run used).
@@ -44,16 +48,34 @@ pub struct EvalArgs {
 pub fn run(a: EvalArgs) -> Result<(), CliError> {
     let target = a.compute.target();
     let file = CheckpointFile::read(&a.checkpoint, a.stem)?;
-    let data = load_data(&a.data)?;
+    let data = open_data(
+        &a.data,
+        &DataOptions {
+            labels: file.labels,
+            image_size: Some(file.spec.image_size),
+            skip_bad_images: a.skip_bad_images,
+        },
+    )?;
+    if data.classes != file.spec.classes {
+        return Err(CliError::input(format!(
+            "{}: its {} classes are not the {} classes {} was trained on",
+            a.data.display(),
+            data.classes.len(),
+            file.spec.classes.len(),
+            file.origin
+        )));
+    }
     let val_split = a
         .val_split
         .or_else(|| file.meta.get("val_split").and_then(|v| v.parse().ok()))
         .unwrap_or(0);
-    let splits = Splits::new(data, if a.split == "val" { val_split } else { 0 }).map_err(CliError::input)?;
+    let mut splits = Splits::new(data, if a.split == "val" { val_split } else { 0 }).map_err(CliError::input)?;
+    // The model's inputs are normalised as in its training, whatever this data's own statistics.
+    splits.spec.norm = file.spec.norm;
     let images =
         match a.split.as_str() {
             "test" => splits.test.as_ref().ok_or_else(|| {
-                CliError::input(format!("{}: no test_batch.bin here; try --split val", a.data.display()))
+                CliError::input(format!("{}: no test images here; try --split val", a.data.display()))
             })?,
             "val" => splits.val.as_ref().ok_or_else(|| {
                 CliError::input("--split val needs --val-split N (the checkpoint does not record one)")
@@ -62,13 +84,20 @@ pub fn run(a: EvalArgs) -> Result<(), CliError> {
         };
     let r = with_backend!(target, |be| {
         let mut model = file.network(be)?;
-        evaluate(be, model.as_mut(), images, a.batch_size as usize, a.tta)
+        evaluate(
+            be,
+            model.as_mut(),
+            images,
+            &splits.spec.norm,
+            a.batch_size as usize,
+            a.tta,
+        )
     });
     if a.json {
         let mut v = serde_json::to_value(&r).map_err(CliError::run)?;
         v["split"] = a.split.clone().into();
         v["checkpoint"] = file.origin.clone().into();
-        v["classes"] = splits.classes.clone().into();
+        v["classes"] = splits.spec.classes.clone().into();
         println!("{v}");
         return Ok(());
     }
@@ -77,22 +106,48 @@ pub fn run(a: EvalArgs) -> Result<(), CliError> {
         "accuracy {:.4} ({}/{}), loss {:.4} per image ({:.4} summed over batch means)",
         r.accuracy, r.correct, r.images, r.loss, r.loss_sum_of_batch_means
     );
+    let classes = &splits.spec.classes;
     println!("\nper class:");
-    for (name, acc) in splits.classes.iter().zip(&r.per_class) {
-        println!("  {name:<11} {acc:.4}");
+    let width = classes.iter().map(|c| c.len()).max().unwrap_or(0).clamp(5, 24);
+    for (name, acc) in classes.iter().zip(&r.per_class) {
+        println!("  {name:<width$} {acc:.4}");
     }
-    println!("\nconfusion matrix (rows: true class, columns: predicted):");
-    print!("{:<11}", "");
-    for name in &splits.classes {
-        print!("{:>6}", &name[..name.len().min(5)]);
-    }
-    println!();
-    for (name, row) in splits.classes.iter().zip(&r.confusion) {
-        print!("{name:<11}");
-        for v in row {
-            print!("{v:>6}");
+    if classes.len() <= CONFUSION_MATRIX_MAX {
+        println!("\nconfusion matrix (rows: true class, columns: predicted):");
+        print!("{:<width$}", "");
+        for name in classes {
+            print!("{:>6}", name.chars().take(5).collect::<String>());
         }
         println!();
+        for (name, row) in classes.iter().zip(&r.confusion) {
+            print!("{name:<width$}");
+            for v in row {
+                print!("{v:>6}");
+            }
+            println!();
+        }
+    } else {
+        println!("\nmost confused pairs (true class -> predicted: images):");
+        for (t, p, count) in most_confused(&r.confusion, 10) {
+            println!("  {} -> {}: {count}", classes[t], classes[p]);
+        }
     }
     Ok(())
+}
+
+/// Up to this many classes, `eval` prints the whole confusion matrix; beyond, the most confused
+/// pairs.
+const CONFUSION_MATRIX_MAX: usize = 20;
+
+/// The `k` largest off-diagonal counts of `confusion` as (true, predicted, count), largest first.
+fn most_confused(confusion: &[Vec<u64>], k: usize) -> Vec<(usize, usize, u64)> {
+    let mut pairs: Vec<(usize, usize, u64)> = confusion
+        .iter()
+        .enumerate()
+        .flat_map(|(t, row)| row.iter().enumerate().map(move |(p, &c)| (t, p, c)))
+        .filter(|&(t, p, c)| t != p && c > 0)
+        .collect();
+    pairs.sort_by(|a, b| b.2.cmp(&a.2).then((a.0, a.1).cmp(&(b.0, b.1))));
+    pairs.truncate(k);
+    pairs
 }

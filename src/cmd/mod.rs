@@ -3,7 +3,7 @@
 
 use clap::Args;
 use resnet_cifar::cli::CliError;
-use resnet_cifar::data::{Cifar10, fetch};
+use resnet_cifar::data::{DataOptions, Dataset, fetch};
 use resnet_cifar::engine::cuda::Precision;
 use std::path::{Path, PathBuf};
 
@@ -115,12 +115,21 @@ fn fetch_data(dir: &Path) -> Result<PathBuf, CliError> {
     fetch::ensure(dir, download_bar()).map_err(CliError::input)
 }
 
-/// The CIFAR-10 files in `dir`; the error says how to get them.
-fn load_data(dir: &Path) -> Result<Cifar10, CliError> {
-    Cifar10::load(dir).map_err(|e| {
-        CliError::input(format!(
-            "{e}\n(get the data with: resnet-cifar data fetch --dir {})",
-            dir.display()
-        ))
-    })
+/// The dataset in `dir`, whatever its format, with a bar while an image folder is decoded.
+fn open_data(dir: &Path, opts: &DataOptions) -> Result<Dataset, CliError> {
+    let bar = indicatif::ProgressBar::hidden();
+    let shown = std::sync::Once::new();
+    let progress = |done: u64, total: u64| {
+        shown.call_once(|| {
+            bar.set_length(total);
+            bar.set_style(resnet_cifar::train::console::images_style(
+                "decoding images [{bar:30}] {pos}/{len}  {img_per_sec}  eta {eta}",
+            ));
+            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        });
+        bar.set_position(done.max(bar.position()));
+    };
+    let data = resnet_cifar::data::open(dir, opts, &progress);
+    bar.finish_and_clear();
+    data.map_err(CliError::input)
 }

@@ -3,7 +3,6 @@
 use super::ComputeArgs;
 use clap::Args;
 use resnet_cifar::cli::{CheckpointFile, CliError};
-use resnet_cifar::data::CLASS_NAMES;
 use resnet_cifar::model::Stem;
 use resnet_cifar::predict;
 use std::path::PathBuf;
@@ -13,7 +12,7 @@ pub struct PredictArgs {
     /// A state_dict in safetensors (ours or one saved from the seed's PyTorch model).
     #[arg(long)]
     checkpoint: PathBuf,
-    /// Image files (PNG or JPEG).
+    /// Image files (PNG, JPEG, BMP, WebP, of any size).
     #[arg(required = true, value_name = "IMAGE")]
     images: Vec<PathBuf>,
     /// How many classes to list for each image.
@@ -35,13 +34,12 @@ pub fn run(a: PredictArgs) -> Result<(), CliError> {
     let images = a
         .images
         .iter()
-        .map(|p| predict::load_image(p))
+        .map(|p| predict::load_image(p, &file.spec))
         .collect::<Result<Vec<_>, _>>()
         .map_err(CliError::input)?;
-    let classes: Vec<String> = CLASS_NAMES.iter().map(|s| s.to_string()).collect();
     let guesses = with_backend!(target, |be| {
         let mut model = file.network(be)?;
-        predict::predict(be, model.as_mut(), &images, &classes, a.top_k as usize)
+        predict::predict(be, model.as_mut(), &images, &file.spec, a.top_k as usize)
     });
     if a.json {
         let v: Vec<_> = a

@@ -2,7 +2,7 @@
 //! the flags that name a network and an input batch, shared with `bench`.
 
 use clap::Args;
-use resnet_cifar::cli::{CliError, limits};
+use resnet_cifar::cli::{CheckpointFile, CliError, limits};
 use resnet_cifar::engine::Shape4;
 use resnet_cifar::engine::cpu::Cpu;
 use resnet_cifar::model::{Arch, ResNet, ResNetConfig, Sequential, Stem, summarize, summarize_sequential};
@@ -19,9 +19,12 @@ pub struct NetArgs {
     /// Residual stages: 4 (the seed) or 3 (drop conv5).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(limits::flag_range(limits::STAGES)))]
     pub stages: u8,
-    /// Images in the (random, CIFAR-shaped) input batch.
+    /// Images in the (random) input batch.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(limits::POSITIVE.0..))]
     pub batch_size: u64,
+    /// Side of the square input images (CIFAR's 32 by default).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(limits::flag_range(limits::IMAGE_SIZE)))]
+    pub image_size: u16,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -33,7 +36,17 @@ impl NetArgs {
             stem: self.stem,
             stages: self.stages as usize,
             num_classes: 10,
+            image_size: self.image_size as usize,
         }
+    }
+
+    /// The configuration, refused in one line when the architecture cannot take the size.
+    pub fn checked_config(&self) -> Result<ResNetConfig, CliError> {
+        let cfg = self.config();
+        self.model
+            .check_image_size(cfg.image_size)
+            .map_err(|e| CliError::input(format!("--image-size {}: {e}", cfg.image_size)))?;
+        Ok(cfg)
     }
 }
 
@@ -41,14 +54,37 @@ impl NetArgs {
 pub struct SummaryArgs {
     #[command(flatten)]
     net: NetArgs,
+    /// Describe the network this checkpoint holds (its model, classes and image size) instead
+    /// of the one the flags name.
+    #[arg(long, value_name = "FILE")]
+    checkpoint: Option<std::path::PathBuf>,
 }
 
 pub fn run(a: SummaryArgs) -> Result<(), CliError> {
-    let input = Shape4::new(a.net.batch_size as usize, 32, 32, 3);
-    let s = match a.net.model {
-        Arch::Resnet18 => summarize(&ResNet::new(&Cpu, a.net.config(), 0), input),
-        Arch::Lenet => summarize_sequential(&Sequential::lenet(&Cpu, 10, 0), input),
-        Arch::Vgg16 => summarize_sequential(&Sequential::vgg16(&Cpu, 10, 0), input),
+    let (arch, cfg) = match &a.checkpoint {
+        Some(path) => {
+            let file = CheckpointFile::read(path, None)?;
+            if !a.net.json {
+                println!(
+                    "{}: {} classes ({}), {}x{} images",
+                    file.origin,
+                    file.spec.classes.len(),
+                    file.spec.classes.join(", "),
+                    file.spec.image_size,
+                    file.spec.image_size
+                );
+            }
+            (file.arch, file.model)
+        }
+        None => (a.net.model, a.net.checked_config()?),
+    };
+    let side = cfg.image_size;
+    let input = Shape4::new(a.net.batch_size as usize, side, side, 3);
+    let (classes, seed) = (cfg.num_classes, 0);
+    let s = match arch {
+        Arch::Resnet18 => summarize(&ResNet::new(&Cpu, cfg, seed), input),
+        Arch::Lenet => summarize_sequential(&Sequential::lenet(&Cpu, classes, side, seed), input),
+        Arch::Vgg16 => summarize_sequential(&Sequential::vgg16(&Cpu, classes, side, seed), input),
     };
     if a.net.json {
         println!("{}", serde_json::to_string(&s).map_err(CliError::run)?);

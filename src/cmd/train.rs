@@ -1,39 +1,21 @@
 //! `train`: a run from a recipe, flags and an optional TOML file, or the continuation of one.
 
-use super::{ComputeArgs, fetch_data, load_data};
+use super::{ComputeArgs, fetch_data, open_data};
 use clap::Args;
-use resnet_cifar::cli::{CliError, ConfigFile, limits};
-use resnet_cifar::data::Splits;
+use resnet_cifar::cli::{CheckpointFile, CliError, read_settings_file};
+use resnet_cifar::data::{DataOptions, Splits};
 use resnet_cifar::engine::Backend;
-use resnet_cifar::eval::Tta;
-use resnet_cifar::model::{Arch, Stem};
-use resnet_cifar::train::{Console, Recipe, Resume, Stop, TrainConfig, load_resume, train};
+use resnet_cifar::model::Arch;
+use resnet_cifar::train::settings::{CHANGEABLE_ON_RESUME, flag};
+use resnet_cifar::train::{Console, InitWeights, Recipe, Settings, Start, Stop, TrainConfig, load_resume, train};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Args)]
-struct ModelArgs {
-    /// Architecture: resnet18 (the seed's), lenet or vgg16 (its comparison models).
-    #[arg(long)]
-    model: Option<Arch>,
-    /// Network stem: seed (7x7/2 conv, BN, max-pool), torchvision (seed + ReLU), seed3x3
-    /// (3x3/2 conv), cifar (3x3/1 conv, BN, ReLU, no pool).
-    #[arg(long)]
-    stem: Option<Stem>,
-    /// Residual stages: 4 (the seed) or 3 (drop conv5).
-    #[arg(long, value_parser = clap::value_parser!(u8).range(limits::flag_range(limits::STAGES)))]
-    stages: Option<u8>,
-}
-
-#[derive(Args)]
 #[command(after_help = recipes_help(), allow_negative_numbers = true)]
 pub struct TrainArgs {
-    /// CIFAR-10 folder (binary version). Without it, ./data is used and filled by download.
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Run folder (default: runs/RECIPE-UNIXTIME).
-    #[arg(long)]
-    out: Option<PathBuf>,
+    #[command(flatten)]
+    settings: Settings,
     /// Continue the run in this folder from its last checkpoint (bit-identical to a run that
     /// was never stopped, with the same thread count). Takes --epochs, --max-steps, --data.
     #[arg(long, value_name = "RUN_DIR")]
@@ -42,59 +24,6 @@ pub struct TrainArgs {
     /// flags given here override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Starting configuration (default: seed); the flags below override single values of it.
-    #[arg(long)]
-    recipe: Option<Recipe>,
-    /// Passes over the training images.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(limits::POSITIVE.0..))]
-    epochs: Option<u64>,
-    /// Images per optimizer step.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(limits::POSITIVE.0..))]
-    batch_size: Option<u64>,
-    /// Base (or peak) learning rate of the recipe's schedule.
-    #[arg(long)]
-    lr: Option<f64>,
-    /// Stop after this many optimizer steps, with a checkpoint.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(limits::POSITIVE.0..))]
-    max_steps: Option<u64>,
-    /// Hold out the last N training images as a validation set.
-    #[arg(long)]
-    val_split: Option<usize>,
-    /// Reshuffle the training images every epoch (the seed's loader does not).
-    #[arg(long)]
-    shuffle: bool,
-    /// Seed of the initial weights, the augmentation and the shuffling.
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Label smoothing of the training loss, 0 to 1.
-    #[arg(long)]
-    label_smoothing: Option<f32>,
-    /// L2 weight decay of the recipe's optimizer.
-    #[arg(long)]
-    weight_decay: Option<f64>,
-    /// Test-time augmentation of the evaluations: off, flip, flip-shift or flip-shift1.
-    #[arg(long)]
-    tta: Option<Tta>,
-    /// Weight decay on 1-D parameters (BatchNorm scales and shifts, biases) too: true is
-    /// PyTorch's single parameter group, false exempts them.
-    #[arg(long, value_name = "BOOL")]
-    decay_1d: Option<bool>,
-    /// Start every residual block as the identity: the last BatchNorm scale of each block at 0
-    /// (torchvision's zero_init_residual).
-    #[arg(long, value_name = "BOOL")]
-    zero_init_residual: Option<bool>,
-    /// Zero padding of the training crops: random 32x32 crops of the padded image (0: none).
-    #[arg(long, value_parser = clap::value_parser!(u8).range(limits::flag_range(limits::CROP_PAD)))]
-    crop_pad: Option<u8>,
-    /// Mirror each training image in every other epoch instead of by a coin each time.
-    #[arg(long, value_name = "BOOL")]
-    alternate_flip: Option<bool>,
-    /// Cutout: zero a SIDE x SIDE square at a random centre of each training image, after the
-    /// crop and flip (clipped at the edges; 0: none).
-    #[arg(long, value_name = "SIDE", value_parser = clap::value_parser!(u8).range(limits::flag_range(limits::CUTOUT)))]
-    cutout: Option<u8>,
-    #[command(flatten)]
-    model: ModelArgs,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }
@@ -110,54 +39,65 @@ fn recipes_help() -> String {
 /// Raised by SIGINT/SIGTERM: the run finishes its step, saves, and exits.
 static STOP: AtomicBool = AtomicBool::new(false);
 
-/// Fills every setting not given on the command line from the `--config` file.
-fn merge_config_file(mut a: TrainArgs) -> Result<TrainArgs, CliError> {
-    let Some(path) = a.config.clone() else { return Ok(a) };
-    let f = ConfigFile::read(&path)?;
-    a.recipe = a.recipe.or(f.recipe);
-    a.model.model = a.model.model.or(f.model);
-    a.model.stem = a.model.stem.or(f.stem);
-    a.data = a.data.or(f.data);
-    a.out = a.out.or(f.out);
-    a.epochs = a.epochs.or(f.epochs.map(|e| e as u64));
-    a.batch_size = a.batch_size.or(f.batch_size);
-    a.lr = a.lr.or(f.lr);
-    a.max_steps = a.max_steps.or(f.max_steps);
-    a.val_split = a.val_split.or(f.val_split);
-    a.shuffle |= f.shuffle.unwrap_or(false);
-    a.seed = a.seed.or(f.seed);
-    a.model.stages = a.model.stages.or(f.stages);
-    a.label_smoothing = a.label_smoothing.or(f.label_smoothing);
-    a.weight_decay = a.weight_decay.or(f.weight_decay);
-    a.tta = a.tta.or(f.tta);
-    a.decay_1d = a.decay_1d.or(f.decay_1d);
-    a.zero_init_residual = a.zero_init_residual.or(f.zero_init_residual);
-    a.crop_pad = a.crop_pad.or(f.crop_pad);
-    a.alternate_flip = a.alternate_flip.or(f.alternate_flip);
-    a.cutout = a.cutout.or(f.cutout);
-    Ok(a)
-}
-
 pub fn run(a: TrainArgs) -> Result<(), CliError> {
     let target = a.compute.target();
-    let a = merge_config_file(a)?;
-    let (cfg, resume, out) = match &a.resume {
-        Some(dir) => resumed_config(&a, dir)?,
+    let settings = match &a.config {
+        Some(path) => a.settings.clone().or(read_settings_file(path)?),
+        None => a.settings.clone(),
+    };
+    let (mut cfg, start, out) = match &a.resume {
+        Some(dir) => resumed_config(&settings, dir)?,
         None => {
-            let cfg = fresh_config(&a)?;
-            let out = a.out.clone().unwrap_or_else(|| default_run_dir(&cfg.recipe));
-            (cfg, None, out)
+            let (cfg, start) = fresh_config(&settings)?;
+            let out = settings.out.clone().unwrap_or_else(|| default_run_dir(&cfg.recipe));
+            (cfg, start, out)
         }
     };
-    let data_dir = match a.data.clone().or_else(|| cfg.data.clone().map(PathBuf::from)) {
+    let data_dir = match settings.data.clone().or_else(|| cfg.data.clone().map(PathBuf::from)) {
         Some(d) => d,
         None => fetch_data(Path::new("data"))?,
     };
-    let mut cfg = cfg;
     cfg.data = Some(data_dir.display().to_string());
-    let data = load_data(&data_dir)?;
-    let splits = Splits::new(data, cfg.val_split).map_err(CliError::input)?;
+    let data = open_data(
+        &data_dir,
+        &DataOptions {
+            labels: cfg.labels,
+            image_size: cfg.image_size,
+            skip_bad_images: cfg.skip_bad_images,
+        },
+    )?;
     let mut console = Console::stdout();
+    console.line(&data.summary());
+    for note in &data.notes {
+        console.line(note);
+    }
+    let mut splits = Splits::new(data, cfg.val_split).map_err(CliError::input)?;
+    if matches!(start, Start::Resume(_)) {
+        // The run keeps the classes, size and normalisation it was started with.
+        let (was, now) = (&cfg.dataset, &splits.spec);
+        if was.classes != now.classes || was.image_size != now.image_size {
+            return Err(CliError::input(format!(
+                "{}: the run was trained on {} classes of {}x{2} images ({}), this data has {} classes of {}x{5} ({})",
+                data_dir.display(),
+                was.classes.len(),
+                was.image_size,
+                preview(&was.classes),
+                now.classes.len(),
+                now.image_size,
+                preview(&now.classes)
+            )));
+        }
+        splits.spec.norm = was.norm;
+    } else {
+        splits.spec.norm.mean = settings.mean.unwrap_or(splits.spec.norm.mean);
+        splits.spec.norm.std = settings.std.unwrap_or(splits.spec.norm.std);
+        cfg.arch
+            .check_image_size(splits.spec.image_size)
+            .map_err(|e| CliError::input(format!("--model {}: {e}", cfg.arch.name())))?;
+        cfg.model.num_classes = splits.spec.classes.len();
+        cfg.model.image_size = splits.spec.image_size;
+        cfg.dataset = splits.spec.clone();
+    }
     let outcome = with_backend!(target, |be| {
         console.line(&format!(
             "run {}: recipe {}, {}, {} epochs, batch {}, on {}",
@@ -172,7 +112,7 @@ pub fn run(a: TrainArgs) -> Result<(), CliError> {
             be.name()
         ));
         ctrlc::set_handler(|| STOP.store(true, Ordering::Relaxed)).map_err(CliError::run)?;
-        train(be, &cfg, &splits, &out, &mut console, resume, &STOP).map_err(|e| CliError::run(format!("{e:#}")))?
+        train(be, &cfg, &splits, &out, &mut console, start, &STOP).map_err(|e| CliError::run(format!("{e:#}")))?
     });
     let resume_hint = format!("resume with: resnet-cifar train --resume {}", out.display());
     match outcome.stopped {
@@ -205,6 +145,14 @@ pub fn run(a: TrainArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// The first few of `names`, for a one-line message.
+fn preview(names: &[String]) -> String {
+    match names.len() {
+        0..=4 => names.join(", "),
+        n => format!("{}, ... ({} more)", names[..3].join(", "), n - 3),
+    }
+}
+
 fn default_run_dir(recipe: &str) -> PathBuf {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -212,88 +160,67 @@ fn default_run_dir(recipe: &str) -> PathBuf {
     PathBuf::from("runs").join(format!("{recipe}-{t}"))
 }
 
-/// The recipe with the flags' overrides.
-fn fresh_config(a: &TrainArgs) -> Result<TrainConfig, CliError> {
-    let mut cfg = a.recipe.unwrap_or(Recipe::Seed).config();
-    if let Some(e) = a.epochs {
-        cfg.epochs = e as usize;
+/// The recipe with the settings applied, and how the run starts: with `--init`, the model
+/// (architecture, stem, stages) follows the checkpoint.
+fn fresh_config(s: &Settings) -> Result<(TrainConfig, Start), CliError> {
+    let mut cfg = s.resolve().map_err(CliError::input)?;
+    let Some(path) = &s.init else {
+        return Ok((cfg, Start::Fresh));
+    };
+    let file = CheckpointFile::read(path, s.stem)?;
+    let differs = [
+        ("--model", s.model.is_some_and(|m| m != file.arch)),
+        (
+            "--stages",
+            s.stages.is_some_and(|n| usize::from(n) != file.model.stages),
+        ),
+        (
+            "--stem",
+            s.stem
+                .is_some_and(|st| file.arch == Arch::Resnet18 && st != file.model.stem),
+        ),
+    ];
+    if let Some((flag, _)) = differs.iter().find(|(_, d)| *d) {
+        return Err(CliError::input(format!(
+            "{flag} differs from the network in {} ({}); the model follows the --init checkpoint",
+            file.origin,
+            match file.arch {
+                Arch::Resnet18 => format!(
+                    "resnet18, stem {}, {} stages",
+                    file.model.stem.name(),
+                    file.model.stages
+                ),
+                other => other.name().to_string(),
+            }
+        )));
     }
-    if let Some(b) = a.batch_size {
-        cfg.batch_size = b as usize;
-    }
-    if let Some(lr) = a.lr {
-        if !(lr.is_finite() && lr > 0.0) {
-            return Err(CliError::input(format!("--lr must be a positive number, got {lr}")));
-        }
-        cfg.schedule = cfg.schedule.with_lr(lr);
-    }
-    cfg.max_steps = a.max_steps.or(cfg.max_steps);
-    cfg.val_split = a.val_split.unwrap_or(cfg.val_split);
-    cfg.shuffle |= a.shuffle;
-    cfg.seed = a.seed.unwrap_or(cfg.seed);
-    if let Some(s) = a.label_smoothing {
-        if !(0.0..1.0).contains(&s) {
-            return Err(CliError::input(format!("--label-smoothing must be in [0, 1), got {s}")));
-        }
-        cfg.label_smoothing = s;
-    }
-    if let Some(t) = a.tta {
-        cfg.tta = t;
-    }
-    if let Some(wd) = a.weight_decay {
-        if !(wd.is_finite() && wd >= 0.0) {
-            return Err(CliError::input(format!("--weight-decay must be 0 or more, got {wd}")));
-        }
-        cfg.optimizer = cfg.optimizer.with_weight_decay(wd);
-    }
-    if let Some(d) = a.decay_1d {
-        cfg.optimizer = cfg.optimizer.with_decay_1d(d);
-    }
-    cfg.zero_init_residual = a.zero_init_residual.unwrap_or(cfg.zero_init_residual);
-    cfg.augment.crop_pad = a.crop_pad.map_or(cfg.augment.crop_pad, usize::from);
-    cfg.augment.alternate_flip = a.alternate_flip.unwrap_or(cfg.augment.alternate_flip);
-    cfg.augment.cutout = a.cutout.map_or(cfg.augment.cutout, usize::from);
-    cfg.arch = a.model.model.unwrap_or(cfg.arch);
-    cfg.model.stem = a.model.stem.unwrap_or(cfg.model.stem);
-    cfg.model.stages = a.model.stages.map_or(cfg.model.stages, |s| s as usize);
-    Ok(cfg)
+    cfg.arch = file.arch;
+    cfg.model.stem = file.model.stem;
+    cfg.model.stages = file.model.stages;
+    let weights = InitWeights {
+        origin: file.origin,
+        tensors: file.tensors,
+    };
+    Ok((cfg, Start::Init(weights)))
 }
 
 /// The configuration a run was started with; only `--epochs`, `--max-steps` and `--data` may
 /// change on resuming (anything else would make it a different run).
-fn resumed_config(a: &TrainArgs, dir: &Path) -> Result<(TrainConfig, Option<Resume>, PathBuf), CliError> {
-    let fixed = [
-        ("--out", a.out.is_some()),
-        ("--batch-size", a.batch_size.is_some()),
-        ("--lr", a.lr.is_some()),
-        ("--val-split", a.val_split.is_some()),
-        ("--shuffle", a.shuffle),
-        ("--seed", a.seed.is_some()),
-        ("--recipe", a.recipe.is_some()),
-        ("--label-smoothing", a.label_smoothing.is_some()),
-        ("--weight-decay", a.weight_decay.is_some()),
-        ("--tta", a.tta.is_some()),
-        ("--decay-1d", a.decay_1d.is_some()),
-        ("--zero-init-residual", a.zero_init_residual.is_some()),
-        ("--crop-pad", a.crop_pad.is_some()),
-        ("--alternate-flip", a.alternate_flip.is_some()),
-        ("--cutout", a.cutout.is_some()),
-        ("--model", a.model.model.is_some()),
-        ("--stem", a.model.stem.is_some()),
-        ("--stages", a.model.stages.is_some()),
-    ];
-    if let Some((flag, _)) = fixed.iter().find(|(_, set)| *set) {
+fn resumed_config(s: &Settings, dir: &Path) -> Result<(TrainConfig, Start, PathBuf), CliError> {
+    if let Some(f) = s.refused_on_resume() {
+        let allowed: Vec<String> = CHANGEABLE_ON_RESUME.iter().map(|k| flag(k)).collect();
         return Err(CliError::input(format!(
-            "{flag} cannot change when resuming (only --epochs, --max-steps and --data can)"
+            "{f} cannot change when resuming (only {} can)",
+            allowed.join(", ")
         )));
     }
     let r = load_resume(dir).map_err(|e| CliError::input(format!("{e:#}")))?;
     let mut cfg = r.config.clone();
-    if let Some(e) = a.epochs {
+    if let Some(e) = s.epochs {
         cfg.epochs = e as usize;
     }
-    if let Some(m) = a.max_steps {
+    if let Some(m) = s.max_steps {
         cfg.max_steps = Some(m);
     }
-    Ok((cfg, Some(r), dir.to_path_buf()))
+    Ok((cfg, Start::Resume(Box::new(r)), dir.to_path_buf()))
 }

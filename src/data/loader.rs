@@ -1,7 +1,7 @@
 //! Epoch plans (which images make each batch) and a background thread that builds batches
 //! ahead of the training step, so loading and augmentation overlap with compute.
 
-use super::cifar::Images;
+use super::images::{Images, Normalization};
 use super::transform::{Augment, Batch, BatchKey, make_batch, stream_seed};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -48,13 +48,14 @@ pub fn spawn_loader(
     aug: Augment,
     seed: u64,
     epoch: usize,
+    norm: Normalization,
 ) -> Receiver<Batch> {
     let (tx, rx) = sync_channel(4);
     std::thread::Builder::new()
         .name("batch-loader".into())
         .spawn(move || {
             for b in first..plan.num_batches() {
-                let batch = make_batch(&images, plan.batch(b), aug, BatchKey::new(seed, epoch, b));
+                let batch = make_batch(&images, plan.batch(b), aug, BatchKey::new(seed, epoch, b), &norm);
                 if tx.send(batch).is_err() {
                     return;
                 }
@@ -65,7 +66,11 @@ pub fn spawn_loader(
 }
 
 /// Batches of `images` in order, without augmentation (evaluation).
-pub fn eval_batches(images: &Images, batch_size: usize) -> impl Iterator<Item = Batch> + '_ {
+pub fn eval_batches<'a>(
+    images: &'a Images,
+    batch_size: usize,
+    norm: &'a Normalization,
+) -> impl Iterator<Item = Batch> + 'a {
     let plan = EpochPlan::new(images.len(), batch_size, false, 0, 0);
-    (0..plan.num_batches()).map(move |b| make_batch(images, plan.batch(b), Augment::NONE, BatchKey::new(0, 0, b)))
+    (0..plan.num_batches()).map(move |b| make_batch(images, plan.batch(b), Augment::NONE, BatchKey::new(0, 0, b), norm))
 }

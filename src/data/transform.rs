@@ -1,22 +1,19 @@
 //! The seed's transforms, producing NHWC float batches for the engine:
-//! train: RandomCrop(32, padding=4, zero fill) -> RandomHorizontalFlip(0.5) -> ToTensor ->
-//! Normalize(mean, std); test: ToTensor -> Normalize.
+//! train: RandomCrop(side, padding=4, zero fill) -> RandomHorizontalFlip(0.5) -> ToTensor ->
+//! Normalize(mean, std); test: ToTensor -> Normalize. Images are square, of any side; the
+//! normalisation is the dataset's.
 //!
 //! Randomness is drawn per batch from a stream keyed by (seed, epoch, batch), so any batch of
 //! any epoch can be rebuilt exactly: a resumed run sees the same images as an unbroken one.
 
-use super::cifar::{IMAGE_BYTES, Images};
+use super::images::{Images, Normalization};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-pub const MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
-pub const STD: [f32; 3] = [0.2023, 0.1994, 0.2010];
-pub const SIDE: usize = 32;
 
 /// Training-time augmentation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Augment {
-    /// Zero padding before the random 32x32 crop (0: no crop).
+    /// Zero padding before the random crop of the image's size (0: no crop).
     pub crop_pad: usize,
     pub flip: bool,
     /// With `flip`: each image is mirrored in every other epoch (at random in the first,
@@ -58,31 +55,43 @@ pub fn stream_seed(parts: &[u64]) -> u64 {
     z
 }
 
-/// Value of one stored byte after ToTensor and Normalize, channel `c`.
-#[inline]
-pub fn normalize(v: u8, c: usize) -> f32 {
-    (v as f32 / 255.0 - MEAN[c]) / STD[c]
+/// Where a crop of a `side x side` image padded by `pad` sits: `(top, left)` in the padded
+/// image, and whether the crop is mirrored.
+#[derive(Clone, Copy, Debug)]
+pub struct Crop {
+    pub side: usize,
+    pub pad: usize,
+    pub top: usize,
+    pub left: usize,
+    pub flip: bool,
 }
 
-/// Writes one CHW byte image into `out` (32*32*3, NHWC), cropped at `(top, left)` of the
-/// image padded by `pad` on every side (padding reads as 0), then mirrored if `flip`.
-pub fn write_image(src: &[u8], out: &mut [f32], pad: usize, top: usize, left: usize, flip: bool) {
-    debug_assert_eq!(src.len(), IMAGE_BYTES);
-    let plane = SIDE * SIDE;
-    for y in 0..SIDE {
+/// Writes one CHW byte image (`[3, side, side]`) into `out` (`[side, side, 3]`, NHWC),
+/// cropped as `crop` says (padding reads as 0) and normalised by `norm`.
+pub fn write_image(src: &[u8], out: &mut [f32], crop: Crop, norm: &Normalization) {
+    let Crop {
+        side,
+        pad,
+        top,
+        left,
+        flip,
+    } = crop;
+    debug_assert_eq!(src.len(), 3 * side * side);
+    let plane = side * side;
+    for y in 0..side {
         let sy = (y + top) as isize - pad as isize;
-        for x in 0..SIDE {
-            let ox = if flip { SIDE - 1 - x } else { x };
+        for x in 0..side {
+            let ox = if flip { side - 1 - x } else { x };
             let sx = (x + left) as isize - pad as isize;
-            let inside = (0..SIDE as isize).contains(&sy) && (0..SIDE as isize).contains(&sx);
-            let dst = &mut out[(y * SIDE + ox) * 3..(y * SIDE + ox) * 3 + 3];
+            let inside = (0..side as isize).contains(&sy) && (0..side as isize).contains(&sx);
+            let dst = &mut out[(y * side + ox) * 3..(y * side + ox) * 3 + 3];
             for (c, d) in dst.iter_mut().enumerate() {
                 let v = if inside {
-                    src[c * plane + sy as usize * SIDE + sx as usize]
+                    src[c * plane + sy as usize * side + sx as usize]
                 } else {
                     0
                 };
-                *d = normalize(v, c);
+                *d = norm.apply(v, c);
             }
         }
     }
@@ -116,7 +125,7 @@ impl BatchKey {
 /// One batch ready for the engine.
 #[derive(Clone, Debug, Default)]
 pub struct Batch {
-    /// NHWC, `[n, 32, 32, 3]`.
+    /// NHWC, `[n, side, side, 3]`.
     pub x: Vec<f32>,
     pub labels: Vec<u32>,
 }
@@ -132,8 +141,8 @@ impl Batch {
 
 /// What a batch is made of, before any pixel is touched: for each image its index, crop
 /// position, flip and cutout centre. A backend that keeps the images on its device builds the
-/// pixels there from this ([`crate::engine::Backend::augment`], crops and flips only: runs
-/// with cutout squares take the loader's path); the CPU builds them on the loader thread.
+/// pixels there from this (crops and flips only: runs with cutout squares take the loader's
+/// path); the CPU builds them on the loader thread.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BatchPlan {
     /// Per image: `[index, top, left, flip]`.
@@ -145,6 +154,8 @@ pub struct BatchPlan {
     pub holes: Vec<[u32; 2]>,
     /// Side of the cutout square (0: none).
     pub cutout: usize,
+    /// Width and height of the images (and of the batch's).
+    pub side: usize,
 }
 
 impl BatchPlan {
@@ -168,60 +179,57 @@ impl BatchPlan {
             };
             items.push([i, top as u32, left as u32, flip as u32]);
             if aug.cutout > 0 {
-                let side = SIDE as u32;
+                let side = images.side as u32;
                 holes.push([rng.random_range(0..side), rng.random_range(0..side)]);
             }
         }
         Self {
-            labels: indices.iter().map(|&i| images.labels[i as usize] as u32).collect(),
+            labels: indices.iter().map(|&i| images.labels[i as usize]).collect(),
             items,
             pad: aug.crop_pad,
             holes,
             cutout: aug.cutout,
+            side: images.side,
         }
     }
 
-    /// The plan's pixels, NHWC and normalised.
-    pub fn write(&self, images: &Images) -> Vec<f32> {
-        self.write_from(&images.pixels)
-    }
-
-    /// The plan's pixels from a dataset's raw bytes (`[n, 3, 32, 32]`).
-    pub fn write_from(&self, pixels: &[u8]) -> Vec<f32> {
-        let per = SIDE * SIDE * 3;
+    /// The plan's pixels, NHWC and normalised by `norm`.
+    pub fn write(&self, images: &Images, norm: &Normalization) -> Vec<f32> {
+        let side = self.side;
+        let per = side * side * 3;
         let mut x = vec![0.0; self.items.len() * per];
         for (out, &[i, top, left, flip]) in x.chunks_exact_mut(per).zip(&self.items) {
-            let i = i as usize;
-            write_image(
-                &pixels[i * IMAGE_BYTES..(i + 1) * IMAGE_BYTES],
-                out,
-                self.pad,
-                top as usize,
-                left as usize,
-                flip != 0,
-            );
+            let crop = Crop {
+                side,
+                pad: self.pad,
+                top: top as usize,
+                left: left as usize,
+                flip: flip != 0,
+            };
+            write_image(images.image(i as usize), out, crop, norm);
         }
         for (out, &[cy, cx]) in x.chunks_exact_mut(per).zip(&self.holes) {
-            cut_out(out, self.cutout, cy as usize, cx as usize);
+            cut_out(out, side, self.cutout, cy as usize, cx as usize);
         }
         x
     }
 }
 
-/// Zeroes the `side x side` square of `image` (NHWC, 32x32x3) centred at `(cy, cx)`, clipped
-/// at the edges (an even side reaches one pixel further up and left, as Cutout's reference code).
-fn cut_out(image: &mut [f32], side: usize, cy: usize, cx: usize) {
-    let span = |c: usize| c.saturating_sub(side / 2)..(c + side.div_ceil(2)).min(SIDE);
+/// Zeroes the `hole x hole` square of `image` (NHWC, `side x side x 3`) centred at `(cy, cx)`,
+/// clipped at the edges (an even side reaches one pixel further up and left, as Cutout's
+/// reference code).
+fn cut_out(image: &mut [f32], side: usize, hole: usize, cy: usize, cx: usize) {
+    let span = |c: usize| c.saturating_sub(hole / 2)..(c + hole.div_ceil(2)).min(side);
     for y in span(cy) {
-        image[(y * SIDE + span(cx).start) * 3..(y * SIDE + span(cx).end) * 3].fill(0.0);
+        image[(y * side + span(cx).start) * 3..(y * side + span(cx).end) * 3].fill(0.0);
     }
 }
 
 /// Builds the batch of images `indices`, augmented as batch `key` of a run.
-pub fn make_batch(images: &Images, indices: &[u32], aug: Augment, key: BatchKey) -> Batch {
+pub fn make_batch(images: &Images, indices: &[u32], aug: Augment, key: BatchKey, norm: &Normalization) -> Batch {
     let plan = BatchPlan::new(images, indices, aug, key);
     Batch {
-        x: plan.write(images),
+        x: plan.write(images, norm),
         labels: plan.labels,
     }
 }

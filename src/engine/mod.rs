@@ -11,8 +11,11 @@
 pub mod cpu;
 pub mod cuda;
 
-pub use crate::data::transform::BatchPlan;
-pub use crate::nn::Layout;
+pub mod augment;
+pub mod layout;
+
+pub use augment::{CropPlan, DeviceBatches};
+pub use layout::Layout;
 
 /// Shape of a 4-D activation, always stored NHWC.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -114,8 +117,6 @@ pub struct SgdStep {
 pub trait Backend: Send + Sync + 'static {
     /// Device memory holding f32 values.
     type Buf: Send + Sync;
-    /// A dataset's raw image bytes (`[n, 3, 32, 32]`, u8) kept where this backend computes.
-    type Pixels: Send + Sync;
 
     fn name(&self) -> String;
     /// A zero-filled buffer of `len` values.
@@ -126,16 +127,6 @@ pub trait Backend: Send + Sync + 'static {
     /// Copies the first `dst.len()` values of `src` to the host.
     fn download(&self, src: &Self::Buf, dst: &mut [f32]);
     fn fill(&self, buf: &mut Self::Buf, len: usize, value: f32);
-
-    /// True when training should keep its images on this backend and build each batch with
-    /// [`Backend::augment`] (a GPU: no pixels cross the bus per step); false when a host
-    /// thread builds batches ahead of the step (the CPU).
-    fn augments_on_device(&self) -> bool;
-    /// Copies a dataset's image bytes to the backend, once.
-    fn upload_pixels(&self, bytes: &[u8]) -> Self::Pixels;
-    /// Writes the normalised NHWC pixels of `plan` (crops and flips of images in `pixels`)
-    /// into `x`, exactly as [`BatchPlan::write`] does on the host.
-    fn augment(&self, pixels: &Self::Pixels, plan: &BatchPlan, x: &mut Self::Buf);
 
     /// How this backend stores conv weights (`Layout::ConvHwio` or `Layout::ConvOhwi`).
     fn conv_weight_layout(&self) -> Layout;

@@ -4,6 +4,7 @@ pub mod network;
 pub mod resnet;
 pub mod sequential;
 pub mod summary;
+pub mod torchvision;
 
 pub use network::{Arch, Network, build};
 pub use resnet::{ResNet, ResNetConfig, Stem};

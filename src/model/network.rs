@@ -16,6 +16,10 @@ pub trait Network<B: Backend>: Module<B> {
     fn loss(&self) -> &B::Buf;
     fn num_classes(&self) -> usize;
     fn set_label_smoothing(&mut self, smoothing: f32);
+    /// The module path of the classifier, the last linear layer (`fc`, `classifier`,
+    /// `classifier.2`): what fine-tuning starts afresh for another class count and what
+    /// `--freeze-backbone` trains.
+    fn head(&self) -> String;
     /// Sets the scale (gamma) of the last BatchNorm of every residual branch to 0, so each
     /// block starts as the identity (torchvision's `zero_init_residual`). Networks without
     /// residual branches have nothing to change.
@@ -23,8 +27,7 @@ pub trait Network<B: Backend>: Module<B> {
 }
 
 /// The architectures `--model` names.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Arch {
     /// The seed's ResNet-18 and its variants (`--stem`, `--stages`).
     #[default]
@@ -41,13 +44,38 @@ crate::named::choices!(Arch, "model", {
     Vgg16 => "vgg16",
 });
 
-/// A freshly initialised network. `cfg` gives the classes (and, for ResNet-18, the stem and
-/// stages).
+impl Arch {
+    /// The smallest input images the architecture takes: LeNet's three 2x2 pools need 8
+    /// pixels, VGG-16's five need 32; ResNet-18 pools globally and takes every size `--image-size`
+    /// allows.
+    pub fn min_image_size(self) -> usize {
+        match self {
+            Arch::Resnet18 => 16,
+            Arch::Lenet => 8,
+            Arch::Vgg16 => 32,
+        }
+    }
+
+    /// Refuses an image size the architecture cannot take, in one line.
+    pub fn check_image_size(self, size: usize) -> Result<(), String> {
+        let min = self.min_image_size();
+        if size < min {
+            return Err(format!(
+                "{} needs images of at least {min}x{min} pixels; these are {size}x{size}",
+                self.name()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A freshly initialised network. `cfg` gives the classes and the image size (and, for
+/// ResNet-18, the stem and stages).
 pub fn build<B: Backend>(be: &B, arch: Arch, cfg: ResNetConfig, seed: u64) -> Box<dyn Network<B>> {
     match arch {
         Arch::Resnet18 => Box::new(ResNet::new(be, cfg, seed)),
-        Arch::Lenet => Box::new(Sequential::lenet(be, cfg.num_classes, seed)),
-        Arch::Vgg16 => Box::new(Sequential::vgg16(be, cfg.num_classes, seed)),
+        Arch::Lenet => Box::new(Sequential::lenet(be, cfg.num_classes, cfg.image_size, seed)),
+        Arch::Vgg16 => Box::new(Sequential::vgg16(be, cfg.num_classes, cfg.image_size, seed)),
     }
 }
 
@@ -69,6 +97,9 @@ impl<B: Backend> Network<B> for ResNet<B> {
     }
     fn set_label_smoothing(&mut self, smoothing: f32) {
         self.criterion.label_smoothing = smoothing;
+    }
+    fn head(&self) -> String {
+        "fc".into()
     }
     fn zero_init_residual(&mut self, be: &B) {
         for block in &mut self.blocks {

@@ -11,8 +11,7 @@ use crate::nn::{
 };
 
 /// The first layers of the network.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Stem {
     /// The seed's code: 7x7/2 conv, BN, 3x3/2 max-pool, no ReLU.
     Seed,
@@ -63,6 +62,14 @@ pub struct ResNetConfig {
     /// 4 (the seed) or 3 (the seed's second proposal: drop `conv5`; the fc takes 256 inputs).
     pub stages: usize,
     pub num_classes: usize,
+    /// Width and height of the input images (the networks of `--model lenet|vgg16` size their
+    /// classifier by it; ResNet-18's global pooling takes any size).
+    #[serde(default = "cifar_side")]
+    pub image_size: usize,
+}
+
+fn cifar_side() -> usize {
+    32
 }
 
 impl Default for ResNetConfig {
@@ -71,6 +78,7 @@ impl Default for ResNetConfig {
             stem: Stem::Seed,
             stages: 4,
             num_classes: 10,
+            image_size: cifar_side(),
         }
     }
 }

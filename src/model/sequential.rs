@@ -73,8 +73,9 @@ impl<B: Backend> Sequential<B> {
     }
 
     /// The classic CIFAR-10 tutorial network: three 5x5 convs (3->32->32->64, pad 2), each
-    /// followed by ReLU and a 2x2 max-pool, then linear 1024->64, ReLU, linear 64->classes.
-    pub fn lenet(be: &B, classes: usize, seed: u64) -> Self {
+    /// followed by ReLU and a 2x2 max-pool, then linear 1024->64 (for 32x32 images; the
+    /// feature map's size for others), ReLU, linear 64->classes.
+    pub fn lenet(be: &B, classes: usize, side: usize, seed: u64) -> Self {
         let root = Builder::new(be, seed);
         let (f, c) = (root.pp("features"), root.pp("classifier"));
         let mut layers = Vec::new();
@@ -84,8 +85,9 @@ impl<B: Backend> Sequential<B> {
             let pool = Layer::MaxPool(MaxPool2d::new(be, 2, 2, 0));
             layers.push(("features", Some(3 * i + 2), pool));
         }
-        let flat = Layout::LinearNhwc { h: 4, w: 4, c: 64 };
-        let fc1 = Linear::with_layout(&c.pp(0), 1024, 64, flat);
+        let s = side / 2 / 2 / 2;
+        let flat = Layout::LinearNhwc { h: s, w: s, c: 64 };
+        let fc1 = Linear::with_layout(&c.pp(0), s * s * 64, 64, flat);
         layers.push(("classifier", Some(0), Layer::Linear(fc1)));
         layers.push(("classifier", Some(1), Layer::Relu(Relu::new(be))));
         let fc2 = Linear::new(&c.pp(2), 64, classes);
@@ -93,9 +95,10 @@ impl<B: Backend> Sequential<B> {
         Self::new(be, "LeNet", layers, classes)
     }
 
-    /// VGG-16 with batch norm for 32x32 inputs: 13 3x3 convs (64, 64, M, 128, 128, M,
-    /// 256 x3, M, 512 x3, M, 512 x3, M), each with batch norm and ReLU, then linear 512->classes.
-    pub fn vgg16(be: &B, classes: usize, seed: u64) -> Self {
+    /// VGG-16 with batch norm: 13 3x3 convs (64, 64, M, 128, 128, M, 256 x3, M, 512 x3, M,
+    /// 512 x3, M), each with batch norm and ReLU, then linear 512->classes for 32x32 inputs
+    /// (for larger ones, the flattened feature map's size -> classes).
+    pub fn vgg16(be: &B, classes: usize, side: usize, seed: u64) -> Self {
         const PLAN: [usize; 18] = [
             64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0, 512, 512, 512, 0,
         ];
@@ -113,7 +116,13 @@ impl<B: Backend> Sequential<B> {
                 (cin, idx) = (cout, idx + 3);
             }
         }
-        let fc = Linear::new(&root.pp("classifier"), 512, classes);
+        let s = side >> 5;
+        let fc = if s == 1 {
+            Linear::new(&root.pp("classifier"), 512, classes)
+        } else {
+            let flat = Layout::LinearNhwc { h: s, w: s, c: 512 };
+            Linear::with_layout(&root.pp("classifier"), s * s * 512, classes, flat)
+        };
         layers.push(("classifier", None, Layer::Linear(fc)));
         Self::new(be, "VGG16", layers, classes)
     }
@@ -193,6 +202,13 @@ impl<B: Backend> Network<B> for Sequential<B> {
     }
     fn set_label_smoothing(&mut self, smoothing: f32) {
         self.criterion.label_smoothing = smoothing;
+    }
+    fn head(&self) -> String {
+        match self.labels.last() {
+            Some((group, Some(i))) => format!("{group}.{i}"),
+            Some((group, None)) => group.to_string(),
+            None => String::new(),
+        }
     }
 }
 

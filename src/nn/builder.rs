@@ -3,8 +3,9 @@
 //! model's structure. Initial values follow PyTorch's default initialisers, drawn from one seeded
 //! RNG in construction order (the order PyTorch's modules initialise in).
 
-use super::param::{Layout, Param};
+use super::param::Param;
 use crate::engine::Backend;
+use crate::engine::Layout;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::cell::RefCell;
@@ -59,6 +60,7 @@ impl<'a, B: Backend> Builder<'a, B> {
             layout,
             value: self.backend.alloc(numel),
             grad: trainable.then(|| self.backend.alloc(numel)),
+            frozen: false,
         };
         p.write(self.backend, torch_values);
         p

@@ -1,7 +1,8 @@
 //! Conv2d, with an optional bias (ResNet's convs have none: batch norm follows each).
 
 use super::builder::Builder;
-use super::param::{Entry, Layout, Module, Param};
+use super::param::{Entry, Module, Param};
+use crate::engine::Layout;
 use crate::engine::{Backend, ConvGeom, Shape4, ensure_len};
 
 #[derive(Clone, Copy, Debug)]

@@ -1,7 +1,8 @@
 //! Linear layer with bias, PyTorch's `[out, in]` weight layout and default initialisation.
 
 use super::builder::Builder;
-use super::param::{Entry, Layout, Module, Param};
+use super::param::{Entry, Module, Param};
+use crate::engine::Layout;
 use crate::engine::{Backend, ensure_len};
 
 pub struct Linear<B: Backend> {

@@ -10,11 +10,12 @@ pub mod param;
 pub mod pool;
 pub mod relu;
 
+pub use crate::engine::Layout;
 pub use batch_norm::BatchNorm2d;
 pub use builder::Builder;
 pub use conv2d::{Conv2d, Conv2dConfig};
 pub use cross_entropy::CrossEntropy;
 pub use linear::Linear;
-pub use param::{Entry, Layout, Module, Param};
+pub use param::{Entry, Module, Param};
 pub use pool::{GlobalAvgPool, MaxPool2d};
 pub use relu::Relu;

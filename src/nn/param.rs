@@ -1,50 +1,7 @@
 //! Parameters and buffers with their PyTorch state_dict names, and the visitor that walks a
 //! module's state in state_dict order (for optimizers, checkpoints and tests alike).
 
-use crate::engine::Backend;
-
-/// How a tensor is laid out inside the engine relative to PyTorch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Layout {
-    /// Same as PyTorch (row-major in PyTorch's shape).
-    Torch,
-    /// A conv weight PyTorch holds as `[out, in, kh, kw]`, stored `[kh, kw, in, out]` (HWIO):
-    /// the CPU backend's GEMM reads it as a `[k, out]` matrix without packing.
-    ConvHwio,
-    /// A conv weight stored `[out, kh, kw, in]` (OHWI): cuDNN's NHWC filter layout.
-    ConvOhwi,
-    /// A linear weight `[out, c*h*w]` that reads a flattened activation: PyTorch flattens NCHW
-    /// (`c, y, x` order), the engine NHWC (`y, x, c`), so the columns are permuted.
-    LinearNhwc { h: usize, w: usize, c: usize },
-}
-
-impl Layout {
-    /// Engine offset of PyTorch's element `[o, i, y, x]` of a `[o, i, kh, kw]` conv weight.
-    fn conv_offset(self, [o, i, kh, kw]: [usize; 4], [oc, ic, y, x]: [usize; 4]) -> usize {
-        match self {
-            Layout::ConvHwio => ((y * kw + x) * i + ic) * o + oc,
-            Layout::ConvOhwi => ((oc * kh + y) * kw + x) * i + ic,
-            Layout::Torch | Layout::LinearNhwc { .. } => unreachable!("not a conv layout"),
-        }
-    }
-
-    /// Engine offset of PyTorch's element `flat` of a tensor of `shape`.
-    fn offset(self, shape: &[usize], flat: usize) -> usize {
-        match self {
-            Layout::Torch => flat,
-            Layout::LinearNhwc { h, w, c } => {
-                let din = h * w * c;
-                let (o, col) = (flat / din, flat % din);
-                let (ch, y, x) = (col / (h * w), col / w % h, col % w);
-                o * din + (y * w + x) * c + ch
-            }
-            _ => {
-                let dims = conv_dims(shape);
-                self.conv_offset(dims, torch_index(dims, flat))
-            }
-        }
-    }
-}
+use crate::engine::{Backend, Layout};
 
 /// A float tensor of the model state: a trainable parameter (with a gradient) or a buffer
 /// such as a BatchNorm running statistic (without).
@@ -57,6 +14,9 @@ pub struct Param<B: Backend> {
     pub value: B::Buf,
     /// `Some` for trainable parameters; written by the backward pass.
     pub grad: Option<B::Buf>,
+    /// A trainable parameter the optimizer leaves as it is (`--freeze-backbone`; PyTorch's
+    /// `requires_grad = False`). Its gradient is still written, and never read.
+    pub frozen: bool,
 }
 
 impl<B: Backend> Param<B> {
@@ -114,17 +74,6 @@ impl<B: Backend> Param<B> {
 }
 
 /// `[o, i, y, x]` of flat index `flat` in a PyTorch `[o, i, kh, kw]` tensor.
-fn torch_index([_, i, kh, kw]: [usize; 4], flat: usize) -> [usize; 4] {
-    [flat / (i * kh * kw), flat / (kh * kw) % i, flat / kw % kh, flat % kw]
-}
-
-fn conv_dims(shape: &[usize]) -> [usize; 4] {
-    match *shape {
-        [o, i, kh, kw] => [o, i, kh, kw],
-        _ => panic!("conv weight must be 4-D, got {shape:?}"),
-    }
-}
-
 /// One entry of a module's state, in state_dict order.
 pub enum Entry<'a, B: Backend> {
     Tensor(&'a mut Param<B>),
@@ -148,13 +97,25 @@ impl<B: Backend> Entry<'_, B> {
 pub trait Module<B: Backend> {
     fn visit(&mut self, f: &mut dyn FnMut(Entry<'_, B>));
 
-    /// Every trainable parameter, in state_dict order.
+    /// Every parameter the optimizer updates (trainable and not frozen), in state_dict order.
     fn visit_params(&mut self, f: &mut dyn FnMut(&mut Param<B>)) {
         self.visit(&mut |e| {
             if let Entry::Tensor(p) = e
                 && p.trainable()
+                && !p.frozen
             {
                 f(p)
+            }
+        });
+    }
+
+    /// Freezes every trainable parameter whose name does not start with `keep` (a module
+    /// path such as `fc`): only that module trains.
+    fn freeze_all_but(&mut self, keep: &str) {
+        let prefix = format!("{keep}.");
+        self.visit(&mut |e| {
+            if let Entry::Tensor(p) = e {
+                p.frozen = p.trainable() && !p.name.starts_with(&prefix);
             }
         });
     }

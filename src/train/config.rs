@@ -1,7 +1,7 @@
 //! Run configuration: named recipes, resolved with command-line overrides into one
 //! `TrainConfig` that is written into the run folder.
 
-use crate::data::Augment;
+use crate::data::{Augment, DataSpec, LabelSet};
 use crate::eval::Tta;
 use crate::model::{Arch, ResNetConfig, Stem};
 use crate::optim::{AdamConfig, Schedule, SgdConfig};
@@ -47,6 +47,25 @@ pub struct TrainConfig {
     /// Start every residual block as the identity (its last BatchNorm's scale at 0).
     #[serde(default)]
     pub zero_init_residual: bool,
+    /// What the model learns to tell apart: class names, image size and the normalisation of
+    /// its inputs (from the data; CIFAR-10 as the seed's until the data is read).
+    #[serde(default)]
+    pub dataset: DataSpec,
+    /// CIFAR-100's labels (`--labels`), when the data is CIFAR-100.
+    #[serde(default)]
+    pub labels: Option<LabelSet>,
+    /// The image size asked for (`--image-size`; default: the data's own).
+    #[serde(default)]
+    pub image_size: Option<usize>,
+    /// Train without the images of an image folder that cannot be decoded.
+    #[serde(default)]
+    pub skip_bad_images: bool,
+    /// The checkpoint the weights started from (fine-tuning), instead of a fresh model.
+    #[serde(default)]
+    pub init: Option<String>,
+    /// Train only the classifier (the last linear layer).
+    #[serde(default)]
+    pub freeze_backbone: bool,
 }
 
 /// A named starting point for a run.
@@ -106,6 +125,12 @@ impl Recipe {
                 label_smoothing: 0.0,
                 tta: Tta::Off,
                 zero_init_residual: false,
+                dataset: DataSpec::default(),
+                labels: None,
+                image_size: None,
+                skip_bad_images: false,
+                init: None,
+                freeze_backbone: false,
             },
             Recipe::Fast => TrainConfig {
                 optimizer: OptimizerConfig::Sgd(SgdConfig {

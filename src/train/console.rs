@@ -45,11 +45,9 @@ impl Console {
             return;
         }
         let bar = ProgressBar::with_draw_target(Some(images), ProgressDrawTarget::stdout());
-        bar.set_style(
-            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} img  {per_sec}  eta {eta}  {msg}")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
+        bar.set_style(images_style(
+            "{prefix} [{bar:30}] {pos}/{len} img  {img_per_sec}  eta {eta}  {msg}",
+        ));
         bar.set_prefix(label.to_string());
         self.bar = Some(bar);
     }
@@ -68,6 +66,20 @@ impl Console {
             bar.finish_and_clear();
         }
     }
+}
+
+/// A bar style whose `{img_per_sec}` reads as people say it, "891 img/s" (indicatif's
+/// `{per_sec}` would print "891.4074/s"): the training bar's and the image decoding bar's.
+pub fn images_style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template)
+        .expect("valid template")
+        .with_key(
+            "img_per_sec",
+            |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0} img/s", s.per_sec());
+            },
+        )
+        .progress_chars("=> ")
 }
 
 /// `s` seconds as "42 s", "7 min 5 s" or "3 h 12 min".

@@ -4,8 +4,10 @@ pub mod config;
 pub mod console;
 pub mod optimizer;
 pub mod run;
+pub mod settings;
 pub mod tensorboard;
 
 pub use config::{OptimizerConfig, Recipe, TrainConfig};
 pub use console::Console;
-pub use run::{Position, Resume, Stop, TrainOutcome, eval_split, load_resume, train};
+pub use run::{InitWeights, Position, Resume, Start, Stop, TrainOutcome, eval_split, load_resume, train};
+pub use settings::Settings;

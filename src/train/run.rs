@@ -14,12 +14,13 @@ use super::config::TrainConfig;
 use super::console::{Console, duration};
 use super::optimizer::Optimizer;
 use super::tensorboard::EventWriter;
-use crate::checkpoint::{self, HostTensor};
+use crate::checkpoint::{self, HostTensor, StateDict};
 use crate::data::transform::{BatchKey, BatchPlan};
 use crate::data::{EpochPlan, Images, Splits, spawn_loader};
-use crate::engine::{Backend, Shape4, ensure_len};
+use crate::engine::{Backend, CropPlan, DeviceBatches, Shape4, ensure_len};
 use crate::eval::{EvalResult, evaluate};
 use crate::model::{Network, build};
+use crate::nn::Entry;
 use anyhow::{Context, Result, bail};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -96,6 +97,66 @@ pub fn load_resume(run: &Path) -> Result<Resume> {
     })
 }
 
+/// Weights a run starts from instead of a fresh initialisation (`--init`, fine-tuning).
+pub struct InitWeights {
+    /// The file, as messages name it.
+    pub origin: String,
+    /// Its tensors under our names.
+    pub tensors: StateDict,
+}
+
+/// How a run begins.
+pub enum Start {
+    /// A freshly initialised model.
+    Fresh,
+    /// From the weights of a checkpoint: every tensor must fit, except the classifier's when
+    /// the class count differs (it starts afresh).
+    Init(InitWeights),
+    /// Where an earlier run stopped, bit for bit.
+    Resume(Box<Resume>),
+}
+
+impl From<Option<Resume>> for Start {
+    fn from(r: Option<Resume>) -> Self {
+        r.map_or(Start::Fresh, |r| Start::Resume(Box::new(r)))
+    }
+}
+
+/// Loads `w` into `model`, all of it but a classifier of another shape, and says what it did.
+fn load_init<B: Backend>(be: &B, model: &mut dyn Network<B>, w: &InitWeights, console: &Console) -> Result<()> {
+    let head = model.head();
+    let prefix = format!("{head}.");
+    let mut head_shapes = Vec::new();
+    model.visit(&mut |e| {
+        if let Entry::Tensor(p) = e
+            && p.name.starts_with(&prefix)
+        {
+            head_shapes.push((p.name.clone(), p.shape.clone()));
+        }
+    });
+    let fresh_head = head_shapes
+        .iter()
+        .any(|(name, shape)| w.tensors.get(name).is_some_and(|t| t.shape != *shape));
+    checkpoint::load_tensors_except(&w.origin, &w.tensors, be, model, &|n| {
+        fresh_head && n.starts_with(&prefix)
+    })?;
+    let classes = |shapes: &[usize]| shapes.first().copied().unwrap_or(0);
+    let file_classes = w.tensors.get(&format!("{head}.bias")).map_or(0, |t| classes(&t.shape));
+    console.line(&format!(
+        "weights from {}{}",
+        w.origin,
+        if fresh_head {
+            format!(
+                "; its classifier ({head}) has {file_classes} classes, this data {}: {head} starts afresh",
+                model.num_classes()
+            )
+        } else {
+            String::new()
+        }
+    ));
+    Ok(())
+}
+
 /// Which held-out images a run evaluates on.
 pub fn eval_split(splits: &Splits) -> Option<(&'static str, &Images)> {
     match (&splits.test, &splits.val) {
@@ -159,18 +220,31 @@ impl RunFiles {
 /// Trains as `cfg` says, writing the run into `out`: a fresh model, or the state in `resume`
 /// (then the run continues exactly where it stopped, bit for bit). Raising `stop` ends the run
 /// after the current step, with a checkpoint.
-pub fn train<B: Backend>(
+pub fn train<B: DeviceBatches>(
     be: &B,
     cfg: &TrainConfig,
     splits: &Splits,
     out: &Path,
     console: &mut Console,
-    resume: Option<Resume>,
+    start: Start,
     stop: &AtomicBool,
 ) -> Result<TrainOutcome> {
     if cfg.batch_size == 0 || cfg.eval_batch_size == 0 {
         bail!("batch size must be at least 1");
     }
+    let spec = &splits.spec;
+    if *spec != cfg.dataset || cfg.model.num_classes != spec.classes.len() || cfg.model.image_size != spec.image_size {
+        bail!(
+            "the data ({} classes, {}x{1} images) is not what the run's configuration was made for ({} classes, {}x{3}; model: {} classes, {}x{5})",
+            spec.classes.len(),
+            spec.image_size,
+            cfg.dataset.classes.len(),
+            cfg.dataset.image_size,
+            cfg.model.num_classes,
+            cfg.model.image_size
+        );
+    }
+    let (side, norm) = (spec.image_size, spec.norm);
     let mut files = RunFiles::create(out, cfg)?;
     let mut model = build(be, cfg.arch, cfg.model, cfg.seed);
     model.set_label_smoothing(cfg.label_smoothing);
@@ -178,9 +252,17 @@ pub fn train<B: Backend>(
         model.zero_init_residual(be);
     }
     let model: &mut dyn Network<B> = model.as_mut();
+    if cfg.freeze_backbone {
+        let head = model.head();
+        model.freeze_all_but(&head);
+        console.line(&format!("training only the classifier ({head}); the rest is frozen"));
+    }
     let mut opt = Optimizer::new(&cfg.optimizer);
     let mut pos = Position::default();
-    if let Some(r) = resume {
+    if let Start::Init(w) = &start {
+        load_init(be, model, w, console)?;
+    }
+    if let Start::Resume(r) = start {
         let (model_state, optim_state): (BTreeMap<_, _>, BTreeMap<_, _>) =
             r.tensors.into_iter().partition(|(k, _)| k.starts_with("model."));
         let model_state: BTreeMap<String, HostTensor> = model_state
@@ -207,13 +289,13 @@ pub fn train<B: Backend>(
             train_images.len(),
             images.len(),
             if name == "val" {
-                ": no test_batch.bin here, so the held-out validation split stands in"
+                ": the data has no test images, so the held-out validation split stands in"
             } else {
                 ""
             }
         )),
         None => console.line(&format!(
-            "training on {} images; no test_batch.bin and no --val-split, so no evaluation",
+            "training on {} images; no test images and no --val-split, so no evaluation",
             train_images.len()
         )),
     }
@@ -239,8 +321,11 @@ pub fn train<B: Backend>(
     // plan (indices, crops, flips) drawn on the host with the same randomness as the CPU's
     // loader thread, so both build exactly the same batches. Cutout's squares are cut on the
     // host only, so a run with them takes the loader's path on every backend.
-    let on_device = be.augments_on_device() && cfg.augment.cutout == 0;
-    let device_pixels = on_device.then(|| be.upload_pixels(&train_images.pixels));
+    let device_pixels = if cfg.augment.cutout == 0 {
+        be.upload_pixels(&train_images.pixels)
+    } else {
+        None
+    };
     while pos.epoch < cfg.epochs {
         let epoch = pos.epoch;
         let plan = EpochPlan::new(train_images.len(), cfg.batch_size, cfg.shuffle, cfg.seed, epoch);
@@ -252,6 +337,7 @@ pub fn train<B: Backend>(
                 cfg.augment,
                 cfg.seed,
                 epoch,
+                norm,
             )
         });
         console.start_epoch(
@@ -266,8 +352,15 @@ pub fn train<B: Backend>(
                 (Some(pixels), _) => {
                     let key = BatchKey::new(cfg.seed, epoch, b);
                     let bp = BatchPlan::new(&train_images, plan.batch(b), cfg.augment, key);
-                    ensure_len(be, &mut x, bp.items.len() * 32 * 32 * 3);
-                    be.augment(pixels, &bp, &mut x);
+                    ensure_len(be, &mut x, bp.items.len() * side * side * 3);
+                    let crops = CropPlan {
+                        items: &bp.items,
+                        side,
+                        pad: bp.pad,
+                        mean: norm.mean,
+                        std: norm.std,
+                    };
+                    be.crop_flip(pixels, &crops, &mut x);
                     bp.labels
                 }
                 (None, Some(rx)) => {
@@ -279,7 +372,7 @@ pub fn train<B: Backend>(
                 (None, None) => unreachable!("a loader runs when the device does not augment"),
             };
             let n = labels.len();
-            model.forward(be, &x, Shape4::new(n, 32, 32, 3), true);
+            model.forward(be, &x, Shape4::new(n, side, side, 3), true);
             model.backward(be, &x, &labels);
             let lr = cfg.schedule.lr(epoch, b, steps_per_epoch, cfg.epochs);
             opt.step(be, &mut *model, lr);
@@ -345,7 +438,7 @@ pub fn train<B: Backend>(
         let mut accuracy = None;
         let progress = pace(epoch_seconds, whole_epoch_seconds, cfg.epochs - pos.epoch);
         if let Some((split, images)) = eval_on {
-            let r = evaluate(be, &mut *model, images, cfg.eval_batch_size, cfg.tta);
+            let r = evaluate(be, &mut *model, images, &norm, cfg.eval_batch_size, cfg.tta);
             console.line(&format!(
                 "epoch {}/{}: {split} loss {:.4} (sum of batch means; {:.4} per image), accuracy {:.4} ({}/{}); {}",
                 epoch + 1,
@@ -428,6 +521,13 @@ fn meta(cfg: &TrainConfig, pos: &Position, accuracy: Option<f64>) -> HashMap<Str
     m.insert("arch".into(), cfg.arch.name().into());
     m.insert("recipe".into(), cfg.recipe.clone());
     m.insert("val_split".into(), cfg.val_split.to_string());
+    m.insert(
+        "dataset".into(),
+        serde_json::to_string(&cfg.dataset).expect("serialisable"),
+    );
+    if let Some(l) = cfg.labels {
+        m.insert("labels".into(), l.name().into());
+    }
     m.insert("epochs_completed".into(), pos.epochs_completed.to_string());
     m.insert("step".into(), pos.step.to_string());
     if let Some(a) = accuracy {

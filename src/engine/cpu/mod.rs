@@ -10,15 +10,26 @@ mod optim;
 mod pool;
 mod winograd;
 
-use super::{AdamStep, Backend, BatchPlan, ConvGeom, Layout, PoolGeom, SgdStep, Shape4};
+use super::{AdamStep, Backend, ConvGeom, CropPlan, DeviceBatches, Layout, PoolGeom, SgdStep, Shape4};
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
 
+/// The CPU's batches are built on the loader thread, ahead of the step, so there is nothing to
+/// keep on a device.
+impl DeviceBatches for Cpu {
+    type Pixels = ();
+    fn upload_pixels(&self, _bytes: &[u8]) -> Option<()> {
+        None
+    }
+    fn crop_flip(&self, _pixels: &(), _plan: &CropPlan, _x: &mut Vec<f32>) {
+        unreachable!("the CPU keeps no images on a device: its loader thread builds the batches")
+    }
+}
+
 impl Backend for Cpu {
     type Buf = Vec<f32>;
-    type Pixels = Vec<u8>;
 
     fn name(&self) -> String {
         match rayon::current_num_threads() {
@@ -40,17 +51,6 @@ impl Backend for Cpu {
     }
     fn fill(&self, buf: &mut Vec<f32>, len: usize, value: f32) {
         buf[..len].fill(value);
-    }
-
-    fn augments_on_device(&self) -> bool {
-        false
-    }
-    fn upload_pixels(&self, bytes: &[u8]) -> Vec<u8> {
-        bytes.to_vec()
-    }
-    fn augment(&self, pixels: &Vec<u8>, plan: &BatchPlan, x: &mut Vec<f32>) {
-        let out = plan.write_from(pixels);
-        x[..out.len()].copy_from_slice(&out);
     }
 
     fn conv_weight_layout(&self) -> Layout {

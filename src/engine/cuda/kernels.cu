@@ -18,21 +18,22 @@ extern "C" __global__ void add_assign_f32(const float* src, float* dst, i64 n) {
 
 // ---- data -------------------------------------------------------------------------------------
 
-// One batch from the dataset's bytes ([n, 3, 32, 32] u8) kept on the GPU: for each image of the
-// plan ([index, top, left, flip]), the 32x32 crop at (top, left) of the image padded by `pad`
-// (padding reads as 0), mirrored when flip, normalised, written NHWC. Same arithmetic as the
-// host's write_image.
-extern "C" __global__ void augment(const unsigned char* pixels, const unsigned int* items, int n, int pad,
-                                   float m0, float m1, float m2, float s0, float s1, float s2, float* x) {
-    GRID_STRIDE(i, (i64)n * 32 * 32 * 3) {
+// One batch from the dataset's bytes ([n, 3, side, side] u8) kept on the GPU: for each image of
+// the plan ([index, top, left, flip]), the side x side crop at (top, left) of the image padded by
+// `pad` (padding reads as 0), mirrored when flip, normalised, written NHWC. Same arithmetic as
+// the host's write_image.
+extern "C" __global__ void augment(const unsigned char* pixels, const unsigned int* items, int n, int side,
+                                   int pad, float m0, float m1, float m2, float s0, float s1, float s2, float* x) {
+    i64 plane = (i64)side * side;
+    GRID_STRIDE(i, (i64)n * plane * 3) {
         int c = (int)(i % 3);
         i64 q = i / 3;
-        int ox = (int)(q % 32), y = (int)(q / 32 % 32), k = (int)(q / 1024);
+        int ox = (int)(q % side), y = (int)(q / side % side), k = (int)(q / plane);
         const unsigned int* it = items + 4 * k;
-        int xx = it[3] ? 31 - ox : ox;
+        int xx = it[3] ? side - 1 - ox : ox;
         int sy = y + (int)it[1] - pad, sx = xx + (int)it[2] - pad;
         unsigned int v = 0;
-        if (sy >= 0 && sy < 32 && sx >= 0 && sx < 32) v = pixels[(i64)it[0] * 3072 + c * 1024 + sy * 32 + sx];
+        if (sy >= 0 && sy < side && sx >= 0 && sx < side) v = pixels[(i64)it[0] * 3 * plane + c * plane + (i64)sy * side + sx];
         float mean = c == 0 ? m0 : (c == 1 ? m1 : m2);
         float std = c == 0 ? s0 : (c == 1 ? s1 : s2);
         x[i] = __fdiv_rn(__fsub_rn(__fdiv_rn((float)v, 255.0f), mean), std);

@@ -9,7 +9,7 @@
 mod conv;
 mod libs;
 
-use super::{AdamStep, Backend, BatchPlan, ConvGeom, Layout, PoolGeom, SgdStep, Shape4};
+use super::{AdamStep, Backend, ConvGeom, CropPlan, DeviceBatches, Layout, PoolGeom, SgdStep, Shape4};
 use conv::{ConvPlan, Dnn};
 use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
@@ -389,9 +389,51 @@ impl Cuda {
     }
 }
 
+impl DeviceBatches for Cuda {
+    type Pixels = CudaSlice<u8>;
+    fn upload_pixels(&self, bytes: &[u8]) -> Option<CudaSlice<u8>> {
+        let pixels = self
+            .stream
+            .clone_htod(bytes)
+            .unwrap_or_else(|e| panic!("CUDA: uploading {} bytes of images: {e:?}", bytes.len()));
+        Some(pixels)
+    }
+    fn crop_flip(&self, pixels: &CudaSlice<u8>, plan: &CropPlan, x: &mut CudaSlice<f32>) {
+        let n = plan.items.len();
+        let mut s = self.scratch.lock().expect("scratch lock");
+        if s.items.len() < 4 * n {
+            s.items = self.stream.alloc_zeros(4 * n).expect("CUDA alloc");
+        }
+        let flat: Vec<u32> = plan.items.iter().flatten().copied().collect();
+        self.stream
+            .memcpy_htod(&flat, &mut s.items.slice_mut(..4 * n))
+            .expect("CUDA upload");
+        let (pp, ip, xp) = (self.ptr(pixels), self.ptr(&s.items), self.ptr(x));
+        let (ni, side, pad) = (n as i32, plan.side as i32, plan.pad as i32);
+        let (m, sd) = (plan.mean, plan.std);
+        self.elementwise(
+            &self.k.augment,
+            n * plan.side * plan.side * 3,
+            &mut [
+                arg(&pp),
+                arg(&ip),
+                arg(&ni),
+                arg(&side),
+                arg(&pad),
+                arg(&m[0]),
+                arg(&m[1]),
+                arg(&m[2]),
+                arg(&sd[0]),
+                arg(&sd[1]),
+                arg(&sd[2]),
+                arg(&xp),
+            ],
+        );
+    }
+}
+
 impl Backend for Cuda {
     type Buf = CudaSlice<f32>;
-    type Pixels = CudaSlice<u8>;
 
     fn name(&self) -> String {
         let p = match self.precision {
@@ -429,52 +471,6 @@ impl Backend for Cuda {
     fn fill(&self, buf: &mut CudaSlice<f32>, len: usize, value: f32) {
         let (p, n) = (self.ptr(buf), len as i64);
         self.elementwise(&self.k.fill, len, &mut [arg(&p), arg(&n), arg(&value)]);
-    }
-
-    fn augments_on_device(&self) -> bool {
-        true
-    }
-    fn upload_pixels(&self, bytes: &[u8]) -> CudaSlice<u8> {
-        self.stream
-            .clone_htod(bytes)
-            .unwrap_or_else(|e| panic!("CUDA: uploading {} bytes of images: {e:?}", bytes.len()))
-    }
-    fn augment(&self, pixels: &CudaSlice<u8>, plan: &BatchPlan, x: &mut CudaSlice<f32>) {
-        // The kernel crops and flips; cutout squares are cut on the host (the training loop
-        // sends runs with them through its loader).
-        assert!(
-            plan.holes.is_empty(),
-            "CUDA augment: cutout squares are not cut on the device"
-        );
-        let n = plan.items.len();
-        let mut s = self.scratch.lock().expect("scratch lock");
-        if s.items.len() < 4 * n {
-            s.items = self.stream.alloc_zeros(4 * n).expect("CUDA alloc");
-        }
-        let flat: Vec<u32> = plan.items.iter().flatten().copied().collect();
-        self.stream
-            .memcpy_htod(&flat, &mut s.items.slice_mut(..4 * n))
-            .expect("CUDA upload");
-        let (pp, ip, xp) = (self.ptr(pixels), self.ptr(&s.items), self.ptr(x));
-        let (ni, pad) = (n as i32, plan.pad as i32);
-        let (m, sd) = (crate::data::transform::MEAN, crate::data::transform::STD);
-        self.elementwise(
-            &self.k.augment,
-            n * 3072,
-            &mut [
-                arg(&pp),
-                arg(&ip),
-                arg(&ni),
-                arg(&pad),
-                arg(&m[0]),
-                arg(&m[1]),
-                arg(&m[2]),
-                arg(&sd[0]),
-                arg(&sd[1]),
-                arg(&sd[2]),
-                arg(&xp),
-            ],
-        );
     }
 
     fn conv_weight_layout(&self) -> Layout {

@@ -1,0 +1,276 @@
+//! Every setting of a training run, declared once. [`Settings`] is at the same time the `train`
+//! command's flags (clap: a field's doc comment is its help), the keys of a `--config` TOML file
+//! (serde: the field names), the merge of the two (flags win: [`Settings::or`]), and what a
+//! resumed run may change ([`Settings::refused_on_resume`]). [`Settings::resolve`] turns them
+//! into a [`TrainConfig`] on top of a recipe, the one place that says what each setting does.
+
+use super::config::{Recipe, TrainConfig};
+use crate::data::LabelSet;
+use crate::eval::Tta;
+use crate::model::{Arch, Stem};
+use std::path::PathBuf;
+
+/// Bounds (inclusive) of the settings that have them, shared by the flags (clap's range
+/// parsers) and the TOML file's check, so that both refuse the same values.
+pub mod limits {
+    pub const POSITIVE: (u64, u64) = (1, u64::MAX);
+    /// Padding beyond 16 would let a 32x32 crop miss the image entirely.
+    pub const CROP_PAD: (u64, u64) = (0, 16);
+    /// A cutout square as large as the image.
+    pub const CUTOUT: (u64, u64) = (0, 32);
+    /// The seed's four residual stages, or three (its proposal to drop `conv5`).
+    pub const STAGES: (u64, u64) = (3, 4);
+    /// `--image-size`: see `data::dataset::IMAGE_SIZES`.
+    pub const IMAGE_SIZE: (u64, u64) = (
+        crate::data::dataset::IMAGE_SIZES.0 as u64,
+        crate::data::dataset::IMAGE_SIZES.1 as u64,
+    );
+
+    /// Bounds as the range clap's integer parsers take (`value_parser!(u8).range(..)`), for
+    /// the bounded ones (not [`POSITIVE`], whose top does not fit an i64).
+    pub const fn flag_range((min, max): (u64, u64)) -> std::ops::RangeInclusive<i64> {
+        std::ops::RangeInclusive::new(min as i64, max as i64)
+    }
+}
+
+/// The settings a resumed run may change (anything else would make it a different run).
+pub const CHANGEABLE_ON_RESUME: [&str; 3] = ["epochs", "max_steps", "data"];
+
+/// A run's settings, each `None` (or absent) unless given.
+#[derive(Clone, Debug, Default, PartialEq, clap::Args, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Starting configuration (default: seed); the settings below override single values of it.
+    #[arg(long)]
+    pub recipe: Option<Recipe>,
+    /// The data: a CIFAR-10 or CIFAR-100 folder (binary version), or an image folder
+    /// (DIR/train/CLASS/IMAGE, optionally DIR/test/CLASS/IMAGE). Without it, ./data is used
+    /// and filled with CIFAR-10 by download.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// CIFAR-100's labels: fine (100 classes) or coarse (20 superclasses).
+    #[arg(long)]
+    pub labels: Option<LabelSet>,
+    /// Side of the square images the model is trained on (16-256; default: the data's own, 32
+    /// for CIFAR and image folders). Images of another size are resized.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(limits::flag_range(limits::IMAGE_SIZE)))]
+    pub image_size: Option<u16>,
+    /// Train without the images of an image folder that cannot be decoded (default: stop and
+    /// list them).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub skip_bad_images: Option<bool>,
+    /// Per-channel mean of the normalisation, "R,G,B" on the 0-1 scale (default: the seed's
+    /// constants for CIFAR-10, the training images' own for other data).
+    #[arg(long, value_name = "R,G,B", value_parser = parse_triple)]
+    pub mean: Option<[f32; 3]>,
+    /// Per-channel standard deviation of the normalisation, "R,G,B".
+    #[arg(long, value_name = "R,G,B", value_parser = parse_triple)]
+    pub std: Option<[f32; 3]>,
+    /// Run folder (default: runs/RECIPE-UNIXTIME).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Start from this checkpoint's weights (fine-tuning): ours, a PyTorch state_dict of the
+    /// seed's model, or torchvision's ResNet-18 (converted by scripts/torchvision_to_safetensors.py).
+    /// The model follows the checkpoint; a classifier for another class count starts afresh.
+    #[arg(long, value_name = "CHECKPOINT")]
+    pub init: Option<PathBuf>,
+    /// Train only the classifier (the last linear layer); the rest keeps its weights.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub freeze_backbone: Option<bool>,
+    /// Passes over the training images.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(limits::POSITIVE.0..))]
+    pub epochs: Option<u64>,
+    /// Images per optimizer step.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(limits::POSITIVE.0..))]
+    pub batch_size: Option<u64>,
+    /// Base (or peak) learning rate of the recipe's schedule.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Stop after this many optimizer steps, with a checkpoint.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(limits::POSITIVE.0..))]
+    pub max_steps: Option<u64>,
+    /// Hold out the last N training images as a validation set.
+    #[arg(long)]
+    pub val_split: Option<usize>,
+    /// Reshuffle the training images every epoch (the seed's loader does not); "--shuffle
+    /// false" turns a recipe's shuffling off.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub shuffle: Option<bool>,
+    /// Seed of the initial weights, the augmentation and the shuffling.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Label smoothing of the training loss, 0 to 1.
+    #[arg(long)]
+    pub label_smoothing: Option<f32>,
+    /// L2 weight decay of the recipe's optimizer.
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Test-time augmentation of the evaluations: off, flip, flip-shift or flip-shift1.
+    #[arg(long)]
+    pub tta: Option<Tta>,
+    /// Weight decay on 1-D parameters (BatchNorm scales and shifts, biases) too: true is
+    /// PyTorch's single parameter group, false exempts them.
+    #[arg(long, value_name = "BOOL")]
+    pub decay_1d: Option<bool>,
+    /// Start every residual block as the identity: the last BatchNorm scale of each block at 0
+    /// (torchvision's zero_init_residual).
+    #[arg(long, value_name = "BOOL")]
+    pub zero_init_residual: Option<bool>,
+    /// Zero padding of the training crops: random crops of the image's size from the padded
+    /// image (0: none).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(limits::flag_range(limits::CROP_PAD)))]
+    pub crop_pad: Option<u8>,
+    /// Mirror training images at random (false: never).
+    #[arg(long, value_name = "BOOL")]
+    pub flip: Option<bool>,
+    /// Mirror each training image in every other epoch instead of by a coin each time.
+    #[arg(long, value_name = "BOOL")]
+    pub alternate_flip: Option<bool>,
+    /// Cutout: zero a SIDE x SIDE square at a random centre of each training image, after the
+    /// crop and flip (clipped at the edges; 0: none).
+    #[arg(long, value_name = "SIDE", value_parser = clap::value_parser!(u8).range(limits::flag_range(limits::CUTOUT)))]
+    pub cutout: Option<u8>,
+    /// Architecture: resnet18 (the seed's), lenet or vgg16 (its comparison models).
+    #[arg(long)]
+    pub model: Option<Arch>,
+    /// Network stem: seed (7x7/2 conv, BN, max-pool), torchvision (seed + ReLU), seed3x3
+    /// (3x3/2 conv), cifar (3x3/1 conv, BN, ReLU, no pool).
+    #[arg(long)]
+    pub stem: Option<Stem>,
+    /// Residual stages: 4 (the seed) or 3 (drop conv5).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(limits::flag_range(limits::STAGES)))]
+    pub stages: Option<u8>,
+}
+
+/// Three comma-separated numbers, "R,G,B" (`--mean`, `--std`).
+pub fn parse_triple(s: &str) -> Result<[f32; 3], String> {
+    let values: Vec<f32> = s
+        .split(',')
+        .map(str::trim)
+        .map(|p| p.parse::<f32>().map_err(|_| format!("'{p}' is not a number")))
+        .collect::<Result<_, _>>()?;
+    match values[..] {
+        [r, g, b] if values.iter().all(|v| v.is_finite()) => Ok([r, g, b]),
+        [_, _, _] => Err("the values must be finite".into()),
+        _ => Err(format!("expected three numbers R,G,B, got {}", values.len())),
+    }
+}
+
+impl Settings {
+    fn to_map(&self) -> serde_json::Map<String, serde_json::Value> {
+        match serde_json::to_value(self).expect("settings serialise") {
+            serde_json::Value::Object(m) => m,
+            _ => unreachable!("a struct serialises to an object"),
+        }
+    }
+
+    /// The names (snake_case, as the TOML keys) of the settings given.
+    pub fn given(&self) -> Vec<String> {
+        self.to_map()
+            .into_iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, _)| k)
+            .collect()
+    }
+
+    /// These settings, with those not given taken from `fallback` (flags over a file).
+    pub fn or(self, fallback: Settings) -> Settings {
+        let mut merged = fallback.to_map();
+        merged.extend(self.to_map().into_iter().filter(|(_, v)| !v.is_null()));
+        serde_json::from_value(serde_json::Value::Object(merged)).expect("merged settings deserialise")
+    }
+
+    /// The first setting given that a resumed run may not change, as its flag.
+    pub fn refused_on_resume(&self) -> Option<String> {
+        self.given()
+            .into_iter()
+            .find(|k| !CHANGEABLE_ON_RESUME.contains(&k.as_str()))
+            .map(|k| flag(&k))
+    }
+
+    /// Settings with bounds, as (name, value, bounds), for checking values that did not come
+    /// through clap's range parsers (a TOML file).
+    pub fn bounded(&self) -> [(&'static str, Option<u64>, (u64, u64)); 7] {
+        [
+            ("epochs", self.epochs, limits::POSITIVE),
+            ("batch_size", self.batch_size, limits::POSITIVE),
+            ("max_steps", self.max_steps, limits::POSITIVE),
+            ("crop_pad", self.crop_pad.map(u64::from), limits::CROP_PAD),
+            ("cutout", self.cutout.map(u64::from), limits::CUTOUT),
+            ("stages", self.stages.map(u64::from), limits::STAGES),
+            ("image_size", self.image_size.map(u64::from), limits::IMAGE_SIZE),
+        ]
+    }
+
+    /// The recipe with these settings applied. Errors name the flag. The data-dependent parts
+    /// (classes, image size, normalisation) are filled in when the data is read.
+    pub fn resolve(&self) -> Result<TrainConfig, String> {
+        let mut cfg = self.recipe.unwrap_or(Recipe::Seed).config();
+        self.apply_to(&mut cfg)?;
+        Ok(cfg)
+    }
+
+    /// Changes in `cfg` what these settings give; what they do not give stays.
+    pub fn apply_to(&self, cfg: &mut TrainConfig) -> Result<(), String> {
+        if let Some(e) = self.epochs {
+            cfg.epochs = e as usize;
+        }
+        if let Some(b) = self.batch_size {
+            cfg.batch_size = b as usize;
+        }
+        if let Some(lr) = self.lr {
+            if !(lr.is_finite() && lr > 0.0) {
+                return Err(format!("--lr must be a positive number, got {lr}"));
+            }
+            cfg.schedule = cfg.schedule.with_lr(lr);
+        }
+        cfg.max_steps = self.max_steps.or(cfg.max_steps);
+        cfg.val_split = self.val_split.unwrap_or(cfg.val_split);
+        cfg.shuffle = self.shuffle.unwrap_or(cfg.shuffle);
+        cfg.seed = self.seed.unwrap_or(cfg.seed);
+        if let Some(s) = self.label_smoothing {
+            if !(0.0..1.0).contains(&s) {
+                return Err(format!("--label-smoothing must be in [0, 1), got {s}"));
+            }
+            cfg.label_smoothing = s;
+        }
+        cfg.tta = self.tta.unwrap_or(cfg.tta);
+        if let Some(wd) = self.weight_decay {
+            if !(wd.is_finite() && wd >= 0.0) {
+                return Err(format!("--weight-decay must be 0 or more, got {wd}"));
+            }
+            cfg.optimizer = cfg.optimizer.with_weight_decay(wd);
+        }
+        if let Some(d) = self.decay_1d {
+            cfg.optimizer = cfg.optimizer.with_decay_1d(d);
+        }
+        cfg.zero_init_residual = self.zero_init_residual.unwrap_or(cfg.zero_init_residual);
+        cfg.augment.crop_pad = self.crop_pad.map_or(cfg.augment.crop_pad, usize::from);
+        cfg.augment.flip = self.flip.unwrap_or(cfg.augment.flip);
+        cfg.augment.alternate_flip = self.alternate_flip.unwrap_or(cfg.augment.alternate_flip);
+        cfg.augment.cutout = self.cutout.map_or(cfg.augment.cutout, usize::from);
+        cfg.arch = self.model.unwrap_or(cfg.arch);
+        cfg.model.stem = self.stem.unwrap_or(cfg.model.stem);
+        cfg.model.stages = self.stages.map_or(cfg.model.stages, usize::from);
+        cfg.labels = self.labels.or(cfg.labels);
+        cfg.image_size = self.image_size.map(usize::from).or(cfg.image_size);
+        cfg.skip_bad_images = self.skip_bad_images.unwrap_or(cfg.skip_bad_images);
+        cfg.init = self.init.as_ref().map(|p| p.display().to_string()).or(cfg.init.take());
+        cfg.freeze_backbone = self.freeze_backbone.unwrap_or(cfg.freeze_backbone);
+        if let Some(size) = cfg.image_size {
+            // Refused before the data is read (checked again at the data's own size).
+            cfg.arch
+                .check_image_size(size)
+                .map_err(|e| format!("--model {}: {e}", cfg.arch.name()))?;
+        }
+        if let Some(bad) = [self.std.unwrap_or([1.0; 3])].iter().flatten().find(|s| **s <= 0.0) {
+            return Err(format!("--std values must be positive, got {bad}"));
+        }
+        Ok(())
+    }
+}
+
+/// The flag of a setting: `max_steps` -> `--max-steps`.
+pub fn flag(name: &str) -> String {
+    format!("--{}", name.replace('_', "-"))
+}

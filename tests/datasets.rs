@@ -1,0 +1,395 @@
+//! Data beyond CIFAR-10: CIFAR-100 in its official layout (fine and coarse labels), image folders
+//! of any size and format (decoded once into a cache), and what a model carries of its data.
+
+mod common;
+
+use common::cli;
+use resnet_cifar::data::{DataOptions, Format, Images, LabelSet, open};
+use std::path::Path;
+
+const CIFAR100_RECORD: usize = 2 + 3072;
+
+/// CIFAR-100 files as the official archive lays them out, in `dir/cifar-100-binary`: image i
+/// has fine label i % 100, coarse label (i % 100) / 5, and pixels that depend on i.
+fn write_cifar100(dir: &Path) -> std::path::PathBuf {
+    let inner = dir.join("cifar-100-binary");
+    std::fs::create_dir_all(&inner).unwrap();
+    for (name, n) in [("train.bin", 50_000usize), ("test.bin", 10_000)] {
+        let mut bytes = Vec::with_capacity(n * CIFAR100_RECORD);
+        for i in 0..n {
+            let fine = (i % 100) as u8;
+            bytes.extend([fine / 5, fine]);
+            bytes.extend((0..3072).map(|p| ((i + p * (p % 3 + 1)) % 256) as u8));
+        }
+        std::fs::write(inner.join(name), bytes).unwrap();
+    }
+    let fine: String = (0..100).map(|i| format!("fine_{i}\n")).collect();
+    let coarse: String = (0..20).map(|i| format!("coarse_{i}\n")).collect();
+    std::fs::write(inner.join("fine_label_names.txt"), fine).unwrap();
+    std::fs::write(inner.join("coarse_label_names.txt"), coarse).unwrap();
+    inner
+}
+
+fn no_progress(_: u64, _: u64) {}
+
+#[test]
+fn cifar100_reads_fine_and_coarse_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let inner = write_cifar100(dir.path());
+    let fine = open(dir.path(), &DataOptions::default(), &no_progress).unwrap();
+    assert_eq!(fine.format, Format::Cifar100(LabelSet::Fine));
+    assert_eq!(fine.dir, inner);
+    assert_eq!((fine.train.len(), fine.test.as_ref().unwrap().len()), (50_000, 10_000));
+    assert_eq!(fine.classes.len(), 100);
+    assert_eq!(fine.classes[37], "fine_37");
+    assert_eq!(&fine.train.labels[..3], &[0, 1, 2]);
+    assert_eq!(fine.train.labels[199], 99);
+    // Pixels follow the labels: record i's pixel p.
+    assert_eq!(fine.train.image(7)[5], 7 + 5 * 3);
+    // Normalisation: the training images' own statistics, not CIFAR-10's constants.
+    assert_eq!(fine.norm, fine.train.channel_stats());
+    assert!(fine.summary().contains("CIFAR-100") && fine.summary().contains("100 classes"));
+
+    let coarse = open(
+        dir.path(),
+        &DataOptions {
+            labels: Some(LabelSet::Coarse),
+            ..DataOptions::default()
+        },
+        &no_progress,
+    )
+    .unwrap();
+    assert_eq!(coarse.classes.len(), 20);
+    assert_eq!(coarse.classes[19], "coarse_19");
+    assert_eq!(coarse.train.labels[199], 19);
+    assert_eq!(coarse.test.as_ref().unwrap().labels[12], 2);
+    assert_eq!(coarse.train.pixels, fine.train.pixels);
+
+    // A fine label out of range names the file and the record.
+    let mut bytes = std::fs::read(inner.join("test.bin")).unwrap();
+    bytes[3 * CIFAR100_RECORD + 1] = 100;
+    std::fs::write(inner.join("test.bin"), bytes).unwrap();
+    let err = open(dir.path(), &DataOptions::default(), &no_progress)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("test.bin") && err.contains("record 3") && err.contains("label 100, expected 0-99"),
+        "{err}"
+    );
+}
+
+/// Training on CIFAR-100's coarse labels: the run says what it reads, and the checkpoint
+/// carries the 20 classes into `eval` (per-class accuracy and a 20x20 confusion matrix).
+#[test]
+fn a_cifar100_run_carries_its_classes_into_eval() {
+    let dir = tempfile::tempdir().unwrap();
+    write_cifar100(dir.path());
+    let (data, out) = (dir.path().to_str().unwrap(), dir.path().join("run"));
+    let (code, stdout, stderr) = cli(&[
+        "train",
+        "--data",
+        data,
+        "--labels",
+        "coarse",
+        "--out",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--threads",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let first = stdout.lines().next().unwrap();
+    assert!(
+        first.contains("CIFAR-100 (binary, coarse labels), 20 classes, 32x32 images, 50000 train / 10000 test"),
+        "{first}"
+    );
+    let ckpt = out.join("last.safetensors");
+    let (code, stdout, stderr) = cli(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--data",
+        data,
+        "--json",
+        "--threads",
+        "1",
+        "--batch-size",
+        "500",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["images"], 10_000);
+    assert_eq!(v["classes"].as_array().unwrap().len(), 20);
+    assert_eq!(v["classes"][3], "coarse_3");
+    assert_eq!(v["per_class"].as_array().unwrap().len(), 20);
+    assert_eq!(v["confusion"].as_array().unwrap().len(), 20);
+
+    // The fine labels' data is not what that model tells apart.
+    let (code, _, stderr) = cli(&["eval", "--checkpoint", ckpt.to_str().unwrap(), "--data", data]);
+    assert_eq!(code, 0, "{stderr}");
+    // And CIFAR-10 has no coarse labels.
+    let cifar10 = common::shared_dir().join("data/cifar10");
+    let (code, _, stderr) = cli(&[
+        "train",
+        "--data",
+        cifar10.to_str().unwrap(),
+        "--labels",
+        "coarse",
+        "--max-steps",
+        "1",
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--labels applies to CIFAR-100"), "{stderr}");
+}
+
+/// An image of `class` (a colour) with a drawn shape, `w x h` pixels, varied by `i`.
+fn drawn(class: usize, w: u32, h: u32, i: u32) -> image::RgbImage {
+    let base = [[200u8, 40, 40], [40, 190, 60], [50, 60, 210]][class];
+    image::RgbImage::from_fn(w, h, |x, y| {
+        let inside =
+            (x as i64 - (w / 2) as i64).pow(2) + (y as i64 - (h / 2) as i64).pow(2) < ((w.min(h) / 3) as i64).pow(2);
+        let shade = ((x * 7 + y * 13 + i * 31) % 40) as u8;
+        let k = if inside { 30 } else { 0 };
+        image::Rgb(base.map(|v| v.saturating_sub(k).saturating_add(shade)))
+    })
+}
+
+const CLASSES: [&str; 3] = ["crimson", "forest", "navy"];
+
+/// An image folder with `train/` and `test/`: three classes of coloured shapes in PNG, JPEG and
+/// BMP of several sizes, plus a grayscale and an RGBA image; `corrupt` adds a file that is
+/// not an image.
+fn write_folder(dir: &Path, per_class: u32, corrupt: bool) {
+    for (split, n) in [("train", per_class), ("test", per_class / 4)] {
+        for (c, name) in CLASSES.iter().enumerate() {
+            let d = dir.join(split).join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..n {
+                let seed = i + 1000 * (split == "test") as u32;
+                let (w, h, ext) = [(32, 32, "png"), (48, 40, "jpg"), (20, 30, "bmp"), (64, 64, "png")][i as usize % 4];
+                drawn(c, w, h, seed).save(d.join(format!("{i:04}.{ext}"))).unwrap();
+            }
+        }
+    }
+    let gray = image::DynamicImage::ImageRgb8(drawn(0, 36, 36, 7)).to_luma8();
+    gray.save(dir.join("train/crimson/gray.png")).unwrap();
+    let rgba = image::DynamicImage::ImageRgb8(drawn(2, 32, 32, 9)).to_rgba8();
+    rgba.save(dir.join("train/navy/rgba.png")).unwrap();
+    if corrupt {
+        std::fs::write(dir.join("train/forest/broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    }
+}
+
+#[test]
+fn image_folders_decode_once_into_a_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_folder(d, 8, false);
+    let calls = std::sync::atomic::AtomicU64::new(0);
+    let count = |_: u64, _: u64| {
+        calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    };
+    let first = open(d, &DataOptions::default(), &count).unwrap();
+    assert_eq!(first.format, Format::ImageFolder);
+    assert_eq!(first.classes, CLASSES);
+    // 8 per class plus the grayscale and the RGBA image; 2 per class held out.
+    assert_eq!((first.train.len(), first.test.as_ref().unwrap().len()), (26, 6));
+    assert_eq!(first.train.side, 32);
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::Relaxed),
+        32,
+        "one progress call per image"
+    );
+    assert!(first.notes[0].starts_with("decoded 32 images"), "{:?}", first.notes);
+    // Labels in the sorted class order; the 32x32 PNG is taken pixel for pixel.
+    assert_eq!(first.train.labels[0], 0);
+    let png = drawn(0, 32, 32, 0);
+    assert_eq!(
+        first.train.image(0)[..32],
+        png.pixels().take(32).map(|p| p[0]).collect::<Vec<_>>()[..]
+    );
+    let stats: Images = first.train.clone();
+    assert_eq!(first.norm, stats.channel_stats());
+
+    // The second read comes from the cache: same images, no decoding.
+    calls.store(0, std::sync::atomic::Ordering::Relaxed);
+    let second = open(d, &DataOptions::default(), &count).unwrap();
+    assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert!(second.notes[0].contains("from the cache"), "{:?}", second.notes);
+    assert_eq!(
+        (second.train.clone(), second.test.clone(), second.norm),
+        (first.train.clone(), first.test.clone(), first.norm)
+    );
+
+    // A changed file invalidates it.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    drawn(1, 32, 32, 99).save(d.join("train/crimson/0000.png")).unwrap();
+    let third = open(d, &DataOptions::default(), &count).unwrap();
+    assert!(third.notes[0].starts_with("decoded 32 images"), "{:?}", third.notes);
+    assert_ne!(third.train.image(0), first.train.image(0));
+
+    // Another size is another cache, and every image comes out at that size.
+    let big = open(
+        d,
+        &DataOptions {
+            image_size: Some(48),
+            ..DataOptions::default()
+        },
+        &count,
+    )
+    .unwrap();
+    assert_eq!(big.train.side, 48);
+    assert_eq!(big.train.pixels.len(), 26 * 3 * 48 * 48);
+    assert!(d.join(".resnet-cifar-cache/images-48.safetensors").is_file());
+    assert!(d.join(".resnet-cifar-cache/images-32.safetensors").is_file());
+}
+
+#[test]
+fn bad_image_folders_are_refused_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_folder(d, 4, true);
+    let err = open(d, &DataOptions::default(), &no_progress).unwrap_err().to_string();
+    assert!(
+        err.contains("1 image file(s) cannot be decoded")
+            && err.contains("train/forest/broken.png")
+            && err.contains("--skip-bad-images"),
+        "{err}"
+    );
+    let skipped = open(
+        d,
+        &DataOptions {
+            skip_bad_images: true,
+            ..DataOptions::default()
+        },
+        &no_progress,
+    )
+    .unwrap();
+    assert_eq!(skipped.train.len(), 14);
+    assert!(
+        skipped.notes.iter().any(|n| n.contains("skipped 1 image file")),
+        "{:?}",
+        skipped.notes
+    );
+
+    std::fs::create_dir(d.join("train/empty")).unwrap();
+    let err = open(d, &DataOptions::default(), &no_progress).unwrap_err().to_string();
+    assert!(err.contains("train/empty: the class folder is empty"), "{err}");
+    std::fs::remove_dir(d.join("train/empty")).unwrap();
+
+    std::fs::create_dir_all(d.join("test/unknown")).unwrap();
+    std::fs::write(d.join("test/unknown/a.png"), b"x").unwrap();
+    let err = open(d, &DataOptions::default(), &no_progress).unwrap_err().to_string();
+    assert!(err.contains("class 'unknown' is not among the classes of"), "{err}");
+    std::fs::remove_dir_all(d.join("test/unknown")).unwrap();
+
+    // A folder with CIFAR-10 files too holds two datasets.
+    std::fs::write(d.join("data_batch_1.bin"), b"").unwrap();
+    let err = open(d, &DataOptions::default(), &no_progress).unwrap_err().to_string();
+    assert!(err.contains("more than one dataset"), "{err}");
+
+    let empty = tempfile::tempdir().unwrap();
+    let err = open(empty.path(), &DataOptions::default(), &no_progress)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("the folder is empty"), "{err}");
+    std::fs::write(empty.path().join("notes.txt"), b"hello").unwrap();
+    let err = open(empty.path(), &DataOptions::default(), &no_progress)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no known dataset"), "{err}");
+}
+
+/// The tool as a user runs it on their own images: flags refused in one line; a run that
+/// learns the classes; `predict` names them; `summary --checkpoint` describes the model.
+#[test]
+fn an_image_folder_trains_and_predict_names_its_classes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_folder(d, 40, true);
+    let data = d.to_str().unwrap();
+    let out = d.join("run");
+    let run = out.to_str().unwrap();
+
+    for (flags, says) in [
+        (vec!["--image-size", "0"], "--image-size"),
+        (vec!["--image-size", "5000"], "--image-size"),
+        (vec!["--mean", "0.5,0.5"], "expected three numbers"),
+        (
+            vec!["--model", "vgg16", "--image-size", "16"],
+            "vgg16 needs images of at least 32x32",
+        ),
+        (vec![], "cannot be decoded"),
+    ] {
+        let mut args = vec!["train", "--data", data, "--out", run, "--max-steps", "1"];
+        args.extend(flags);
+        let (code, _, stderr) = cli(&args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+    assert!(
+        !out.join("last.safetensors").exists(),
+        "a refused run writes no checkpoint"
+    );
+
+    let (code, stdout, stderr) = cli(&[
+        "train",
+        "--data",
+        data,
+        "--out",
+        run,
+        "--skip-bad-images",
+        "--recipe",
+        "fast",
+        "--epochs",
+        "15",
+        "--batch-size",
+        "8",
+        "--threads",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("image folder, 3 classes, 32x32 images, 122 train / 30 test"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("skipped 1 image file"), "{stdout}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let last = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .rfind(|v| v["kind"] == "eval")
+        .unwrap();
+    // A few hundred steps: 16 a epoch.
+    assert_eq!(last["step"], 240);
+    assert!(last["accuracy"].as_f64().unwrap() >= 0.95, "{last}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["dataset"]["classes"], serde_json::json!(CLASSES));
+    assert_eq!(config["model"]["num_classes"], 3);
+
+    let probe = d.join("probe.jpg");
+    drawn(1, 90, 60, 4242).save(&probe).unwrap();
+    let ckpt = out.join("last.safetensors");
+    let (code, stdout, stderr) = cli(&[
+        "predict",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        probe.to_str().unwrap(),
+        "--top-k",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.starts_with(&format!("{}: forest ", probe.display())), "{stdout}");
+
+    let (code, stdout, stderr) = cli(&["summary", "--checkpoint", ckpt.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("3 classes (crimson, forest, navy), 32x32 images"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("out_features=3"), "{stdout}");
+}
