@@ -69,7 +69,8 @@ impl CheckpointFile {
         let mut stem = stem;
         if torchvision::is_torchvision(tensors.keys().map(String::as_str)) {
             tensors = from_torchvision(&origin, tensors)?;
-            stem = stem.or(Some(Stem::Torchvision));
+            // torchvision's network is ours with its stem, whatever a flag says.
+            stem = Some(Stem::Torchvision);
         }
         let labels = match meta.get("labels") {
             Some(l) => Some(

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::cli;
+use common::{CLASSES, cli, drawn, write_folder};
 use resnet_cifar::data::{DataOptions, Format, Images, LabelSet, open};
 use std::path::Path;
 
@@ -127,9 +127,45 @@ fn a_cifar100_run_carries_its_classes_into_eval() {
     assert_eq!(v["per_class"].as_array().unwrap().len(), 20);
     assert_eq!(v["confusion"].as_array().unwrap().len(), 20);
 
-    // The fine labels' data is not what that model tells apart.
-    let (code, _, stderr) = cli(&["eval", "--checkpoint", ckpt.to_str().unwrap(), "--data", data]);
+    // In text: per-class accuracy and the whole 20x20 matrix.
+    let eval_text = |ckpt: &Path| {
+        let ckpt = ckpt.to_str().unwrap();
+        cli(&["eval", "--checkpoint", ckpt, "--data", data, "--batch-size", "500"])
+    };
+    let (code, stdout, stderr) = eval_text(&ckpt);
     assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("confusion matrix") && stdout.contains("coarse_19"),
+        "{stdout}"
+    );
+    // 100 classes: the matrix gives way to the 10 most confused pairs.
+    let fine = dir.path().join("fine");
+    let (code, _, stderr) = cli(&[
+        "train",
+        "--data",
+        data,
+        "--out",
+        fine.to_str().unwrap(),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "8",
+        "--threads",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let (code, stdout, stderr) = eval_text(&fine.join("last.safetensors"));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        !stdout.contains("confusion matrix") && stdout.contains("most confused pairs"),
+        "{stdout}"
+    );
+    let pairs = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("most confused"))
+        .skip(1)
+        .count();
+    assert_eq!(pairs, 10, "{stdout}");
     // And CIFAR-10 has no coarse labels.
     let cifar10 = common::shared_dir().join("data/cifar10");
     let (code, _, stderr) = cli(&[
@@ -143,44 +179,6 @@ fn a_cifar100_run_carries_its_classes_into_eval() {
     ]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--labels applies to CIFAR-100"), "{stderr}");
-}
-
-/// An image of `class` (a colour) with a drawn shape, `w x h` pixels, varied by `i`.
-fn drawn(class: usize, w: u32, h: u32, i: u32) -> image::RgbImage {
-    let base = [[200u8, 40, 40], [40, 190, 60], [50, 60, 210]][class];
-    image::RgbImage::from_fn(w, h, |x, y| {
-        let inside =
-            (x as i64 - (w / 2) as i64).pow(2) + (y as i64 - (h / 2) as i64).pow(2) < ((w.min(h) / 3) as i64).pow(2);
-        let shade = ((x * 7 + y * 13 + i * 31) % 40) as u8;
-        let k = if inside { 30 } else { 0 };
-        image::Rgb(base.map(|v| v.saturating_sub(k).saturating_add(shade)))
-    })
-}
-
-const CLASSES: [&str; 3] = ["crimson", "forest", "navy"];
-
-/// An image folder with `train/` and `test/`: three classes of coloured shapes in PNG, JPEG and
-/// BMP of several sizes, plus a grayscale and an RGBA image; `corrupt` adds a file that is
-/// not an image.
-fn write_folder(dir: &Path, per_class: u32, corrupt: bool) {
-    for (split, n) in [("train", per_class), ("test", per_class / 4)] {
-        for (c, name) in CLASSES.iter().enumerate() {
-            let d = dir.join(split).join(name);
-            std::fs::create_dir_all(&d).unwrap();
-            for i in 0..n {
-                let seed = i + 1000 * (split == "test") as u32;
-                let (w, h, ext) = [(32, 32, "png"), (48, 40, "jpg"), (20, 30, "bmp"), (64, 64, "png")][i as usize % 4];
-                drawn(c, w, h, seed).save(d.join(format!("{i:04}.{ext}"))).unwrap();
-            }
-        }
-    }
-    let gray = image::DynamicImage::ImageRgb8(drawn(0, 36, 36, 7)).to_luma8();
-    gray.save(dir.join("train/crimson/gray.png")).unwrap();
-    let rgba = image::DynamicImage::ImageRgb8(drawn(2, 32, 32, 9)).to_rgba8();
-    rgba.save(dir.join("train/navy/rgba.png")).unwrap();
-    if corrupt {
-        std::fs::write(dir.join("train/forest/broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
-    }
 }
 
 #[test]
@@ -392,4 +390,32 @@ fn an_image_folder_trains_and_predict_names_its_classes() {
         "{stdout}"
     );
     assert!(stdout.contains("out_features=3"), "{stdout}");
+}
+
+#[test]
+fn bench_and_summary_take_an_image_size() {
+    let (code, stdout, stderr) = cli(&[
+        "bench",
+        "--image-size",
+        "48",
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+        "--threads",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["image_size"], 48);
+    let (code, stdout, stderr) = cli(&["summary", "--model", "lenet", "--image-size", "64", "--batch-size", "1"]);
+    assert_eq!(code, 0, "{stderr}");
+    // LeNet's classifier follows the feature map: 64 channels of 8x8 after three pools.
+    assert!(stdout.contains("in_features=4096"), "{stdout}");
+    let (code, _, stderr) = cli(&["bench", "--model", "vgg16", "--image-size", "24"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("vgg16 needs images of at least 32x32"), "{stderr}");
 }

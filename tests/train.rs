@@ -445,6 +445,9 @@ fn a_toml_config_file_sets_a_run_and_flags_override_it() {
         ("cutout = 33\n", "cutout must be 0 to 32"),
         ("max_steps = 0\n", "max_steps must be at least 1"),
         ("zero_init_residual = \"yes\"\n", "zero_init_residual"),
+        ("image_size = 8\n", "image_size must be 16 to 256, got 8"),
+        ("mean = [0.5, 0.5]\n", "mean"),
+        ("labels = \"medium\"\n", "unknown label set 'medium'"),
     ] {
         std::fs::write(&file, text).unwrap();
         let (code, _, err) = cli(&["train", "--config", file.to_str().unwrap()]);
@@ -554,4 +557,94 @@ fn the_comparison_models_train_evaluate_and_bench() {
     let (code, _, err) = cli(&["train", "--model", "alexnet"]);
     assert_eq!(code, 2);
     assert!(err.contains("unknown model 'alexnet'"), "{err}");
+}
+
+/// Every setting is declared once: each TOML key is a flag of `train` with the same name, both
+/// fill the same struct, flags win over the file, and a resumed run names what it refuses.
+#[test]
+fn settings_are_flags_and_toml_keys_alike() {
+    use clap::{CommandFactory, Parser};
+    use resnet_cifar::train::Settings;
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        settings: Settings,
+    }
+    // A file that gives every setting.
+    let every = r#"
+        recipe = "fast"
+        data = "d"
+        labels = "coarse"
+        image_size = 48
+        skip_bad_images = true
+        mean = [0.5, 0.4, 0.3]
+        std = [0.2, 0.2, 0.2]
+        out = "o"
+        init = "i.safetensors"
+        freeze_backbone = true
+        epochs = 3
+        batch_size = 16
+        lr = 0.1
+        max_steps = 9
+        val_split = 100
+        shuffle = false
+        seed = 4
+        label_smoothing = 0.2
+        weight_decay = 0.001
+        tta = "flip-shift"
+        decay_1d = false
+        zero_init_residual = true
+        crop_pad = 2
+        flip = false
+        alternate_flip = true
+        cutout = 8
+        model = "vgg16"
+        stem = "cifar"
+        stages = 3
+    "#;
+    let file: Settings = toml::from_str(every).unwrap();
+    let keys = file.given();
+    let command = Flags::command();
+    let flags: Vec<String> = command
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(String::from))
+        .collect();
+    assert_eq!(
+        keys.len(),
+        flags.len(),
+        "the file above gives every setting: {keys:?} / {flags:?}"
+    );
+    for key in &keys {
+        assert!(flags.contains(&key.replace('_', "-")), "TOML key {key} has no flag");
+    }
+    // Flags parse into the same struct; they win over the file key by key.
+    let cli = Flags::try_parse_from(["t", "--epochs", "7", "--shuffle", "--flip", "true"])
+        .unwrap()
+        .settings;
+    let merged = cli.or(file.clone());
+    assert_eq!(
+        (merged.epochs, merged.shuffle, merged.flip, merged.seed),
+        (Some(7), Some(true), Some(true), Some(4))
+    );
+    let cfg = merged.resolve().unwrap();
+    assert_eq!(
+        (cfg.epochs, cfg.shuffle, cfg.augment.flip, cfg.augment.cutout),
+        (7, true, true, 8)
+    );
+    // A recipe's shuffling can be turned off, from the file or with a value on the flag.
+    assert!(!file.resolve().unwrap().shuffle, "shuffle = false in the file");
+    let off = Flags::try_parse_from(["t", "--recipe", "fast", "--shuffle", "false"])
+        .unwrap()
+        .settings;
+    assert!(!off.resolve().unwrap().shuffle);
+    assert!(Recipe::Fast.config().shuffle, "the recipe shuffles");
+    // On resume only --epochs, --max-steps and --data may change.
+    let resume = Flags::try_parse_from(["t", "--epochs", "9", "--max-steps", "3", "--data", "x"])
+        .unwrap()
+        .settings;
+    assert_eq!(resume.refused_on_resume(), None);
+    let seed = Flags::try_parse_from(["t", "--epochs", "9", "--image-size", "64"])
+        .unwrap()
+        .settings;
+    assert_eq!(seed.refused_on_resume().as_deref(), Some("--image-size"));
 }

@@ -2,6 +2,7 @@
 
 use super::{ComputeArgs, fetch_data, open_data};
 use clap::Args;
+use resnet_cifar::checkpoint::CheckpointError;
 use resnet_cifar::cli::{CheckpointFile, CliError, read_settings_file};
 use resnet_cifar::data::{DataOptions, Splits};
 use resnet_cifar::engine::Backend;
@@ -112,7 +113,13 @@ pub fn run(a: TrainArgs) -> Result<(), CliError> {
             be.name()
         ));
         ctrlc::set_handler(|| STOP.store(true, Ordering::Relaxed)).map_err(CliError::run)?;
-        train(be, &cfg, &splits, &out, &mut console, start, &STOP).map_err(|e| CliError::run(format!("{e:#}")))?
+        train(be, &cfg, &splits, &out, &mut console, start, &STOP).map_err(|e| {
+            // A checkpoint that does not fit the model is bad input; anything else failed the run.
+            match e.downcast_ref::<CheckpointError>() {
+                Some(_) => CliError::input(format!("{e:#}")),
+                None => CliError::run(format!("{e:#}")),
+            }
+        })?
     });
     let resume_hint = format!("resume with: resnet-cifar train --resume {}", out.display());
     match outcome.stopped {
@@ -167,7 +174,12 @@ fn fresh_config(s: &Settings) -> Result<(TrainConfig, Start), CliError> {
     let Some(path) = &s.init else {
         return Ok((cfg, Start::Fresh));
     };
-    let file = CheckpointFile::read(path, s.stem)?;
+    // The checkpoint says what network it holds; --stem only settles what it cannot say (a
+    // PyTorch state_dict with a 3x3 stem).
+    let file = CheckpointFile::read(path, None).or_else(|e| match s.stem {
+        Some(stem) => CheckpointFile::read(path, Some(stem)),
+        None => Err(e),
+    })?;
     let differs = [
         ("--model", s.model.is_some_and(|m| m != file.arch)),
         (

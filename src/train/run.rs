@@ -245,7 +245,6 @@ pub fn train<B: DeviceBatches>(
         );
     }
     let (side, norm) = (spec.image_size, spec.norm);
-    let mut files = RunFiles::create(out, cfg)?;
     let mut model = build(be, cfg.arch, cfg.model, cfg.seed);
     model.set_label_smoothing(cfg.label_smoothing);
     if cfg.zero_init_residual {
@@ -281,6 +280,8 @@ pub fn train<B: DeviceBatches>(
             pos.step
         ));
     }
+    // Written only once the model stands: a checkpoint that does not fit leaves nothing behind.
+    let mut files = RunFiles::create(out, cfg)?;
     let train_images = splits.train.clone();
     let eval_on = eval_split(splits);
     match eval_on {

@@ -4,7 +4,7 @@
 use resnet_cifar::engine::Backend;
 use resnet_cifar::nn::{Entry, Module};
 use safetensors::SafeTensors;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// `../shared` beside the repository (CI has it at the same relative path).
 pub fn shared_dir() -> PathBuf {
@@ -151,4 +151,42 @@ pub fn cli(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into(),
         String::from_utf8_lossy(&out.stderr).into(),
     )
+}
+
+/// An image of `class` (a colour) with a drawn shape, `w x h` pixels, varied by `i`.
+pub fn drawn(class: usize, w: u32, h: u32, i: u32) -> image::RgbImage {
+    let base = [[200u8, 40, 40], [40, 190, 60], [50, 60, 210]][class];
+    image::RgbImage::from_fn(w, h, |x, y| {
+        let inside =
+            (x as i64 - (w / 2) as i64).pow(2) + (y as i64 - (h / 2) as i64).pow(2) < ((w.min(h) / 3) as i64).pow(2);
+        let shade = ((x * 7 + y * 13 + i * 31) % 40) as u8;
+        let k = if inside { 30 } else { 0 };
+        image::Rgb(base.map(|v| v.saturating_sub(k).saturating_add(shade)))
+    })
+}
+
+pub const CLASSES: [&str; 3] = ["crimson", "forest", "navy"];
+
+/// An image folder with `train/` and `test/`: three classes of coloured shapes in PNG, JPEG and
+/// BMP of several sizes, plus a grayscale and an RGBA image; `corrupt` adds a file that is
+/// not an image.
+pub fn write_folder(dir: &Path, per_class: u32, corrupt: bool) {
+    for (split, n) in [("train", per_class), ("test", per_class / 4)] {
+        for (c, name) in CLASSES.iter().enumerate() {
+            let d = dir.join(split).join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..n {
+                let seed = i + 1000 * (split == "test") as u32;
+                let (w, h, ext) = [(32, 32, "png"), (48, 40, "jpg"), (20, 30, "bmp"), (64, 64, "png")][i as usize % 4];
+                drawn(c, w, h, seed).save(d.join(format!("{i:04}.{ext}"))).unwrap();
+            }
+        }
+    }
+    let gray = image::DynamicImage::ImageRgb8(drawn(0, 36, 36, 7)).to_luma8();
+    gray.save(dir.join("train/crimson/gray.png")).unwrap();
+    let rgba = image::DynamicImage::ImageRgb8(drawn(2, 32, 32, 9)).to_rgba8();
+    rgba.save(dir.join("train/navy/rgba.png")).unwrap();
+    if corrupt {
+        std::fs::write(dir.join("train/forest/broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    }
 }
