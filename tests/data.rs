@@ -376,7 +376,7 @@ fn extraction_takes_only_expected_members() {
     let archive = dir.path().join("a.tar.gz");
     std::fs::write(&archive, tar_gz(&refs)).unwrap();
     let out = dir.path().join("out");
-    fetch::extract(&archive, &out).unwrap();
+    fetch::extract(&archive, &out, &fetch::CIFAR10).unwrap();
     let mut names: Vec<String> = std::fs::read_dir(out.join("cifar-10-batches-bin"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -408,7 +408,7 @@ fn extraction_refuses_archives_that_climb_out() {
         )
         .unwrap();
         let out = dir.path().join("out");
-        let err = fetch::extract(&archive, &out).unwrap_err().to_string();
+        let err = fetch::extract(&archive, &out, &fetch::CIFAR10).unwrap_err().to_string();
         assert!(err.contains("refused") && err.contains(evil), "{evil}: {err}");
         assert!(!out.exists(), "{evil}: nothing written");
         assert!(!dir.path().join("evil.bin").exists());
@@ -420,14 +420,18 @@ fn extraction_reports_a_corrupt_or_incomplete_archive() {
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("a.tar.gz");
     std::fs::write(&archive, b"this is not gzip").unwrap();
-    let err = fetch::extract(&archive, dir.path()).unwrap_err().to_string();
+    let err = fetch::extract(&archive, dir.path(), &fetch::CIFAR10)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not a valid archive"), "{err}");
     std::fs::write(
         &archive,
         tar_gz(&[("cifar-10-batches-bin/data_batch_1.bin", record(0, 0))]),
     )
     .unwrap();
-    let err = fetch::extract(&archive, dir.path()).unwrap_err().to_string();
+    let err = fetch::extract(&archive, dir.path(), &fetch::CIFAR10)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("lacks") && err.contains("data_batch_5.bin"), "{err}");
 }
 

@@ -90,13 +90,14 @@ struct Target {
     precision: Precision,
 }
 
-/// A progress bar for the CIFAR-10 download.
-fn download_bar() -> impl FnMut(u64, Option<u64>) {
-    let bar = indicatif::ProgressBar::new(fetch::ARCHIVE_BYTES);
+/// A progress bar for a dataset's download.
+fn download_bar(archive: &fetch::Archive) -> impl FnMut(u64, Option<u64>) {
+    let bar = indicatif::ProgressBar::new(archive.bytes);
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "downloading CIFAR-10 [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
+        indicatif::ProgressStyle::with_template(&format!(
+            "downloading {} [{{bar:30}}] {{bytes}}/{{total_bytes}} {{bytes_per_sec}} eta {{eta}}",
+            archive.dataset
+        ))
         .expect("valid template"),
     );
     move |done, total| {
@@ -110,9 +111,10 @@ fn download_bar() -> impl FnMut(u64, Option<u64>) {
     }
 }
 
-/// CIFAR-10 in `dir`, downloaded first when it is not there.
-fn fetch_data(dir: &Path) -> Result<PathBuf, CliError> {
-    fetch::ensure(dir, download_bar()).map_err(CliError::input)
+/// The dataset of `archive` in `dir`, downloaded first (from `url`, a mirror or its publisher)
+/// when it is not there.
+fn fetch_data(dir: &Path, archive: &fetch::Archive, url: Option<&str>) -> Result<PathBuf, CliError> {
+    fetch::ensure(dir, archive, url, download_bar(archive)).map_err(CliError::input)
 }
 
 /// The dataset in `dir`, whatever its format, with a bar while an image folder is decoded.

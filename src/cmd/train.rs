@@ -4,7 +4,7 @@ use super::{ComputeArgs, fetch_data, open_data};
 use clap::Args;
 use resnet_cifar::checkpoint::CheckpointError;
 use resnet_cifar::cli::{CheckpointFile, CliError, read_settings_file};
-use resnet_cifar::data::{DataOptions, Splits};
+use resnet_cifar::data::{DataOptions, Splits, fetch};
 use resnet_cifar::engine::Backend;
 use resnet_cifar::model::Arch;
 use resnet_cifar::train::settings::{CHANGEABLE_ON_RESUME, flag};
@@ -56,7 +56,7 @@ pub fn run(a: TrainArgs) -> Result<(), CliError> {
     };
     let data_dir = match settings.data.clone().or_else(|| cfg.data.clone().map(PathBuf::from)) {
         Some(d) => d,
-        None => fetch_data(Path::new("data"))?,
+        None => fetch_data(Path::new("data"), &fetch::CIFAR10, None)?,
     };
     cfg.data = Some(data_dir.display().to_string());
     let data = open_data(
