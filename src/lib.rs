@@ -1,4 +1,5 @@
-//! resnet-cifar: train ResNet-18 on CIFAR-10 with a small engine made for CNN training.
+//! resnet-cifar: train ResNet-18 on CIFAR-10 (and CIFAR-100, or your own images) with a small
+//! engine made for CNN training.
 //!
 //! Layers, from the bottom: `engine` (the backend trait and its CPU kernels), `nn` (parameters
 //! with PyTorch names, and layers with explicit forward and backward), `model` (ResNet-18),

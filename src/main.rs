@@ -16,7 +16,7 @@ use std::process::ExitCode;
 #[command(
     name = "resnet-cifar",
     version,
-    about = "Train ResNet-18 on CIFAR-10 with an engine made for it"
+    about = "Train ResNet-18 (and LeNet, VGG-16) on CIFAR-10, CIFAR-100 or your own images, with an engine made for it"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -29,13 +29,13 @@ enum Command {
     Train(train::TrainArgs),
     /// Evaluate a checkpoint: loss, accuracy, per-class accuracy, confusion matrix.
     Eval(eval::EvalArgs),
-    /// Time training steps and inference on random CIFAR-shaped batches.
+    /// Time training steps and inference on random batches (CIFAR-shaped, or --image-size).
     Bench(bench::BenchArgs),
     /// Print the network as PyTorch prints it, with every layer's output shape, parameters
     /// and multiply-adds.
     Summary(summary::SummaryArgs),
-    /// Classify PNG or JPEG images of any size: each is cut to its centred square, resized to
-    /// 32x32 (Lanczos3, antialiased) and normalised like the training images.
+    /// Classify images of any size and format: each is cut to its centred square, resized to
+    /// the checkpoint's image size (Lanczos3, antialiased) and normalised like its training images.
     Predict(predict::PredictArgs),
     /// Draw PNG charts of one or more runs (training loss, validation loss and accuracy, lr)
     /// from their metrics.jsonl; several runs share each chart.

@@ -64,11 +64,12 @@ pub struct ResNetConfig {
     pub num_classes: usize,
     /// Width and height of the input images (the networks of `--model lenet|vgg16` size their
     /// classifier by it; ResNet-18's global pooling takes any size).
-    #[serde(default = "cifar_side")]
+    #[serde(default = "default_image_size")]
     pub image_size: usize,
 }
 
-fn cifar_side() -> usize {
+/// CIFAR's 32x32: what a model configuration without an image size was made for.
+fn default_image_size() -> usize {
     32
 }
 
@@ -78,7 +79,7 @@ impl Default for ResNetConfig {
             stem: Stem::Seed,
             stages: 4,
             num_classes: 10,
-            image_size: cifar_side(),
+            image_size: default_image_size(),
         }
     }
 }
