@@ -157,6 +157,52 @@ fn load_init<B: Backend>(be: &B, model: &mut dyn Network<B>, w: &InitWeights, co
     Ok(())
 }
 
+/// Refuses data that is not what the configuration (and its model) was made for.
+fn check_data(cfg: &TrainConfig, splits: &Splits) -> Result<()> {
+    let spec = &splits.spec;
+    if *spec != cfg.dataset || cfg.model.num_classes != spec.classes.len() || cfg.model.image_size != spec.image_size {
+        bail!(
+            "the data ({} classes, {}x{1} images) is not what the run's configuration was made for ({} classes, {}x{3}; model: {} classes, {}x{5})",
+            spec.classes.len(),
+            spec.image_size,
+            cfg.dataset.classes.len(),
+            cfg.dataset.image_size,
+            cfg.model.num_classes,
+            cfg.model.image_size
+        );
+    }
+    Ok(())
+}
+
+/// Restores the model, the optimizer and the position of a resumed run (`r`, read from `out`).
+fn load_resumed<B: Backend>(
+    be: &B,
+    model: &mut dyn Network<B>,
+    opt: &mut Optimizer<B>,
+    r: Resume,
+    out: &Path,
+    console: &Console,
+) -> Result<Position> {
+    let (model_state, optim_state): (BTreeMap<_, _>, BTreeMap<_, _>) =
+        r.tensors.into_iter().partition(|(k, _)| k.starts_with("model."));
+    let model_state: BTreeMap<String, HostTensor> = model_state
+        .into_iter()
+        .map(|(k, v)| (k["model.".len()..].to_string(), v))
+        .collect();
+    let origin = out.join("train_state.safetensors").display().to_string();
+    checkpoint::load_tensors(&origin, &model_state, be, &mut *model)?;
+    opt.load_state(be, &mut *model, &optim_state, r.position.step)
+        .map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+    let pos = r.position;
+    console.line(&format!(
+        "resuming at epoch {}, batch {} (step {})",
+        pos.epoch + 1,
+        pos.batch,
+        pos.step
+    ));
+    Ok(pos)
+}
+
 /// Which held-out images a run evaluates on.
 pub fn eval_split(splits: &Splits) -> Option<(&'static str, &Images)> {
     match (&splits.test, &splits.val) {
@@ -217,8 +263,9 @@ impl RunFiles {
     }
 }
 
-/// Trains as `cfg` says, writing the run into `out`: a fresh model, or the state in `resume`
-/// (then the run continues exactly where it stopped, bit for bit). Raising `stop` ends the run
+/// Trains as `cfg` says on `splits`, writing the run into `out`, from the `start` given: a fresh
+/// model, a checkpoint's weights, or a stopped run's state (then the run continues exactly where
+/// it stopped, bit for bit). Raising `stop` ends the run
 /// after the current step, with a checkpoint.
 pub fn train<B: DeviceBatches>(
     be: &B,
@@ -232,19 +279,8 @@ pub fn train<B: DeviceBatches>(
     if cfg.batch_size == 0 || cfg.eval_batch_size == 0 {
         bail!("batch size must be at least 1");
     }
-    let spec = &splits.spec;
-    if *spec != cfg.dataset || cfg.model.num_classes != spec.classes.len() || cfg.model.image_size != spec.image_size {
-        bail!(
-            "the data ({} classes, {}x{1} images) is not what the run's configuration was made for ({} classes, {}x{3}; model: {} classes, {}x{5})",
-            spec.classes.len(),
-            spec.image_size,
-            cfg.dataset.classes.len(),
-            cfg.dataset.image_size,
-            cfg.model.num_classes,
-            cfg.model.image_size
-        );
-    }
-    let (side, norm) = (spec.image_size, spec.norm);
+    check_data(cfg, splits)?;
+    let (side, norm) = (splits.spec.image_size, splits.spec.norm);
     let mut model = build(be, cfg.arch, cfg.model, cfg.seed);
     model.set_label_smoothing(cfg.label_smoothing);
     if cfg.zero_init_residual {
@@ -257,29 +293,14 @@ pub fn train<B: DeviceBatches>(
         console.line(&format!("training only the classifier ({head}); the rest is frozen"));
     }
     let mut opt = Optimizer::new(&cfg.optimizer);
-    let mut pos = Position::default();
-    if let Start::Init(w) = &start {
-        load_init(be, model, w, console)?;
-    }
-    if let Start::Resume(r) = start {
-        let (model_state, optim_state): (BTreeMap<_, _>, BTreeMap<_, _>) =
-            r.tensors.into_iter().partition(|(k, _)| k.starts_with("model."));
-        let model_state: BTreeMap<String, HostTensor> = model_state
-            .into_iter()
-            .map(|(k, v)| (k["model.".len()..].to_string(), v))
-            .collect();
-        let origin = out.join("train_state.safetensors").display().to_string();
-        checkpoint::load_tensors(&origin, &model_state, be, &mut *model)?;
-        opt.load_state(be, &mut *model, &optim_state, r.position.step)
-            .map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
-        pos = r.position;
-        console.line(&format!(
-            "resuming at epoch {}, batch {} (step {})",
-            pos.epoch + 1,
-            pos.batch,
-            pos.step
-        ));
-    }
+    let mut pos = match start {
+        Start::Fresh => Position::default(),
+        Start::Init(w) => {
+            load_init(be, model, &w, console)?;
+            Position::default()
+        }
+        Start::Resume(r) => load_resumed(be, model, &mut opt, *r, out, console)?,
+    };
     // Written only once the model stands: a checkpoint that does not fit leaves nothing behind.
     let mut files = RunFiles::create(out, cfg)?;
     let train_images = splits.train.clone();

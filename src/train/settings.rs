@@ -263,7 +263,7 @@ impl Settings {
                 .check_image_size(size)
                 .map_err(|e| format!("--model {}: {e}", cfg.arch.name()))?;
         }
-        if let Some(bad) = [self.std.unwrap_or([1.0; 3])].iter().flatten().find(|s| **s <= 0.0) {
+        if let Some(bad) = self.std.iter().flatten().find(|s| **s <= 0.0) {
             return Err(format!("--std values must be positive, got {bad}"));
         }
         Ok(())
