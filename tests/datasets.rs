@@ -419,3 +419,26 @@ fn bench_and_summary_take_an_image_size() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("vgg16 needs images of at least 32x32"), "{stderr}");
 }
+
+/// CIFAR at another size: every image resized as an image folder's would be.
+#[test]
+fn cifar_images_resize_to_the_asked_size() {
+    let dir = common::shared_dir().join("data/cifar10");
+    let opts = DataOptions {
+        image_size: Some(16),
+        ..DataOptions::default()
+    };
+    let small = open(&dir, &opts, &no_progress).unwrap();
+    let full = open(&dir, &DataOptions::default(), &no_progress).unwrap();
+    assert_eq!((small.train.side, small.train.len()), (16, 50_000));
+    assert_eq!(small.train.labels, full.train.labels);
+    assert_eq!(small.norm, full.norm, "CIFAR-10 keeps the seed's constants");
+    let one = Images {
+        pixels: full.train.image(123).to_vec(),
+        labels: vec![0],
+        side: 32,
+    };
+    let want = resnet_cifar::data::folder::resize_all(&one, 16);
+    assert_eq!(small.train.image(123), want.image(0));
+    assert!(small.summary().contains("16x16 images"), "{}", small.summary());
+}
