@@ -7,6 +7,7 @@
 
 use crate::data::DataSpec;
 use crate::data::folder;
+use crate::data::transform::{Crop, write_image};
 use crate::engine::{Backend, Shape4};
 use crate::model::Network;
 use std::path::Path;
@@ -22,13 +23,17 @@ pub struct Guess {
 /// Loads `path` as a normalised NHWC image of the size `spec` gives (`[size * size * 3]`).
 pub fn load_image(path: &Path, spec: &DataSpec) -> Result<Vec<f32>, String> {
     let img = folder::decode(path).map_err(|e| format!("{}: not a readable image: {e}", path.display()))?;
-    let size = spec.image_size;
-    let planes = folder::fit(&img, size);
-    let plane = size * size;
-    Ok((0..plane)
-        .flat_map(|i| (0..3).map(move |c| (i, c)))
-        .map(|(i, c)| spec.norm.apply(planes[c * plane + i], c))
-        .collect())
+    let side = spec.image_size;
+    let mut x = vec![0.0; 3 * side * side];
+    let whole = Crop {
+        side,
+        pad: 0,
+        top: 0,
+        left: 0,
+        flip: false,
+    };
+    write_image(&folder::fit(&img, side), &mut x, whole, &spec.norm);
+    Ok(x)
 }
 
 /// The `k` most probable classes of each image, best first.

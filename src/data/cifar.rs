@@ -54,6 +54,16 @@ pub enum DataError {
     Other(String),
 }
 
+impl DataError {
+    /// Turns an I/O error on `path` into one that names it (for `map_err`).
+    pub fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
+        move |source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
 /// How a binary format lays out its records: label bytes before the pixels, which of them is
 /// the label, and how many classes it has.
 #[derive(Clone, Copy, Debug)]
@@ -138,11 +148,13 @@ pub fn parse_format(path: &Path, bytes: &[u8], expected: Option<usize>, f: Recor
 }
 
 fn read_file(path: &Path, expected: Option<usize>, f: RecordFormat) -> Result<Images, DataError> {
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = std::fs::read(path).map_err(DataError::io(path))?;
     parse_format(path, &bytes, expected, f)
+}
+
+/// The records of `path` when the file exists (a test file is optional).
+fn read_optional(path: &Path, expected: usize, f: RecordFormat) -> Result<Option<Images>, DataError> {
+    path.exists().then(|| read_file(path, Some(expected), f)).transpose()
 }
 
 /// The folder that holds `marker`: `dir` itself or `dir/inner`.
@@ -199,12 +211,7 @@ impl Cifar10 {
                 RecordFormat::CIFAR10,
             )?);
         }
-        let test_path = dir.join(TEST_FILE);
-        let test = if test_path.exists() {
-            Some(read_file(&test_path, Some(RECORDS_PER_FILE), RecordFormat::CIFAR10)?)
-        } else {
-            None
-        };
+        let test = read_optional(&dir.join(TEST_FILE), RECORDS_PER_FILE, RecordFormat::CIFAR10)?;
         let classes = match dir.join(META_FILE) {
             p if p.exists() => read_names(&p, NUM_CLASSES)?,
             _ => CLASS_NAMES.iter().map(|s| s.to_string()).collect(),
@@ -239,12 +246,7 @@ impl Cifar100 {
         })?;
         let f = RecordFormat::cifar100(labels);
         let train = read_file(&dir.join(CIFAR100_TRAIN), Some(50_000), f)?;
-        let test_path = dir.join(CIFAR100_TEST);
-        let test = if test_path.exists() {
-            Some(read_file(&test_path, Some(10_000), f)?)
-        } else {
-            None
-        };
+        let test = read_optional(&dir.join(CIFAR100_TEST), 10_000, f)?;
         let names = match labels {
             LabelSet::Fine => CIFAR100_FINE_NAMES,
             LabelSet::Coarse => CIFAR100_COARSE_NAMES,
@@ -265,10 +267,7 @@ impl Cifar100 {
 
 /// Class names from a names file (one per line, blank lines ignored); there must be `count`.
 fn read_names(path: &Path, count: usize) -> Result<Vec<String>, DataError> {
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(DataError::io(path))?;
     let names: Vec<String> = text
         .lines()
         .map(str::trim)

@@ -213,6 +213,11 @@ pub fn download(
     Ok(target)
 }
 
+/// The MD5 of `bytes`, as hex digits.
+pub fn md5_hex(bytes: &[u8]) -> String {
+    hex(&Md5::digest(bytes))
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

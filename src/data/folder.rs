@@ -94,16 +94,10 @@ pub fn resize_all(images: &Images, size: usize) -> Images {
 
 /// Visible entries of `dir`, sorted by name: sub-folders or files.
 fn entries(dir: &Path, folders: bool) -> Result<Vec<(String, PathBuf)>, DataError> {
-    let rd = std::fs::read_dir(dir).map_err(|source| DataError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
+    let rd = std::fs::read_dir(dir).map_err(DataError::io(dir))?;
     let mut out = Vec::new();
     for e in rd {
-        let e = e.map_err(|source| DataError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        let e = e.map_err(DataError::io(dir))?;
         let name = e.file_name().to_string_lossy().into_owned();
         let path = e.path();
         if name.starts_with('.') || path.is_dir() != folders {
@@ -143,10 +137,7 @@ fn list_split(root: &Path, split: &Path, classes: &[String]) -> Result<Vec<FileE
             )));
         }
         for (_, path) in images {
-            let meta = std::fs::metadata(&path).map_err(|source| DataError::Io {
-                path: path.clone(),
-                source,
-            })?;
+            let meta = std::fs::metadata(&path).map_err(DataError::io(&path))?;
             let mtime = meta
                 .modified()
                 .ok()
@@ -220,7 +211,7 @@ pub fn load(dir: &Path, opts: &FolderOptions, progress: &(dyn Fn(u64, u64) + Syn
         fingerprint += &f.stamp;
         fingerprint.push('\n');
     }
-    let fingerprint = hex_md5(fingerprint.as_bytes());
+    let fingerprint = super::fetch::md5_hex(fingerprint.as_bytes());
     let cache = dir.join(CACHE_DIR).join(format!("images-{size}.safetensors"));
 
     let mut notes = Vec::new();
@@ -296,11 +287,6 @@ pub fn load(dir: &Path, opts: &FolderOptions, progress: &(dyn Fn(u64, u64) + Syn
         norm,
         notes,
     })
-}
-
-fn hex_md5(bytes: &[u8]) -> String {
-    use md5::{Digest, Md5};
-    Md5::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The decoded images as the cache keeps them.
