@@ -216,7 +216,7 @@ fn fresh_config(s: &Settings) -> Result<(TrainConfig, Start), CliError> {
     Ok((cfg, Start::Init(weights)))
 }
 
-/// The configuration a run was started with; only `--epochs`, `--max-steps` and `--data` may
+/// The configuration a run was started with; only the settings of [`CHANGEABLE_ON_RESUME`] may
 /// change on resuming (anything else would make it a different run).
 fn resumed_config(s: &Settings, dir: &Path) -> Result<(TrainConfig, Start, PathBuf), CliError> {
     if let Some(f) = s.refused_on_resume() {
@@ -228,11 +228,6 @@ fn resumed_config(s: &Settings, dir: &Path) -> Result<(TrainConfig, Start, PathB
     }
     let r = load_resume(dir).map_err(|e| CliError::input(format!("{e:#}")))?;
     let mut cfg = r.config.clone();
-    if let Some(e) = s.epochs {
-        cfg.epochs = e as usize;
-    }
-    if let Some(m) = s.max_steps {
-        cfg.max_steps = Some(m);
-    }
+    s.apply_on_resume(&mut cfg);
     Ok((cfg, Start::Resume(Box::new(r)), dir.to_path_buf()))
 }

@@ -34,7 +34,7 @@ pub mod limits {
 }
 
 /// The settings a resumed run may change (anything else would make it a different run).
-pub const CHANGEABLE_ON_RESUME: [&str; 3] = ["epochs", "max_steps", "data"];
+pub const CHANGEABLE_ON_RESUME: [&str; 4] = ["epochs", "max_steps", "data", "log_every"];
 
 /// A run's settings, each `None` (or absent) unless given.
 #[derive(Clone, Debug, Default, PartialEq, clap::Args, serde::Serialize, serde::Deserialize)]
@@ -89,6 +89,9 @@ pub struct Settings {
     /// Stop after this many optimizer steps, with a checkpoint.
     #[arg(long, value_parser = clap::value_parser!(u64).range(limits::POSITIVE.0..))]
     pub max_steps: Option<u64>,
+    /// Log the training loss every N optimizer steps (the seed: 100).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(limits::POSITIVE.0..))]
+    pub log_every: Option<u64>,
     /// Hold out the last N training images as a validation set.
     #[arg(long)]
     pub val_split: Option<usize>,
@@ -190,8 +193,9 @@ impl Settings {
 
     /// Settings with bounds, as (name, value, bounds), for checking values that did not come
     /// through clap's range parsers (a TOML file).
-    pub fn bounded(&self) -> [(&'static str, Option<u64>, (u64, u64)); 7] {
+    pub fn bounded(&self) -> [(&'static str, Option<u64>, (u64, u64)); 8] {
         [
+            ("log_every", self.log_every, limits::POSITIVE),
             ("epochs", self.epochs, limits::POSITIVE),
             ("batch_size", self.batch_size, limits::POSITIVE),
             ("max_steps", self.max_steps, limits::POSITIVE),
@@ -210,6 +214,16 @@ impl Settings {
         Ok(cfg)
     }
 
+    /// Changes in a resumed run's `cfg` the settings given of those a resume may change
+    /// ([`CHANGEABLE_ON_RESUME`]; the data is read by the caller).
+    pub fn apply_on_resume(&self, cfg: &mut TrainConfig) {
+        if let Some(e) = self.epochs {
+            cfg.epochs = e as usize;
+        }
+        cfg.max_steps = self.max_steps.or(cfg.max_steps);
+        cfg.log_every = self.log_every.unwrap_or(cfg.log_every);
+    }
+
     /// Changes in `cfg` what these settings give; what they do not give stays.
     pub fn apply_to(&self, cfg: &mut TrainConfig) -> Result<(), String> {
         if let Some(e) = self.epochs {
@@ -225,6 +239,7 @@ impl Settings {
             cfg.schedule = cfg.schedule.with_lr(lr);
         }
         cfg.max_steps = self.max_steps.or(cfg.max_steps);
+        cfg.log_every = self.log_every.unwrap_or(cfg.log_every);
         cfg.val_split = self.val_split.unwrap_or(cfg.val_split);
         cfg.shuffle = self.shuffle.unwrap_or(cfg.shuffle);
         cfg.seed = self.seed.unwrap_or(cfg.seed);

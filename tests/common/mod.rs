@@ -24,7 +24,7 @@ impl Golden {
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
         Self { bytes }
     }
-    fn st(&self) -> SafeTensors<'_> {
+    pub fn st(&self) -> SafeTensors<'_> {
         SafeTensors::deserialize(&self.bytes).expect("golden file parses")
     }
     pub fn f32(&self, name: &str) -> Vec<f32> {
