@@ -64,7 +64,8 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, mut progress: impl FnMut(&str)
         }
         model.forward(be, &x, input, true);
         model.backward(be, &x, &labels);
-        adam.step(be, model.as_mut(), 1e-3);
+        let (mut state, grads) = model.state_and_grads();
+        adam.step(be, &mut *state, grads, 1e-3);
         progress(&format!("train step {}/{}", i + 1, cfg.warmup + cfg.steps));
     }
     be.download(model.loss(), &mut loss);

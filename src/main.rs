@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a model (downloads CIFAR-10 into ./data when run without --data).
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Evaluate a checkpoint: loss, accuracy, per-class accuracy, confusion matrix.
     Eval(eval::EvalArgs),
     /// Time training steps and inference on random batches (CIFAR-shaped, or --image-size).
@@ -96,7 +96,7 @@ fn main() -> ExitCode {
             .build()
             .map_err(CliError::run)?;
         pool.install(|| match cli.command {
-            Command::Train(a) => train::run(a),
+            Command::Train(a) => train::run(*a),
             Command::Eval(a) => eval::run(a),
             Command::Bench(a) => bench::run(a),
             Command::Summary(a) => summary::run(a),

@@ -51,8 +51,9 @@ fn check<B: Backend>(be: &B, arch: Arch) {
         .collect();
     want_names.sort();
     let mut ours = Vec::new();
-    model.visit_params(&mut |p| {
-        let grad = p.read_grad(be).unwrap();
+    let (mut state, grads) = model.state_and_grads();
+    state.visit_params(&mut |p| {
+        let grad = p.read_grad(be, grads).unwrap();
         let abs: f64 = grad.iter().map(|v| v.abs() as f64).sum();
         let sum: f64 = grad.iter().map(|&v| v as f64).sum();
         let want_abs = g.f32(&format!("{name}.grad_abs_sum.{}", p.name))[0] as f64;

@@ -29,7 +29,7 @@ fn train_steps<B: Backend>(be: &B, cfg: ResNetConfig, steps: usize) -> (Vec<f32>
         be.upload(&host, &mut x);
         model.forward(be, &x, Shape4::new(n, 32, 32, 3), true);
         model.backward(be, &x, &labels);
-        adam.step(be, &mut model, 1e-3);
+        common::adam_step(be, &mut adam, &mut model, 1e-3);
         losses.push(common::get(be, model.loss(), 1)[0]);
     }
     let (host, _) = batch(n, 99);

@@ -92,8 +92,9 @@ fn check_stem<B: Backend>(be: &B, stem: Stem, file: &str, tol: &Tolerance) {
     let mut checked = 0;
     let (mut worst, mut total_err, mut count) = (0f64, 0f64, 0usize);
     let (mut worst_abs, mut worst_sum) = (0f64, 0f64);
-    model.visit_params(&mut |p| {
-        let grad = p.read_grad(be).unwrap();
+    let (mut state, grads) = model.state_and_grads();
+    state.visit_params(&mut |p| {
+        let grad = p.read_grad(be, grads).unwrap();
         let name = &p.name;
         let abs_sum: f64 = grad.iter().map(|v| v.abs() as f64).sum();
         let sum: f64 = grad.iter().map(|&v| v as f64).sum();
@@ -126,6 +127,7 @@ fn check_stem<B: Backend>(be: &B, stem: Stem, file: &str, tol: &Tolerance) {
         }
         checked += 1;
     });
+    drop(state);
     assert_eq!(checked, 62, "every trainable tensor checked");
     let mean_err = total_err / count as f64;
     eprintln!(
@@ -138,7 +140,9 @@ fn check_stem<B: Backend>(be: &B, stem: Stem, file: &str, tol: &Tolerance) {
 
     // 3. one Adam step, then parameters and BN running statistics.
     let mut adam = Adam::new(AdamConfig::default());
-    adam.step(be, &mut model, 0.01);
+    let (mut state, grads) = model.state_and_grads();
+    adam.step(be, &mut *state, grads, 0.01);
+    drop(state);
     model.visit(&mut |e| {
         let Entry::Tensor(p) = e else { return };
         let name = p.name.clone();

@@ -80,14 +80,14 @@ fn conv_case<B: Backend>(
     let mut ws2 = be.alloc(be.conv2d_workspace_len(&g));
     let (xd, wd, rd) = (put(be, &x), put(be, &wt), put(be, &r));
     let (mut dxd, mut dwd) = (be.alloc(x.len()), be.alloc(wt.len()));
-    be.conv2d_backward(&g, &xd, &wd, &rd, Some(&mut dxd), &mut dwd, &mut ws2);
+    be.conv2d_backward(&g, &xd, &wd, &rd, Some(&mut dxd), &mut dwd, 0, &mut ws2);
     let (dx, dw) = (get(be, &dxd, x.len()), get(be, &dwd, wt.len()));
     let what = format!("{}: conv {g:?}", be.name());
     assert_fd(&format!("{what} dx"), &x, &dx, |xp| fwd(xp, &wt));
     assert_fd(&format!("{what} dw"), &wt, &dw, |wp| fwd(&x, wp));
     // Without dx the weight gradient must be the same.
     let mut dw2 = be.alloc(wt.len());
-    be.conv2d_backward(&g, &xd, &wd, &rd, None, &mut dw2, &mut ws2);
+    be.conv2d_backward(&g, &xd, &wd, &rd, None, &mut dw2, 0, &mut ws2);
     assert_eq!(
         dw,
         get(be, &dw2, wt.len()),
@@ -134,7 +134,7 @@ fn conv_batch_split_into_workspace_chunks() {
     be.conv2d_forward(&g, &x, &wt, &mut y, &mut ws);
     let mut dx = vec![0.0; x.len()];
     let mut dw = vec![0.0; wt.len()];
-    be.conv2d_backward(&g, &x, &wt, &dy, Some(&mut dx), &mut dw, &mut ws);
+    be.conv2d_backward(&g, &x, &wt, &dy, Some(&mut dx), &mut dw, 0, &mut ws);
     // Per-image reference: the same op on each image alone (one chunk each).
     let gi = ConvGeom {
         input: Shape4::new(1, 64, 64, 8),
@@ -155,6 +155,7 @@ fn conv_batch_split_into_workspace_chunks() {
             &dy[i * yl..(i + 1) * yl].to_vec(),
             Some(&mut dxi),
             &mut dwi,
+            0,
             &mut wsi,
         );
         assert_eq!(&dx[i * xl..(i + 1) * xl], &dxi[..], "dx of image {i}");
@@ -232,7 +233,10 @@ fn bn_case<B: Backend>(be: &B, rows: usize, c: usize, residual: bool, relu: bool
     let (y, saved, _, _) = fwd(&x, &gamma, &beta, &res);
     // With a fused ReLU, the backward masks dy in place by the forward output.
     let mut dy = put(be, &r);
-    let (mut dx, mut dg, mut db) = (be.alloc(rows * c), be.alloc(c), be.alloc(c));
+    // The scale's and shift's gradients go into an arena, at offsets that are not 0, with a
+    // gap between them, as in a model's gradient arena.
+    let (mut dx, mut grads) = (be.alloc(rows * c), be.alloc(2 * c + 24));
+    let (dg_at, db_at) = (16, 16 + c + 5);
     let yd = put(be, &y);
     be.batch_norm_backward(
         &Shape4::new(rows, 1, 1, c),
@@ -242,14 +246,20 @@ fn bn_case<B: Backend>(be: &B, rows: usize, c: usize, residual: bool, relu: bool
         relu.then_some(&yd),
         &mut dy,
         &mut dx,
-        &mut dg,
-        &mut db,
+        &mut grads,
+        dg_at,
+        db_at,
     );
+    let arena = get(be, &grads, 2 * c + 24);
     let (dy, dx, dg, db) = (
         get(be, &dy, rows * c),
         get(be, &dx, rows * c),
-        get(be, &dg, c),
-        get(be, &db, c),
+        arena[dg_at..dg_at + c].to_vec(),
+        arena[db_at..db_at + c].to_vec(),
+    );
+    assert!(
+        arena[..dg_at].iter().chain(&arena[dg_at + c..db_at]).all(|&v| v == 0.0),
+        "nothing written outside the two gradients"
     );
     let what = format!(
         "{}: batch norm rows={rows} c={c} residual={residual} relu={relu}",
@@ -389,7 +399,9 @@ fn linear<B: Backend>(be: &B) {
         be.linear_forward(n, din, dout, &put(be, x), &put(be, w), &put(be, b), &mut y);
         dot(&get(be, &y, n * dout), &r)
     };
-    let (mut dx, mut dw, mut db) = (be.alloc(x.len()), be.alloc(w.len()), be.alloc(dout));
+    // The bias gradient sits before the weight's in the arena, so the windows' order is free.
+    let (db_at, dw_at) = (0, dout + 3);
+    let (mut dx, mut grads) = (be.alloc(x.len()), be.alloc(dw_at + w.len()));
     be.linear_backward(
         n,
         din,
@@ -398,10 +410,16 @@ fn linear<B: Backend>(be: &B) {
         &put(be, &w),
         &put(be, &r),
         &mut dx,
-        &mut dw,
-        &mut db,
+        &mut grads,
+        dw_at,
+        db_at,
     );
-    let (dx, dw, db) = (get(be, &dx, x.len()), get(be, &dw, w.len()), get(be, &db, dout));
+    let arena = get(be, &grads, dw_at + w.len());
+    let (dx, dw, db) = (
+        get(be, &dx, x.len()),
+        arena[dw_at..].to_vec(),
+        arena[db_at..db_at + dout].to_vec(),
+    );
     assert_fd("linear dx", &x, &dx, |p| fwd(p, &w, &b));
     assert_fd("linear dw", &w, &dw, |p| fwd(&x, p, &b));
     assert_fd("linear db", &b, &db, |p| fwd(&x, &w, p));

@@ -215,7 +215,7 @@ fn checkpoint_round_trip_gives_identical_logits() {
     // One training step so that weights, running statistics and counters are not initial.
     logits(&be, &mut model, &x, 4, true);
     model.backward(&be, &x, &labels);
-    Adam::new(AdamConfig::default()).step(&be, &mut model, 0.01);
+    common::adam_step(&be, &mut Adam::new(AdamConfig::default()), &mut model, 0.01);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.safetensors");
     checkpoint::save(&path, &be, &mut model, None).unwrap();
@@ -299,7 +299,7 @@ fn train_steps(threads: usize, steps: usize) -> Vec<u8> {
             let (x, labels) = batch(&be, 8, s as u32);
             logits(&be, &mut model, &x, 8, true);
             model.backward(&be, &x, &labels);
-            adam.step(&be, &mut model, 0.01);
+            common::adam_step(&be, &mut adam, &mut model, 0.01);
         }
         checkpoint::to_bytes(&checkpoint::state_dict(&be, &mut model), None)
     })

@@ -586,6 +586,7 @@ fn settings_are_flags_and_toml_keys_alike() {
         batch_size = 16
         lr = 0.1
         max_steps = 9
+        log_every = 10
         val_split = 100
         shuffle = false
         seed = 4

@@ -18,7 +18,8 @@ pub struct TrainArgs {
     #[command(flatten)]
     settings: Settings,
     /// Continue the run in this folder from its last checkpoint (bit-identical to a run that
-    /// was never stopped, with the same thread count). Takes --epochs, --max-steps, --data.
+    /// was never stopped, with the same thread count). Takes --epochs, --max-steps, --data,
+    /// --log-every.
     #[arg(long, value_name = "RUN_DIR")]
     resume: Option<PathBuf>,
     /// A TOML file of settings with the flags' names (recipe = "fast", epochs = 30, ...);

@@ -114,6 +114,11 @@ pub struct SgdStep {
 
 /// The kernels the model needs. A GPU backend implements the same trait; the model never
 /// touches memory except through it.
+///
+/// Gradients of parameters live in one buffer, the model's gradient arena (llm.c's
+/// `grads_memory`), so that data-parallel ranks average all of them with one all-reduce: the
+/// ops that write or read a parameter's gradient take the arena `grads` and the gradient's
+/// offset in it (`dw_at`, ...), in values.
 pub trait Backend: Send + Sync + 'static {
     /// Device memory holding f32 values.
     type Buf: Send + Sync;
@@ -134,7 +139,8 @@ pub trait Backend: Send + Sync + 'static {
     fn conv2d_workspace_len(&self, g: &ConvGeom) -> usize;
     /// y = conv(x, w).
     fn conv2d_forward(&self, g: &ConvGeom, x: &Self::Buf, w: &Self::Buf, y: &mut Self::Buf, ws: &mut Self::Buf);
-    /// dw = dL/dw (overwritten); dx = dL/dx (overwritten) when asked for.
+    /// dw = dL/dw (overwritten, at `dw_at` in `grads`); dx = dL/dx (overwritten) when asked for.
+    #[allow(clippy::too_many_arguments)]
     fn conv2d_backward(
         &self,
         g: &ConvGeom,
@@ -142,7 +148,8 @@ pub trait Backend: Send + Sync + 'static {
         w: &Self::Buf,
         dy: &Self::Buf,
         dx: Option<&mut Self::Buf>,
-        dw: &mut Self::Buf,
+        grads: &mut Self::Buf,
+        dw_at: usize,
         ws: &mut Self::Buf,
     );
 
@@ -179,7 +186,8 @@ pub trait Backend: Send + Sync + 'static {
         relu: bool,
         y: &mut Self::Buf,
     );
-    /// Backward of training-mode batch norm: dx, dgamma, dbeta (all overwritten). When the
+    /// Backward of training-mode batch norm: dx, dgamma and dbeta (at `dgamma_at`, `dbeta_at`
+    /// in `grads`), all overwritten. When the
     /// forward pass fused a ReLU, `relu_out` is its output and `dy` is masked by it in place
     /// first (the residual branch of a block reads the masked gradient).
     fn batch_norm_backward(
@@ -191,13 +199,14 @@ pub trait Backend: Send + Sync + 'static {
         relu_out: Option<&Self::Buf>,
         dy: &mut Self::Buf,
         dx: &mut Self::Buf,
-        dgamma: &mut Self::Buf,
-        dbeta: &mut Self::Buf,
+        grads: &mut Self::Buf,
+        dgamma_at: usize,
+        dbeta_at: usize,
     );
     /// `y[r, ch] += bias[ch]` for each of `rows` rows of `c` channels (a conv's or linear's bias).
     fn bias_add(&self, rows: usize, c: usize, bias: &Self::Buf, y: &mut Self::Buf);
-    /// `db[ch]` = the sum over `rows` rows of `dy[r, ch]` (overwritten).
-    fn bias_grad(&self, rows: usize, c: usize, dy: &Self::Buf, db: &mut Self::Buf);
+    /// `db[ch]` = the sum over `rows` rows of `dy[r, ch]` (overwritten, at `db_at` in `grads`).
+    fn bias_grad(&self, rows: usize, c: usize, dy: &Self::Buf, grads: &mut Self::Buf, db_at: usize);
     /// y = max(x, 0) over `len` values.
     fn relu_forward(&self, len: usize, x: &Self::Buf, y: &mut Self::Buf);
     /// dx = dy where the forward output `y` is positive, else 0.
@@ -224,7 +233,8 @@ pub trait Backend: Send + Sync + 'static {
         b: &Self::Buf,
         y: &mut Self::Buf,
     );
-    /// dw, db, dx (all overwritten).
+    /// dx, and dw and db at `dw_at` and `db_at` in `grads` (all overwritten).
+    #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
         n: usize,
@@ -234,8 +244,9 @@ pub trait Backend: Send + Sync + 'static {
         w: &Self::Buf,
         dy: &Self::Buf,
         dx: &mut Self::Buf,
-        dw: &mut Self::Buf,
-        db: &mut Self::Buf,
+        grads: &mut Self::Buf,
+        dw_at: usize,
+        db_at: usize,
     );
     /// Mean softmax cross-entropy of `logits` (`[n, classes]`) against `labels`, with
     /// PyTorch's label smoothing (the target is `(1 - s) * onehot + s / classes`); writes the
@@ -257,18 +268,28 @@ pub trait Backend: Send + Sync + 'static {
     /// loss after every step, and still learns the exact step a run diverged at.
     fn watch_loss(&self, loss: &Self::Buf, step: u64, watch: &mut Self::Buf);
 
-    /// One Adam step on `param` with state `m`, `v`.
+    /// One Adam step on `param` (its gradient at `grad_at` in `grads`) with state `m`, `v`.
+    #[allow(clippy::too_many_arguments)]
     fn adam_step(
         &self,
         len: usize,
         h: &AdamStep,
         param: &mut Self::Buf,
-        grad: &Self::Buf,
+        grads: &Self::Buf,
+        grad_at: usize,
         m: &mut Self::Buf,
         v: &mut Self::Buf,
     );
-    /// One SGD step on `param` with momentum buffer `buf`.
-    fn sgd_step(&self, len: usize, h: &SgdStep, param: &mut Self::Buf, grad: &Self::Buf, buf: &mut Self::Buf);
+    /// One SGD step on `param` (its gradient at `grad_at` in `grads`) with momentum buffer `buf`.
+    fn sgd_step(
+        &self,
+        len: usize,
+        h: &SgdStep,
+        param: &mut Self::Buf,
+        grads: &Self::Buf,
+        grad_at: usize,
+        buf: &mut Self::Buf,
+    );
 }
 
 /// Grows `buf` to hold at least `len` values; keeps it when it is already large enough, so a

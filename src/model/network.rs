@@ -12,6 +12,13 @@ pub trait Network<B: Backend>: Module<B> {
     /// Cross-entropy of the last forward pass against `labels`, then every gradient.
     fn backward(&mut self, be: &B, x: &B::Buf, labels: &[u32]);
     fn logits(&self) -> &B::Buf;
+    /// The gradient arena: every trainable parameter's gradient at its `Param::grad` offset,
+    /// overwritten by [`Network::backward`]. Data-parallel ranks average it with one
+    /// all-reduce.
+    fn grads(&self) -> &B::Buf;
+    /// The model's state (as a [`Module`]) and its gradient arena at once: an optimizer step
+    /// updates the one from the other.
+    fn state_and_grads(&mut self) -> (Box<dyn Module<B> + '_>, &mut B::Buf);
     /// The loss of the last backward pass, on the device.
     fn loss(&self) -> &B::Buf;
     fn num_classes(&self) -> usize;
@@ -88,6 +95,12 @@ impl<B: Backend> Network<B> for ResNet<B> {
     }
     fn logits(&self) -> &B::Buf {
         ResNet::logits(self)
+    }
+    fn grads(&self) -> &B::Buf {
+        ResNet::grads(self)
+    }
+    fn state_and_grads(&mut self) -> (Box<dyn Module<B> + '_>, &mut B::Buf) {
+        ResNet::state_and_grads(self)
     }
     fn loss(&self) -> &B::Buf {
         ResNet::loss(self)

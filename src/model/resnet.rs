@@ -171,7 +171,9 @@ impl<B: Backend> BasicBlock<B> {
         sb
     }
 
-    /// `dout` holds dL/d(block output) and is clobbered; `dx` receives dL/dx.
+    /// `dout` holds dL/d(block output) and is clobbered; `dx` receives dL/dx; the
+    /// parameters' gradients go into the arena `grads`.
+    #[allow(clippy::too_many_arguments)]
     fn backward(
         &mut self,
         be: &B,
@@ -181,17 +183,18 @@ impl<B: Backend> BasicBlock<B> {
         dx: &mut B::Buf,
         scratch: &mut [B::Buf; 2],
         ws: &mut B::Buf,
+        grads: &mut B::Buf,
     ) {
         let [s0, s1] = scratch;
         // After this, dout is masked by the final ReLU: the gradient of both branches.
-        self.bn_b.backward(be, &self.conv_b.out, dout, s0);
-        self.conv_b.backward(be, &self.bn_a.out, s0, Some(s1), ws);
-        self.bn_a.backward(be, &self.conv_a.out, s1, s0);
-        self.conv_a.backward(be, x, s0, Some(dx), ws);
+        self.bn_b.backward(be, &self.conv_b.out, dout, s0, grads);
+        self.conv_b.backward(be, &self.bn_a.out, s0, Some(s1), grads, ws);
+        self.bn_a.backward(be, &self.conv_a.out, s1, s0, grads);
+        self.conv_a.backward(be, x, s0, Some(dx), grads, ws);
         match &mut self.shortcut {
             Some((conv, bn)) => {
-                bn.backward(be, &conv.out, dout, s0);
-                conv.backward(be, x, s0, Some(s1), ws);
+                bn.backward(be, &conv.out, dout, s0, grads);
+                conv.backward(be, x, s0, Some(s1), grads, ws);
                 be.add_assign(input.numel(), s1, dx);
             }
             None => be.add_assign(input.numel(), dout, dx),
@@ -228,6 +231,8 @@ pub struct ResNet<B: Backend> {
     scratch: [B::Buf; 2],
     ws: B::Buf,
     dlogits: B::Buf,
+    /// The gradient arena: every parameter's gradient, at its `Param::grad`.
+    param_grads: B::Buf,
     /// The training loss (its label smoothing is set through [`super::Network`]).
     pub criterion: CrossEntropy<B>,
 }
@@ -253,6 +258,7 @@ impl<B: Backend> ResNet<B> {
             cin = cout;
         }
         let fc = Linear::new(&root.pp("fc"), cfg.feature_channels(), cfg.num_classes);
+        let param_grads = be.alloc(root.grad_len());
         Self {
             cfg,
             stem,
@@ -266,6 +272,7 @@ impl<B: Backend> ResNet<B> {
             scratch: [be.alloc(0), be.alloc(0)],
             ws: be.alloc(0),
             dlogits: be.alloc(0),
+            param_grads,
             criterion: CrossEntropy::new(be),
         }
     }
@@ -303,7 +310,8 @@ impl<B: Backend> ResNet<B> {
     }
 
     /// Cross-entropy of the last forward pass against `labels`, then the backward pass:
-    /// every trainable parameter's gradient is overwritten. `x` must be the forward input.
+    /// every trainable parameter's gradient is overwritten (in [`Self::grads`]). `x` must be
+    /// the forward input.
     /// The loss stays on the device ([`Self::loss`]) so that a step needs no host round trip.
     pub fn backward(&mut self, be: &B, x: &B::Buf, labels: &[u32]) {
         let n = self.n;
@@ -319,13 +327,23 @@ impl<B: Backend> ResNet<B> {
         }
         let [ga, gb] = &mut self.grad;
         let (mut dout, mut dx) = (ga, gb);
+        let grads = &mut self.param_grads;
         self.fc
-            .backward(be, &self.avgpool.out, &self.dlogits, &mut self.scratch[0]);
+            .backward(be, &self.avgpool.out, &self.dlogits, &mut self.scratch[0], grads);
         self.avgpool.backward(be, &self.scratch[0], dout);
         for i in (0..self.blocks.len()).rev() {
             let (before, rest) = self.blocks.split_at_mut(i);
             let input = before.last().map_or(self.stem.out(), |b| b.out());
-            rest[0].backward(be, input, self.shapes[i], dout, dx, &mut self.scratch, &mut self.ws);
+            rest[0].backward(
+                be,
+                input,
+                self.shapes[i],
+                dout,
+                dx,
+                &mut self.scratch,
+                &mut self.ws,
+                grads,
+            );
             std::mem::swap(&mut dout, &mut dx);
         }
         if let Some(pool) = &self.stem.pool {
@@ -334,13 +352,32 @@ impl<B: Backend> ResNet<B> {
         }
         self.stem
             .bn
-            .backward(be, &self.stem.conv.out, dout, &mut self.scratch[0]);
-        self.stem.conv.backward(be, x, &self.scratch[0], None, &mut self.ws);
+            .backward(be, &self.stem.conv.out, dout, &mut self.scratch[0], grads);
+        self.stem
+            .conv
+            .backward(be, x, &self.scratch[0], None, grads, &mut self.ws);
     }
 
     /// The loss computed by the last [`Self::backward`].
     pub fn loss(&self) -> &B::Buf {
         &self.criterion.loss
+    }
+
+    /// The gradient arena the last [`Self::backward`] wrote.
+    pub fn grads(&self) -> &B::Buf {
+        &self.param_grads
+    }
+
+    /// The trainable layers, as one module apart from the rest of the model.
+    fn layers_and_grads(&mut self) -> (Layers<'_, B>, &mut B::Buf) {
+        let Self {
+            stem,
+            blocks,
+            fc,
+            param_grads,
+            ..
+        } = self;
+        (Layers { stem, blocks, fc }, param_grads)
     }
 
     /// Number of trainable values.
@@ -351,13 +388,34 @@ impl<B: Backend> ResNet<B> {
     }
 }
 
-impl<B: Backend> Module<B> for ResNet<B> {
+/// The layers of a [`ResNet`] that hold state, borrowed apart from its gradient arena.
+struct Layers<'a, B: Backend> {
+    stem: &'a mut StemLayers<B>,
+    blocks: &'a mut [BasicBlock<B>],
+    fc: &'a mut Linear<B>,
+}
+
+impl<B: Backend> Module<B> for Layers<'_, B> {
     fn visit(&mut self, f: &mut dyn FnMut(Entry<'_, B>)) {
         self.stem.conv.visit(f);
         self.stem.bn.visit(f);
-        for b in &mut self.blocks {
+        for b in self.blocks.iter_mut() {
             b.visit(f);
         }
         self.fc.visit(f);
+    }
+}
+
+impl<B: Backend> Module<B> for ResNet<B> {
+    fn visit(&mut self, f: &mut dyn FnMut(Entry<'_, B>)) {
+        self.layers_and_grads().0.visit(f);
+    }
+}
+
+impl<B: Backend> ResNet<B> {
+    /// The state and the gradient arena at once (see [`super::Network::state_and_grads`]).
+    pub fn state_and_grads(&mut self) -> (Box<dyn Module<B> + '_>, &mut B::Buf) {
+        let (layers, grads) = self.layers_and_grads();
+        (Box::new(layers), grads)
     }
 }

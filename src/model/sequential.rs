@@ -40,6 +40,8 @@ pub struct Sequential<B: Backend> {
     shapes: Vec<Shape4>,
     grad: [B::Buf; 2],
     ws: B::Buf,
+    /// The gradient arena: every parameter's gradient, at its `Param::grad`.
+    param_grads: B::Buf,
     criterion: CrossEntropy<B>,
 }
 
@@ -58,7 +60,13 @@ fn conv<B: Backend>(b: &Builder<B>, cin: usize, cout: usize, kernel: usize, pad:
 }
 
 impl<B: Backend> Sequential<B> {
-    fn new(be: &B, title: &'static str, layers: Vec<(&'static str, Option<usize>, Layer<B>)>, classes: usize) -> Self {
+    fn new(
+        be: &B,
+        title: &'static str,
+        layers: Vec<(&'static str, Option<usize>, Layer<B>)>,
+        classes: usize,
+        grad_len: usize,
+    ) -> Self {
         let (labels, layers) = layers.into_iter().map(|(g, i, l)| ((g, i), l)).unzip();
         Self {
             title,
@@ -68,6 +76,7 @@ impl<B: Backend> Sequential<B> {
             shapes: Vec::new(),
             grad: [be.alloc(0), be.alloc(0)],
             ws: be.alloc(0),
+            param_grads: be.alloc(grad_len),
             criterion: CrossEntropy::new(be),
         }
     }
@@ -92,7 +101,7 @@ impl<B: Backend> Sequential<B> {
         layers.push(("classifier", Some(1), Layer::Relu(Relu::new(be))));
         let fc2 = Linear::new(&c.pp(2), 64, classes);
         layers.push(("classifier", Some(2), Layer::Linear(fc2)));
-        Self::new(be, "LeNet", layers, classes)
+        Self::new(be, "LeNet", layers, classes, root.grad_len())
     }
 
     /// VGG-16 with batch norm: 13 3x3 convs (64, 64, M, 128, 128, M, 256 x3, M, 512 x3, M,
@@ -124,7 +133,7 @@ impl<B: Backend> Sequential<B> {
             Linear::with_layout(&root.pp("classifier"), s * s * 512, classes, flat)
         };
         layers.push(("classifier", None, Layer::Linear(fc)));
-        Self::new(be, "VGG16", layers, classes)
+        Self::new(be, "VGG16", layers, classes, root.grad_len())
     }
 }
 
@@ -171,6 +180,7 @@ impl<B: Backend> Network<B> for Sequential<B> {
         }
         let [ga, gb] = &mut self.grad;
         let (mut dout, mut dx) = (ga, gb);
+        let grads = &mut self.param_grads;
         let logits = self.layers.last().expect("a layer").out();
         self.criterion.forward_backward(be, logits, self.classes, labels, dout);
         for i in (0..self.layers.len()).rev() {
@@ -178,14 +188,14 @@ impl<B: Backend> Network<B> for Sequential<B> {
             let input = before.last().map_or(x, |l| l.out());
             let s = self.shapes[i];
             match &mut rest[0] {
-                Layer::Conv(l) => l.backward(be, input, dout, (i > 0).then_some(&mut *dx), &mut self.ws),
-                Layer::BatchNorm(l) => l.backward(be, input, dout, dx),
+                Layer::Conv(l) => l.backward(be, input, dout, (i > 0).then_some(&mut *dx), grads, &mut self.ws),
+                Layer::BatchNorm(l) => l.backward(be, input, dout, dx, grads),
                 Layer::Relu(l) => l.backward(be, dout, dx),
                 Layer::MaxPool(l) => {
                     ensure_len(be, dx, s.numel());
                     l.backward(be, input, dout, dx)
                 }
-                Layer::Linear(l) => l.backward(be, input, dout, dx),
+                Layer::Linear(l) => l.backward(be, input, dout, dx, grads),
             }
             std::mem::swap(&mut dout, &mut dx);
         }
@@ -193,6 +203,12 @@ impl<B: Backend> Network<B> for Sequential<B> {
 
     fn logits(&self) -> &B::Buf {
         self.layers.last().expect("a layer").out()
+    }
+    fn grads(&self) -> &B::Buf {
+        &self.param_grads
+    }
+    fn state_and_grads(&mut self) -> (Box<dyn Module<B> + '_>, &mut B::Buf) {
+        (Box::new(&mut self.layers), &mut self.param_grads)
     }
     fn loss(&self) -> &B::Buf {
         &self.criterion.loss
@@ -214,7 +230,13 @@ impl<B: Backend> Network<B> for Sequential<B> {
 
 impl<B: Backend> Module<B> for Sequential<B> {
     fn visit(&mut self, f: &mut dyn FnMut(Entry<'_, B>)) {
-        for layer in &mut self.layers {
+        self.layers.visit(f);
+    }
+}
+
+impl<B: Backend> Module<B> for Vec<Layer<B>> {
+    fn visit(&mut self, f: &mut dyn FnMut(Entry<'_, B>)) {
+        for layer in self.iter_mut() {
             match layer {
                 Layer::Conv(l) => l.visit(f),
                 Layer::BatchNorm(l) => l.visit(f),

@@ -85,14 +85,26 @@ impl<B: Backend> BatchNorm2d<B> {
     }
 
     /// Given dL/d(out) in `dy`, masks it in place by the fused ReLU (so that `dy` then also
-    /// holds the residual branch's gradient), and writes dL/dx into `dx`.
-    pub fn backward(&mut self, be: &B, x: &B::Buf, dy: &mut B::Buf, dx: &mut B::Buf) {
+    /// holds the residual branch's gradient), writes dL/dx into `dx` and the scale's and
+    /// shift's gradients into the gradient arena `grads`.
+    pub fn backward(&mut self, be: &B, x: &B::Buf, dy: &mut B::Buf, dx: &mut B::Buf, grads: &mut B::Buf) {
         let s = self.shape;
         ensure_len(be, dx, s.numel());
-        let dgamma = self.weight.grad.as_mut().expect("bn weight is trainable");
-        let dbeta = self.bias.grad.as_mut().expect("bn bias is trainable");
+        let dgamma = self.weight.grad.expect("bn weight is trainable");
+        let dbeta = self.bias.grad.expect("bn bias is trainable");
         let relu_out = self.relu.then_some(&self.out);
-        be.batch_norm_backward(&s, x, &self.weight.value, &self.saved, relu_out, dy, dx, dgamma, dbeta);
+        be.batch_norm_backward(
+            &s,
+            x,
+            &self.weight.value,
+            &self.saved,
+            relu_out,
+            dy,
+            dx,
+            grads,
+            dgamma,
+            dbeta,
+        );
     }
 }
 

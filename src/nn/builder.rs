@@ -8,14 +8,19 @@ use crate::engine::Backend;
 use crate::engine::Layout;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 pub struct Builder<'a, B: Backend> {
     backend: &'a B,
     prefix: String,
     rng: Rc<RefCell<ChaCha8Rng>>,
+    /// Values of the gradient arena handed out so far (shared by every scoped builder).
+    grad_len: Rc<Cell<usize>>,
 }
+
+/// Gradients start at multiples of 16 values (64 bytes, a cache line and an AVX-512 vector).
+const GRAD_ALIGN: usize = 16;
 
 impl<'a, B: Backend> Builder<'a, B> {
     pub fn new(backend: &'a B, seed: u64) -> Self {
@@ -23,7 +28,14 @@ impl<'a, B: Backend> Builder<'a, B> {
             backend,
             prefix: String::new(),
             rng: Rc::new(RefCell::new(ChaCha8Rng::seed_from_u64(seed))),
+            grad_len: Rc::new(Cell::new(0)),
         }
+    }
+
+    /// The size of the gradient arena for every trainable parameter made so far: the model
+    /// allocates it once they are all made.
+    pub fn grad_len(&self) -> usize {
+        self.grad_len.get()
     }
 
     pub fn backend(&self) -> &'a B {
@@ -41,6 +53,7 @@ impl<'a, B: Backend> Builder<'a, B> {
             backend: self.backend,
             prefix,
             rng: self.rng.clone(),
+            grad_len: self.grad_len.clone(),
         }
     }
 
@@ -59,7 +72,11 @@ impl<'a, B: Backend> Builder<'a, B> {
             shape: shape.to_vec(),
             layout,
             value: self.backend.alloc(numel),
-            grad: trainable.then(|| self.backend.alloc(numel)),
+            grad: trainable.then(|| {
+                let at = self.grad_len.get();
+                self.grad_len.set((at + numel).next_multiple_of(GRAD_ALIGN));
+                at
+            }),
             frozen: false,
         };
         p.write(self.backend, torch_values);

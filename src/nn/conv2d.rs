@@ -74,19 +74,27 @@ impl<B: Backend> Conv2d<B> {
         g.output()
     }
 
-    /// Writes the weight gradient and, when `dx` is given, the input gradient.
-    /// `x` must be the input of the last forward pass.
-    pub fn backward(&mut self, be: &B, x: &B::Buf, dy: &B::Buf, dx: Option<&mut B::Buf>, ws: &mut B::Buf) {
+    /// Writes the weight gradient (into the gradient arena `grads`) and, when `dx` is given,
+    /// the input gradient. `x` must be the input of the last forward pass.
+    pub fn backward(
+        &mut self,
+        be: &B,
+        x: &B::Buf,
+        dy: &B::Buf,
+        dx: Option<&mut B::Buf>,
+        grads: &mut B::Buf,
+        ws: &mut B::Buf,
+    ) {
         let g = self.geom.expect("conv backward before forward");
         let mut dx = dx;
         if let Some(d) = dx.as_deref_mut() {
             ensure_len(be, d, g.input.numel());
         }
-        let dw = self.weight.grad.as_mut().expect("conv weight is trainable");
-        be.conv2d_backward(&g, x, &self.weight.value, dy, dx, dw, ws);
-        if let Some(b) = &mut self.bias {
-            let db = b.grad.as_mut().expect("conv bias is trainable");
-            be.bias_grad(g.output().rows(), g.cout, dy, db);
+        let dw = self.weight.grad.expect("conv weight is trainable");
+        be.conv2d_backward(&g, x, &self.weight.value, dy, dx, grads, dw, ws);
+        if let Some(b) = &self.bias {
+            let db = b.grad.expect("conv bias is trainable");
+            be.bias_grad(g.output().rows(), g.cout, dy, grads, db);
         }
     }
 }

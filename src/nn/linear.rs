@@ -49,11 +49,23 @@ impl<B: Backend> Linear<B> {
         );
     }
 
-    pub fn backward(&mut self, be: &B, x: &B::Buf, dy: &B::Buf, dx: &mut B::Buf) {
+    /// Writes dx, and the weight and bias gradients into the gradient arena `grads`.
+    pub fn backward(&mut self, be: &B, x: &B::Buf, dy: &B::Buf, dx: &mut B::Buf, grads: &mut B::Buf) {
         ensure_len(be, dx, self.n * self.din);
-        let dw = self.weight.grad.as_mut().expect("trainable");
-        let db = self.bias.grad.as_mut().expect("trainable");
-        be.linear_backward(self.n, self.din, self.dout, x, &self.weight.value, dy, dx, dw, db);
+        let dw = self.weight.grad.expect("trainable");
+        let db = self.bias.grad.expect("trainable");
+        be.linear_backward(
+            self.n,
+            self.din,
+            self.dout,
+            x,
+            &self.weight.value,
+            dy,
+            dx,
+            grads,
+            dw,
+            db,
+        );
     }
 }
 

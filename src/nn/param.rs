@@ -12,8 +12,9 @@ pub struct Param<B: Backend> {
     pub shape: Vec<usize>,
     pub layout: Layout,
     pub value: B::Buf,
-    /// `Some` for trainable parameters; written by the backward pass.
-    pub grad: Option<B::Buf>,
+    /// For trainable parameters, where the backward pass writes the gradient: the offset (in
+    /// values) of its `numel()` values in the model's gradient arena.
+    pub grad: Option<usize>,
     /// A trainable parameter the optimizer leaves as it is (`--freeze-backbone`; PyTorch's
     /// `requires_grad = False`). Its gradient is still written, and never read.
     pub frozen: bool,
@@ -58,12 +59,13 @@ impl<B: Backend> Param<B> {
         self.to_torch_layout(&host)
     }
 
-    /// The gradient in PyTorch's layout, on the host (None for buffers).
-    pub fn read_grad(&self, backend: &B) -> Option<Vec<f32>> {
-        let grad = self.grad.as_ref()?;
-        let mut host = vec![0.0; self.numel()];
-        backend.download(grad, &mut host);
-        Some(self.to_torch_layout(&host))
+    /// The gradient in PyTorch's layout, on the host, from the model's gradient arena `grads`
+    /// (None for buffers).
+    pub fn read_grad(&self, backend: &B, grads: &B::Buf) -> Option<Vec<f32>> {
+        let at = self.grad?;
+        let mut host = vec![0.0; at + self.numel()];
+        backend.download(grads, &mut host);
+        Some(self.to_torch_layout(&host[at..]))
     }
 
     /// Sets the value from PyTorch-layout data; the length must match.
@@ -118,5 +120,12 @@ pub trait Module<B: Backend> {
                 p.frozen = p.trainable() && !p.name.starts_with(&prefix);
             }
         });
+    }
+}
+
+/// A borrowed module is a module (a model lends out parts of itself this way).
+impl<B: Backend, M: Module<B> + ?Sized> Module<B> for &mut M {
+    fn visit(&mut self, f: &mut dyn FnMut(Entry<'_, B>)) {
+        (**self).visit(f)
     }
 }

@@ -46,8 +46,8 @@ impl<B: Backend> Adam<B> {
     }
 
     /// Applies one step with learning rate `lr` to every trainable parameter of `model`,
-    /// using the gradients its last backward pass wrote.
-    pub fn step(&mut self, be: &B, model: &mut (impl Module<B> + ?Sized), lr: f64) {
+    /// using the gradients its last backward pass wrote into the arena `grads`.
+    pub fn step(&mut self, be: &B, model: &mut (impl Module<B> + ?Sized), grads: &B::Buf, lr: f64) {
         self.steps += 1;
         let h = AdamStep {
             lr,
@@ -70,7 +70,7 @@ impl<B: Backend> Adam<B> {
                 weight_decay: super::decay_for(p, h.weight_decay, decay_1d),
                 ..h
             };
-            be.adam_step(n, &h, &mut p.value, p.grad.as_ref().expect("trainable"), m, v);
+            be.adam_step(n, &h, &mut p.value, grads, p.grad.expect("trainable"), m, v);
             i += 1;
         });
     }

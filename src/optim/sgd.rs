@@ -48,7 +48,9 @@ impl<B: Backend> Sgd<B> {
         }
     }
 
-    pub fn step(&mut self, be: &B, model: &mut (impl Module<B> + ?Sized), lr: f64) {
+    /// Applies one step with learning rate `lr` to every trainable parameter of `model`,
+    /// using the gradients its last backward pass wrote into the arena `grads`.
+    pub fn step(&mut self, be: &B, model: &mut (impl Module<B> + ?Sized), grads: &B::Buf, lr: f64) {
         let h = SgdStep {
             lr,
             momentum: self.cfg.momentum,
@@ -70,7 +72,7 @@ impl<B: Backend> Sgd<B> {
                 weight_decay: super::decay_for(p, h.weight_decay, decay_1d),
                 ..h
             };
-            be.sgd_step(n, &h, &mut p.value, p.grad.as_ref().expect("trainable"), &mut state[i]);
+            be.sgd_step(n, &h, &mut p.value, grads, p.grad.expect("trainable"), &mut state[i]);
             i += 1;
         });
     }

@@ -4,6 +4,7 @@
 use super::config::OptimizerConfig;
 use crate::checkpoint::HostTensor;
 use crate::engine::Backend;
+use crate::model::Network;
 use crate::nn::Module;
 use crate::optim::{Adam, Sgd};
 use std::collections::BTreeMap;
@@ -21,10 +22,12 @@ impl<B: Backend> Optimizer<B> {
         }
     }
 
-    pub fn step(&mut self, be: &B, model: &mut (impl Module<B> + ?Sized), lr: f64) {
+    /// One step of every trainable parameter of `model` from the gradients in its arena.
+    pub fn step(&mut self, be: &B, model: &mut dyn Network<B>, lr: f64) {
+        let (mut state, grads) = model.state_and_grads();
         match self {
-            Optimizer::Adam(o) => o.step(be, model, lr),
-            Optimizer::Sgd(o) => o.step(be, model, lr),
+            Optimizer::Adam(o) => o.step(be, &mut *state, grads, lr),
+            Optimizer::Sgd(o) => o.step(be, &mut *state, grads, lr),
         }
     }
 

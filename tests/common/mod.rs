@@ -2,7 +2,9 @@
 #![allow(dead_code)]
 
 use resnet_cifar::engine::Backend;
+use resnet_cifar::model::Network;
 use resnet_cifar::nn::{Entry, Module};
+use resnet_cifar::optim::Adam;
 use safetensors::SafeTensors;
 use std::path::{Path, PathBuf};
 
@@ -189,4 +191,10 @@ pub fn write_folder(dir: &Path, per_class: u32, corrupt: bool) {
     if corrupt {
         std::fs::write(dir.join("train/forest/broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
     }
+}
+
+/// One Adam step of `model` from the gradients its last backward pass left in its arena.
+pub fn adam_step<B: Backend>(be: &B, adam: &mut Adam<B>, model: &mut dyn Network<B>, lr: f64) {
+    let (mut state, grads) = model.state_and_grads();
+    adam.step(be, &mut *state, grads, lr);
 }

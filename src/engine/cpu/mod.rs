@@ -69,9 +69,11 @@ impl Backend for Cpu {
         w: &Vec<f32>,
         dy: &Vec<f32>,
         dx: Option<&mut Vec<f32>>,
-        dw: &mut Vec<f32>,
+        grads: &mut Vec<f32>,
+        dw_at: usize,
         ws: &mut Vec<f32>,
     ) {
+        let dw = &mut grads[dw_at..dw_at + g.weight_len()];
         conv::backward(g, x, w, dy, dx.map(|d| d.as_mut_slice()), dw, ws)
     }
 
@@ -142,9 +144,11 @@ impl Backend for Cpu {
         relu_out: Option<&Vec<f32>>,
         dy: &mut Vec<f32>,
         dx: &mut Vec<f32>,
-        dgamma: &mut Vec<f32>,
-        dbeta: &mut Vec<f32>,
+        grads: &mut Vec<f32>,
+        dgamma_at: usize,
+        dbeta_at: usize,
     ) {
+        let (dgamma, dbeta) = two_windows(grads, (dgamma_at, dbeta_at), s.c);
         batch_norm::backward(
             s.rows(),
             s.c,
@@ -167,8 +171,11 @@ impl Backend for Cpu {
             }
         });
     }
-    fn bias_grad(&self, rows: usize, c: usize, dy: &Vec<f32>, db: &mut Vec<f32>) {
-        for (d, s) in db.iter_mut().zip(batch_norm::channel_sums(rows, c, dy, |_, v| v)) {
+    fn bias_grad(&self, rows: usize, c: usize, dy: &Vec<f32>, grads: &mut Vec<f32>, db_at: usize) {
+        for (d, s) in grads[db_at..db_at + c]
+            .iter_mut()
+            .zip(batch_norm::channel_sums(rows, c, dy, |_, v| v))
+        {
             *d = s as f32;
         }
     }
@@ -237,9 +244,11 @@ impl Backend for Cpu {
         w: &Vec<f32>,
         dy: &Vec<f32>,
         dx: &mut Vec<f32>,
-        dw: &mut Vec<f32>,
-        db: &mut Vec<f32>,
+        grads: &mut Vec<f32>,
+        dw_at: usize,
+        db_at: usize,
     ) {
+        let (dw, db) = windows(grads, (dw_at, din * dout), (db_at, dout));
         linear::backward(n, din, dout, x, w, dy, dx, dw, db)
     }
     fn cross_entropy(
@@ -267,13 +276,43 @@ impl Backend for Cpu {
         len: usize,
         h: &AdamStep,
         param: &mut Vec<f32>,
-        grad: &Vec<f32>,
+        grads: &Vec<f32>,
+        grad_at: usize,
         m: &mut Vec<f32>,
         v: &mut Vec<f32>,
     ) {
-        optim::adam(h, &mut param[..len], &grad[..len], &mut m[..len], &mut v[..len])
+        let grad = &grads[grad_at..grad_at + len];
+        optim::adam(h, &mut param[..len], grad, &mut m[..len], &mut v[..len])
     }
-    fn sgd_step(&self, len: usize, h: &SgdStep, param: &mut Vec<f32>, grad: &Vec<f32>, buf: &mut Vec<f32>) {
-        optim::sgd(h, &mut param[..len], &grad[..len], &mut buf[..len])
+    fn sgd_step(
+        &self,
+        len: usize,
+        h: &SgdStep,
+        param: &mut Vec<f32>,
+        grads: &Vec<f32>,
+        grad_at: usize,
+        buf: &mut Vec<f32>,
+    ) {
+        optim::sgd(h, &mut param[..len], &grads[grad_at..grad_at + len], &mut buf[..len])
     }
+}
+
+/// Two disjoint windows of a gradient arena, `(offset, len)` each.
+fn windows(grads: &mut [f32], a: (usize, usize), b: (usize, usize)) -> (&mut [f32], &mut [f32]) {
+    assert!(
+        a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0,
+        "gradient windows {a:?} and {b:?} overlap"
+    );
+    if a.0 < b.0 {
+        let (lo, hi) = grads.split_at_mut(b.0);
+        (&mut lo[a.0..a.0 + a.1], &mut hi[..b.1])
+    } else {
+        let (lo, hi) = grads.split_at_mut(a.0);
+        (&mut hi[..a.1], &mut lo[b.0..b.0 + b.1])
+    }
+}
+
+/// Two disjoint windows of `len` values each.
+fn two_windows(grads: &mut [f32], (a, b): (usize, usize), len: usize) -> (&mut [f32], &mut [f32]) {
+    windows(grads, (a, len), (b, len))
 }

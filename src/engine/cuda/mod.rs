@@ -231,6 +231,13 @@ impl Cuda {
         b.device_ptr(&self.stream).0
     }
 
+    /// The device address of `len` values at `at` in `b` (a parameter's gradient in the
+    /// arena), checked against the buffer's length.
+    fn window(&self, b: &CudaSlice<f32>, at: usize, len: usize) -> u64 {
+        assert!(at + len <= b.len(), "window {at}+{len} beyond a buffer of {}", b.len());
+        self.ptr(b) + 4 * at as u64
+    }
+
     fn opt_ptr(&self, b: Option<&CudaSlice<f32>>) -> u64 {
         b.map_or(0, |b| self.ptr(b))
     }
@@ -498,10 +505,12 @@ impl Backend for Cuda {
         w: &CudaSlice<f32>,
         dy: &CudaSlice<f32>,
         dx: Option<&mut CudaSlice<f32>>,
-        dw: &mut CudaSlice<f32>,
+        grads: &mut CudaSlice<f32>,
+        dw_at: usize,
         ws: &mut CudaSlice<f32>,
     ) {
-        let (xp, wp, dyp, dwp, wsp) = (self.ptr(x), self.ptr(w), self.ptr(dy), self.ptr(dw), self.ptr(ws));
+        let dwp = self.window(grads, dw_at, g.weight_len());
+        let (xp, wp, dyp, wsp) = (self.ptr(x), self.ptr(w), self.ptr(dy), self.ptr(ws));
         let dxp = dx.map(|d| self.ptr(d));
         let ws_bytes = ws.len() * 4;
         self.plan(g, |p| {
@@ -600,8 +609,9 @@ impl Backend for Cuda {
         relu_out: Option<&CudaSlice<f32>>,
         dy: &mut CudaSlice<f32>,
         dx: &mut CudaSlice<f32>,
-        dgamma: &mut CudaSlice<f32>,
-        dbeta: &mut CudaSlice<f32>,
+        grads: &mut CudaSlice<f32>,
+        dgamma_at: usize,
+        dbeta_at: usize,
     ) {
         let (rows, c) = (s.rows() as i64, s.c as i32);
         let (parts, scratch) = self.bn_parts(s.rows(), s.c);
@@ -624,7 +634,7 @@ impl Backend for Cuda {
             ],
         );
         let parts_i = parts as i32;
-        let (dgp, dbp) = (self.ptr(dgamma), self.ptr(dbeta));
+        let (dgp, dbp) = (self.window(grads, dgamma_at, s.c), self.window(grads, dbeta_at, s.c));
         self.launch(
             &self.k.bn_backward_finalize,
             Self::channel_grid(s.c),
@@ -653,10 +663,11 @@ impl Backend for Cuda {
         let (bp, yp, r, ci) = (self.ptr(bias), self.ptr(y), rows as i64, c as i32);
         self.elementwise(&self.k.bias_add, rows * c, &mut [arg(&bp), arg(&r), arg(&ci), arg(&yp)]);
     }
-    fn bias_grad(&self, rows: usize, c: usize, dy: &CudaSlice<f32>, db: &mut CudaSlice<f32>) {
+    fn bias_grad(&self, rows: usize, c: usize, dy: &CudaSlice<f32>, grads: &mut CudaSlice<f32>, db_at: usize) {
         let (parts, scratch) = self.bn_parts(rows, c);
         let partial = self.ptr(&scratch.partials);
-        let (dyp, dbp, r, ci, null, one) = (self.ptr(dy), self.ptr(db), rows as i64, c as i32, 0u64, 1f64);
+        let dbp = self.window(grads, db_at, c);
+        let (dyp, r, ci, null, one) = (self.ptr(dy), rows as i64, c as i32, 0u64, 1f64);
         self.launch(
             &self.k.bn_partial_sums,
             (c.div_ceil(32) as u32, parts as u32),
@@ -761,11 +772,16 @@ impl Backend for Cuda {
         w: &CudaSlice<f32>,
         dy: &CudaSlice<f32>,
         dx: &mut CudaSlice<f32>,
-        dw: &mut CudaSlice<f32>,
-        db: &mut CudaSlice<f32>,
+        grads: &mut CudaSlice<f32>,
+        dw_at: usize,
+        db_at: usize,
     ) {
         let (xp, wp, dyp) = (self.ptr(x), self.ptr(w), self.ptr(dy));
-        let (dxp, dwp, dbp) = (self.ptr(dx), self.ptr(dw), self.ptr(db));
+        let (dxp, dwp, dbp) = (
+            self.ptr(dx),
+            self.window(grads, dw_at, din * dout),
+            self.window(grads, db_at, dout),
+        );
         // dw^T[din, dout] = x^T[din, n] dy[n, dout]
         self.sgemm(false, true, din, dout, n, xp, din, dyp, dout, 0.0, dwp, din);
         // dx^T[din, n] = w^T[din, dout] dy^T[dout, n]
@@ -824,7 +840,8 @@ impl Backend for Cuda {
         len: usize,
         h: &AdamStep,
         param: &mut CudaSlice<f32>,
-        grad: &CudaSlice<f32>,
+        grads: &CudaSlice<f32>,
+        grad_at: usize,
         m: &mut CudaSlice<f32>,
         v: &mut CudaSlice<f32>,
     ) {
@@ -839,7 +856,8 @@ impl Backend for Cuda {
             eps: h.eps as f32,
             wd: h.weight_decay as f32,
         };
-        let (pp, gp, mp, vp, n) = (self.ptr(param), self.ptr(grad), self.ptr(m), self.ptr(v), len as i64);
+        let gp = self.window(grads, grad_at, len);
+        let (pp, mp, vp, n) = (self.ptr(param), self.ptr(m), self.ptr(v), len as i64);
         self.elementwise(
             &self.k.adam,
             len,
@@ -851,7 +869,8 @@ impl Backend for Cuda {
         len: usize,
         h: &SgdStep,
         param: &mut CudaSlice<f32>,
-        grad: &CudaSlice<f32>,
+        grads: &CudaSlice<f32>,
+        grad_at: usize,
         buf: &mut CudaSlice<f32>,
     ) {
         let k = SgdConsts {
@@ -862,7 +881,8 @@ impl Backend for Cuda {
             nesterov: h.nesterov as i32,
             first: h.first as i32,
         };
-        let (pp, gp, bp, n) = (self.ptr(param), self.ptr(grad), self.ptr(buf), len as i64);
+        let gp = self.window(grads, grad_at, len);
+        let (pp, bp, n) = (self.ptr(param), self.ptr(buf), len as i64);
         self.elementwise(&self.k.sgd, len, &mut [arg(&pp), arg(&gp), arg(&bp), arg(&n), arg(&k)]);
     }
 }
