@@ -6,6 +6,7 @@ pub mod optimizer;
 pub mod run;
 pub mod settings;
 pub mod tensorboard;
+pub mod trainer;
 
 pub use config::{OptimizerConfig, Recipe, TrainConfig};
 pub use console::Console;

@@ -14,12 +14,12 @@ use super::config::TrainConfig;
 use super::console::{Console, duration};
 use super::optimizer::Optimizer;
 use super::tensorboard::EventWriter;
+use super::trainer::{Batches, Trainer, device_pixels};
 use crate::checkpoint::{self, HostTensor, StateDict};
-use crate::data::transform::{BatchKey, BatchPlan};
 use crate::data::{EpochPlan, Images, Splits, spawn_loader};
-use crate::engine::{Backend, CropPlan, DeviceBatches, Shape4, ensure_len};
-use crate::eval::{EvalResult, evaluate};
-use crate::model::{Network, build};
+use crate::engine::{Backend, DeviceBatches};
+use crate::eval::EvalResult;
+use crate::model::Network;
 use crate::nn::Entry;
 use anyhow::{Context, Result, bail};
 use std::collections::{BTreeMap, HashMap};
@@ -123,7 +123,12 @@ impl From<Option<Resume>> for Start {
 }
 
 /// Loads `w` into `model`, all of it but a classifier of another shape, and says what it did.
-fn load_init<B: Backend>(be: &B, model: &mut dyn Network<B>, w: &InitWeights, console: &Console) -> Result<()> {
+pub(super) fn load_init<B: Backend>(
+    be: &B,
+    model: &mut dyn Network<B>,
+    w: &InitWeights,
+    console: &Console,
+) -> Result<()> {
     let head = model.head();
     let prefix = format!("{head}.");
     let mut head_shapes = Vec::new();
@@ -158,7 +163,7 @@ fn load_init<B: Backend>(be: &B, model: &mut dyn Network<B>, w: &InitWeights, co
 }
 
 /// Refuses data that is not what the configuration (and its model) was made for.
-fn check_data(cfg: &TrainConfig, splits: &Splits) -> Result<()> {
+pub(super) fn check_data(cfg: &TrainConfig, splits: &Splits) -> Result<()> {
     let spec = &splits.spec;
     if *spec != cfg.dataset || cfg.model.num_classes != spec.classes.len() || cfg.model.image_size != spec.image_size {
         bail!(
@@ -175,7 +180,7 @@ fn check_data(cfg: &TrainConfig, splits: &Splits) -> Result<()> {
 }
 
 /// Restores the model, the optimizer and the position of a resumed run (`r`, read from `out`).
-fn load_resumed<B: Backend>(
+pub(super) fn load_resumed<B: Backend>(
     be: &B,
     model: &mut dyn Network<B>,
     opt: &mut Optimizer<B>,
@@ -212,14 +217,14 @@ pub fn eval_split(splits: &Splits) -> Option<(&'static str, &Images)> {
     }
 }
 
-struct RunFiles {
-    root: PathBuf,
+pub(super) struct RunFiles {
+    pub(super) root: PathBuf,
     metrics: std::io::BufWriter<std::fs::File>,
     tb: EventWriter,
 }
 
 impl RunFiles {
-    fn create(root: &Path, cfg: &TrainConfig) -> Result<Self> {
+    pub(super) fn create(root: &Path, cfg: &TrainConfig) -> Result<Self> {
         for dir in [root.to_path_buf(), root.join("checkpoints"), root.join("tensorboard")] {
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("{}: cannot create the run folder", dir.display()))?;
@@ -241,18 +246,18 @@ impl RunFiles {
         })
     }
 
-    fn log(&mut self, value: serde_json::Value) -> Result<()> {
+    pub(super) fn log(&mut self, value: serde_json::Value) -> Result<()> {
         let path = self.root.join("metrics.jsonl");
         writeln!(self.metrics, "{value}").with_context(|| format!("{}: write failed", path.display()))
     }
 
-    fn scalar(&mut self, tag: &str, value: f32, step: usize) -> Result<()> {
+    pub(super) fn scalar(&mut self, tag: &str, value: f32, step: usize) -> Result<()> {
         self.tb
             .scalar(tag, value, step as i64)
             .with_context(|| format!("{}: write failed", self.tb.path().display()))
     }
 
-    fn flush(&mut self) -> Result<()> {
+    pub(super) fn flush(&mut self) -> Result<()> {
         self.tb
             .flush()
             .with_context(|| format!("{}: write failed", self.tb.path().display()))?;
@@ -276,171 +281,68 @@ pub fn train<B: DeviceBatches>(
     start: Start,
     stop: &AtomicBool,
 ) -> Result<TrainOutcome> {
-    if cfg.batch_size == 0 || cfg.eval_batch_size == 0 {
-        bail!("batch size must be at least 1");
-    }
-    check_data(cfg, splits)?;
-    let (side, norm) = (splits.spec.image_size, splits.spec.norm);
-    let mut model = build(be, cfg.arch, cfg.model, cfg.seed);
-    model.set_label_smoothing(cfg.label_smoothing);
-    if cfg.zero_init_residual {
-        model.zero_init_residual(be);
-    }
-    let model: &mut dyn Network<B> = model.as_mut();
-    if cfg.freeze_backbone {
-        let head = model.head();
-        model.freeze_all_but(&head);
-        console.line(&format!("training only the classifier ({head}); the rest is frozen"));
-    }
-    let mut opt = Optimizer::new(&cfg.optimizer);
-    let mut pos = match start {
-        Start::Fresh => Position::default(),
-        Start::Init(w) => {
-            load_init(be, model, &w, console)?;
-            Position::default()
-        }
-        Start::Resume(r) => load_resumed(be, model, &mut opt, *r, out, console)?,
-    };
-    // Written only once the model stands: a checkpoint that does not fit leaves nothing behind.
-    let mut files = RunFiles::create(out, cfg)?;
+    let mut t = Trainer::new(be, cfg, splits, out, console, start)?;
     let train_images = splits.train.clone();
     let eval_on = eval_split(splits);
-    match eval_on {
-        Some((name, images)) => console.line(&format!(
-            "training on {} images, evaluating on the {name} set ({} images){}",
-            train_images.len(),
-            images.len(),
-            if name == "val" {
-                ": the data has no test images, so the held-out validation split stands in"
-            } else {
-                ""
-            }
-        )),
-        None => console.line(&format!(
-            "training on {} images; no test images and no --val-split, so no evaluation",
-            train_images.len()
-        )),
-    }
-
-    let steps_per_epoch = EpochPlan::new(train_images.len(), cfg.batch_size, false, 0, 0).num_batches();
-    let mut x = be.alloc(0);
-    let mut loss = [0f32];
-    let mut watch = be.alloc(2);
-    be.fill(&mut watch, 2, 0.0);
-    let mut last_eval = None;
+    console.line(&describe_split(train_images.len(), eval_on));
     let (mut trained_images, mut train_seconds) = (0u64, 0f64);
-    let outcome = |pos: &Position, stopped, last_eval, images, seconds| TrainOutcome {
-        steps: pos.step,
-        epochs_completed: pos.epochs_completed,
+    let outcome = |t: &Trainer<'_, B>, stopped, images, seconds| TrainOutcome {
+        steps: t.pos.step,
+        epochs_completed: t.pos.epochs_completed,
         stopped,
-        last_eval,
-        best: pos.best,
+        last_eval: t.last_eval.clone(),
+        best: t.pos.best,
         train_images: images,
         train_seconds: seconds,
     };
 
     // On a GPU the training images go to the device once and each batch is cut there from a
     // plan (indices, crops, flips) drawn on the host with the same randomness as the CPU's
-    // loader thread, so both build exactly the same batches. Cutout's squares are cut on the
-    // host only, so a run with them takes the loader's path on every backend.
-    let device_pixels = if cfg.augment.cutout == 0 {
-        be.upload_pixels(&train_images.pixels)
-    } else {
-        None
-    };
-    while pos.epoch < cfg.epochs {
-        let epoch = pos.epoch;
+    // loader thread, so both build exactly the same batches.
+    let pixels = device_pixels(be, cfg, &train_images);
+    while t.pos.epoch < cfg.epochs {
+        let epoch = t.pos.epoch;
         let plan = EpochPlan::new(train_images.len(), cfg.batch_size, cfg.shuffle, cfg.seed, epoch);
-        let batches = device_pixels.is_none().then(|| {
-            spawn_loader(
+        let source = match &pixels {
+            Some(p) => Batches::Device(p),
+            None => Batches::Loader(spawn_loader(
                 train_images.clone(),
                 plan.clone(),
-                pos.batch,
+                t.pos.batch,
                 cfg.augment,
                 cfg.seed,
                 epoch,
-                norm,
-            )
-        });
+                splits.spec.norm,
+            )),
+        };
         console.start_epoch(
             &format!("epoch {}/{}", epoch + 1, cfg.epochs),
             train_images.len() as u64,
         );
         let started = Instant::now();
-        let first_batch = pos.batch;
-        while pos.batch < plan.num_batches() {
-            let b = pos.batch;
-            let labels = match (&device_pixels, &batches) {
-                (Some(pixels), _) => {
-                    let key = BatchKey::new(cfg.seed, epoch, b);
-                    let bp = BatchPlan::new(&train_images, plan.batch(b), cfg.augment, key);
-                    ensure_len(be, &mut x, bp.items.len() * side * side * 3);
-                    let crops = CropPlan {
-                        items: &bp.items,
-                        side,
-                        pad: bp.pad,
-                        mean: norm.mean,
-                        std: norm.std,
-                    };
-                    be.crop_flip(pixels, &crops, &mut x);
-                    bp.labels
-                }
-                (None, Some(rx)) => {
-                    let batch = rx.recv().context("the batch loader stopped")?;
-                    ensure_len(be, &mut x, batch.x.len());
-                    be.upload(&batch.x, &mut x);
-                    batch.labels
-                }
-                (None, None) => unreachable!("a loader runs when the device does not augment"),
-            };
-            let n = labels.len();
-            model.forward(be, &x, Shape4::new(n, side, side, 3), true);
-            model.backward(be, &x, &labels);
-            let lr = cfg.schedule.lr(epoch, b, steps_per_epoch, cfg.epochs);
-            opt.step(be, &mut *model, lr);
-            pos.step += 1;
-            pos.batch += 1;
-            trained_images += n as u64;
-            let step = pos.step;
-            let mut msg = String::new();
-            // Every step is watched on the device; the host reads the watch at each log step
-            // and before anything is saved, so a diverged run stops with the step it diverged
-            // at and its NaN weights never reach a checkpoint.
-            be.watch_loss(model.loss(), step, &mut watch);
-            if step.is_multiple_of(cfg.log_every) {
-                check_watch(be, &watch)?;
-                be.download(model.loss(), &mut loss);
-                console.line(&format!("step {step}, loss {}", loss[0]));
-                files.scalar("train_loss", loss[0], step as usize)?;
-                files.log(
-                    serde_json::json!({"kind": "train", "step": step, "epoch": epoch, "loss": loss[0], "lr": lr}),
-                )?;
-                msg = format!("loss {:.4}", loss[0]);
-            }
-            console.advance(n as u64, &msg);
+        let first_batch = t.pos.batch;
+        while t.pos.batch < plan.num_batches() {
+            let b = t.pos.batch;
+            let labels = t.load_batch(&source, &train_images, &plan, epoch, b)?;
+            let lr = cfg.schedule.lr(epoch, b, t.steps_per_epoch, cfg.epochs);
+            let msg = t.step(&labels, epoch, lr, console)?;
+            trained_images += labels.len() as u64;
+            console.advance(labels.len() as u64, &msg);
             let reason = if stop.load(Ordering::Relaxed) {
                 Some(Stop::Interrupted)
-            } else if cfg.max_steps.is_some_and(|m| step >= m)
-                && (pos.batch < plan.num_batches() || epoch + 1 < cfg.epochs)
+            } else if cfg.max_steps.is_some_and(|m| t.pos.step >= m)
+                && (t.pos.batch < plan.num_batches() || epoch + 1 < cfg.epochs)
             {
                 Some(Stop::MaxSteps)
             } else {
                 None
             };
             if let Some(reason) = reason {
-                check_watch(be, &watch)?;
+                t.check_watch()?;
                 train_seconds += started.elapsed().as_secs_f64();
                 console.finish_epoch();
-                save_train_state(be, &files.root, cfg, &mut *model, &opt, &pos)?;
-                checkpoint::save(
-                    &files.root.join("last.safetensors"),
-                    be,
-                    &mut *model,
-                    Some(meta(cfg, &pos, None)),
-                )
-                .context("last.safetensors: write failed")?;
-                files.flush()?;
-                return Ok(outcome(&pos, Some(reason), last_eval, trained_images, train_seconds));
+                t.save_stopped()?;
+                return Ok(outcome(&t, Some(reason), trained_images, train_seconds));
             }
         }
         let epoch_seconds = started.elapsed().as_secs_f64();
@@ -449,91 +351,41 @@ pub fn train<B: DeviceBatches>(
         let whole_epoch_seconds =
             epoch_seconds * plan.num_batches() as f64 / (plan.num_batches() - first_batch).max(1) as f64;
         console.finish_epoch();
-        drop(batches);
-        check_watch(be, &watch)?;
-        pos.epoch += 1;
-        pos.batch = 0;
-        pos.epochs_completed = pos.epoch;
-
-        let lr = cfg.schedule.lr(epoch, 0, steps_per_epoch, cfg.epochs);
-        files.scalar("lr", lr as f32, epoch)?;
-        let mut accuracy = None;
-        let progress = pace(epoch_seconds, whole_epoch_seconds, cfg.epochs - pos.epoch);
-        if let Some((split, images)) = eval_on {
-            let r = evaluate(be, &mut *model, images, &norm, cfg.eval_batch_size, cfg.tta);
-            console.line(&format!(
-                "epoch {}/{}: {split} loss {:.4} (sum of batch means; {:.4} per image), accuracy {:.4} ({}/{}); {}",
-                epoch + 1,
-                cfg.epochs,
-                r.loss_sum_of_batch_means,
-                r.loss,
-                r.accuracy,
-                r.correct,
-                r.images,
-                progress
-            ));
-            files.scalar("test_loss", r.loss_sum_of_batch_means as f32, epoch)?;
-            files.scalar("test_accuracy", r.accuracy as f32, epoch)?;
-            files.log(serde_json::json!({
-                "kind": "eval", "split": split, "epoch": epoch, "step": pos.step,
-                "loss_sum_of_batch_means": r.loss_sum_of_batch_means, "loss": r.loss, "accuracy": r.accuracy, "lr": lr,
-                "train_seconds": epoch_seconds,
-            }))?;
-            accuracy = Some(r.accuracy);
-            if pos.best.is_none_or(|(_, a)| r.accuracy > a) {
-                pos.best = Some((epoch + 1, r.accuracy));
-            }
-            last_eval = Some(r);
+        drop(source);
+        let progress = pace(epoch_seconds, whole_epoch_seconds, cfg.epochs - epoch - 1);
+        t.end_epoch(epoch, eval_on, epoch_seconds, &progress, console)?;
+        let stopped = if stop.load(Ordering::Relaxed) {
+            Some(Stop::Interrupted)
+        } else if cfg.max_steps.is_some_and(|m| t.pos.step >= m) && t.pos.epoch < cfg.epochs {
+            Some(Stop::MaxSteps)
         } else {
-            console.line(&format!("epoch {}/{}: {}", epoch + 1, cfg.epochs, progress));
-            files.log(serde_json::json!({
-                "kind": "epoch", "epoch": epoch, "step": pos.step, "lr": lr, "train_seconds": epoch_seconds,
-            }))?;
-        }
-
-        // Checkpoints: this epoch's, then last (and best when it is), then the resume state.
-        let epoch_path = files
-            .root
-            .join("checkpoints")
-            .join(format!("epoch-{}.safetensors", epoch + 1));
-        let bytes = checkpoint::to_bytes(
-            &checkpoint::state_dict(be, &mut *model),
-            Some(meta(cfg, &pos, accuracy)),
-        );
-        checkpoint::write_atomic(&epoch_path, &bytes)
-            .with_context(|| format!("{}: write failed", epoch_path.display()))?;
-        checkpoint::write_atomic(&files.root.join("last.safetensors"), &bytes)
-            .context("last.safetensors: write failed")?;
-        if pos.best.is_some_and(|(e, _)| e == epoch + 1) {
-            checkpoint::write_atomic(&files.root.join("best.safetensors"), &bytes)
-                .context("best.safetensors: write failed")?;
-        }
-        save_train_state(be, &files.root, cfg, &mut *model, &opt, &pos)?;
-        files.flush()?;
-        if stop.load(Ordering::Relaxed) {
-            return Ok(outcome(
-                &pos,
-                Some(Stop::Interrupted),
-                last_eval,
-                trained_images,
-                train_seconds,
-            ));
-        }
-        if cfg.max_steps.is_some_and(|m| pos.step >= m) && pos.epoch < cfg.epochs {
-            return Ok(outcome(
-                &pos,
-                Some(Stop::MaxSteps),
-                last_eval,
-                trained_images,
-                train_seconds,
-            ));
+            None
+        };
+        if stopped.is_some() {
+            return Ok(outcome(&t, stopped, trained_images, train_seconds));
         }
     }
-    Ok(outcome(&pos, None, last_eval, trained_images, train_seconds))
+    Ok(outcome(&t, None, trained_images, train_seconds))
+}
+
+/// The run's line about its images: how many it trains on, and what it evaluates on.
+fn describe_split(train: usize, eval_on: Option<(&str, &Images)>) -> String {
+    match eval_on {
+        Some((name, images)) => format!(
+            "training on {train} images, evaluating on the {name} set ({} images){}",
+            images.len(),
+            if name == "val" {
+                ": the data has no test images, so the held-out validation split stands in"
+            } else {
+                ""
+            }
+        ),
+        None => format!("training on {train} images; no test images and no --val-split, so no evaluation"),
+    }
 }
 
 /// Metadata stored in every model checkpoint: enough to rebuild the model and know its origin.
-fn meta(cfg: &TrainConfig, pos: &Position, accuracy: Option<f64>) -> HashMap<String, String> {
+pub(super) fn meta(cfg: &TrainConfig, pos: &Position, accuracy: Option<f64>) -> HashMap<String, String> {
     let mut m = HashMap::new();
     m.insert(
         "format".into(),
@@ -560,21 +412,7 @@ fn meta(cfg: &TrainConfig, pos: &Position, accuracy: Option<f64>) -> HashMap<Str
 
 /// Everything a resumed run needs beyond the model: optimizer state and the position in the
 /// data, in one safetensors file written atomically.
-/// Fails with the step at which the loss stopped being finite, if it did.
-fn check_watch<B: Backend>(be: &B, watch: &B::Buf) -> Result<()> {
-    let mut w = [0f32; 2];
-    be.download(watch, &mut w);
-    if w[0] != 0.0 {
-        bail!(
-            "the loss became {} at step {}; stopping (the last checkpoint is kept)",
-            w[1],
-            w[0] as u64
-        );
-    }
-    Ok(())
-}
-
-fn save_train_state<B: Backend>(
+pub(super) fn save_train_state<B: Backend>(
     be: &B,
     root: &Path,
     cfg: &TrainConfig,
