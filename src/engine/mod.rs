@@ -12,9 +12,11 @@ pub mod cpu;
 pub mod cuda;
 
 pub mod augment;
+pub mod collective;
 pub mod layout;
 
 pub use augment::{CropPlan, DeviceBatches};
+pub use collective::{Collective, Local};
 pub use layout::Layout;
 
 /// Shape of a 4-D activation, always stored NHWC.

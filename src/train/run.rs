@@ -17,7 +17,7 @@ use super::tensorboard::EventWriter;
 use super::trainer::{Batches, Trainer, device_pixels};
 use crate::checkpoint::{self, HostTensor, StateDict};
 use crate::data::{EpochPlan, Images, Splits, spawn_loader};
-use crate::engine::{Backend, DeviceBatches};
+use crate::engine::{Backend, DeviceBatches, Local};
 use crate::eval::EvalResult;
 use crate::model::Network;
 use crate::nn::Entry;
@@ -281,7 +281,7 @@ pub fn train<B: DeviceBatches>(
     start: Start,
     stop: &AtomicBool,
 ) -> Result<TrainOutcome> {
-    let mut t = Trainer::new(be, cfg, splits, out, console, start)?;
+    let mut t = Trainer::new(be, &Local, cfg, splits, out, console, start)?;
     let train_images = splits.train.clone();
     let eval_on = eval_split(splits);
     console.line(&describe_split(train_images.len(), eval_on));

@@ -10,9 +10,10 @@ use super::run::{Position, RunFiles, Start, check_data, load_init, load_resumed,
 use crate::checkpoint;
 use crate::data::transform::{BatchKey, BatchPlan};
 use crate::data::{Batch, EpochPlan, Images, Normalization, Splits};
-use crate::engine::{Backend, CropPlan, DeviceBatches, Shape4, ensure_len};
+use crate::engine::{Backend, Collective, CropPlan, DeviceBatches, Shape4, ensure_len};
 use crate::eval::{EvalResult, evaluate};
 use crate::model::{Network, build};
+use crate::nn::Entry;
 use anyhow::{Context, Result, bail};
 use std::path::Path;
 use std::sync::mpsc::Receiver;
@@ -26,6 +27,8 @@ pub enum Batches<'a, B: DeviceBatches> {
 
 pub struct Trainer<'a, B: DeviceBatches> {
     be: &'a B,
+    /// The ranks training together (one: `Local`).
+    coll: &'a dyn Collective<B>,
     cfg: &'a TrainConfig,
     model: Box<dyn Network<B>>,
     opt: Optimizer<B>,
@@ -42,10 +45,12 @@ pub struct Trainer<'a, B: DeviceBatches> {
 }
 
 impl<'a, B: DeviceBatches> Trainer<'a, B> {
-    /// The model `cfg` describes, started as `start` says, and its run folder `out` (created
-    /// only once the model stands: a checkpoint that does not fit leaves nothing behind).
+    /// The model `cfg` describes, started as `start` says (on every rank of `coll`: rank 0's
+    /// weights), and its run folder `out` (created only once the model stands: a checkpoint
+    /// that does not fit leaves nothing behind).
     pub fn new(
         be: &'a B,
+        coll: &'a dyn Collective<B>,
         cfg: &'a TrainConfig,
         splits: &Splits,
         out: &Path,
@@ -75,11 +80,20 @@ impl<'a, B: DeviceBatches> Trainer<'a, B> {
             }
             Start::Resume(r) => load_resumed(be, model.as_mut(), &mut opt, *r, out, console)?,
         };
+        if coll.size() > 1 {
+            model.visit(&mut |e| {
+                if let Entry::Tensor(p) = e {
+                    let n = p.numel();
+                    coll.broadcast(be, &mut p.value, n, 0);
+                }
+            });
+        }
         let files = RunFiles::create(out, cfg)?;
         let mut watch = be.alloc(2);
         be.fill(&mut watch, 2, 0.0);
         Ok(Self {
             be,
+            coll,
             cfg,
             model,
             opt,
@@ -134,6 +148,11 @@ impl<'a, B: DeviceBatches> Trainer<'a, B> {
         let (be, side, n) = (self.be, self.side, labels.len());
         self.model.forward(be, &self.x, Shape4::new(n, side, side, 3), true);
         self.model.backward(be, &self.x, labels);
+        if self.coll.size() > 1 {
+            let (_, grads) = self.model.state_and_grads();
+            let len = be.buf_len(grads);
+            self.coll.all_reduce_mean(be, grads, len);
+        }
         self.opt.step(be, self.model.as_mut(), lr);
         self.pos.step += 1;
         self.pos.batch += 1;
