@@ -20,6 +20,7 @@ Beyond the seed, for the comparison (docs/seed-vs-pytorch.md) and the test fixtu
   --save-init FILE   write the starting state_dict as safetensors, for resnet-cifar's --init
   --limit N          train on the first N training images only
   --fixture FILE     after training, write the per-step losses and a summary of every state entry
+  --save FILE        after training, write the state_dict as safetensors (resnet-cifar eval reads it)
   --float64          compute in float64 (to measure how far float32's rounding alone moves a run)
   --compare A B      print how far two fixtures' runs end apart, measured as tests/seed_dynamics.rs does
 Every logged value goes to --metrics as JSON lines shaped like resnet-cifar's metrics.jsonl.
@@ -153,6 +154,7 @@ def main():
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--metrics")
     ap.add_argument("--fixture")
+    ap.add_argument("--save")
     ap.add_argument("--float64", action="store_true")
     a = ap.parse_args()
 
@@ -210,6 +212,8 @@ def main():
         scheduler.step()
         if step == a.max_steps:
             break
+    if a.save:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, a.save)
     if a.fixture:
         tensors = summary(model)
         tensors["loss"] = torch.tensor(losses, dtype=torch.float32)
