@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pytorch_interop import ResNet18  # noqa: E402  (the seed's network, under its names)
+from classic_models import formula_weights  # noqa: E402  (the golden README's weights)
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 
@@ -60,30 +61,6 @@ class Images(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
-
-
-def formula_init(model):
-    """The golden README's weights: entry k of the state_dict, element i, computed in f64."""
-    sd = model.state_dict()
-    out = {}
-    for k, (name, t) in enumerate(sd.items()):
-        i = np.arange(t.numel(), dtype=np.float64)
-        leaf = name.rsplit(".", 1)[1]
-        if leaf == "weight" and t.dim() >= 2:
-            fan_in = t.numel() / t.shape[0]
-            v = math.sqrt(2 / fan_in) * math.sqrt(2) * np.sin(0.7 * i + 0.3 * k + 0.1)
-        elif leaf == "weight":
-            v = 1 + 0.1 * np.sin(0.9 * i + k)
-        elif leaf == "bias":
-            v = 0.1 * np.cos(1.1 * i + k)
-        elif leaf in ("running_mean", "num_batches_tracked"):
-            v = np.zeros_like(i)
-        elif leaf == "running_var":
-            v = np.ones_like(i)
-        else:
-            raise ValueError(f"no formula for {name}")
-        out[name] = torch.from_numpy(v.astype(np.float32)).reshape(t.shape).to(t.dtype)
-    model.load_state_dict(out, strict=True)
 
 
 def evaluate(model, loader):
@@ -175,7 +152,7 @@ def main():
     if a.init:
         model.load_state_dict(load_file(a.init), strict=True)
     elif a.formula_init:
-        formula_init(model)
+        formula_weights(model)
     if a.float64:
         torch.set_default_dtype(torch.float64)
         model = model.double()

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Golden, max_rel_err, set_formula_weights};
+use common::{Golden, max_rel_err, sample_indices, set_formula_weights};
 use resnet_cifar::engine::{Backend, Shape4, nchw_to_nhwc};
 use resnet_cifar::model::{ResNet, ResNetConfig, Stem};
 use resnet_cifar::nn::{Entry, Module};
@@ -182,15 +182,6 @@ fn check_stem<B: Backend>(be: &B, stem: Stem, file: &str, tol: &Tolerance) {
         err < tol.eval_after_step,
         "{file}: eval logits after the step differ by {err:.2e}"
     );
-}
-
-/// Flat indices `j * n / 64` for j in 0..64 (all of them when n <= 64).
-fn sample_indices(n: usize) -> Vec<usize> {
-    if n <= 64 {
-        (0..n).collect()
-    } else {
-        (0..64).map(|j| j * n / 64).collect()
-    }
 }
 
 fn seed_stem<B: Backend>(be: &B) {

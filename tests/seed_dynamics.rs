@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{Golden, set_formula_weights};
+use common::{Golden, sample_indices, set_formula_weights};
 use resnet_cifar::checkpoint;
 use resnet_cifar::data::transform::Augment;
 use resnet_cifar::data::{Cifar10, Splits};
@@ -29,14 +29,6 @@ struct Gap {
     sample_median: f64,
     /// Largest relative difference of an entry's sum of |x|.
     abs_sum: (f64, String),
-}
-
-fn sample_indices(n: usize) -> Vec<usize> {
-    if n <= 64 {
-        (0..n).collect()
-    } else {
-        (0..64).map(|j| j * n / 64).collect()
-    }
 }
 
 fn gap(ours: &Golden, ours_losses: &[f32], torch: &Golden) -> Gap {

@@ -338,7 +338,6 @@ pub fn train<B: DeviceBatches>(
                 None
             };
             if let Some(reason) = reason {
-                t.check_watch()?;
                 train_seconds += started.elapsed().as_secs_f64();
                 console.finish_epoch();
                 t.save_stopped()?;

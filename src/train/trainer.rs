@@ -10,7 +10,7 @@ use super::run::{Position, RunFiles, Start, check_data, load_init, load_resumed,
 use crate::checkpoint;
 use crate::data::transform::{BatchKey, BatchPlan};
 use crate::data::{Batch, EpochPlan, Images, Normalization, Splits};
-use crate::engine::{Backend, Collective, CropPlan, DeviceBatches, Shape4, ensure_len};
+use crate::engine::{Collective, CropPlan, DeviceBatches, Shape4, ensure_len};
 use crate::eval::{EvalResult, evaluate};
 use crate::model::{Network, build};
 use crate::nn::Entry;
@@ -284,7 +284,7 @@ impl<'a, B: DeviceBatches> Trainer<'a, B> {
 }
 
 /// The backend's device-side batches, when it keeps the training images there.
-pub fn device_pixels<B: DeviceBatches + Backend>(be: &B, cfg: &TrainConfig, images: &Images) -> Option<B::Pixels> {
+pub fn device_pixels<B: DeviceBatches>(be: &B, cfg: &TrainConfig, images: &Images) -> Option<B::Pixels> {
     // Cutout's squares are cut on the host only, so a run with them takes the loader's path on
     // every backend.
     if cfg.augment.cutout == 0 {

@@ -198,3 +198,13 @@ pub fn adam_step<B: Backend>(be: &B, adam: &mut Adam<B>, model: &mut dyn Network
     let (mut state, grads) = model.state_and_grads();
     adam.step(be, &mut *state, grads, lr);
 }
+
+/// The flat indices the golden files and the seed-dynamics fixture sample a tensor of `n`
+/// values at: `j * n / 64` for j = 0..63, or all of them when n <= 64.
+pub fn sample_indices(n: usize) -> Vec<usize> {
+    if n <= 64 {
+        (0..n).collect()
+    } else {
+        (0..64).map(|j| j * n / 64).collect()
+    }
+}

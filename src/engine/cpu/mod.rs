@@ -148,7 +148,7 @@ impl Backend for Cpu {
         dgamma_at: usize,
         dbeta_at: usize,
     ) {
-        let (dgamma, dbeta) = two_windows(grads, (dgamma_at, dbeta_at), s.c);
+        let (dgamma, dbeta) = windows(grads, (dgamma_at, s.c), (dbeta_at, s.c));
         batch_norm::backward(
             s.rows(),
             s.c,
@@ -310,9 +310,4 @@ fn windows(grads: &mut [f32], a: (usize, usize), b: (usize, usize)) -> (&mut [f3
         let (lo, hi) = grads.split_at_mut(a.0);
         (&mut hi[..a.1], &mut lo[b.0..b.0 + b.1])
     }
-}
-
-/// Two disjoint windows of `len` values each.
-fn two_windows(grads: &mut [f32], (a, b): (usize, usize), len: usize) -> (&mut [f32], &mut [f32]) {
-    windows(grads, (a, len), (b, len))
 }
