@@ -63,6 +63,10 @@ class Images(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
 
 
+def save_state(model, path):
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+
+
 def evaluate(model, loader):
     """The seed's test step: sum of the per-batch mean losses, and accuracy."""
     model.eval()
@@ -131,7 +135,9 @@ def main():
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--metrics")
     ap.add_argument("--fixture")
-    ap.add_argument("--save")
+    ap.add_argument("--save", help="write the final state_dict here (safetensors)")
+    ap.add_argument("--save-every", type=int, default=0,
+                    help="also write it every N steps, to the --save path with -stepN before the suffix")
     ap.add_argument("--float64", action="store_true")
     a = ap.parse_args()
 
@@ -157,7 +163,7 @@ def main():
         torch.set_default_dtype(torch.float64)
         model = model.double()
     if a.save_init:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, a.save_init)
+        save_state(model, a.save_init)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.9, 0.999), eps=1e-08, weight_decay=0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lambda epoch: 1 / (epoch + 1))
     metrics = open(a.metrics, "w") if a.metrics else None
@@ -177,6 +183,8 @@ def main():
             if step % a.log_every == 0:
                 print(f"step {step}, loss {loss.item()}", flush=True)
                 log({"kind": "train", "step": step, "epoch": epoch, "loss": loss.item(), "lr": lr})
+            if a.save_every and step % a.save_every == 0:
+                save_state(model, a.save.replace(".safetensors", f"-step{step}.safetensors"))
             if step == a.max_steps:
                 break
         seconds = time.perf_counter() - t0
@@ -190,7 +198,7 @@ def main():
         if step == a.max_steps:
             break
     if a.save:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, a.save)
+        save_state(model, a.save)
     if a.fixture:
         tensors = summary(model)
         tensors["loss"] = torch.tensor(losses, dtype=torch.float32)

@@ -1,7 +1,7 @@
 //! Evaluation: loss, accuracy, per-class accuracy and the confusion matrix of a model on a set
 //! of images, in eval mode (running BatchNorm statistics), as the seed's test loop computes them.
 
-use crate::data::{Images, Normalization, eval_batches};
+use crate::data::{Images, Normalization, Shard, eval_batches};
 use crate::engine::{Backend, Shape4};
 use crate::model::Network;
 
@@ -130,15 +130,100 @@ pub fn evaluate<B: Backend>(
     batch_size: usize,
     tta: Tta,
 ) -> EvalResult {
+    evaluate_shard(be, model, images, norm, batch_size, tta, Shard::WHOLE).result()
+}
+
+/// What one process of a data-parallel evaluation counted on its batches; the ranks' tallies
+/// add up (see [`EvalTally::to_sums`]) to the whole set's.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvalTally {
+    pub images: usize,
+    pub correct: usize,
+    /// Sum over batches of each batch's mean loss.
+    pub loss_sum_of_batch_means: f64,
+    /// Sum over images of each image's loss.
+    pub loss_total: f64,
+    /// `confusion[true][predicted]` counts.
+    pub confusion: Vec<Vec<u64>>,
+}
+
+impl EvalTally {
+    /// The tally as one flat list of numbers, for a sum over ranks (counts stay exact in f64
+    /// below 2^53).
+    pub fn to_sums(&self) -> Vec<f64> {
+        let mut v = vec![
+            self.images as f64,
+            self.correct as f64,
+            self.loss_sum_of_batch_means,
+            self.loss_total,
+        ];
+        v.extend(self.confusion.iter().flatten().map(|&c| c as f64));
+        v
+    }
+
+    /// The tally whose [`to_sums`](Self::to_sums) is `sums`, for `classes` classes.
+    pub fn from_sums(sums: &[f64], classes: usize) -> Self {
+        assert_eq!(sums.len(), 4 + classes * classes, "tally length");
+        Self {
+            images: sums[0] as usize,
+            correct: sums[1] as usize,
+            loss_sum_of_batch_means: sums[2],
+            loss_total: sums[3],
+            confusion: sums[4..]
+                .chunks_exact(classes)
+                .map(|row| row.iter().map(|&c| c as u64).collect())
+                .collect(),
+        }
+    }
+
+    pub fn result(self) -> EvalResult {
+        let n = self.images;
+        let per_class = self
+            .confusion
+            .iter()
+            .enumerate()
+            .map(|(i, row)| {
+                let total: u64 = row.iter().sum();
+                if total == 0 { 0.0 } else { row[i] as f64 / total as f64 }
+            })
+            .collect();
+        EvalResult {
+            images: n,
+            correct: self.correct,
+            accuracy: self.correct as f64 / n.max(1) as f64,
+            loss: self.loss_total / n.max(1) as f64,
+            loss_sum_of_batch_means: self.loss_sum_of_batch_means,
+            per_class,
+            confusion: self.confusion,
+        }
+    }
+}
+
+/// As [`evaluate`], on the batches of `images` that `shard` owns (whole batches, dealt round
+/// robin), before the ranks' tallies are summed.
+pub fn evaluate_shard<B: Backend>(
+    be: &B,
+    model: &mut dyn Network<B>,
+    images: &Images,
+    norm: &Normalization,
+    batch_size: usize,
+    tta: Tta,
+    shard: Shard,
+) -> EvalTally {
     let views = tta.views();
     let side = images.side;
     let fill = [0, 1, 2].map(|c| norm.apply(0, c));
     let classes = model.num_classes();
-    let mut confusion = vec![vec![0u64; classes]; classes];
-    let (mut loss_sum, mut loss_total, mut correct) = (0f64, 0f64, 0usize);
+    let mut t = EvalTally {
+        images: 0,
+        correct: 0,
+        loss_sum_of_batch_means: 0.0,
+        loss_total: 0.0,
+        confusion: vec![vec![0u64; classes]; classes],
+    };
     let mut x = be.alloc(0);
     let (mut logits, mut view_logits) = (Vec::new(), Vec::new());
-    for batch in eval_batches(images, batch_size, norm) {
+    for batch in eval_batches(images, batch_size, norm, shard) {
         let n = batch.len();
         let shape = Shape4::new(n, side, side, 3);
         crate::engine::ensure_len(be, &mut x, batch.x.len());
@@ -161,27 +246,11 @@ pub fn evaluate<B: Backend>(
                 *a += b / views.len() as f32;
             }
         }
-        let (mean, c) = score_logits(&logits, &batch.labels, classes, &mut confusion);
-        loss_sum += mean;
-        loss_total += mean * n as f64;
-        correct += c;
+        let (mean, c) = score_logits(&logits, &batch.labels, classes, &mut t.confusion);
+        t.loss_sum_of_batch_means += mean;
+        t.loss_total += mean * n as f64;
+        t.correct += c;
+        t.images += n;
     }
-    let n = images.len();
-    let per_class = confusion
-        .iter()
-        .enumerate()
-        .map(|(i, row)| {
-            let total: u64 = row.iter().sum();
-            if total == 0 { 0.0 } else { row[i] as f64 / total as f64 }
-        })
-        .collect();
-    EvalResult {
-        images: n,
-        correct,
-        accuracy: correct as f64 / n.max(1) as f64,
-        loss: loss_total / n.max(1) as f64,
-        loss_sum_of_batch_means: loss_sum,
-        per_class,
-        confusion,
-    }
+    t
 }

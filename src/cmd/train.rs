@@ -6,9 +6,10 @@ use resnet_cifar::checkpoint::CheckpointError;
 use resnet_cifar::cli::{CheckpointFile, CliError, read_settings_file};
 use resnet_cifar::data::{DataOptions, Splits, fetch};
 use resnet_cifar::engine::Backend;
+use resnet_cifar::engine::{Collective, Local};
 use resnet_cifar::model::Arch;
 use resnet_cifar::train::settings::{CHANGEABLE_ON_RESUME, flag};
-use resnet_cifar::train::{Console, InitWeights, Recipe, Settings, Start, Stop, TrainConfig, load_resume, train};
+use resnet_cifar::train::{Console, InitWeights, Recipe, Settings, Start, Stop, TrainConfig, load_resume, train_ranks};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -42,7 +43,28 @@ fn recipes_help() -> String {
 static STOP: AtomicBool = AtomicBool::new(false);
 
 pub fn run(a: TrainArgs) -> Result<(), CliError> {
+    let world = World::from_launcher()?;
+    let rank = world.rank();
+    run_rank(a, &world).map_err(|e| match rank {
+        0 => e,
+        r => CliError {
+            message: format!("rank {r}: {}", e.message),
+            ..e
+        },
+    })
+}
+
+fn run_rank(a: TrainArgs, world: &World) -> Result<(), CliError> {
     let target = a.compute.target();
+    // Rank 0 speaks for the run; the others print only their errors.
+    let mut console = if world.rank() == 0 {
+        Console::stdout()
+    } else {
+        Console::quiet()
+    };
+    if world.size() > 1 {
+        console.line(&format!("rank 0 of {}", world.size()));
+    }
     let settings = match &a.config {
         Some(path) => a.settings.clone().or(read_settings_file(path)?),
         None => a.settings.clone(),
@@ -55,8 +77,16 @@ pub fn run(a: TrainArgs) -> Result<(), CliError> {
             (cfg, start, out)
         }
     };
+    if let (Start::Resume(r), Some(dir)) = (&start, &a.resume) {
+        r.check_ranks(world.size(), dir).map_err(CliError::input)?;
+    }
     let data_dir = match settings.data.clone().or_else(|| cfg.data.clone().map(PathBuf::from)) {
         Some(d) => d,
+        None if world.size() > 1 => {
+            return Err(CliError::input(
+                "several ranks need --data (fetch CIFAR-10 once first: resnet-cifar data fetch)",
+            ));
+        }
         None => fetch_data(Path::new("data"), &fetch::CIFAR10, None)?,
     };
     cfg.data = Some(data_dir.display().to_string());
@@ -68,7 +98,6 @@ pub fn run(a: TrainArgs) -> Result<(), CliError> {
             skip_bad_images: cfg.skip_bad_images,
         },
     )?;
-    let mut console = Console::stdout();
     console.line(&data.summary());
     for note in &data.notes {
         console.line(note);
@@ -114,7 +143,8 @@ pub fn run(a: TrainArgs) -> Result<(), CliError> {
             be.name()
         ));
         ctrlc::set_handler(|| STOP.store(true, Ordering::Relaxed)).map_err(CliError::run)?;
-        train(be, &cfg, &splits, &out, &mut console, start, &STOP).map_err(|e| {
+        let coll = world.collective();
+        train_ranks(be, coll, &cfg, &splits, &out, &mut console, start, &STOP).map_err(|e| {
             // A checkpoint that does not fit the model is bad input; anything else failed the run.
             match e.downcast_ref::<CheckpointError>() {
                 Some(_) => CliError::input(format!("{e:#}")),
@@ -122,6 +152,14 @@ pub fn run(a: TrainArgs) -> Result<(), CliError> {
             }
         })?
     });
+    if let Some(crc) = outcome.ranks_agree_on {
+        console.line(&format!(
+            "all {} ranks hold the same weights (crc32c {crc:08x}); gradient all-reduce {:.1} ms a step ({:.0}% of training time, waits for the slowest rank included)",
+            world.size(),
+            1e3 * outcome.reduce_seconds / outcome.reduced_steps.max(1) as f64,
+            100.0 * outcome.reduce_seconds / outcome.train_seconds.max(1e-9)
+        ));
+    }
     let resume_hint = format!("resume with: resnet-cifar train --resume {}", out.display());
     match outcome.stopped {
         Some(Stop::Interrupted) => {
@@ -231,4 +269,58 @@ fn resumed_config(s: &Settings, dir: &Path) -> Result<(TrainConfig, Start, PathB
     let mut cfg = r.config.clone();
     s.apply_on_resume(&mut cfg);
     Ok((cfg, Start::Resume(Box::new(r)), dir.to_path_buf()))
+}
+
+/// The processes this run trains on: this one alone, or, when `mpirun` or `srun` started it
+/// (and the binary has MPI), every rank of the launch.
+struct World {
+    #[cfg(feature = "mpi")]
+    mpi: Option<resnet_cifar::engine::mpi::Mpi>,
+}
+
+/// Variables through which MPI launchers (Open MPI's mpirun, MPICH's and Slurm's PMI, PMIx)
+/// tell a process it is one rank of several.
+const LAUNCHER_SIZE_VARS: [&str; 3] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"];
+
+impl World {
+    fn from_launcher() -> Result<Self, CliError> {
+        let launched = LAUNCHER_SIZE_VARS
+            .iter()
+            .find_map(|v| std::env::var(v).ok().map(|n| (*v, n)));
+        #[cfg(feature = "mpi")]
+        {
+            let mpi = match launched {
+                Some(_) => Some(
+                    resnet_cifar::engine::mpi::Mpi::init()
+                        .ok_or_else(|| CliError::run("MPI was already initialised"))?,
+                ),
+                None => None,
+            };
+            Ok(Self { mpi })
+        }
+        #[cfg(not(feature = "mpi"))]
+        match launched {
+            Some((var, n)) if n.trim() != "1" => Err(CliError::input(format!(
+                "started as one of {n} processes ({var}), but this binary was built without MPI: \
+                 build it with `cargo build --release --features mpi`"
+            ))),
+            _ => Ok(Self {}),
+        }
+    }
+
+    fn collective<B: Backend>(&self) -> &dyn Collective<B> {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            return m;
+        }
+        &Local
+    }
+
+    fn rank(&self) -> usize {
+        Collective::<resnet_cifar::engine::cpu::Cpu>::rank(self.collective())
+    }
+
+    fn size(&self) -> usize {
+        Collective::<resnet_cifar::engine::cpu::Cpu>::size(self.collective())
+    }
 }

@@ -2,7 +2,8 @@
 //! ahead of the training step, so loading and augmentation overlap with compute.
 
 use super::images::{Images, Normalization};
-use super::transform::{Augment, Batch, BatchKey, make_batch, stream_seed};
+use super::shard::Shard;
+use super::transform::{Augment, Batch, BatchKey, BatchPlan, make_batch, stream_seed};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -39,8 +40,9 @@ impl EpochPlan {
     }
 }
 
-/// Builds batches `first..` of `plan` on a background thread, a few ahead of the consumer.
-/// The thread stops when the receiver is dropped.
+/// Builds batches `first..` of `plan` (`shard`'s part of each) on a background thread, a few
+/// ahead of the consumer. The thread stops when the receiver is dropped.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn_loader(
     images: Arc<Images>,
     plan: EpochPlan,
@@ -49,13 +51,16 @@ pub fn spawn_loader(
     seed: u64,
     epoch: usize,
     norm: Normalization,
+    shard: Shard,
 ) -> Receiver<Batch> {
     let (tx, rx) = sync_channel(4);
     std::thread::Builder::new()
         .name("batch-loader".into())
         .spawn(move || {
             for b in first..plan.num_batches() {
-                let batch = make_batch(&images, plan.batch(b), aug, BatchKey::new(seed, epoch, b), &norm);
+                let batch = BatchPlan::new(&images, plan.batch(b), aug, BatchKey::new(seed, epoch, b))
+                    .shard(shard)
+                    .into_batch(&images, &norm);
                 if tx.send(batch).is_err() {
                     return;
                 }
@@ -65,12 +70,16 @@ pub fn spawn_loader(
     rx
 }
 
-/// Batches of `images` in order, without augmentation (evaluation).
+/// Batches of `images` in order, without augmentation (evaluation): the ones `shard` owns
+/// (all of them for `Shard::WHOLE`).
 pub fn eval_batches<'a>(
     images: &'a Images,
     batch_size: usize,
     norm: &'a Normalization,
+    shard: Shard,
 ) -> impl Iterator<Item = Batch> + 'a {
     let plan = EpochPlan::new(images.len(), batch_size, false, 0, 0);
-    (0..plan.num_batches()).map(move |b| make_batch(images, plan.batch(b), Augment::NONE, BatchKey::new(0, 0, b), norm))
+    (0..plan.num_batches())
+        .filter(move |&b| shard.owns_batch(b))
+        .map(move |b| make_batch(images, plan.batch(b), Augment::NONE, BatchKey::new(0, 0, b), norm))
 }

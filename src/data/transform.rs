@@ -7,6 +7,7 @@
 //! any epoch can be rebuilt exactly: a resumed run sees the same images as an unbroken one.
 
 use super::images::{Images, Normalization};
+use super::shard::Shard;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -193,6 +194,27 @@ impl BatchPlan {
         }
     }
 
+    /// The part of the batch that `shard` computes: its contiguous slice of the images, each
+    /// with the crop, flip and cutout it has in the whole batch (the draws are made for the
+    /// whole batch first, so they do not depend on the number of ranks).
+    pub fn shard(mut self, shard: Shard) -> Self {
+        let part = shard.slice(self.items.len());
+        self.items = self.items[part.clone()].to_vec();
+        self.labels = self.labels[part.clone()].to_vec();
+        if !self.holes.is_empty() {
+            self.holes = self.holes[part].to_vec();
+        }
+        self
+    }
+
+    /// The plan's pixels and labels.
+    pub fn into_batch(self, images: &Images, norm: &Normalization) -> Batch {
+        Batch {
+            x: self.write(images, norm),
+            labels: self.labels,
+        }
+    }
+
     /// The plan's pixels, NHWC and normalised by `norm`.
     pub fn write(&self, images: &Images, norm: &Normalization) -> Vec<f32> {
         let side = self.side;
@@ -227,9 +249,5 @@ fn cut_out(image: &mut [f32], side: usize, hole: usize, cy: usize, cx: usize) {
 
 /// Builds the batch of images `indices`, augmented as batch `key` of a run.
 pub fn make_batch(images: &Images, indices: &[u32], aug: Augment, key: BatchKey, norm: &Normalization) -> Batch {
-    let plan = BatchPlan::new(images, indices, aug, key);
-    Batch {
-        x: plan.write(images, norm),
-        labels: plan.labels,
-    }
+    BatchPlan::new(images, indices, aug, key).into_batch(images, norm)
 }

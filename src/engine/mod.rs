@@ -14,6 +14,8 @@ pub mod cuda;
 pub mod augment;
 pub mod collective;
 pub mod layout;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 
 pub use augment::{CropPlan, DeviceBatches};
 pub use collective::{Collective, Local};

@@ -23,6 +23,9 @@ pub trait Network<B: Backend>: Module<B> {
     fn loss(&self) -> &B::Buf;
     fn num_classes(&self) -> usize;
     fn set_label_smoothing(&mut self, smoothing: f32);
+    /// Multiplies the gradient of the loss (not the loss): the weight of this process's share
+    /// of a batch whose rank slices differ in size (1: none).
+    fn set_loss_grad_scale(&mut self, scale: f32);
     /// The module path of the classifier, the last linear layer (`fc`, `classifier`,
     /// `classifier.2`): what fine-tuning starts afresh for another class count and what
     /// `--freeze-backbone` trains.
@@ -110,6 +113,9 @@ impl<B: Backend> Network<B> for ResNet<B> {
     }
     fn set_label_smoothing(&mut self, smoothing: f32) {
         self.criterion.label_smoothing = smoothing;
+    }
+    fn set_loss_grad_scale(&mut self, scale: f32) {
+        self.criterion.grad_scale = scale;
     }
     fn head(&self) -> String {
         "fc".into()

@@ -219,6 +219,9 @@ impl<B: Backend> Network<B> for Sequential<B> {
     fn set_label_smoothing(&mut self, smoothing: f32) {
         self.criterion.label_smoothing = smoothing;
     }
+    fn set_loss_grad_scale(&mut self, scale: f32) {
+        self.criterion.grad_scale = scale;
+    }
     fn head(&self) -> String {
         match self.labels.last() {
             Some((group, Some(i))) => format!("{group}.{i}"),

@@ -7,6 +7,9 @@ use crate::engine::{Backend, ensure_len};
 pub struct CrossEntropy<B: Backend> {
     /// Label smoothing (0 is plain cross-entropy).
     pub label_smoothing: f32,
+    /// Factor on the gradient (not on the loss): 1, or a data-parallel rank's weight when the
+    /// ranks' slices of a batch differ in size.
+    pub grad_scale: f32,
     /// The mean loss of the last batch, left on the device so that a step needs no host
     /// round trip.
     pub loss: B::Buf,
@@ -16,6 +19,7 @@ impl<B: Backend> CrossEntropy<B> {
     pub fn new(be: &B) -> Self {
         Self {
             label_smoothing: 0.0,
+            grad_scale: 1.0,
             loss: be.alloc(1),
         }
     }
@@ -34,5 +38,12 @@ impl<B: Backend> CrossEntropy<B> {
             &mut self.loss,
             dlogits,
         );
+        if self.grad_scale != 1.0 {
+            // Rare (an epoch's last batch), and only n x classes values: on the host.
+            let mut host = vec![0f32; n * classes];
+            be.download(dlogits, &mut host);
+            host.iter_mut().for_each(|g| *g *= self.grad_scale);
+            be.upload(&host, dlogits);
+        }
     }
 }

@@ -10,5 +10,5 @@ pub mod trainer;
 
 pub use config::{OptimizerConfig, Recipe, TrainConfig};
 pub use console::Console;
-pub use run::{InitWeights, Position, Resume, Start, Stop, TrainOutcome, eval_split, load_resume, train};
+pub use run::{InitWeights, Position, Resume, Start, Stop, TrainOutcome, eval_split, load_resume, train, train_ranks};
 pub use settings::Settings;

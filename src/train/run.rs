@@ -17,7 +17,7 @@ use super::tensorboard::EventWriter;
 use super::trainer::{Batches, Trainer, device_pixels};
 use crate::checkpoint::{self, HostTensor, StateDict};
 use crate::data::{EpochPlan, Images, Splits, spawn_loader};
-use crate::engine::{Backend, DeviceBatches, Local};
+use crate::engine::{Backend, Collective, DeviceBatches, Local};
 use crate::eval::EvalResult;
 use crate::model::Network;
 use crate::nn::Entry;
@@ -49,6 +49,12 @@ pub struct TrainOutcome {
     pub best: Option<(usize, f64)>,
     pub train_images: u64,
     pub train_seconds: f64,
+    /// With several ranks: the checksum (crc32c) of the weights all of them held at the last save.
+    pub ranks_agree_on: Option<u32>,
+    /// With several ranks: rank 0's seconds in the gradient all-reduce (waits included), and
+    /// over how many steps of this launch.
+    pub reduce_seconds: f64,
+    pub reduced_steps: u64,
 }
 
 impl TrainOutcome {
@@ -75,6 +81,8 @@ pub struct Position {
 pub struct Resume {
     pub config: TrainConfig,
     pub position: Position,
+    /// How many ranks trained the run (it resumes on as many).
+    pub ranks: usize,
     tensors: BTreeMap<String, HostTensor>,
 }
 
@@ -90,11 +98,33 @@ pub fn load_resume(run: &Path) -> Result<Resume> {
         serde_json::from_str(field("config")?).with_context(|| format!("{origin}: bad 'config' metadata"))?;
     let position: Position =
         serde_json::from_str(field("position")?).with_context(|| format!("{origin}: bad 'position' metadata"))?;
+    let ranks = match meta.get("ranks") {
+        Some(v) => v.parse().with_context(|| format!("{origin}: bad 'ranks' metadata"))?,
+        None => 1,
+    };
     Ok(Resume {
         config,
         position,
+        ranks,
         tensors,
     })
+}
+
+impl Resume {
+    /// Refuses to resume the run in `dir` on another number of ranks than it trained on
+    /// (each rank's slice of every batch, and so the weights, would differ).
+    pub fn check_ranks(&self, ranks: usize, dir: &Path) -> Result<(), String> {
+        if self.ranks == ranks {
+            return Ok(());
+        }
+        Err(format!(
+            "{}: the run trained on {} rank(s) and resumes only on as many (this launch has {ranks}); \
+             to continue on another number, start a new run with --init {}",
+            dir.display(),
+            self.ranks,
+            dir.join("last.safetensors").display()
+        ))
+    }
 }
 
 /// Weights a run starts from instead of a fresh initialisation (`--init`, fine-tuning).
@@ -281,7 +311,24 @@ pub fn train<B: DeviceBatches>(
     start: Start,
     stop: &AtomicBool,
 ) -> Result<TrainOutcome> {
-    let mut t = Trainer::new(be, &Local, cfg, splits, out, console, start)?;
+    train_ranks(be, &Local, cfg, splits, out, console, start, stop)
+}
+
+/// As [`train`], as one of the ranks of `coll` training together (data parallel): each
+/// computes its slice of every batch, gradients are averaged before each step, and rank 0
+/// alone writes the run folder.
+#[allow(clippy::too_many_arguments)]
+pub fn train_ranks<B: DeviceBatches>(
+    be: &B,
+    coll: &dyn Collective<B>,
+    cfg: &TrainConfig,
+    splits: &Splits,
+    out: &Path,
+    console: &mut Console,
+    start: Start,
+    stop: &AtomicBool,
+) -> Result<TrainOutcome> {
+    let mut t = Trainer::new(be, coll, cfg, splits, out, console, start)?;
     let train_images = splits.train.clone();
     let eval_on = eval_split(splits);
     console.line(&describe_split(train_images.len(), eval_on));
@@ -294,6 +341,9 @@ pub fn train<B: DeviceBatches>(
         best: t.pos.best,
         train_images: images,
         train_seconds: seconds,
+        ranks_agree_on: t.ranks_agree_on,
+        reduce_seconds: t.reduce_seconds,
+        reduced_steps: t.reduced_steps,
     };
 
     // On a GPU the training images go to the device once and each batch is cut there from a
@@ -313,6 +363,7 @@ pub fn train<B: DeviceBatches>(
                 cfg.seed,
                 epoch,
                 splits.spec.norm,
+                coll.shard(),
             )),
         };
         console.start_epoch(
@@ -326,9 +377,10 @@ pub fn train<B: DeviceBatches>(
             let labels = t.load_batch(&source, &train_images, &plan, epoch, b)?;
             let lr = cfg.schedule.lr(epoch, b, t.steps_per_epoch, cfg.epochs);
             let msg = t.step(&labels, epoch, lr, console)?;
-            trained_images += labels.len() as u64;
-            console.advance(labels.len() as u64, &msg);
-            let reason = if stop.load(Ordering::Relaxed) {
+            let images = plan.batch(b).len() as u64; // all ranks' images
+            trained_images += images;
+            console.advance(images, &msg);
+            let reason = if t.agree_stop(stop.load(Ordering::Relaxed)) {
                 Some(Stop::Interrupted)
             } else if cfg.max_steps.is_some_and(|m| t.pos.step >= m)
                 && (t.pos.batch < plan.num_batches() || epoch + 1 < cfg.epochs)
@@ -353,7 +405,7 @@ pub fn train<B: DeviceBatches>(
         drop(source);
         let progress = pace(epoch_seconds, whole_epoch_seconds, cfg.epochs - epoch - 1);
         t.end_epoch(epoch, eval_on, epoch_seconds, &progress, console)?;
-        let stopped = if stop.load(Ordering::Relaxed) {
+        let stopped = if t.agree_stop(stop.load(Ordering::Relaxed)) {
             Some(Stop::Interrupted)
         } else if cfg.max_steps.is_some_and(|m| t.pos.step >= m) && t.pos.epoch < cfg.epochs {
             Some(Stop::MaxSteps)
@@ -418,6 +470,7 @@ pub(super) fn save_train_state<B: Backend>(
     model: &mut dyn Network<B>,
     opt: &Optimizer<B>,
     pos: &Position,
+    ranks: usize,
 ) -> Result<()> {
     let mut tensors: BTreeMap<String, HostTensor> = checkpoint::state_dict(be, model)
         .into_iter()
@@ -428,6 +481,7 @@ pub(super) fn save_train_state<B: Backend>(
     meta.insert("config".into(), serde_json::to_string(cfg)?);
     meta.insert("position".into(), serde_json::to_string(pos)?);
     meta.insert("optimizer_steps".into(), opt.steps().to_string());
+    meta.insert("ranks".into(), ranks.to_string());
     let path = root.join("train_state.safetensors");
     checkpoint::write_atomic(&path, &checkpoint::to_bytes(&tensors, Some(meta)))
         .with_context(|| format!("{}: write failed", path.display()))

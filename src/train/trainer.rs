@@ -11,7 +11,7 @@ use crate::checkpoint;
 use crate::data::transform::{BatchKey, BatchPlan};
 use crate::data::{Batch, EpochPlan, Images, Normalization, Splits};
 use crate::engine::{Collective, CropPlan, DeviceBatches, Shape4, ensure_len};
-use crate::eval::{EvalResult, evaluate};
+use crate::eval::{EvalResult, EvalTally, evaluate_shard};
 use crate::model::{Network, build};
 use crate::nn::Entry;
 use anyhow::{Context, Result, bail};
@@ -33,7 +33,8 @@ pub struct Trainer<'a, B: DeviceBatches> {
     model: Box<dyn Network<B>>,
     opt: Optimizer<B>,
     pub pos: Position,
-    files: RunFiles,
+    /// The run folder's writers: rank 0's alone.
+    files: Option<RunFiles>,
     side: usize,
     norm: Normalization,
     /// The current batch, NHWC on the device.
@@ -41,6 +42,14 @@ pub struct Trainer<'a, B: DeviceBatches> {
     /// The first non-finite loss: `[step, loss]` (see `Backend::watch_loss`).
     watch: B::Buf,
     pub steps_per_epoch: usize,
+    /// Images in the whole (all ranks') current batch.
+    global_batch: usize,
+    /// With several ranks: the checksum of the weights every rank held at the last save.
+    pub ranks_agree_on: Option<u32>,
+    /// With several ranks: seconds spent averaging gradients (the all-reduce, its copies and
+    /// the wait for the slowest rank), and over how many steps.
+    pub reduce_seconds: f64,
+    pub reduced_steps: u64,
     pub last_eval: Option<EvalResult>,
 }
 
@@ -60,6 +69,13 @@ impl<'a, B: DeviceBatches> Trainer<'a, B> {
         if cfg.batch_size == 0 || cfg.eval_batch_size == 0 {
             bail!("batch size must be at least 1");
         }
+        let ranks = coll.size();
+        if !cfg.batch_size.is_multiple_of(ranks) {
+            bail!(
+                "--batch-size {} is the global batch and must split evenly over the {ranks} ranks",
+                cfg.batch_size
+            );
+        }
         check_data(cfg, splits)?;
         let mut model = build(be, cfg.arch, cfg.model, cfg.seed);
         model.set_label_smoothing(cfg.label_smoothing);
@@ -78,9 +94,12 @@ impl<'a, B: DeviceBatches> Trainer<'a, B> {
                 load_init(be, model.as_mut(), &w, console)?;
                 Position::default()
             }
-            Start::Resume(r) => load_resumed(be, model.as_mut(), &mut opt, *r, out, console)?,
+            Start::Resume(r) => {
+                r.check_ranks(ranks, out).map_err(anyhow::Error::msg)?;
+                load_resumed(be, model.as_mut(), &mut opt, *r, out, console)?
+            }
         };
-        if coll.size() > 1 {
+        if ranks > 1 {
             model.visit(&mut |e| {
                 if let Entry::Tensor(p) = e {
                     let n = p.numel();
@@ -88,7 +107,11 @@ impl<'a, B: DeviceBatches> Trainer<'a, B> {
                 }
             });
         }
-        let files = RunFiles::create(out, cfg)?;
+        let files = if coll.rank() == 0 {
+            Some(RunFiles::create(out, cfg)?)
+        } else {
+            None
+        };
         let mut watch = be.alloc(2);
         be.fill(&mut watch, 2, 0.0);
         Ok(Self {
@@ -103,12 +126,17 @@ impl<'a, B: DeviceBatches> Trainer<'a, B> {
             norm: splits.spec.norm,
             x: be.alloc(0),
             watch,
-            steps_per_epoch: EpochPlan::new(splits.train.len(), cfg.batch_size, false, 0, 0).num_batches(),
+            steps_per_epoch: splits.train.len().div_ceil(cfg.batch_size),
+            global_batch: 0,
+            ranks_agree_on: None,
+            reduce_seconds: 0.0,
+            reduced_steps: 0,
             last_eval: None,
         })
     }
 
-    /// Puts batch `b` of `epoch` (images `plan.batch(b)`) into the input buffer; its labels.
+    /// Puts this rank's part of batch `b` of `epoch` (images `plan.batch(b)`) into the input
+    /// buffer; its labels.
     pub fn load_batch(
         &mut self,
         source: &Batches<'_, B>,
@@ -118,10 +146,11 @@ impl<'a, B: DeviceBatches> Trainer<'a, B> {
         b: usize,
     ) -> Result<Vec<u32>> {
         let (be, side) = (self.be, self.side);
+        self.global_batch = plan.batch(b).len();
         match source {
             Batches::Device(pixels) => {
                 let key = BatchKey::new(self.cfg.seed, epoch, b);
-                let bp = BatchPlan::new(images, plan.batch(b), self.cfg.augment, key);
+                let bp = BatchPlan::new(images, plan.batch(b), self.cfg.augment, key).shard(self.coll.shard());
                 ensure_len(be, &mut self.x, bp.items.len() * side * side * 3);
                 let crops = CropPlan {
                     items: &bp.items,
@@ -142,16 +171,34 @@ impl<'a, B: DeviceBatches> Trainer<'a, B> {
         }
     }
 
-    /// One optimizer step on the batch in the input buffer, at learning rate `lr`; logs the
-    /// loss every `log_every` steps. Returns the progress bar's message.
+    /// One optimizer step on the batch in the input buffer (this rank's part of it), at
+    /// learning rate `lr`; logs the loss every `log_every` steps. Returns the progress bar's
+    /// message.
     pub fn step(&mut self, labels: &[u32], epoch: usize, lr: f64, console: &Console) -> Result<String> {
         let (be, side, n) = (self.be, self.side, labels.len());
-        self.model.forward(be, &self.x, Shape4::new(n, side, side, 3), true);
-        self.model.backward(be, &self.x, labels);
-        if self.coll.size() > 1 {
+        let ranks = self.coll.size();
+        if ranks > 1 {
+            // Each rank's gradient is the mean over its slice and the step needs the mean over
+            // the whole batch: equal slices (every batch but perhaps an epoch's last) average
+            // as they are, unequal ones are weighted through the loss gradient.
+            self.model
+                .set_loss_grad_scale((ranks * n) as f32 / self.global_batch as f32);
+        }
+        if n > 0 {
+            self.model.forward(be, &self.x, Shape4::new(n, side, side, 3), true);
+            self.model.backward(be, &self.x, labels);
+        }
+        if ranks > 1 {
+            let t0 = std::time::Instant::now();
             let (_, grads) = self.model.state_and_grads();
             let len = be.buf_len(grads);
+            if n == 0 {
+                // A last batch smaller than the number of ranks: this one adds nothing.
+                be.fill(grads, len, 0.0);
+            }
             self.coll.all_reduce_mean(be, grads, len);
+            self.reduce_seconds += t0.elapsed().as_secs_f64();
+            self.reduced_steps += 1;
         }
         self.opt.step(be, self.model.as_mut(), lr);
         self.pos.step += 1;
@@ -166,12 +213,78 @@ impl<'a, B: DeviceBatches> Trainer<'a, B> {
         }
         self.check_watch()?;
         let mut loss = [0f32];
-        be.download(self.model.loss(), &mut loss);
+        if n > 0 {
+            be.download(self.model.loss(), &mut loss);
+        }
+        if ranks > 1 {
+            // The whole batch's mean loss, from the ranks' slice means.
+            let mut sum = [loss[0] as f64 * n as f64 / self.global_batch as f64];
+            self.coll.all_reduce_host(&mut sum);
+            loss[0] = sum[0] as f32;
+        }
         console.line(&format!("step {step}, loss {}", loss[0]));
-        self.files.scalar("train_loss", loss[0], step as usize)?;
-        self.files
-            .log(serde_json::json!({"kind": "train", "step": step, "epoch": epoch, "loss": loss[0], "lr": lr}))?;
+        if let Some(files) = &mut self.files {
+            files.scalar("train_loss", loss[0], step as usize)?;
+            files.log(serde_json::json!({"kind": "train", "step": step, "epoch": epoch, "loss": loss[0], "lr": lr}))?;
+        }
         Ok(format!("loss {:.4}", loss[0]))
+    }
+
+    /// Whether the ranks stop now: true on every rank when any rank's `local` is (one
+    /// interrupted process stops all of them after the same step).
+    pub fn agree_stop(&self, local: bool) -> bool {
+        if self.coll.size() == 1 {
+            return local;
+        }
+        let mut votes = [f64::from(u8::from(local))];
+        self.coll.all_reduce_host(&mut votes);
+        votes[0] > 0.0
+    }
+
+    /// Checks that every rank holds the same weights (they must: each applies the same averaged
+    /// gradient to the same start), so that a rank that went its own way is an error, not a
+    /// checkpoint that only rank 0's weights describe.
+    fn check_ranks_agree(&mut self) -> Result<()> {
+        let (be, ranks, rank) = (self.be, self.coll.size(), self.coll.rank());
+        if ranks == 1 {
+            return Ok(());
+        }
+        let mut crc = 0u32;
+        self.model.visit_params(&mut |p| {
+            let bytes: Vec<u8> = p.read(be).iter().flat_map(|v| v.to_le_bytes()).collect();
+            crc = crc32c::crc32c_append(crc, &bytes);
+        });
+        // An all-gather of the checksums (exact in f64) through the sum of one-hot rows.
+        let mut all = vec![0f64; ranks];
+        all[rank] = f64::from(crc);
+        self.coll.all_reduce_host(&mut all);
+        if let Some(other) = all.iter().position(|&c| c != all[0]) {
+            bail!(
+                "after step {} rank {other} holds other weights than rank 0 (checksums {:08x} and {:08x}); not saving",
+                self.pos.step,
+                all[other] as u32,
+                all[0] as u32
+            );
+        }
+        self.ranks_agree_on = Some(crc);
+        Ok(())
+    }
+
+    /// Rank 0's BatchNorm running statistics on every rank (each rank's own followed its own
+    /// slices): what evaluation uses and checkpoints hold, as under PyTorch DDP.
+    fn share_running_stats(&mut self) {
+        if self.coll.size() == 1 {
+            return;
+        }
+        let (be, coll) = (self.be, self.coll);
+        self.model.visit(&mut |e| {
+            if let Entry::Tensor(p) = e
+                && !p.trainable()
+            {
+                let n = p.numel();
+                coll.broadcast(be, &mut p.value, n, 0);
+            }
+        });
     }
 
     /// Fails with the step at which the loss stopped being finite, if it did.
@@ -206,17 +319,26 @@ impl<'a, B: DeviceBatches> Trainer<'a, B> {
         self.pos.epochs_completed = self.pos.epoch;
 
         let lr = cfg.schedule.lr(epoch, 0, self.steps_per_epoch, cfg.epochs);
-        self.files.scalar("lr", lr as f32, epoch)?;
+        self.check_ranks_agree()?;
+        if let Some(files) = &mut self.files {
+            files.scalar("lr", lr as f32, epoch)?;
+        }
+        self.share_running_stats();
         let mut accuracy = None;
         if let Some((split, images)) = eval_on {
-            let r = evaluate(
+            let classes = self.model.num_classes();
+            let tally = evaluate_shard(
                 be,
                 self.model.as_mut(),
                 images,
                 &self.norm,
                 cfg.eval_batch_size,
                 cfg.tta,
+                self.coll.shard(),
             );
+            let mut sums = tally.to_sums();
+            self.coll.all_reduce_host(&mut sums);
+            let r = EvalTally::from_sums(&sums, classes).result();
             console.line(&format!(
                 "epoch {}/{}: {split} loss {:.4} (sum of batch means; {:.4} per image), accuracy {:.4} ({}/{}); {pace}",
                 epoch + 1,
@@ -227,14 +349,15 @@ impl<'a, B: DeviceBatches> Trainer<'a, B> {
                 r.correct,
                 r.images,
             ));
-            self.files
-                .scalar("test_loss", r.loss_sum_of_batch_means as f32, epoch)?;
-            self.files.scalar("test_accuracy", r.accuracy as f32, epoch)?;
-            self.files.log(serde_json::json!({
-                "kind": "eval", "split": split, "epoch": epoch, "step": self.pos.step,
-                "loss_sum_of_batch_means": r.loss_sum_of_batch_means, "loss": r.loss, "accuracy": r.accuracy, "lr": lr,
-                "train_seconds": epoch_seconds,
-            }))?;
+            if let Some(files) = &mut self.files {
+                files.scalar("test_loss", r.loss_sum_of_batch_means as f32, epoch)?;
+                files.scalar("test_accuracy", r.accuracy as f32, epoch)?;
+                files.log(serde_json::json!({
+                    "kind": "eval", "split": split, "epoch": epoch, "step": self.pos.step,
+                    "loss_sum_of_batch_means": r.loss_sum_of_batch_means, "loss": r.loss, "accuracy": r.accuracy, "lr": lr,
+                    "train_seconds": epoch_seconds,
+                }))?;
+            }
             accuracy = Some(r.accuracy);
             if self.pos.best.is_none_or(|(_, a)| r.accuracy > a) {
                 self.pos.best = Some((epoch + 1, r.accuracy));
@@ -242,13 +365,20 @@ impl<'a, B: DeviceBatches> Trainer<'a, B> {
             self.last_eval = Some(r);
         } else {
             console.line(&format!("epoch {}/{}: {pace}", epoch + 1, cfg.epochs));
-            self.files.log(serde_json::json!({
-                "kind": "epoch", "epoch": epoch, "step": self.pos.step, "lr": lr, "train_seconds": epoch_seconds,
-            }))?;
+            if let Some(files) = &mut self.files {
+                files.log(serde_json::json!({
+                    "kind": "epoch", "epoch": epoch, "step": self.pos.step, "lr": lr, "train_seconds": epoch_seconds,
+                }))?;
+            }
         }
 
-        // Checkpoints: this epoch's, then last (and best when it is), then the resume state.
-        let root = self.files.root.clone();
+        // Checkpoints (rank 0's): this epoch's, then last (and best when it is), then the
+        // resume state.
+        let ranks = self.coll.size();
+        let Some(files) = &mut self.files else {
+            return Ok(());
+        };
+        let root = files.root.clone();
         let epoch_path = root
             .join("checkpoints")
             .join(format!("epoch-{}.safetensors", epoch + 1));
@@ -263,15 +393,22 @@ impl<'a, B: DeviceBatches> Trainer<'a, B> {
             checkpoint::write_atomic(&root.join("best.safetensors"), &bytes)
                 .context("best.safetensors: write failed")?;
         }
-        save_train_state(be, &root, cfg, self.model.as_mut(), &self.opt, &self.pos)?;
-        self.files.flush()
+        save_train_state(be, &root, cfg, self.model.as_mut(), &self.opt, &self.pos, ranks)?;
+        files.flush()
     }
 
     /// Saves a run stopped mid-epoch: the resume state and `last.safetensors`.
     pub fn save_stopped(&mut self) -> Result<()> {
         self.check_watch()?;
-        let (be, cfg, root) = (self.be, self.cfg, self.files.root.clone());
-        save_train_state(be, &root, cfg, self.model.as_mut(), &self.opt, &self.pos)?;
+        self.check_ranks_agree()?;
+        self.share_running_stats();
+        let ranks = self.coll.size();
+        let (be, cfg) = (self.be, self.cfg);
+        let Some(files) = &mut self.files else {
+            return Ok(());
+        };
+        let root = files.root.clone();
+        save_train_state(be, &root, cfg, self.model.as_mut(), &self.opt, &self.pos, ranks)?;
         checkpoint::save(
             &root.join("last.safetensors"),
             be,
@@ -279,7 +416,7 @@ impl<'a, B: DeviceBatches> Trainer<'a, B> {
             Some(meta(cfg, &self.pos, None)),
         )
         .context("last.safetensors: write failed")?;
-        self.files.flush()
+        files.flush()
     }
 }
 

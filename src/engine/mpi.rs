@@ -1,0 +1,76 @@
+//! The [`Collective`] of processes launched by `mpirun` or Slurm's `srun`: MPI through the
+//! `mpi` crate (rsmpi) and the MPI library the system has (cargo feature `mpi`).
+//!
+//! Buffers pass through the host: on the CPU backend that is the buffer itself plus one copy
+//! into a persistent receive buffer; a GPU backend's buffers are staged (NCCL is its fast path).
+
+use super::Backend;
+use super::collective::Collective;
+use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
+use mpi::environment::Universe;
+use mpi::topology::{Communicator, SimpleCommunicator};
+use std::cell::RefCell;
+
+/// MPI's world: every process of the launch, rank 0 first.
+pub struct Mpi {
+    world: SimpleCommunicator,
+    /// Send and receive buffers kept from step to step (the gradient arena is 45 MB).
+    host: RefCell<(Vec<f32>, Vec<f32>)>,
+    /// Finalises MPI when dropped: declared last, so it goes after the communicator.
+    _universe: Universe,
+}
+
+impl Mpi {
+    /// Initialises MPI (once per process): `None` when it already was.
+    pub fn init() -> Option<Self> {
+        let universe = mpi::initialize()?;
+        Some(Self {
+            world: universe.world(),
+            host: RefCell::new((Vec::new(), Vec::new())),
+            _universe: universe,
+        })
+    }
+
+    /// Ends every rank of the launch with `code` (a rank that cannot go on, so that the others
+    /// do not wait for it forever).
+    pub fn abort(&self, code: i32) -> ! {
+        self.world.abort(code)
+    }
+}
+
+impl<B: Backend> Collective<B> for Mpi {
+    fn rank(&self) -> usize {
+        self.world.rank() as usize
+    }
+
+    fn size(&self) -> usize {
+        self.world.size() as usize
+    }
+
+    fn all_reduce_mean(&self, be: &B, buf: &mut B::Buf, len: usize) {
+        let mut host = self.host.borrow_mut();
+        let (send, recv) = &mut *host;
+        send.resize(len, 0.0);
+        recv.resize(len, 0.0);
+        be.download(buf, send);
+        self.world
+            .all_reduce_into(&send[..], &mut recv[..], SystemOperation::sum());
+        let scale = 1.0 / self.world.size() as f32;
+        recv.iter_mut().for_each(|v| *v *= scale);
+        be.upload(recv, buf);
+    }
+
+    fn broadcast(&self, be: &B, buf: &mut B::Buf, len: usize, root: usize) {
+        let mut host = self.host.borrow_mut();
+        let send = &mut host.0;
+        send.resize(len, 0.0);
+        be.download(buf, send);
+        self.world.process_at_rank(root as i32).broadcast_into(&mut send[..]);
+        be.upload(send, buf);
+    }
+
+    fn all_reduce_host(&self, values: &mut [f64]) {
+        let send = values.to_vec();
+        self.world.all_reduce_into(&send[..], values, SystemOperation::sum());
+    }
+}

@@ -1,0 +1,245 @@
+//! Data-parallel training under `mpirun` (cargo feature `mpi`; needs Open MPI's `mpirun`):
+//! two ranks of one thread each on a small image folder cut from the CIFAR-10 files.
+#![cfg(feature = "mpi")]
+
+mod common;
+
+use resnet_cifar::checkpoint;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// 20 images a class for training (21 of class 0) and 4 for testing, the first of the shared
+/// CIFAR-10 files: 201 train images, 7 steps an epoch at the global batch of 32, the last one
+/// of 9 images split 5 and 4 (weighted by the ranks' loss gradients).
+fn write_data(dir: &Path) -> PathBuf {
+    let raw = std::fs::read(common::shared_dir().join("data/cifar10/data_batch_1.bin")).unwrap();
+    let mut count = [0usize; 10];
+    for rec in raw.chunks_exact(3073) {
+        let class = rec[0] as usize;
+        let i = count[class];
+        count[class] += 1;
+        let extra = usize::from(class == 0);
+        let split = match i {
+            _ if i < 20 + extra => "train",
+            _ if i < 24 + extra => "test",
+            _ => continue,
+        };
+        let img = image::RgbImage::from_fn(32, 32, |x, y| {
+            let p = (y * 32 + x) as usize;
+            image::Rgb([rec[1 + p], rec[1 + 1024 + p], rec[1 + 2048 + p]])
+        });
+        let d = dir.join(split).join(format!("class{class}"));
+        std::fs::create_dir_all(&d).unwrap();
+        img.save(d.join(format!("{i:03}.png"))).unwrap();
+    }
+    dir.to_path_buf()
+}
+
+/// `mpirun -np 2 resnet-cifar ARGS`, one thread a rank, as root in a container if need be.
+fn mpirun(args: &[&str]) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["--oversubscribe", "-np", "2", env!("CARGO_BIN_EXE_resnet-cifar")])
+        .args(args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+    c
+}
+
+fn train_args<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec![
+        "train",
+        "--data",
+        data,
+        "--out",
+        out,
+        "--recipe",
+        "fast",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "10",
+        "--threads",
+        "1",
+    ];
+    a.extend_from_slice(extra);
+    a
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let (t, _) = checkpoint::parse("state", &std::fs::read(path).unwrap()).unwrap();
+    t.into_iter().map(|(k, v)| (k, v.bytes)).collect()
+}
+
+#[test]
+fn two_ranks_train_as_one_run_and_resume_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(&tmp.path().join("data"));
+    let data = data.to_str().unwrap();
+    let unbroken = tmp.path().join("unbroken");
+    let o = mpirun(&train_args(data, unbroken.to_str().unwrap(), &["--max-steps", "30"]))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}\n{stderr}");
+    // Rank 0 alone speaks: each line once.
+    assert_eq!(stdout.matches("rank 0 of 2").count(), 1, "{stdout}");
+    assert_eq!(stdout.matches("training on 201 images").count(), 1, "{stdout}");
+    // 30 steps cross four epoch ends (7 steps each), each
+    // evaluated on the 40 test images shared out between the ranks and summed.
+    assert_eq!(stdout.matches("/40)").count(), 4, "every image counted once: {stdout}");
+    // The ranks checked at every save that they hold the same weights.
+    assert!(stdout.contains("all 2 ranks hold the same weights"), "{stdout}");
+
+    // Stopped at step 12 (mid-epoch) and resumed: the same weights, BN statistics and Adam
+    // state as the unbroken run, bit for bit.
+    let cut = tmp.path().join("cut");
+    let cut_s = cut.to_str().unwrap();
+    let o = mpirun(&train_args(data, cut_s, &["--max-steps", "12"]))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{:?}", text(&o));
+    let o = mpirun(&["train", "--resume", cut_s, "--max-steps", "30", "--threads", "1"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(
+        tensors(&cut.join("train_state.safetensors")) == tensors(&unbroken.join("train_state.safetensors")),
+        "a resumed 2-rank run differs from the unbroken one"
+    );
+
+    // Another number of ranks is refused in one line; the checkpoint loads in one process.
+    let (code, _, err) = common::cli(&["train", "--resume", cut_s, "--threads", "1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("2 rank(s)") && err.contains("--init"), "{err}");
+    let (code, out, err) = common::cli(&[
+        "eval",
+        "--checkpoint",
+        cut.join("last.safetensors").to_str().unwrap(),
+        "--data",
+        data,
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+/// The pids of `mpirun`'s rank processes, by rank (read from /proc: Open MPI starts local
+/// ranks as its children and tells each its rank in the environment).
+fn rank_pids(mpirun: &Child) -> Vec<(usize, u32)> {
+    let mut ranks = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let ppid: u32 = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        if ppid != mpirun.id() {
+            continue;
+        }
+        let env = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+        for var in env.split(|&b| b == 0) {
+            if let Some(r) = var.strip_prefix(b"OMPI_COMM_WORLD_RANK=") {
+                ranks.push((String::from_utf8_lossy(r).parse().unwrap(), pid));
+            }
+        }
+    }
+    ranks.sort();
+    ranks
+}
+
+/// Starts a long 2-rank run and waits until it has trained a few steps.
+fn started_run(data: &str, out: &Path) -> (Child, Vec<(usize, u32)>) {
+    let mut child = mpirun(&train_args(data, out.to_str().unwrap(), &["--log-every", "1"]))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        let ranks = rank_pids(&child);
+        if ranks.len() == 2 && out.join("config.json").exists() {
+            std::thread::sleep(Duration::from_secs(3));
+            return (child, ranks);
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "the run did not start");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let s = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -{sig} {pid}"))
+        .status()
+        .unwrap();
+    assert!(s.success());
+}
+
+/// Waits up to `limit` for `child`; its output.
+fn wait_for(mut child: Child, limit: Duration) -> Output {
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > limit {
+            child.kill().unwrap();
+            panic!("still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn an_interrupted_rank_stops_every_rank_with_one_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(&tmp.path().join("data"));
+    let out = tmp.path().join("run");
+    let (child, ranks) = started_run(data.to_str().unwrap(), &out);
+    // Rank 1, which writes nothing itself: the vote carries the stop to rank 0.
+    signal(ranks[1].1, "INT");
+    let o = wait_for(child, Duration::from_secs(60));
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(130), "{stdout}\n{stderr}");
+    assert!(stderr.contains("interrupted after step"), "{stderr}");
+    assert!(out.join("train_state.safetensors").exists() && out.join("last.safetensors").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn a_killed_rank_ends_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(&tmp.path().join("data"));
+    let out = tmp.path().join("run");
+    let (child, ranks) = started_run(data.to_str().unwrap(), &out);
+    let t0 = Instant::now();
+    signal(ranks[1].1, "KILL");
+    let o = wait_for(child, Duration::from_secs(60));
+    assert!(!o.status.success(), "{:?}", text(&o));
+    eprintln!(
+        "the launch ended {:.1} s after rank 1 was killed",
+        t0.elapsed().as_secs_f64()
+    );
+}
