@@ -89,7 +89,7 @@ def main():
     ns = list(range(1, a.max_machines + 1))
     shown = [n for n in [2, 4, 8, 16, 32, 64] if n <= a.max_machines]
     print("| stem, global batch | link | " + " | ".join(f"N={n}" for n in shown)
-          + " | stops paying below (images per rank) |")
+          + " | half of each step waits for the link below (images per rank) |")
     print("|---|---|" + "---|" * len(shown) + "---|")
     for name, (ips, batch) in STEMS.items():
         for gbit in LINKS_GBIT:

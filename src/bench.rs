@@ -2,7 +2,7 @@
 //! batches of the configured image size (CIFAR's 32x32 by default), as `resnet-cifar bench`
 //! reports it.
 
-use crate::engine::{Backend, Shape4};
+use crate::engine::{Backend, Collective, Shape4};
 use crate::model::{Arch, ResNetConfig, build};
 use crate::optim::{Adam, AdamConfig};
 use rand::{RngExt, SeedableRng};
@@ -97,4 +97,30 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, mut progress: impl FnMut(&str)
         final_loss: loss[0],
         peak_rss_bytes: peak_rss_bytes(),
     }
+}
+
+/// Seconds each of `reps` gradient all-reduces (mean over the ranks of `coll`) of `len` values
+/// took, after `warmup` untimed ones. The ranks first agree (a one-value sum) before each
+/// call, so the time is the exchange itself, not the wait for a slower rank.
+pub fn all_reduce<B: Backend>(be: &B, coll: &dyn Collective<B>, len: usize, warmup: usize, reps: usize) -> Vec<f64> {
+    let mut buf = be.alloc(len);
+    be.fill(&mut buf, len, 1.0);
+    let mut times = Vec::with_capacity(reps);
+    for i in 0..warmup + reps {
+        coll.all_reduce_host(&mut [0.0]);
+        let t0 = Instant::now();
+        coll.all_reduce_mean(be, &mut buf, len);
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times
+}
+
+/// Values in the gradient arena of the network `cfg` describes (what one training step
+/// all-reduces).
+pub fn gradient_len<B: Backend>(be: &B, cfg: &BenchConfig) -> usize {
+    let mut model = build(be, cfg.arch, cfg.model, 0);
+    let (_, grads) = model.state_and_grads();
+    be.buf_len(grads)
 }

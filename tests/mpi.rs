@@ -243,3 +243,19 @@ fn a_killed_rank_ends_the_others() {
         t0.elapsed().as_secs_f64()
     );
 }
+
+#[test]
+fn bench_under_mpirun_times_the_gradient_all_reduce() {
+    let o = mpirun(&["bench", "--threads", "1", "--steps", "3", "--warmup", "1"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}\n{stderr}");
+    // Rank 0 alone reports, for the whole arena (44.7 MB for ResNet-18 on 10 classes).
+    assert_eq!(
+        stdout.matches("all-reduce (mean) of the gradients").count(),
+        1,
+        "{stdout}"
+    );
+    assert!(stdout.contains("(44.7 MB), over 2 ranks"), "{stdout}");
+}

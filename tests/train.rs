@@ -649,3 +649,20 @@ fn settings_are_flags_and_toml_keys_alike() {
         .settings;
     assert_eq!(seed.refused_on_resume().as_deref(), Some("--image-size"));
 }
+
+/// A binary built without MPI, started by `mpirun -np 2`, says so instead of training twice.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn several_ranks_need_the_mpi_build() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_resnet-cifar"))
+        .args(["train", "--data", "/nonexistent", "--max-steps", "1"])
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("built without MPI") && err.contains("--features mpi"),
+        "{err}"
+    );
+}

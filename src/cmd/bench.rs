@@ -1,7 +1,7 @@
 //! `bench`: training and inference speed on random CIFAR-shaped batches.
 
-use super::ComputeArgs;
 use super::summary::NetArgs;
+use super::{ComputeArgs, World};
 use clap::Args;
 use resnet_cifar::bench::{self, BenchConfig};
 use resnet_cifar::cli::{CliError, limits};
@@ -29,6 +29,10 @@ pub fn run(a: BenchArgs) -> Result<(), CliError> {
         steps: a.steps as usize,
         warmup: a.warmup as usize,
     };
+    let world = World::from_launcher()?;
+    if world.size() > 1 {
+        return all_reduce(&world, &target, &cfg);
+    }
     let bar = indicatif::ProgressBar::new(2 * (cfg.steps + cfg.warmup) as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"));
     if a.net.json {
@@ -67,5 +71,33 @@ pub fn run(a: BenchArgs) -> Result<(), CliError> {
         println!("peak memory: {:.1} MiB", b as f64 / (1024.0 * 1024.0));
     }
     println!("final loss: {:.4}", r.final_loss);
+    Ok(())
+}
+
+/// Under several ranks: the time of one gradient all-reduce between them (the model's
+/// arena, `--steps` times after `--warmup`), printed by rank 0.
+fn all_reduce(world: &World, target: &super::Target, cfg: &BenchConfig) -> Result<(), CliError> {
+    let (len, mut times) = with_backend!(target, |be| {
+        let len = bench::gradient_len(be, cfg);
+        (
+            len,
+            bench::all_reduce(be, world.collective(), len, cfg.warmup, cfg.steps),
+        )
+    });
+    if world.rank() != 0 {
+        return Ok(());
+    }
+    times.sort_by(f64::total_cmp);
+    let ms = |t: f64| 1e3 * t;
+    println!(
+        "all-reduce (mean) of the gradients, {len} f32 ({:.1} MB), over {} ranks: median {:.1} ms, min {:.1}, max {:.1} ({} calls); {:.2} GB/s of gradient",
+        len as f64 * 4e-6,
+        world.size(),
+        ms(times[times.len() / 2]),
+        ms(times[0]),
+        ms(times[times.len() - 1]),
+        times.len(),
+        len as f64 * 4e-9 / times[times.len() / 2]
+    );
     Ok(())
 }

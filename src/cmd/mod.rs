@@ -5,6 +5,7 @@ use clap::Args;
 use resnet_cifar::cli::CliError;
 use resnet_cifar::data::{DataOptions, Dataset, fetch};
 use resnet_cifar::engine::cuda::Precision;
+use resnet_cifar::engine::{Backend, Collective, Local};
 use std::path::{Path, PathBuf};
 
 /// Runs `$body` with `$be` bound to the backend `$target` names.
@@ -134,4 +135,58 @@ fn open_data(dir: &Path, opts: &DataOptions) -> Result<Dataset, CliError> {
     let data = resnet_cifar::data::open(dir, opts, &progress);
     bar.finish_and_clear();
     data.map_err(CliError::input)
+}
+
+/// The processes a command runs on: this one alone, or, when `mpirun` or `srun` started it
+/// (and the binary has MPI), every rank of the launch.
+pub struct World {
+    #[cfg(feature = "mpi")]
+    mpi: Option<resnet_cifar::engine::mpi::Mpi>,
+}
+
+/// Variables through which MPI launchers (Open MPI's mpirun, MPICH's and Slurm's PMI, PMIx)
+/// tell a process it is one rank of several.
+const LAUNCHER_SIZE_VARS: [&str; 3] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"];
+
+impl World {
+    pub fn from_launcher() -> Result<Self, CliError> {
+        let launched = LAUNCHER_SIZE_VARS
+            .iter()
+            .find_map(|v| std::env::var(v).ok().map(|n| (*v, n)));
+        #[cfg(feature = "mpi")]
+        {
+            let mpi = match launched {
+                Some(_) => Some(
+                    resnet_cifar::engine::mpi::Mpi::init()
+                        .ok_or_else(|| CliError::run("MPI was already initialised"))?,
+                ),
+                None => None,
+            };
+            Ok(Self { mpi })
+        }
+        #[cfg(not(feature = "mpi"))]
+        match launched {
+            Some((var, n)) if n.trim() != "1" => Err(CliError::input(format!(
+                "started as one of {n} processes ({var}), but this binary was built without MPI: \
+                 build it with `cargo build --release --features mpi`"
+            ))),
+            _ => Ok(Self {}),
+        }
+    }
+
+    pub fn collective<B: Backend>(&self) -> &dyn Collective<B> {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            return m;
+        }
+        &Local
+    }
+
+    pub fn rank(&self) -> usize {
+        Collective::<resnet_cifar::engine::cpu::Cpu>::rank(self.collective())
+    }
+
+    pub fn size(&self) -> usize {
+        Collective::<resnet_cifar::engine::cpu::Cpu>::size(self.collective())
+    }
 }

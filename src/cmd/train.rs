@@ -1,12 +1,11 @@
 //! `train`: a run from a recipe, flags and an optional TOML file, or the continuation of one.
 
-use super::{ComputeArgs, fetch_data, open_data};
+use super::{ComputeArgs, World, fetch_data, open_data};
 use clap::Args;
 use resnet_cifar::checkpoint::CheckpointError;
 use resnet_cifar::cli::{CheckpointFile, CliError, read_settings_file};
 use resnet_cifar::data::{DataOptions, Splits, fetch};
 use resnet_cifar::engine::Backend;
-use resnet_cifar::engine::{Collective, Local};
 use resnet_cifar::model::Arch;
 use resnet_cifar::train::settings::{CHANGEABLE_ON_RESUME, flag};
 use resnet_cifar::train::{Console, InitWeights, Recipe, Settings, Start, Stop, TrainConfig, load_resume, train_ranks};
@@ -269,58 +268,4 @@ fn resumed_config(s: &Settings, dir: &Path) -> Result<(TrainConfig, Start, PathB
     let mut cfg = r.config.clone();
     s.apply_on_resume(&mut cfg);
     Ok((cfg, Start::Resume(Box::new(r)), dir.to_path_buf()))
-}
-
-/// The processes this run trains on: this one alone, or, when `mpirun` or `srun` started it
-/// (and the binary has MPI), every rank of the launch.
-struct World {
-    #[cfg(feature = "mpi")]
-    mpi: Option<resnet_cifar::engine::mpi::Mpi>,
-}
-
-/// Variables through which MPI launchers (Open MPI's mpirun, MPICH's and Slurm's PMI, PMIx)
-/// tell a process it is one rank of several.
-const LAUNCHER_SIZE_VARS: [&str; 3] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"];
-
-impl World {
-    fn from_launcher() -> Result<Self, CliError> {
-        let launched = LAUNCHER_SIZE_VARS
-            .iter()
-            .find_map(|v| std::env::var(v).ok().map(|n| (*v, n)));
-        #[cfg(feature = "mpi")]
-        {
-            let mpi = match launched {
-                Some(_) => Some(
-                    resnet_cifar::engine::mpi::Mpi::init()
-                        .ok_or_else(|| CliError::run("MPI was already initialised"))?,
-                ),
-                None => None,
-            };
-            Ok(Self { mpi })
-        }
-        #[cfg(not(feature = "mpi"))]
-        match launched {
-            Some((var, n)) if n.trim() != "1" => Err(CliError::input(format!(
-                "started as one of {n} processes ({var}), but this binary was built without MPI: \
-                 build it with `cargo build --release --features mpi`"
-            ))),
-            _ => Ok(Self {}),
-        }
-    }
-
-    fn collective<B: Backend>(&self) -> &dyn Collective<B> {
-        #[cfg(feature = "mpi")]
-        if let Some(m) = &self.mpi {
-            return m;
-        }
-        &Local
-    }
-
-    fn rank(&self) -> usize {
-        Collective::<resnet_cifar::engine::cpu::Cpu>::rank(self.collective())
-    }
-
-    fn size(&self) -> usize {
-        Collective::<resnet_cifar::engine::cpu::Cpu>::size(self.collective())
-    }
 }

@@ -136,6 +136,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Copies the first `dst.len()` values of `src` to the host.
     fn download(&self, src: &Self::Buf, dst: &mut [f32]);
     fn fill(&self, buf: &mut Self::Buf, len: usize, value: f32);
+    /// The buffer itself when it is host memory (the CPU backend's), so that host-side code
+    /// (an MPI exchange) can work on it without copies; `None` on a device.
+    fn host_mut<'b>(&self, _buf: &'b mut Self::Buf) -> Option<&'b mut [f32]> {
+        None
+    }
 
     /// How this backend stores conv weights (`Layout::ConvHwio` or `Layout::ConvOhwi`).
     fn conv_weight_layout(&self) -> Layout;

@@ -50,12 +50,21 @@ impl<B: Backend> Collective<B> for Mpi {
     fn all_reduce_mean(&self, be: &B, buf: &mut B::Buf, len: usize) {
         let mut host = self.host.borrow_mut();
         let (send, recv) = &mut *host;
-        send.resize(len, 0.0);
         recv.resize(len, 0.0);
+        let scale = 1.0 / self.world.size() as f32;
+        if let Some(values) = be.host_mut(buf) {
+            // Host memory: sum straight from it, and scale on the way back.
+            self.world
+                .all_reduce_into(&values[..len], &mut recv[..], SystemOperation::sum());
+            for (v, &s) in values[..len].iter_mut().zip(recv.iter()) {
+                *v = s * scale;
+            }
+            return;
+        }
+        send.resize(len, 0.0);
         be.download(buf, send);
         self.world
             .all_reduce_into(&send[..], &mut recv[..], SystemOperation::sum());
-        let scale = 1.0 / self.world.size() as f32;
         recv.iter_mut().for_each(|v| *v *= scale);
         be.upload(recv, buf);
     }

@@ -52,6 +52,9 @@ impl Backend for Cpu {
     fn fill(&self, buf: &mut Vec<f32>, len: usize, value: f32) {
         buf[..len].fill(value);
     }
+    fn host_mut<'b>(&self, buf: &'b mut Vec<f32>) -> Option<&'b mut [f32]> {
+        Some(buf)
+    }
 
     fn conv_weight_layout(&self) -> Layout {
         Layout::ConvHwio
