@@ -5,7 +5,6 @@
 //! and the training loop sees only this trait.
 
 use super::Backend;
-use crate::data::Shard;
 
 pub trait Collective<B: Backend> {
     /// This process's index, `0..size()`.
@@ -20,10 +19,6 @@ pub trait Collective<B: Backend> {
     /// Sums host values over the ranks, in place on every rank (evaluation counts, losses,
     /// the vote to stop).
     fn all_reduce_host(&self, values: &mut [f64]);
-    /// This process's part of each batch.
-    fn shard(&self) -> Shard {
-        Shard::new(self.rank(), self.size())
-    }
 }
 
 /// One process: nothing to exchange, and nothing is copied.

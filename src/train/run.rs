@@ -14,7 +14,7 @@ use super::config::TrainConfig;
 use super::console::{Console, duration};
 use super::optimizer::Optimizer;
 use super::tensorboard::EventWriter;
-use super::trainer::{Batches, Trainer, device_pixels};
+use super::trainer::{Batches, Trainer, device_pixels, rank_shard};
 use crate::checkpoint::{self, HostTensor, StateDict};
 use crate::data::{EpochPlan, Images, Splits, spawn_loader};
 use crate::engine::{Backend, Collective, DeviceBatches, Local};
@@ -363,7 +363,7 @@ pub fn train_ranks<B: DeviceBatches>(
                 cfg.seed,
                 epoch,
                 splits.spec.norm,
-                coll.shard(),
+                rank_shard(coll),
             )),
         };
         console.start_epoch(

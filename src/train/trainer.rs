@@ -9,8 +9,8 @@ use super::optimizer::Optimizer;
 use super::run::{Position, RunFiles, Start, check_data, load_init, load_resumed, meta, save_train_state};
 use crate::checkpoint;
 use crate::data::transform::{BatchKey, BatchPlan};
-use crate::data::{Batch, EpochPlan, Images, Normalization, Splits};
-use crate::engine::{Collective, CropPlan, DeviceBatches, Shape4, ensure_len};
+use crate::data::{Batch, EpochPlan, Images, Normalization, Shard, Splits};
+use crate::engine::{Backend, Collective, CropPlan, DeviceBatches, Shape4, ensure_len};
 use crate::eval::{EvalResult, EvalTally, evaluate_shard};
 use crate::model::{Network, build};
 use crate::nn::Entry;
@@ -150,7 +150,7 @@ impl<'a, B: DeviceBatches> Trainer<'a, B> {
         match source {
             Batches::Device(pixels) => {
                 let key = BatchKey::new(self.cfg.seed, epoch, b);
-                let bp = BatchPlan::new(images, plan.batch(b), self.cfg.augment, key).shard(self.coll.shard());
+                let bp = BatchPlan::new(images, plan.batch(b), self.cfg.augment, key).shard(rank_shard(self.coll));
                 ensure_len(be, &mut self.x, bp.items.len() * side * side * 3);
                 let crops = CropPlan {
                     items: &bp.items,
@@ -334,7 +334,7 @@ impl<'a, B: DeviceBatches> Trainer<'a, B> {
                 &self.norm,
                 cfg.eval_batch_size,
                 cfg.tta,
-                self.coll.shard(),
+                rank_shard(self.coll),
             );
             let mut sums = tally.to_sums();
             self.coll.all_reduce_host(&mut sums);
@@ -418,6 +418,11 @@ impl<'a, B: DeviceBatches> Trainer<'a, B> {
         .context("last.safetensors: write failed")?;
         files.flush()
     }
+}
+
+/// The part of each batch (and of the evaluation batches) that this rank of `coll` computes.
+pub fn rank_shard<B: Backend>(coll: &dyn Collective<B>) -> Shard {
+    Shard::new(coll.rank(), coll.size())
 }
 
 /// The backend's device-side batches, when it keeps the training images there.
