@@ -200,6 +200,7 @@ fn bn_forward<B: Backend>(
         res.as_ref(),
         relu,
         &mut y,
+        None,
     );
     (
         get(be, &y, rows * c),
@@ -249,6 +250,7 @@ fn bn_case<B: Backend>(be: &B, rows: usize, c: usize, residual: bool, relu: bool
         &mut grads,
         dg_at,
         db_at,
+        None,
     );
     let arena = get(be, &grads, 2 * c + 24);
     let (dy, dx, dg, db) = (

@@ -589,7 +589,9 @@ fn settings_are_flags_and_toml_keys_alike() {
         log_every = 10
         val_split = 100
         shuffle = false
+        sync_bn = true
         seed = 4
+        winograd = false
         label_smoothing = 0.2
         weight_decay = 0.001
         tta = "flip-shift"

@@ -5,6 +5,11 @@
 //! and the training loop sees only this trait.
 
 use super::Backend;
+use std::rc::Rc;
+
+/// What a synchronised batch norm keeps to sum its statistics over the ranks (see
+/// [`super::SyncStats`]), as PyTorch's SyncBatchNorm keeps its process group.
+pub type StatsSum = Rc<dyn Fn(&mut [f64])>;
 
 pub trait Collective<B: Backend> {
     /// This process's index, `0..size()`.
@@ -19,6 +24,9 @@ pub trait Collective<B: Backend> {
     /// Sums host values over the ranks, in place on every rank (evaluation counts, losses,
     /// the vote to stop).
     fn all_reduce_host(&self, values: &mut [f64]);
+    /// [`Collective::all_reduce_host`] as a handle a model's batch norms can keep
+    /// (SyncBatchNorm); `None` with one process, whose batch is the whole batch.
+    fn stats_sum(&self) -> Option<StatsSum>;
 }
 
 /// One process: nothing to exchange, and nothing is copied.
@@ -35,4 +43,7 @@ impl<B: Backend> Collective<B> for Local {
     fn all_reduce_mean(&self, _be: &B, _buf: &mut B::Buf, _len: usize) {}
     fn broadcast(&self, _be: &B, _buf: &mut B::Buf, _len: usize, _root: usize) {}
     fn all_reduce_host(&self, _values: &mut [f64]) {}
+    fn stats_sum(&self) -> Option<StatsSum> {
+        None
+    }
 }

@@ -18,8 +18,14 @@ pub mod layout;
 pub mod mpi;
 
 pub use augment::{CropPlan, DeviceBatches};
-pub use collective::{Collective, Local};
+pub use collective::{Collective, Local, StatsSum};
 pub use layout::Layout;
+
+/// Sums per-channel host values over the ranks of a data-parallel run, in place on every rank:
+/// what a synchronised batch norm (PyTorch's SyncBatchNorm) exchanges, per-channel sums and the
+/// row count in its forward pass, the two gradient sums and the count in its backward pass.
+/// `None`: each rank normalises over its own slice of the batch (PyTorch DDP's default).
+pub type SyncStats<'a> = Option<&'a dyn Fn(&mut [f64])>;
 
 /// Shape of a 4-D activation, always stored NHWC.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -142,6 +148,10 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// Allows (the default) or forbids convolution algorithms that trade rounding error for
+    /// speed (Winograd's on the CPU), for the convolutions this thread calls.
+    fn set_fast_convolutions(&self, _on: bool) {}
+
     /// How this backend stores conv weights (`Layout::ConvHwio` or `Layout::ConvOhwi`).
     fn conv_weight_layout(&self) -> Layout;
     /// Scratch needed by the conv ops for this geometry (values).
@@ -165,7 +175,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Training-mode batch norm over the rows of `x` (`[n*h*w, c]`), fused with an optional
     /// residual add and ReLU: y = relu?(bn(x) + residual?). Writes the batch mean and
     /// 1/sqrt(var+eps) into `saved` (`[2c]`) and updates the running statistics as PyTorch does
-    /// (biased variance normalises, unbiased variance goes into running_var).
+    /// (biased variance normalises, unbiased variance goes into running_var). With `sync`, the
+    /// statistics are those of the whole batch across the ranks (PyTorch's SyncBatchNorm).
+    #[allow(clippy::too_many_arguments)]
     fn batch_norm_forward_train(
         &self,
         s: &Shape4,
@@ -180,6 +192,7 @@ pub trait Backend: Send + Sync + 'static {
         residual: Option<&Self::Buf>,
         relu: bool,
         y: &mut Self::Buf,
+        sync: SyncStats<'_>,
     );
     /// Eval-mode batch norm with running statistics, same fusion as the training form.
     fn batch_norm_forward_eval(
@@ -198,7 +211,10 @@ pub trait Backend: Send + Sync + 'static {
     /// Backward of training-mode batch norm: dx, dgamma and dbeta (at `dgamma_at`, `dbeta_at`
     /// in `grads`), all overwritten. When the
     /// forward pass fused a ReLU, `relu_out` is its output and `dy` is masked by it in place
-    /// first (the residual branch of a block reads the masked gradient).
+    /// first (the residual branch of a block reads the masked gradient). With `sync`, dx is
+    /// the gradient through the whole batch's statistics; dgamma and dbeta stay this rank's
+    /// sums (the gradient all-reduce averages them with the rest).
+    #[allow(clippy::too_many_arguments)]
     fn batch_norm_backward(
         &self,
         s: &Shape4,
@@ -211,6 +227,7 @@ pub trait Backend: Send + Sync + 'static {
         grads: &mut Self::Buf,
         dgamma_at: usize,
         dbeta_at: usize,
+        sync: SyncStats<'_>,
     );
     /// `y[r, ch] += bias[ch]` for each of `rows` rows of `c` channels (a conv's or linear's bias).
     fn bias_add(&self, rows: usize, c: usize, bias: &Self::Buf, y: &mut Self::Buf);

@@ -5,19 +5,41 @@
 //! into a persistent receive buffer; a GPU backend's buffers are staged (NCCL is its fast path).
 
 use super::Backend;
-use super::collective::Collective;
+use super::collective::{Collective, StatsSum};
 use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
 use mpi::environment::Universe;
 use mpi::topology::{Communicator, SimpleCommunicator};
 use std::cell::RefCell;
+use std::ops::Deref;
+use std::rc::Rc;
 
 /// MPI's world: every process of the launch, rank 0 first.
 pub struct Mpi {
-    world: SimpleCommunicator,
+    world: Rc<World>,
     /// Send and receive buffers kept from step to step (the gradient arena is 45 MB).
     host: RefCell<(Vec<f32>, Vec<f32>)>,
+}
+
+/// The communicator and the MPI library's lifetime, shared with the synchronised batch norms
+/// that hold a [`StatsSum`]: MPI is finalised after the last of them is gone.
+struct World {
+    comm: SimpleCommunicator,
     /// Finalises MPI when dropped: declared last, so it goes after the communicator.
     _universe: Universe,
+}
+
+impl Deref for World {
+    type Target = SimpleCommunicator;
+    fn deref(&self) -> &SimpleCommunicator {
+        &self.comm
+    }
+}
+
+impl World {
+    fn sum(&self, values: &mut [f64]) {
+        let send = values.to_vec();
+        self.comm.all_reduce_into(&send[..], values, SystemOperation::sum());
+    }
 }
 
 impl Mpi {
@@ -25,9 +47,11 @@ impl Mpi {
     pub fn init() -> Option<Self> {
         let universe = mpi::initialize()?;
         Some(Self {
-            world: universe.world(),
+            world: Rc::new(World {
+                comm: universe.world(),
+                _universe: universe,
+            }),
             host: RefCell::new((Vec::new(), Vec::new())),
-            _universe: universe,
         })
     }
 
@@ -79,7 +103,11 @@ impl<B: Backend> Collective<B> for Mpi {
     }
 
     fn all_reduce_host(&self, values: &mut [f64]) {
-        let send = values.to_vec();
-        self.world.all_reduce_into(&send[..], values, SystemOperation::sum());
+        self.world.sum(values)
+    }
+
+    fn stats_sum(&self) -> Option<StatsSum> {
+        let world = Rc::clone(&self.world);
+        Some(Rc::new(move |values: &mut [f64]| world.sum(values)))
     }
 }

@@ -3,7 +3,7 @@
 //! (`Module`) for optimizers and checkpoints.
 
 use super::{ResNet, ResNetConfig, Sequential};
-use crate::engine::{Backend, Shape4};
+use crate::engine::{Backend, Shape4, StatsSum};
 use crate::nn::Module;
 
 pub trait Network<B: Backend>: Module<B> {
@@ -34,6 +34,10 @@ pub trait Network<B: Backend>: Module<B> {
     /// block starts as the identity (torchvision's `zero_init_residual`). Networks without
     /// residual branches have nothing to change.
     fn zero_init_residual(&mut self, _be: &B) {}
+    /// Every BatchNorm in training mode takes its statistics over the whole batch of all ranks
+    /// through `sum` (PyTorch's `SyncBatchNorm.convert_sync_batchnorm`), or, with `None`, over
+    /// this process's slice.
+    fn sync_batch_norm(&mut self, sum: Option<StatsSum>);
 }
 
 /// The architectures `--model` names.
@@ -125,6 +129,16 @@ impl<B: Backend> Network<B> for ResNet<B> {
             let gamma = &mut block.bn_b.weight;
             let n = gamma.numel();
             be.fill(&mut gamma.value, n, 0.0);
+        }
+    }
+    fn sync_batch_norm(&mut self, sum: Option<StatsSum>) {
+        self.stem.bn.sync = sum.clone();
+        for block in &mut self.blocks {
+            block.bn_a.sync = sum.clone();
+            block.bn_b.sync = sum.clone();
+            if let Some((_, bn)) = &mut block.shortcut {
+                bn.sync = sum.clone();
+            }
         }
     }
 }

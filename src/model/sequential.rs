@@ -3,7 +3,7 @@
 //! (`features.N.*`, `classifier.N.*`), so checkpoints move between the two.
 
 use super::network::Network;
-use crate::engine::{Backend, Layout, Shape4, ensure_len};
+use crate::engine::{Backend, Layout, Shape4, StatsSum, ensure_len};
 use crate::nn::{BatchNorm2d, Builder, Conv2d, Conv2dConfig, CrossEntropy, Entry, Linear, MaxPool2d, Module, Relu};
 
 pub enum Layer<B: Backend> {
@@ -221,6 +221,13 @@ impl<B: Backend> Network<B> for Sequential<B> {
     }
     fn set_loss_grad_scale(&mut self, scale: f32) {
         self.criterion.grad_scale = scale;
+    }
+    fn sync_batch_norm(&mut self, sum: Option<StatsSum>) {
+        for layer in &mut self.layers {
+            if let Layer::BatchNorm(bn) = layer {
+                bn.sync = sum.clone();
+            }
+        }
     }
     fn head(&self) -> String {
         match self.labels.last() {

@@ -3,7 +3,7 @@
 
 use super::builder::Builder;
 use super::param::{Entry, Module, Param};
-use crate::engine::{Backend, Shape4, ensure_len};
+use crate::engine::{Backend, Shape4, StatsSum, ensure_len};
 
 pub const MOMENTUM: f32 = 0.1;
 pub const EPS: f32 = 1e-5;
@@ -22,6 +22,9 @@ pub struct BatchNorm2d<B: Backend> {
     /// Batch mean and 1/sqrt(var + eps) of the last training forward pass.
     saved: B::Buf,
     shape: Shape4,
+    /// Sums the training statistics over the ranks (SyncBatchNorm); `None`: this process's
+    /// batch alone.
+    pub sync: Option<StatsSum>,
 }
 
 impl<B: Backend> BatchNorm2d<B> {
@@ -38,6 +41,7 @@ impl<B: Backend> BatchNorm2d<B> {
             out: be.alloc(0),
             saved: be.alloc(2 * channels),
             shape: Shape4::default(),
+            sync: None,
         }
     }
 
@@ -67,6 +71,7 @@ impl<B: Backend> BatchNorm2d<B> {
                 residual,
                 self.relu,
                 &mut self.out,
+                self.sync.as_deref(),
             );
         } else {
             be.batch_norm_forward_eval(
@@ -104,6 +109,7 @@ impl<B: Backend> BatchNorm2d<B> {
             grads,
             dgamma,
             dbeta,
+            self.sync.as_deref(),
         );
     }
 }

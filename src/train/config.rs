@@ -66,6 +66,17 @@ pub struct TrainConfig {
     /// Train only the classifier (the last linear layer).
     #[serde(default)]
     pub freeze_backbone: bool,
+    /// With several ranks, BatchNorm statistics over the whole global batch (SyncBatchNorm).
+    #[serde(default)]
+    pub sync_bn: bool,
+    /// Winograd's algorithm for 3x3 convolutions on the CPU (faster, more rounding error).
+    #[serde(default = "enabled")]
+    pub winograd: bool,
+}
+
+/// The default of settings that older run folders do not record.
+fn enabled() -> bool {
+    true
 }
 
 /// A named starting point for a run.
@@ -131,6 +142,10 @@ impl Recipe {
                 skip_bad_images: false,
                 init: None,
                 freeze_backbone: false,
+                sync_bn: false,
+                // Under study for the seed recipe (docs/seed-vs-pytorch.md, section 6): without
+                // it, fewer low one-epoch runs so far, but a larger 20-step drift from PyTorch.
+                winograd: true,
             },
             Recipe::Fast => TrainConfig {
                 optimizer: OptimizerConfig::Sgd(SgdConfig {

@@ -99,6 +99,11 @@ pub struct Settings {
     /// false" turns a recipe's shuffling off.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub shuffle: Option<bool>,
+    /// With several ranks (mpirun): BatchNorm statistics over the whole global batch, summed
+    /// across the ranks (PyTorch's SyncBatchNorm), instead of each rank's own slice (DDP's
+    /// default).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub sync_bn: Option<bool>,
     /// Seed of the initial weights, the augmentation and the shuffling.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -133,6 +138,11 @@ pub struct Settings {
     /// crop and flip (clipped at the edges; 0: none).
     #[arg(long, value_name = "SIDE", value_parser = clap::value_parser!(u8).range(limits::flag_range(limits::CUTOUT)))]
     pub cutout: Option<u8>,
+    /// Compute 3x3 convolutions on the CPU by Winograd's algorithm (default: true): faster (20%
+    /// of the seed stem's training speed), with larger rounding errors, which training can
+    /// amplify (docs/seed-vs-pytorch.md); false computes every convolution directly.
+    #[arg(long, value_name = "BOOL")]
+    pub winograd: Option<bool>,
     /// Architecture: resnet18 (the seed's), lenet or vgg16 (its comparison models).
     #[arg(long)]
     pub model: Option<Arch>,
@@ -243,6 +253,8 @@ impl Settings {
         cfg.val_split = self.val_split.unwrap_or(cfg.val_split);
         cfg.shuffle = self.shuffle.unwrap_or(cfg.shuffle);
         cfg.seed = self.seed.unwrap_or(cfg.seed);
+        cfg.sync_bn = self.sync_bn.unwrap_or(cfg.sync_bn);
+        cfg.winograd = self.winograd.unwrap_or(cfg.winograd);
         if let Some(s) = self.label_smoothing {
             if !(0.0..1.0).contains(&s) {
                 return Err(format!("--label-smoothing must be in [0, 1), got {s}"));

@@ -77,7 +77,19 @@ impl<'a, B: DeviceBatches> Trainer<'a, B> {
             );
         }
         check_data(cfg, splits)?;
+        be.set_fast_convolutions(cfg.winograd);
         let mut model = build(be, cfg.arch, cfg.model, cfg.seed);
+        if cfg.sync_bn && ranks > 1 {
+            // Every rank takes part in every batch's exchanges, so none may have an empty slice.
+            let last = splits.train.len() % cfg.batch_size;
+            if last != 0 && last < ranks {
+                bail!(
+                    "--sync-bn: the last batch of an epoch has {last} image(s), fewer than the {ranks} \
+                     ranks; choose a --batch-size or --val-split that leaves at least {ranks}"
+                );
+            }
+            model.sync_batch_norm(coll.stats_sum());
+        }
         model.set_label_smoothing(cfg.label_smoothing);
         if cfg.zero_init_residual {
             model.zero_init_residual(be);

@@ -3,6 +3,7 @@
 //! Per-channel sums are taken over fixed blocks of rows (f32 inside a block, f64 across blocks)
 //! in parallel; block boundaries depend only on the shape, so results are deterministic.
 
+use crate::engine::SyncStats;
 use rayon::prelude::*;
 
 /// Values per reduction block: large enough to amortise the task, small enough to spread.
@@ -76,6 +77,7 @@ fn affine(
     });
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn forward_train(
     rows: usize,
     c: usize,
@@ -90,13 +92,23 @@ pub fn forward_train(
     residual: Option<&[f32]>,
     relu: bool,
     y: &mut [f32],
+    sync: SyncStats<'_>,
 ) {
-    let n = rows as f64;
-    let mean: Vec<f32> = channel_sums(rows, c, x, |_, v| v)
-        .iter()
-        .map(|s| (s / n) as f32)
-        .collect();
-    let sq = channel_sums(rows, c, x, |ch, v| (v - mean[ch]) * (v - mean[ch]));
+    let mut sums = channel_sums(rows, c, x, |_, v| v);
+    // The count travels with the sums: ranks may hold slices of different sizes.
+    let n = match sync {
+        Some(sum) => {
+            sums.push(rows as f64);
+            sum(&mut sums);
+            sums[c]
+        }
+        None => rows as f64,
+    };
+    let mean: Vec<f32> = sums[..c].iter().map(|s| (s / n) as f32).collect();
+    let mut sq = channel_sums(rows, c, x, |ch, v| (v - mean[ch]) * (v - mean[ch]));
+    if let Some(sum) = sync {
+        sum(&mut sq);
+    }
     let mut scale = vec![0f32; c];
     for ch in 0..c {
         let var = sq[ch] / n;
@@ -104,7 +116,7 @@ pub fn forward_train(
         saved[ch] = mean[ch];
         saved[c + ch] = invstd;
         scale[ch] = gamma[ch] * invstd;
-        let unbiased = if rows > 1 { sq[ch] / (n - 1.0) } else { var };
+        let unbiased = if n > 1.0 { sq[ch] / (n - 1.0) } else { var };
         running_mean[ch] = (1.0 - momentum) * running_mean[ch] + momentum * mean[ch];
         running_var[ch] = (1.0 - momentum) * running_var[ch] + momentum * unbiased as f32;
     }
@@ -142,6 +154,7 @@ pub fn backward(
     dx: &mut [f32],
     dgamma: &mut [f32],
     dbeta: &mut [f32],
+    sync: SyncStats<'_>,
 ) {
     let (mean, invstd) = saved.split_at(c);
     let br = block_rows(c);
@@ -184,6 +197,17 @@ pub fn backward(
         k_dy[ch] = gamma[ch] * invstd[ch];
         k_mean[ch] = dbeta[ch] / n;
         k_xhat[ch] = dgamma[ch] / n;
+    }
+    if let Some(sum) = sync {
+        // dx sees the whole batch's mean(dy) and mean(dy * xhat); the parameters' gradients
+        // stay this rank's (averaged with the other gradients afterwards).
+        let mut all = [dbeta64, dgamma64, vec![rows as f64]].concat();
+        sum(&mut all);
+        let n = all[2 * c];
+        for ch in 0..c {
+            k_mean[ch] = (all[ch] / n) as f32;
+            k_xhat[ch] = (all[c + ch] / n) as f32;
+        }
     }
     // Pass 2: dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)).
     let dy = &dy[..rows * c];

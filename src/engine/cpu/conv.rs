@@ -656,4 +656,42 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn winograd_turned_off_on_one_thread_computes_directly_there_alone() {
+        let g = ConvGeom {
+            input: Shape4::new(2, 8, 8, 16),
+            cout: 16,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad: 1,
+        };
+        let val = |i: usize, salt: f32| ((i as f32 * 0.618 + salt).sin() * 1000.0).fract();
+        let x: Vec<f32> = (0..g.input.numel()).map(|i| val(i, 0.1)).collect();
+        let w: Vec<f32> = (0..g.weight_len()).map(|i| val(i, 0.2)).collect();
+        let run = |x: &[f32], w: &[f32]| {
+            let mut ws = vec![0.0; workspace_len(&g)];
+            let mut y = vec![f32::NAN; g.output().numel()];
+            forward(&g, x, w, &mut y, &mut ws);
+            (y, ws.len())
+        };
+        let (fast, fast_ws) = run(&x, &w);
+        let (direct, direct_ws) = std::thread::scope(|s| {
+            s.spawn(|| {
+                winograd::set_enabled(false);
+                assert!(winograd::tiling(&g).is_none());
+                run(&x, &w)
+            })
+            .join()
+            .unwrap()
+        });
+        assert!(winograd::tiling(&g).is_some(), "the other threads keep Winograd");
+        assert_ne!(fast_ws, direct_ws, "each path sizes its own workspace");
+        assert_ne!(fast, direct, "the two paths round differently");
+        let (ry, _, _) = reference(&g, &x, &w, &vec![0.0; g.output().numel()]);
+        for (a, b) in direct.iter().zip(&ry) {
+            assert!((*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
 }

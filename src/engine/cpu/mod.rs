@@ -10,7 +10,7 @@ mod optim;
 mod pool;
 mod winograd;
 
-use super::{AdamStep, Backend, ConvGeom, CropPlan, DeviceBatches, Layout, PoolGeom, SgdStep, Shape4};
+use super::{AdamStep, Backend, ConvGeom, CropPlan, DeviceBatches, Layout, PoolGeom, SgdStep, Shape4, SyncStats};
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -59,6 +59,9 @@ impl Backend for Cpu {
     fn conv_weight_layout(&self) -> Layout {
         Layout::ConvHwio
     }
+    fn set_fast_convolutions(&self, on: bool) {
+        winograd::set_enabled(on)
+    }
     fn conv2d_workspace_len(&self, g: &ConvGeom) -> usize {
         conv::workspace_len(g)
     }
@@ -94,6 +97,7 @@ impl Backend for Cpu {
         residual: Option<&Vec<f32>>,
         relu: bool,
         y: &mut Vec<f32>,
+        sync: SyncStats<'_>,
     ) {
         batch_norm::forward_train(
             s.rows(),
@@ -109,6 +113,7 @@ impl Backend for Cpu {
             residual.map(|r| r.as_slice()),
             relu,
             y,
+            sync,
         )
     }
     fn batch_norm_forward_eval(
@@ -150,6 +155,7 @@ impl Backend for Cpu {
         grads: &mut Vec<f32>,
         dgamma_at: usize,
         dbeta_at: usize,
+        sync: SyncStats<'_>,
     ) {
         let (dgamma, dbeta) = windows(grads, (dgamma_at, s.c), (dbeta_at, s.c));
         batch_norm::backward(
@@ -163,6 +169,7 @@ impl Backend for Cpu {
             dx,
             dgamma,
             dbeta,
+            sync,
         )
     }
     fn bias_add(&self, rows: usize, c: usize, bias: &Vec<f32>, y: &mut Vec<f32>) {

@@ -20,6 +20,7 @@
 use super::gemm::{Mat, matmul_serial};
 use crate::engine::ConvGeom;
 use rayon::prelude::*;
+use std::cell::Cell;
 
 /// Upper bound on the transformed tiles of one chunk of images, in f32 values (4 MiB): small
 /// enough that a chunk's tiles stay in cache between the transforms and the multiplies.
@@ -164,8 +165,26 @@ enum Tiles {
     F4(Plan<6>),
 }
 
-/// The tiling of `g`, or none when this module does not compute it.
+thread_local! {
+    /// Whether 3x3 convolutions called from this thread may take this module's path (see
+    /// [`set_enabled`]). Per thread, so that models trained side by side (tests) keep their
+    /// own choice; the conv entry points read it on the calling thread, before any parallel
+    /// work, and size the workspace by the same choice.
+    static ENABLED: Cell<bool> = const { Cell::new(true) };
+}
+
+/// Turns the Winograd path on or off for convolutions called from this thread
+/// (`train --winograd`). Its rounding errors are larger than a direct convolution's, and on
+/// some batches training amplifies them (docs/seed-vs-pytorch.md).
+pub fn set_enabled(on: bool) {
+    ENABLED.with(|e| e.set(on));
+}
+
+/// The tiling of `g`, or none when this module does not compute it (or is turned off).
 pub fn tiling(g: &ConvGeom) -> Option<Tiling> {
+    if !ENABLED.with(Cell::get) {
+        return None;
+    }
     tile_points(g).map(|n| {
         Tiling(if n == 4 {
             Tiles::F2(Plan::of(g))

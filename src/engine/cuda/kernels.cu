@@ -144,9 +144,12 @@ extern "C" __global__ void bn_backward_finalize(const double* partial_sum, const
 }
 
 // dx = gamma * invstd * (dy - dbeta / n - xhat * dgamma / n).
-extern "C" __global__ void bn_backward_dx(const float* x, const float* dy, i64 rows, int c, const float* saved,
-                                          const float* gamma, const float* dgamma, const float* dbeta, float* dx) {
-    float n = (float)rows;
+// n: the rows of the whole batch (more than `rows` when the ranks' statistics are synchronised),
+// with dgamma and dbeta summed over the same rows.
+extern "C" __global__ void bn_backward_dx(const float* x, const float* dy, i64 rows, int c, double count,
+                                          const float* saved, const float* gamma, const float* dgamma,
+                                          const float* dbeta, float* dx) {
+    float n = (float)count;
     GRID_STRIDE(i, rows * c) {
         int ch = (int)(i % c);
         float invstd = saved[c + ch];

@@ -9,7 +9,7 @@
 mod conv;
 mod libs;
 
-use super::{AdamStep, Backend, ConvGeom, CropPlan, DeviceBatches, Layout, PoolGeom, SgdStep, Shape4};
+use super::{AdamStep, Backend, ConvGeom, CropPlan, DeviceBatches, Layout, PoolGeom, SgdStep, Shape4, SyncStats};
 use conv::{ConvPlan, Dnn};
 use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
@@ -87,6 +87,8 @@ kernels! {
 /// Device scratch that ops borrow for the length of a call.
 struct Scratch {
     partials: CudaSlice<f64>,
+    /// A synchronised batch norm's whole-batch gradient sums (`[dbeta | dgamma]`).
+    bn_sums: CudaSlice<f32>,
     labels: CudaSlice<i32>,
     /// A batch plan's `[index, top, left, flip]` items.
     items: CudaSlice<u32>,
@@ -200,6 +202,7 @@ impl Cuda {
             .map_err(|e| format!("{e:?}"))? as u32;
         let scratch = Scratch {
             partials: stream.alloc_zeros(1).map_err(|e| format!("{e:?}"))?,
+            bn_sums: stream.alloc_zeros(1).map_err(|e| format!("{e:?}"))?,
             labels: stream.alloc_zeros(1).map_err(|e| format!("{e:?}"))?,
             items: stream.alloc_zeros(1).map_err(|e| format!("{e:?}"))?,
         };
@@ -283,6 +286,31 @@ impl Cuda {
             s.partials = self.stream.alloc_zeros(2 * parts * c).expect("CUDA alloc");
         }
         (parts, s)
+    }
+
+    /// Per-channel sums on the host of the `parts x c` partial sums at `at` in `partials` (a
+    /// synchronised batch norm sends them to the other ranks).
+    fn host_column_sums(&self, partials: &CudaSlice<f64>, at: usize, parts: usize, c: usize) -> Vec<f64> {
+        let mut host = vec![0f64; parts * c];
+        self.stream
+            .memcpy_dtoh(&partials.slice(at..at + parts * c), &mut host)
+            .expect("CUDA download");
+        self.synchronize();
+        let mut sums = vec![0f64; c];
+        for row in host.chunks_exact(c) {
+            for (t, v) in sums.iter_mut().zip(row) {
+                *t += v;
+            }
+        }
+        sums
+    }
+
+    /// Replaces the partial sums by the ranks' totals (`sums`, one part), for the kernels that
+    /// finish a reduction.
+    fn upload_totals(&self, sums: &[f64], partials: &mut CudaSlice<f64>) {
+        self.stream
+            .memcpy_htod(sums, &mut partials.slice_mut(..sums.len()))
+            .expect("CUDA upload");
     }
 
     fn channel_grid(c: usize) -> (u32, u32) {
@@ -535,13 +563,17 @@ impl Backend for Cuda {
         residual: Option<&CudaSlice<f32>>,
         relu: bool,
         y: &mut CudaSlice<f32>,
+        sync: SyncStats<'_>,
     ) {
         let (rows, c) = (s.rows() as i64, s.c as i32);
-        let (parts, scratch) = self.bn_parts(s.rows(), s.c);
+        let (parts, mut scratch) = self.bn_parts(s.rows(), s.c);
         let partial = self.ptr(&scratch.partials);
         let (xp, sp) = (self.ptr(x), self.ptr(saved));
         let red_grid = (s.c.div_ceil(32) as u32, parts as u32);
         let null = 0u64;
+        // Synchronised, each reduction's partial sums become the ranks' totals (one part).
+        let mut parts_i = parts as i32;
+        let mut count = rows as f64;
         // Mean, then the sum of squared deviations from it (two passes: no cancellation).
         self.launch(
             &self.k.bn_partial_sums,
@@ -549,20 +581,34 @@ impl Backend for Cuda {
             (32, 8),
             &mut [arg(&xp), arg(&rows), arg(&c), arg(&null), arg(&partial)],
         );
-        let parts_i = parts as i32;
-        let divisor = rows as f64;
+        if let Some(sum) = sync {
+            let mut sums = self.host_column_sums(&scratch.partials, 0, parts, s.c);
+            sums.push(count);
+            sum(&mut sums);
+            count = sums[s.c];
+            self.upload_totals(&sums[..s.c], &mut scratch.partials);
+            parts_i = 1;
+        }
         self.launch(
             &self.k.partial_column_sums,
             Self::channel_grid(s.c),
             (BLOCK, 1),
-            &mut [arg(&partial), arg(&parts_i), arg(&c), arg(&divisor), arg(&sp)],
+            &mut [arg(&partial), arg(&parts_i), arg(&c), arg(&count), arg(&sp)],
         );
+        parts_i = parts as i32;
         self.launch(
             &self.k.bn_partial_sums,
             red_grid,
             (32, 8),
             &mut [arg(&xp), arg(&rows), arg(&c), arg(&sp), arg(&partial)],
         );
+        if let Some(sum) = sync {
+            let mut sq = self.host_column_sums(&scratch.partials, 0, parts, s.c);
+            sum(&mut sq);
+            self.upload_totals(&sq, &mut scratch.partials);
+            parts_i = 1;
+        }
+        let count_rows = count as i64;
         let (rm, rv) = (self.ptr(running_mean), self.ptr(running_var));
         self.launch(
             &self.k.bn_var,
@@ -571,7 +617,7 @@ impl Backend for Cuda {
             &mut [
                 arg(&partial),
                 arg(&parts_i),
-                arg(&rows),
+                arg(&count_rows),
                 arg(&c),
                 arg(&eps),
                 arg(&momentum),
@@ -612,9 +658,10 @@ impl Backend for Cuda {
         grads: &mut CudaSlice<f32>,
         dgamma_at: usize,
         dbeta_at: usize,
+        sync: SyncStats<'_>,
     ) {
         let (rows, c) = (s.rows() as i64, s.c as i32);
-        let (parts, scratch) = self.bn_parts(s.rows(), s.c);
+        let (parts, mut scratch) = self.bn_parts(s.rows(), s.c);
         let psum = self.ptr(&scratch.partials);
         let pdot = psum + 8 * (parts * s.c) as u64;
         let (xp, dyp, rp, sp) = (self.ptr(x), self.ptr(dy), self.opt_ptr(relu_out), self.ptr(saved));
@@ -641,7 +688,28 @@ impl Backend for Cuda {
             (BLOCK, 1),
             &mut [arg(&psum), arg(&pdot), arg(&parts_i), arg(&c), arg(&dgp), arg(&dbp)],
         );
-        drop(scratch);
+        // dx reads the sums over the rows it normalised with: this rank's (the parameters'
+        // gradients), or, synchronised, the whole batch's.
+        let (mut dot_p, mut sum_p, mut count) = (dgp, dbp, rows as f64);
+        if let Some(sum) = sync {
+            let mut all = [
+                self.host_column_sums(&scratch.partials, 0, parts, s.c),
+                self.host_column_sums(&scratch.partials, parts * s.c, parts, s.c),
+                vec![count],
+            ]
+            .concat();
+            sum(&mut all);
+            count = all[2 * s.c];
+            let totals: Vec<f32> = all[..2 * s.c].iter().map(|&v| v as f32).collect();
+            if scratch.bn_sums.len() < totals.len() {
+                scratch.bn_sums = self.stream.alloc_zeros(totals.len()).expect("CUDA alloc");
+            }
+            self.stream
+                .memcpy_htod(&totals, &mut scratch.bn_sums.slice_mut(..totals.len()))
+                .expect("CUDA upload");
+            sum_p = self.ptr(&scratch.bn_sums);
+            dot_p = sum_p + 4 * s.c as u64;
+        }
         let (gp, dxp) = (self.ptr(gamma), self.ptr(dx));
         self.elementwise(
             &self.k.bn_backward_dx,
@@ -651,13 +719,15 @@ impl Backend for Cuda {
                 arg(&dyp),
                 arg(&rows),
                 arg(&c),
+                arg(&count),
                 arg(&sp),
                 arg(&gp),
-                arg(&dgp),
-                arg(&dbp),
+                arg(&dot_p),
+                arg(&sum_p),
                 arg(&dxp),
             ],
         );
+        drop(scratch);
     }
     fn bias_add(&self, rows: usize, c: usize, bias: &CudaSlice<f32>, y: &mut CudaSlice<f32>) {
         let (bp, yp, r, ci) = (self.ptr(bias), self.ptr(y), rows as i64, c as i32);
