@@ -24,6 +24,9 @@ pub struct Mpi {
 /// that hold a [`StatsSum`]: MPI is finalised after the last of them is gone.
 struct World {
     comm: SimpleCommunicator,
+    /// The send side of [`World::sum`], kept between calls (a synchronised batch norm sums
+    /// three times per layer and step).
+    send: RefCell<Vec<f64>>,
     /// Finalises MPI when dropped: declared last, so it goes after the communicator.
     _universe: Universe,
 }
@@ -37,7 +40,9 @@ impl Deref for World {
 
 impl World {
     fn sum(&self, values: &mut [f64]) {
-        let send = values.to_vec();
+        let mut send = self.send.borrow_mut();
+        send.clear();
+        send.extend_from_slice(values);
         self.comm.all_reduce_into(&send[..], values, SystemOperation::sum());
     }
 }
@@ -49,6 +54,7 @@ impl Mpi {
         Some(Self {
             world: Rc::new(World {
                 comm: universe.world(),
+                send: RefCell::new(Vec::new()),
                 _universe: universe,
             }),
             host: RefCell::new((Vec::new(), Vec::new())),

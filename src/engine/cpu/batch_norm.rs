@@ -195,18 +195,24 @@ pub fn backward(
         dgamma[ch] = dgamma64[ch] as f32;
         dbeta[ch] = dbeta64[ch] as f32;
         k_dy[ch] = gamma[ch] * invstd[ch];
-        k_mean[ch] = dbeta[ch] / n;
-        k_xhat[ch] = dgamma[ch] / n;
     }
-    if let Some(sum) = sync {
-        // dx sees the whole batch's mean(dy) and mean(dy * xhat); the parameters' gradients
-        // stay this rank's (averaged with the other gradients afterwards).
-        let mut all = [dbeta64, dgamma64, vec![rows as f64]].concat();
-        sum(&mut all);
-        let n = all[2 * c];
-        for ch in 0..c {
-            k_mean[ch] = (all[ch] / n) as f32;
-            k_xhat[ch] = (all[c + ch] / n) as f32;
+    match sync {
+        None => {
+            for ch in 0..c {
+                k_mean[ch] = dbeta[ch] / n;
+                k_xhat[ch] = dgamma[ch] / n;
+            }
+        }
+        Some(sum) => {
+            // dx sees the whole batch's mean(dy) and mean(dy * xhat); the parameters'
+            // gradients stay this rank's (averaged with the other gradients afterwards).
+            let mut all = [dbeta64, dgamma64, vec![rows as f64]].concat();
+            sum(&mut all);
+            let n = all[2 * c];
+            for ch in 0..c {
+                k_mean[ch] = (all[ch] / n) as f32;
+                k_xhat[ch] = (all[c + ch] / n) as f32;
+            }
         }
     }
     // Pass 2: dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)).
