@@ -60,6 +60,8 @@ pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, mut progress: impl FnMut(&str)
     let mut start = Instant::now();
     for i in 0..cfg.warmup + cfg.steps {
         if i == cfg.warmup {
+            // A GPU queues the warm-up steps: wait for them before the clock starts.
+            be.download(model.loss(), &mut loss);
             start = Instant::now();
         }
         model.forward(be, &x, input, true);
@@ -110,6 +112,8 @@ pub fn all_reduce<B: Backend>(be: &B, coll: &dyn Collective<B>, len: usize, warm
         coll.all_reduce_host(&mut [0.0]);
         let t0 = Instant::now();
         coll.all_reduce_mean(be, &mut buf, len);
+        // A GPU collective only queues the exchange: reading a value back waits for it.
+        be.download(&buf, &mut [0.0]);
         if i >= warmup {
             times.push(t0.elapsed().as_secs_f64());
         }

@@ -156,3 +156,31 @@ fn augment_matches_the_host_cuda() {
         }
     }
 }
+
+/// NCCL as the GPU's collective, with the one rank a single-GPU machine has: the all-reduce
+/// (mean) and the broadcast run in place on the backend's stream and touch only the first
+/// `len` values (more ranks need a machine with several GPUs: `mpirun -np N ... --device cuda`).
+#[test]
+fn nccl_with_one_rank_reduces_and_broadcasts_in_place() {
+    let Some(be) = common::cuda() else { return };
+    let host = resnet_cifar::engine::Local;
+    let nccl = match resnet_cifar::engine::cuda::nccl::Nccl::new(be, &host) {
+        Ok(n) => n,
+        Err(e) if e.contains("not found") => return eprintln!("NCCL test skipped: {e}"),
+        Err(e) => panic!("{e}"),
+    };
+    eprintln!("NCCL {}", resnet_cifar::engine::cuda::nccl::version().unwrap());
+    use resnet_cifar::engine::Collective;
+    let values: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin()).collect();
+    let mut buf = be.alloc(values.len());
+    be.upload(&values, &mut buf);
+    nccl.all_reduce_mean(be, &mut buf, 600);
+    nccl.broadcast(be, &mut buf, 700, 0);
+    let mut back = vec![0f32; values.len()];
+    be.download(&buf, &mut back);
+    assert_eq!(back, values);
+    assert_eq!((nccl.rank(), nccl.size()), (0, 1));
+    let mut sums = [1.5, 2.0];
+    nccl.all_reduce_host(&mut sums);
+    assert_eq!(sums, [1.5, 2.0]);
+}

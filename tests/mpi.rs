@@ -342,3 +342,53 @@ fn bench_under_mpirun_times_the_gradient_all_reduce() {
     );
     assert!(stdout.contains("(44.7 MB), over 2 ranks"), "{stdout}");
 }
+
+/// GPU ranks need NCCL: where it cannot be found, the launch exits 2 with one line a rank
+/// naming the library, and no rank waits for another (checked before any GPU is opened, so
+/// this runs on machines without one).
+#[test]
+fn gpu_ranks_without_nccl_exit_2_in_one_line() {
+    let cache = Command::new("ldconfig")
+        .arg("-p")
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    let cuda = ["/usr/local/cuda/lib64", "/usr/local/cuda/lib"];
+    if String::from_utf8_lossy(&cache).contains("libnccl.so.2")
+        || cuda.iter().any(|d| Path::new(d).join("libnccl.so.2").exists())
+    {
+        return eprintln!("skipped: this machine has NCCL where every process finds it");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(&tmp.path().join("data"));
+    let out = tmp.path().join("run");
+    let mut cmd = mpirun(&train_args(
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+        &["--device", "cuda"],
+    ));
+    // Hide NCCL where the search would look besides the system's folders (a PyTorch install).
+    for var in [
+        "LD_LIBRARY_PATH",
+        "RESNET_CIFAR_CUDA_LIBS",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "VIRTUAL_ENV",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("PYTHON", "/bin/false");
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let o = wait_for(child, Duration::from_secs(60));
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{stdout}\n{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert!(!errors.is_empty() && errors.len() <= 2, "{stderr}");
+    for e in errors {
+        assert!(
+            e.contains("--device cuda: NCCL") && e.contains("libnccl.so.2 not found"),
+            "{e}"
+        );
+    }
+    assert!(!out.exists(), "nothing written");
+}

@@ -85,6 +85,11 @@ fn twenty_seed_steps_end_where_pytorchs_seed_code_ends() {
     cfg.epochs = 2;
     cfg.augment = Augment::NONE;
     cfg.log_every = 1;
+    // SEED_DYNAMICS_WINOGRAD=false: the same run with every convolution computed directly
+    // (docs/seed-vs-pytorch.md, sections 6-7; its gaps exceed these bounds, see there).
+    if let Ok(w) = std::env::var("SEED_DYNAMICS_WINOGRAD") {
+        cfg.winograd = w != "false";
+    }
     let mut start = build(&Cpu, cfg.arch, cfg.model, cfg.seed);
     set_formula_weights(&Cpu, start.as_mut());
     let init = InitWeights {

@@ -21,7 +21,6 @@ pub struct BenchArgs {
 }
 
 pub fn run(a: BenchArgs) -> Result<(), CliError> {
-    let target = a.compute.target();
     let cfg = BenchConfig {
         arch: a.net.model,
         model: a.net.checked_config()?,
@@ -30,6 +29,7 @@ pub fn run(a: BenchArgs) -> Result<(), CliError> {
         warmup: a.warmup as usize,
     };
     let world = World::from_launcher()?;
+    let target = a.compute.target_on(&world)?;
     if world.size() > 1 {
         return all_reduce(&world, &target, &cfg);
     }
@@ -81,7 +81,7 @@ fn all_reduce(world: &World, target: &super::Target, cfg: &BenchConfig) -> Resul
         let len = bench::gradient_len(be, cfg);
         (
             len,
-            bench::all_reduce(be, world.collective(), len, cfg.warmup, cfg.steps),
+            bench::all_reduce(be, &*world.collective_for(be)?, len, cfg.warmup, cfg.steps),
         )
     });
     if world.rank() != 0 {

@@ -42,11 +42,13 @@ pub struct ComputeArgs {
     /// thread count.
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Where to compute: cpu, cuda (GPU 0) or cuda:N. CUDA needs the NVIDIA driver and the CUDA
+    /// Where to compute: cpu, cuda (GPU 0; under several ranks, one GPU each by the rank's
+    /// index on its machine) or cuda:N. CUDA needs the NVIDIA driver and the CUDA
     /// libraries (NVRTC, cuBLAS, cuDNN 9), found on LD_LIBRARY_PATH, in RESNET_CIFAR_CUDA_LIBS,
-    /// CUDA_HOME, /usr/local/cuda, or a PyTorch install's nvidia/*/lib folders.
+    /// CUDA_HOME, /usr/local/cuda, or a PyTorch install's nvidia/*/lib folders; several ranks
+    /// on GPUs also need NCCL (libnccl.so.2).
     #[arg(long, default_value = "cpu")]
-    device: Device,
+    device: DeviceArg,
     /// GPU arithmetic for convolutions: fp32, or tf32 (tensor cores, PyTorch's default for
     /// cuDNN convolutions).
     #[arg(long, default_value = "tf32")]
@@ -54,34 +56,73 @@ pub struct ComputeArgs {
 }
 
 impl ComputeArgs {
+    /// Where a one-process command computes (`cuda` is GPU 0).
     fn target(&self) -> Target {
+        self.target_of_rank(0)
+    }
+
+    /// Where this rank of `world` computes: under several ranks, `cuda` is the GPU of the
+    /// rank's index on its machine (one GPU a rank, as NCCL requires), and NCCL must be
+    /// there on every rank (checked before any GPU is opened).
+    fn target_on(&self, world: &World) -> Result<Target, CliError> {
+        let target = self.target_of_rank(world.local_rank());
+        if world.size() > 1 && matches!(target.device, Device::Cuda(_)) {
+            let host = world.collective::<resnet_cifar::engine::cpu::Cpu>();
+            resnet_cifar::engine::cuda::nccl::load_on_all_ranks(&|v| host.all_reduce_host(v), world.size())
+                .map_err(|e| CliError::input(format!("--device {}: {e}", self.device)))?;
+        }
+        Ok(target)
+    }
+
+    fn target_of_rank(&self, local_rank: usize) -> Target {
         Target {
-            device: self.device,
+            device: match self.device {
+                DeviceArg::Cpu => Device::Cpu,
+                DeviceArg::Cuda(Some(n)) => Device::Cuda(n),
+                DeviceArg::Cuda(None) => Device::Cuda(local_rank),
+            },
             precision: self.precision,
         }
     }
 }
 
-/// The `--device` flag.
+/// The `--device` flag: `cuda` without an ordinal leaves the GPU to the rank.
+#[derive(Clone, Copy, Debug)]
+enum DeviceArg {
+    Cpu,
+    Cuda(Option<usize>),
+}
+
+impl std::str::FromStr for DeviceArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(DeviceArg::Cpu),
+            "cuda" => Ok(DeviceArg::Cuda(None)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(|n| DeviceArg::Cuda(Some(n)))
+                .ok_or_else(|| format!("unknown device '{s}' (expected cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceArg::Cpu => write!(f, "cpu"),
+            DeviceArg::Cuda(None) => write!(f, "cuda"),
+            DeviceArg::Cuda(Some(n)) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// The device a command computes on.
 #[derive(Clone, Copy, Debug)]
 enum Device {
     Cpu,
     Cuda(usize),
-}
-
-impl std::str::FromStr for Device {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "cpu" => Ok(Device::Cpu),
-            "cuda" => Ok(Device::Cuda(0)),
-            _ => s
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Device::Cuda)
-                .ok_or_else(|| format!("unknown device '{s}' (expected cpu, cuda or cuda:N)")),
-        }
-    }
 }
 
 /// Where a command computes: the device and its precision.
@@ -174,6 +215,7 @@ impl World {
         }
     }
 
+    /// The launch's own collective (MPI or one process), for host values and CPU buffers.
     pub fn collective<B: Backend>(&self) -> &dyn Collective<B> {
         #[cfg(feature = "mpi")]
         if let Some(m) = &self.mpi {
@@ -188,5 +230,45 @@ impl World {
 
     pub fn size(&self) -> usize {
         Collective::<resnet_cifar::engine::cpu::Cpu>::size(self.collective())
+    }
+
+    /// This rank's index among the ranks on its machine, as the launcher tells it (0 when it
+    /// does not).
+    pub fn local_rank(&self) -> usize {
+        LAUNCHER_LOCAL_RANK_VARS
+            .iter()
+            .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The collective `be` trains under: NCCL between GPUs under several ranks, else the
+    /// launch's own.
+    pub fn collective_for<'a, B: Exchange>(&'a self, be: &'a B) -> Result<Box<dyn Collective<B> + 'a>, CliError> {
+        B::collective(be, self)
+    }
+}
+
+/// Variables through which launchers tell a rank its index on its machine (Open MPI, Slurm,
+/// MPICH's Hydra).
+const LAUNCHER_LOCAL_RANK_VARS: [&str; 3] = ["OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID"];
+
+/// How ranks computing on one kind of backend exchange buffers.
+pub trait Exchange: Backend + Sized {
+    fn collective<'a>(be: &'a Self, world: &'a World) -> Result<Box<dyn Collective<Self> + 'a>, CliError>;
+}
+
+impl Exchange for resnet_cifar::engine::cpu::Cpu {
+    fn collective<'a>(_be: &'a Self, world: &'a World) -> Result<Box<dyn Collective<Self> + 'a>, CliError> {
+        Ok(Box::new(world.collective::<Self>()))
+    }
+}
+
+impl Exchange for resnet_cifar::engine::cuda::Cuda {
+    fn collective<'a>(be: &'a Self, world: &'a World) -> Result<Box<dyn Collective<Self> + 'a>, CliError> {
+        if world.size() == 1 {
+            return Ok(Box::new(world.collective::<Self>()));
+        }
+        let nccl = resnet_cifar::engine::cuda::nccl::Nccl::new(be, world.collective()).map_err(CliError::input)?;
+        Ok(Box::new(nccl))
     }
 }

@@ -54,7 +54,7 @@ pub fn run(a: TrainArgs) -> Result<(), CliError> {
 }
 
 fn run_rank(a: TrainArgs, world: &World) -> Result<(), CliError> {
-    let target = a.compute.target();
+    let target = a.compute.target_on(world)?;
     // Rank 0 speaks for the run; the others print only their errors.
     let mut console = if world.rank() == 0 {
         Console::stdout()
@@ -142,8 +142,8 @@ fn run_rank(a: TrainArgs, world: &World) -> Result<(), CliError> {
             be.name()
         ));
         ctrlc::set_handler(|| STOP.store(true, Ordering::Relaxed)).map_err(CliError::run)?;
-        let coll = world.collective();
-        train_ranks(be, coll, &cfg, &splits, &out, &mut console, start, &STOP).map_err(|e| {
+        let coll = world.collective_for(be)?;
+        train_ranks(be, &*coll, &cfg, &splits, &out, &mut console, start, &STOP).map_err(|e| {
             // A checkpoint that does not fit the model is bad input; anything else failed the run.
             match e.downcast_ref::<CheckpointError>() {
                 Some(_) => CliError::input(format!("{e:#}")),

@@ -47,3 +47,26 @@ impl<B: Backend> Collective<B> for Local {
         None
     }
 }
+
+/// A borrowed collective is one too: a command holds the launch's world and hands out either
+/// it or a backend's own transport as one boxed type.
+impl<B: Backend, C: Collective<B> + ?Sized> Collective<B> for &C {
+    fn rank(&self) -> usize {
+        (**self).rank()
+    }
+    fn size(&self) -> usize {
+        (**self).size()
+    }
+    fn all_reduce_mean(&self, be: &B, buf: &mut B::Buf, len: usize) {
+        (**self).all_reduce_mean(be, buf, len)
+    }
+    fn broadcast(&self, be: &B, buf: &mut B::Buf, len: usize, root: usize) {
+        (**self).broadcast(be, buf, len, root)
+    }
+    fn all_reduce_host(&self, values: &mut [f64]) {
+        (**self).all_reduce_host(values)
+    }
+    fn stats_sum(&self) -> Option<StatsSum> {
+        (**self).stats_sum()
+    }
+}

@@ -64,6 +64,22 @@ fn load_libs(libs: &[(&str, &[&str])]) -> Result<(), String> {
     }
 }
 
+/// Opens one library by name, or by full path from the folders searched for the others, and
+/// hands it back (NCCL, which the backend binds itself).
+pub fn open_library(name: &str) -> Result<libloading::Library, String> {
+    if let Ok(lib) = unsafe { libloading::Library::new(name) } {
+        return Ok(lib);
+    }
+    let dirs = search_dirs();
+    match dirs.iter().map(|d| d.join(name)).find(|p| p.is_file()) {
+        Some(path) => unsafe { libloading::Library::new(&path) }.map_err(|e| format!("{}: {e}", path.display())),
+        None => Err(format!(
+            "{name} not found (searched LD_LIBRARY_PATH, RESNET_CIFAR_CUDA_LIBS, CUDA_HOME, /usr/local/cuda \
+             and Python's nvidia/*/lib folders)"
+        )),
+    }
+}
+
 /// Opens a library by name, keeping it loaded for the life of the process, with its symbols
 /// global so that the CUDA libraries' own lookups find each other.
 unsafe fn open(name: &str) -> Result<(), libloading::Error> {

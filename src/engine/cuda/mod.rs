@@ -8,6 +8,7 @@
 
 mod conv;
 mod libs;
+pub mod nccl;
 
 use super::{AdamStep, Backend, ConvGeom, CropPlan, DeviceBatches, Layout, PoolGeom, SgdStep, Shape4, SyncStats};
 use conv::{ConvPlan, Dnn};
