@@ -392,3 +392,33 @@ fn gpu_ranks_without_nccl_exit_2_in_one_line() {
     }
     assert!(!out.exists(), "nothing written");
 }
+
+/// A rank that meets an error alone (here its data folder is missing: the other rank's is
+/// fine) says so and ends the launch with the error's exit code, instead of leaving the other
+/// rank waiting for it in the first collective.
+#[test]
+fn an_error_on_one_rank_ends_the_launch_with_its_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(&tmp.path().join("data"));
+    let out = tmp.path().join("run");
+    let missing = tmp.path().join("missing");
+    let (data, out, missing) = (data.to_str().unwrap(), out.to_str().unwrap(), missing.to_str().unwrap());
+    // Two programs in one launch (MPMD): rank 0 with the data, rank 1 without.
+    let mut cmd = Command::new("mpirun");
+    cmd.arg("--oversubscribe")
+        .args(["-np", "1", env!("CARGO_BIN_EXE_resnet-cifar")])
+        .args(train_args(data, out, &[]))
+        .args([":", "-np", "1", env!("CARGO_BIN_EXE_resnet-cifar")])
+        .args(train_args(missing, out, &[]));
+    for (k, v) in mpirun(&[]).get_envs() {
+        cmd.env(k, v.unwrap());
+    }
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let o = wait_for(child, Duration::from_secs(60));
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains(&format!("error: rank 1: {missing}: the folder does not exist")),
+        "{stderr}"
+    );
+}

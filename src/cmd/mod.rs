@@ -203,7 +203,13 @@ impl World {
                 ),
                 None => None,
             };
-            Ok(Self { mpi })
+            let world = Self { mpi };
+            if let Some(m) = &world.mpi
+                && world.size() > 1
+            {
+                m.abort_on_panic();
+            }
+            Ok(world)
         }
         #[cfg(not(feature = "mpi"))]
         match launched {
@@ -230,6 +236,23 @@ impl World {
 
     pub fn size(&self) -> usize {
         Collective::<resnet_cifar::engine::cpu::Cpu>::size(self.collective())
+    }
+
+    /// Ends this rank's command. Under several ranks an error that only this rank may have
+    /// met (its data, its GPU, a bug) is printed and then ends every rank (MPI_Abort with the
+    /// error's exit code): the others would otherwise wait for it in their next collective, and
+    /// it for them in MPI_Finalize. A stop the ranks agreed on (Ctrl-C, exit 130) ends
+    /// normally, every rank having saved what it saves.
+    pub fn end(&self, result: Result<(), CliError>) -> Result<(), CliError> {
+        #[cfg(feature = "mpi")]
+        if let (Some(m), Err(e)) = (&self.mpi, &result)
+            && self.size() > 1
+            && e.code != 130
+        {
+            eprintln!("error: {}", e.message);
+            m.abort(i32::from(e.code));
+        }
+        result
     }
 
     /// This rank's index among the ranks on its machine, as the launcher tells it (0 when it

@@ -44,13 +44,14 @@ static STOP: AtomicBool = AtomicBool::new(false);
 pub fn run(a: TrainArgs) -> Result<(), CliError> {
     let world = World::from_launcher()?;
     let rank = world.rank();
-    run_rank(a, &world).map_err(|e| match rank {
+    let result = run_rank(a, &world).map_err(|e| match rank {
         0 => e,
         r => CliError {
             message: format!("rank {r}: {}", e.message),
             ..e
         },
-    })
+    });
+    world.end(result)
 }
 
 fn run_rank(a: TrainArgs, world: &World) -> Result<(), CliError> {

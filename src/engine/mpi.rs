@@ -66,6 +66,18 @@ impl Mpi {
     pub fn abort(&self, code: i32) -> ! {
         self.world.abort(code)
     }
+
+    /// Makes a panic on this rank end every rank (after the panic's message), instead of
+    /// leaving the others waiting in a collective while this one waits in `MPI_Finalize`.
+    pub fn abort_on_panic(&self) {
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            report(info);
+            // SAFETY: MPI is initialised (this `Mpi` exists), and MPI_Abort may be called from
+            // any thread; it does not return.
+            unsafe { mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, 101) };
+        }));
+    }
 }
 
 impl<B: Backend> Collective<B> for Mpi {
