@@ -33,7 +33,7 @@ pub fn run(a: BenchArgs) -> Result<(), CliError> {
         let result = a.compute.target_on(&world).and_then(|t| all_reduce(&world, &t, &cfg));
         return world.end(result);
     }
-    let target = a.compute.target();
+    let target = a.compute.target()?;
     let bar = indicatif::ProgressBar::new(2 * (cfg.steps + cfg.warmup) as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"));
     if a.net.json {

@@ -46,7 +46,7 @@ pub struct EvalArgs {
 }
 
 pub fn run(a: EvalArgs) -> Result<(), CliError> {
-    let target = a.compute.target();
+    let target = a.compute.target()?;
     let file = CheckpointFile::read(&a.checkpoint, a.stem)?;
     let data = open_data(
         &a.data,

@@ -13,12 +13,14 @@ use std::path::{Path, PathBuf};
 macro_rules! with_backend {
     ($target:expr, |$be:ident| $body:expr) => {
         match $target.device {
-            $crate::cmd::Device::Cpu => {
+            $crate::cmd::Device::Cpu { bf16 } => {
+                // Checked when the target was made (`ComputeArgs::target`).
+                resnet_cifar::engine::cpu::set_bf16(bf16).map_err(resnet_cifar::cli::CliError::input)?;
                 let $be = &resnet_cifar::engine::cpu::Cpu;
                 $body
             }
-            $crate::cmd::Device::Cuda(ordinal) => {
-                let cuda = resnet_cifar::engine::cuda::Cuda::new(ordinal, $target.precision)
+            $crate::cmd::Device::Cuda(ordinal, precision) => {
+                let cuda = resnet_cifar::engine::cuda::Cuda::new(ordinal, precision)
                     .map_err(|e| resnet_cifar::cli::CliError::input(format!("--device cuda:{ordinal}: {e}")))?;
                 let $be = &cuda;
                 $body
@@ -49,15 +51,37 @@ pub struct ComputeArgs {
     /// on GPUs also need NCCL (libnccl.so.2).
     #[arg(long, default_value = "cpu")]
     device: DeviceArg,
-    /// GPU arithmetic for convolutions: fp32, or tf32 (tensor cores, PyTorch's default for
-    /// cuDNN convolutions).
-    #[arg(long, default_value = "tf32")]
-    precision: Precision,
+    /// Arithmetic of the convolutions and the linear layer: fp32; bf16 (CPU: operands rounded
+    /// to bf16, sums in f32, as PyTorch's CPU autocast; needs AVX512_BF16); or tf32 (CUDA:
+    /// tensor cores for convolutions, PyTorch's default for cuDNN). Default: fp32 on the CPU,
+    /// tf32 on CUDA.
+    #[arg(long)]
+    precision: Option<PrecisionArg>,
+}
+
+/// The `--precision` flag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PrecisionArg {
+    Fp32,
+    Tf32,
+    Bf16,
+}
+
+impl std::str::FromStr for PrecisionArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fp32" => Ok(Self::Fp32),
+            "tf32" => Ok(Self::Tf32),
+            "bf16" => Ok(Self::Bf16),
+            _ => Err(format!("unknown precision '{s}' (expected fp32, bf16 or tf32)")),
+        }
+    }
 }
 
 impl ComputeArgs {
     /// Where a one-process command computes (`cuda` is GPU 0).
-    fn target(&self) -> Target {
+    fn target(&self) -> Result<Target, CliError> {
         self.target_of_rank(0)
     }
 
@@ -65,8 +89,8 @@ impl ComputeArgs {
     /// rank's index on its machine (one GPU a rank, as NCCL requires), and NCCL must be
     /// there on every rank (checked before any GPU is opened).
     fn target_on(&self, world: &World) -> Result<Target, CliError> {
-        let target = self.target_of_rank(world.local_rank());
-        if world.size() > 1 && matches!(target.device, Device::Cuda(_)) {
+        let target = self.target_of_rank(world.local_rank())?;
+        if world.size() > 1 && matches!(target.device, Device::Cuda(..)) {
             let host = world.collective::<resnet_cifar::engine::cpu::Cpu>();
             resnet_cifar::engine::cuda::nccl::load_on_all_ranks(&|v| host.all_reduce_host(v), world.size())
                 .map_err(|e| CliError::input(format!("--device {}: {e}", self.device)))?;
@@ -74,15 +98,32 @@ impl ComputeArgs {
         Ok(target)
     }
 
-    fn target_of_rank(&self, local_rank: usize) -> Target {
-        Target {
-            device: match self.device {
-                DeviceArg::Cpu => Device::Cpu,
-                DeviceArg::Cuda(Some(n)) => Device::Cuda(n),
-                DeviceArg::Cuda(None) => Device::Cuda(local_rank),
-            },
-            precision: self.precision,
-        }
+    fn target_of_rank(&self, local_rank: usize) -> Result<Target, CliError> {
+        let ordinal = match self.device {
+            DeviceArg::Cpu => None,
+            DeviceArg::Cuda(n) => Some(n.unwrap_or(local_rank)),
+        };
+        let device = match (ordinal, self.precision) {
+            (None, None | Some(PrecisionArg::Fp32)) => Device::Cpu { bf16: false },
+            (None, Some(PrecisionArg::Bf16)) => {
+                resnet_cifar::engine::cpu::bf16_support()
+                    .map_err(|e| CliError::input(format!("--precision bf16: {e}")))?;
+                Device::Cpu { bf16: true }
+            }
+            (None, Some(PrecisionArg::Tf32)) => {
+                return Err(CliError::input(
+                    "--precision tf32 is for CUDA; the CPU computes fp32 or bf16",
+                ));
+            }
+            (Some(n), None | Some(PrecisionArg::Tf32)) => Device::Cuda(n, Precision::Tf32),
+            (Some(n), Some(PrecisionArg::Fp32)) => Device::Cuda(n, Precision::Fp32),
+            (Some(_), Some(PrecisionArg::Bf16)) => {
+                return Err(CliError::input(
+                    "--precision bf16 is built for the CPU only; on CUDA use fp32 or tf32",
+                ));
+            }
+        };
+        Ok(Target { device })
     }
 }
 
@@ -118,18 +159,17 @@ impl std::fmt::Display for DeviceArg {
     }
 }
 
-/// The device a command computes on.
+/// The device a command computes on, with its arithmetic.
 #[derive(Clone, Copy, Debug)]
 enum Device {
-    Cpu,
-    Cuda(usize),
+    Cpu { bf16: bool },
+    Cuda(usize, Precision),
 }
 
-/// Where a command computes: the device and its precision.
+/// Where a command computes.
 #[derive(Clone, Copy)]
 struct Target {
     device: Device,
-    precision: Precision,
 }
 
 /// A progress bar for a dataset's download.

@@ -29,7 +29,7 @@ pub struct PredictArgs {
 }
 
 pub fn run(a: PredictArgs) -> Result<(), CliError> {
-    let target = a.compute.target();
+    let target = a.compute.target()?;
     let file = CheckpointFile::read(&a.checkpoint, a.stem)?;
     let images = a
         .images

@@ -1,7 +1,34 @@
 //! Matrix multiply through the `gemm` crate, with bounds checked once at the boundary so the
-//! kernels above it stay safe code.
+//! kernels above it stay safe code; or, with bf16 operands, through [`super::bf16`].
 
 use gemm::Parallelism;
+use std::cell::Cell;
+
+/// What the convolutions' and the linear layer's matrix multiplies take: f32 values, or
+/// values rounded to bf16 (PyTorch's CPU autocast; sums stay f32 either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operands {
+    F32,
+    Bf16,
+}
+
+thread_local! {
+    /// The operands of products started from this thread (see [`set_operands`]). Read once
+    /// at each layer's entry, on the calling thread, and handed down to the products that run
+    /// on other threads of the pool.
+    static OPERANDS: Cell<Operands> = const { Cell::new(Operands::F32) };
+}
+
+/// Sets the operands of the matrix multiplies that layers called from this thread make
+/// (`--precision bf16`). Per thread, so that models trained side by side (tests) keep theirs.
+pub fn set_operands(ops: Operands) {
+    OPERANDS.with(|o| o.set(ops));
+}
+
+/// This thread's choice (f32 unless set).
+pub fn operands() -> Operands {
+    OPERANDS.with(Cell::get)
+}
 
 /// A strided, read-only matrix: element (i, j) is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
@@ -49,14 +76,42 @@ fn parallelism() -> Parallelism {
 }
 
 /// `dst[m, n] (row-major, row stride dst_rs) = a[m, k] * b[k, n] (+ dst if accumulate)`, on
-/// every thread of the pool.
-pub fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat, accumulate: bool) {
-    matmul_in(parallelism(), m, n, k, dst, dst_rs, a, b, accumulate)
+/// every thread of the pool, with `ops` operands.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    ops: Operands,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    accumulate: bool,
+) {
+    match ops {
+        Operands::F32 => matmul_in(parallelism(), m, n, k, dst, dst_rs, a, b, accumulate),
+        Operands::Bf16 => super::bf16::matmul(true, m, n, k, dst, dst_rs, a, b, accumulate),
+    }
 }
 
 /// [`matmul`] on the calling thread alone: for many independent products run side by side.
-pub fn matmul_serial(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat, accumulate: bool) {
-    matmul_in(Parallelism::None, m, n, k, dst, dst_rs, a, b, accumulate)
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_serial(
+    ops: Operands,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    accumulate: bool,
+) {
+    match ops {
+        Operands::F32 => matmul_in(Parallelism::None, m, n, k, dst, dst_rs, a, b, accumulate),
+        Operands::Bf16 => super::bf16::matmul(false, m, n, k, dst, dst_rs, a, b, accumulate),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -110,5 +165,70 @@ fn matmul_in(
             false,
             parallelism,
         );
+    }
+}
+
+/// Right-hand sides shared by many products: `count` row-major `k x n` matrices, one after
+/// another in `data` (Winograd's transformed filters, one per tile position, used by every
+/// chunk of images). With bf16 operands they are packed once here instead of once a product.
+pub struct SharedRhs<'a> {
+    ops: Operands,
+    k: usize,
+    n: usize,
+    data: &'a [f32],
+    /// bf16: every matrix packed, `bf16::packed_len(k, n)` values each; kept between calls
+    /// in a per-thread buffer (taken here, given back on drop).
+    packed: Vec<u32>,
+}
+
+thread_local! {
+    static SHARED_PACKED: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl<'a> SharedRhs<'a> {
+    pub fn new(ops: Operands, count: usize, k: usize, n: usize, data: &'a [f32]) -> Self {
+        let data = &data[..count * k * n];
+        let mut packed = Vec::new();
+        if ops == Operands::Bf16 {
+            use rayon::prelude::*;
+            let each = super::bf16::packed_len(k, n);
+            packed = SHARED_PACKED.with(|b| std::mem::take(&mut *b.borrow_mut()));
+            packed.resize(count * each, 0);
+            packed.par_chunks_mut(each.max(1)).enumerate().for_each(|(i, out)| {
+                super::bf16::PackedB::pack(false, k, n, Mat::rows(&data[i * k * n..(i + 1) * k * n], n), out);
+            });
+        }
+        Self {
+            ops,
+            k,
+            n,
+            data,
+            packed,
+        }
+    }
+
+    /// `dst[m, n] = a[m, k] rhs_i[k, n]` (+ dst if accumulate), on the calling thread.
+    pub fn matmul_serial(&self, i: usize, m: usize, dst: &mut [f32], dst_rs: usize, a: Mat, accumulate: bool) {
+        let (k, n) = (self.k, self.n);
+        match self.ops {
+            Operands::F32 => {
+                let b = Mat::rows(&self.data[i * k * n..(i + 1) * k * n], n);
+                matmul_in(Parallelism::None, m, n, k, dst, dst_rs, a, b, accumulate)
+            }
+            Operands::Bf16 => {
+                let each = super::bf16::packed_len(k, n);
+                let packed = super::bf16::PackedB::view(k, n, &self.packed[i * each..(i + 1) * each]);
+                super::bf16::matmul_packed(false, m, dst, dst_rs, a, &packed, accumulate)
+            }
+        }
+    }
+}
+
+impl Drop for SharedRhs<'_> {
+    fn drop(&mut self) {
+        let packed = std::mem::take(&mut self.packed);
+        if packed.capacity() > 0 {
+            SHARED_PACKED.with(|b| *b.borrow_mut() = packed);
+        }
     }
 }

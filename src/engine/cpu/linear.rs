@@ -1,12 +1,13 @@
 //! Fully connected layer with bias: y = x w^T + b, weights in PyTorch's `[out, in]` layout.
 
-use super::gemm::{Mat, matmul};
+use super::gemm::{Mat, matmul, operands};
 
 pub fn forward(n: usize, din: usize, dout: usize, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
     for row in y[..n * dout].chunks_exact_mut(dout) {
         row.copy_from_slice(&b[..dout]);
     }
     matmul(
+        operands(),
         n,
         dout,
         din,
@@ -30,8 +31,10 @@ pub fn backward(
     db: &mut [f32],
 ) {
     let dy = &dy[..n * dout];
+    let ops = operands();
     // dw[out, in] = dy^T[out, n] * x[n, in]
     matmul(
+        ops,
         dout,
         din,
         n,
@@ -43,6 +46,7 @@ pub fn backward(
     );
     // dx[n, in] = dy[n, out] * w[out, in]
     matmul(
+        ops,
         n,
         din,
         dout,

@@ -2,6 +2,7 @@
 //! comes from the `gemm` crate and threads from rayon's pool (sized with `--threads`).
 
 mod batch_norm;
+mod bf16;
 mod conv;
 mod gemm;
 mod linear;
@@ -15,6 +16,35 @@ use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
+
+/// Whether this CPU can multiply bf16 operands (`--precision bf16`), or which instructions it
+/// lacks. `RESNET_CIFAR_NO_BF16=1` makes it answer as a CPU without them would (tests).
+pub fn bf16_support() -> Result<(), String> {
+    let missing = bf16::missing_features();
+    let forced = std::env::var_os("RESNET_CIFAR_NO_BF16").is_some_and(|v| v != "0");
+    match (missing.is_empty() && !forced, forced) {
+        (true, _) => Ok(()),
+        (false, true) => Err("this CPU lacks AVX512_BF16 (bf16 dot products): RESNET_CIFAR_NO_BF16 is set".into()),
+        (false, false) => Err(format!(
+            "this CPU lacks {} (bf16 dot products need AVX512F, AVX512BW and AVX512_BF16: AMD Zen 4 and later, Intel Cooper Lake, Sapphire Rapids and later)",
+            missing.join(", ")
+        )),
+    }
+}
+
+/// Makes the convolutions and the linear layer called from this thread multiply bf16
+/// operands (f32 sums) or f32 ones: PyTorch's CPU autocast for these layers. Batch norm, the
+/// loss and the optimizer stay f32, and so do the weights (rounded only as operands). Set it
+/// before building a model: with bf16 operands the 3x3 convolutions take Winograd's smaller
+/// tiles (F(4x4, 3x3) amplifies bf16's rounding about 13x), and a model sizes its workspace
+/// for the tiles of its day.
+pub fn set_bf16(on: bool) -> Result<(), String> {
+    if on {
+        bf16_support()?;
+    }
+    gemm::set_operands(if on { gemm::Operands::Bf16 } else { gemm::Operands::F32 });
+    Ok(())
+}
 
 /// The CPU's batches are built on the loader thread, ahead of the step, so there is nothing to
 /// keep on a device.
@@ -32,9 +62,13 @@ impl Backend for Cpu {
     type Buf = Vec<f32>;
 
     fn name(&self) -> String {
+        let arith = match gemm::operands() {
+            gemm::Operands::F32 => "",
+            gemm::Operands::Bf16 => ", bf16 operands",
+        };
         match rayon::current_num_threads() {
-            1 => "cpu (1 thread)".to_string(),
-            n => format!("cpu ({n} threads)"),
+            1 => format!("cpu (1 thread{arith})"),
+            n => format!("cpu ({n} threads{arith})"),
         }
     }
     fn alloc(&self, len: usize) -> Vec<f32> {

@@ -1,0 +1,649 @@
+//! A bf16 x bf16 -> f32 matrix multiply on AVX512_BF16 (`vdpbf16ps`): PyTorch's CPU autocast
+//! arithmetic for convolutions and linear layers, operands rounded to bf16, products summed in
+//! f32. No crate offers one (the `gemm` crate converts f16 to f32 while packing), so it is
+//! written here, small: GotoBLAS blocking over the `Mat` views the f32 path takes.
+//!
+//! `vdpbf16ps` multiplies pairs along K: lane j of the result gains `a[2j] b[2j] + a[2j+1]
+//! b[2j+1]`. So both operands are packed as k-pairs, one `u32` (two bf16) per pair: an A panel
+//! is `[k/2][MR]` pairs (one broadcast per row), a B panel `[k/2][NR]` (two vectors of 16
+//! columns). Rounding is to nearest, ties to even, as `vcvtne2ps2bf16` and PyTorch do.
+
+use super::gemm::Mat;
+use rayon::prelude::*;
+use std::cell::RefCell;
+use std::thread::LocalKey;
+
+/// Rows of A and columns of B in one register tile: 8 x 32 f32 accumulators, 16 of the 32
+/// vector registers.
+const MR: usize = 8;
+const NR: usize = 32;
+/// K values in one packed block (a B panel of 128 pairs x 32 columns is 16 KiB: L1).
+const KC: usize = 256;
+/// Columns of C a task sweeps before the next k-block (8 panels of B, 128 KiB: L2).
+const NC: usize = 256;
+/// Rows of C a parallel task computes at most (its A panels are packed by the task).
+const MC: usize = 64;
+
+/// The instructions this module needs that the CPU lacks (none: it can run).
+pub fn missing_features() -> Vec<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut missing = Vec::new();
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            missing.push("AVX512F");
+        }
+        if !std::arch::is_x86_feature_detected!("avx512bw") {
+            missing.push("AVX512BW");
+        }
+        if !std::arch::is_x86_feature_detected!("avx512bf16") {
+            missing.push("AVX512_BF16");
+        }
+        missing
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    vec!["x86-64 with AVX512_BF16 (aarch64 BF16 is not built yet)"]
+}
+
+/// Whether this CPU has the instructions (AVX512F, AVX512BW and AVX512_BF16); cheap (std
+/// caches the answers), so every product checks it.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `x` rounded to the nearest bf16 (ties to even), as its 16 bits. NaNs stay NaNs.
+#[inline(always)]
+pub fn round(x: f32) -> u16 {
+    let b = x.to_bits();
+    let nearest = (b.wrapping_add(0x7fff + ((b >> 16) & 1))) >> 16;
+    // Selects, not branches, so that packing loops vectorise. Subnormal inputs become zeros
+    // of their sign, as `vcvtne2ps2bf16` makes them (so both paths give the same bits).
+    let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+    let subnormal = b & 0x7f80_0000 == 0;
+    (if nan {
+        (b >> 16) | 0x40
+    } else if subnormal {
+        (b >> 16) & 0x8000
+    } else {
+        nearest
+    }) as u16
+}
+
+/// The f32 a bf16 stands for.
+#[cfg(test)]
+pub fn widen(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+#[inline(always)]
+fn pair(lo: f32, hi: f32) -> u32 {
+    round(lo) as u32 | (round(hi) as u32) << 16
+}
+
+/// Where a panel's pairs go: pair p of line l at `out[l * pairs + p]` (line-major: an A panel,
+/// each row's pairs in order) or at `out[p * width + l]` (pair-major: a B panel, each pair's
+/// 32 columns side by side for two vector loads).
+#[derive(Clone, Copy)]
+enum Order {
+    LineMajor,
+    PairMajor,
+}
+
+/// Packs `lines` of a `width`-line panel (rows of A, or columns of B) over `kc` values of K
+/// from `at`: element (line l, k) of the source is `data[at + l * ls + k * ks]`. Missing
+/// lines and an odd last k are zeros. The two common source layouts (lines along K, or lines
+/// side by side) run as plain loops over contiguous memory.
+#[allow(clippy::too_many_arguments)]
+fn pack(
+    order: Order,
+    out: &mut [u32],
+    width: usize,
+    data: &[f32],
+    at: usize,
+    ls: usize,
+    ks: usize,
+    lines: usize,
+    kc: usize,
+) {
+    let pairs = kc.div_ceil(2);
+    let out = &mut out[..pairs * width];
+    if lines < width || kc % 2 == 1 || (ks != 1 && ls != 1) {
+        out.fill(0);
+    }
+    let full = kc / 2;
+    let idx = |l: usize, p: usize| match order {
+        Order::LineMajor => l * pairs + p,
+        Order::PairMajor => p * width + l,
+    };
+    match (ks, ls, order) {
+        (1, _, Order::LineMajor) => {
+            for l in 0..lines {
+                let line = &data[at + l * ls..][..kc];
+                let o = &mut out[l * pairs..][..pairs];
+                let done = adjacent_pairs(line, o);
+                for (o, v) in o[done..].iter_mut().zip(line[2 * done..].chunks_exact(2)) {
+                    *o = pair(v[0], v[1]);
+                }
+                if kc % 2 == 1 {
+                    o[full] = pair(line[kc - 1], 0.0);
+                }
+            }
+        }
+        (_, 1, Order::PairMajor) => {
+            for p in 0..pairs {
+                let k0 = &data[at + 2 * p * ks..][..lines];
+                let o = &mut out[p * width..][..lines];
+                if 2 * p + 1 < kc {
+                    let k1 = &data[at + (2 * p + 1) * ks..][..lines];
+                    let done = pairs_across(k0, k1, o);
+                    for ((o, &a), &b) in o[done..].iter_mut().zip(&k0[done..]).zip(&k1[done..]) {
+                        *o = pair(a, b);
+                    }
+                } else {
+                    for (o, &a) in o.iter_mut().zip(k0) {
+                        *o = pair(a, 0.0);
+                    }
+                }
+            }
+        }
+        (1, _, Order::PairMajor) => {
+            // Each line (a column of B) runs along K: its pairs are adjacent values, converted
+            // 16 at a time into a line-major block, then transposed into place.
+            let mut block = vec![0u32; lines * pairs];
+            for (l, o) in block.chunks_exact_mut(pairs).enumerate() {
+                let line = &data[at + l * ls..][..kc];
+                let done = adjacent_pairs(line, o);
+                for (o, v) in o[done..].iter_mut().zip(line[2 * done..].chunks_exact(2)) {
+                    *o = pair(v[0], v[1]);
+                }
+                if kc % 2 == 1 {
+                    o[full] = pair(line[kc - 1], 0.0);
+                }
+            }
+            for (p, row) in out.chunks_exact_mut(width).enumerate() {
+                for (l, o) in row[..lines].iter_mut().enumerate() {
+                    *o = block[l * pairs + p];
+                }
+            }
+        }
+        (_, 1, Order::LineMajor) => {
+            let mut across = vec![0u32; lines];
+            for p in 0..pairs {
+                let k0 = &data[at + 2 * p * ks..][..lines];
+                if 2 * p + 1 < kc {
+                    let k1 = &data[at + (2 * p + 1) * ks..][..lines];
+                    for ((o, &a), &b) in across.iter_mut().zip(k0).zip(k1) {
+                        *o = pair(a, b);
+                    }
+                } else {
+                    for (o, &a) in across.iter_mut().zip(k0) {
+                        *o = pair(a, 0.0);
+                    }
+                }
+                for (l, &v) in across.iter().enumerate() {
+                    out[l * pairs + p] = v;
+                }
+            }
+        }
+        _ => {
+            for l in 0..lines {
+                for k in 0..kc {
+                    let v = round(data[at + l * ls + k * ks]) as u32;
+                    out[idx(l, k / 2)] |= v << (16 * (k % 2));
+                }
+            }
+        }
+    }
+}
+
+/// Pairs of adjacent values of `line` into `out`, 16 at a time with `vcvtne2ps2bf16`; how
+/// many it wrote (the rest is the caller's).
+fn adjacent_pairs(line: &[f32], out: &mut [u32]) -> usize {
+    let blocks = (line.len() / 32).min(out.len() / 16);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `matmul` checked the CPU; `blocks` 32-value and 16-pair blocks are in bounds.
+    unsafe {
+        x86::adjacent_pairs(line.as_ptr(), out.as_mut_ptr(), blocks)
+    };
+    16 * blocks
+}
+
+/// Pairs `(k0[j], k1[j])` into `out[j]`, 16 at a time; how many it wrote.
+fn pairs_across(k0: &[f32], k1: &[f32], out: &mut [u32]) -> usize {
+    let blocks = k0.len().min(k1.len()).min(out.len()) / 16;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as above.
+    unsafe {
+        x86::pairs_across(k0.as_ptr(), k1.as_ptr(), out.as_mut_ptr(), blocks)
+    };
+    16 * blocks
+}
+
+/// `dst[m, n] (row stride dst_rs) = a[m, k] b[k, n] (+ dst if accumulate)` with bf16 operands
+/// and f32 sums; on every thread of the pool when `parallel`. Panics on a CPU without
+/// AVX512_BF16 (callers check [`available`] first) or on views beyond their buffers.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    parallel: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    accumulate: bool,
+) {
+    with_buffer(&PACKED_B, packed_len(k, n), |bpack| {
+        let b = PackedB::pack(parallel, k, n, b, bpack);
+        matmul_packed(parallel, m, dst, dst_rs, a, &b, accumulate)
+    })
+}
+
+/// Values of a packed right-hand side of `k x n`.
+pub fn packed_len(k: usize, n: usize) -> usize {
+    k.div_ceil(KC) * n.div_ceil(NR) * (KC / 2 * NR)
+}
+
+/// A right-hand side packed for the kernel (every k-block's panels), to be used by several
+/// products.
+pub struct PackedB<'a> {
+    k: usize,
+    n: usize,
+    panels: &'a [u32],
+}
+
+impl<'a> PackedB<'a> {
+    /// Packs `b` (`k x n`) into `out` ([`packed_len`] values).
+    pub fn pack(parallel: bool, k: usize, n: usize, b: Mat, out: &'a mut [u32]) -> Self {
+        assert!(available(), "bf16 matmul on a CPU without AVX512_BF16");
+        if k > 0 && n > 0 {
+            let last = (k - 1) * b.rs + (n - 1) * b.cs;
+            assert!(last < b.data.len(), "bf16 gemm: rhs view [{k}x{n}] exceeds its buffer");
+        }
+        let panels = n.div_ceil(NR);
+        let panel_len = KC / 2 * NR;
+        let out = &mut out[..packed_len(k, n)];
+        let pack_b = |(t, out): (usize, &mut [u32])| {
+            let (p0, j) = ((t / panels) * KC, (t % panels) * NR);
+            pack(
+                Order::PairMajor,
+                out,
+                NR,
+                b.data,
+                p0 * b.rs + j * b.cs,
+                b.cs,
+                b.rs,
+                NR.min(n - j),
+                KC.min(k - p0),
+            );
+        };
+        if parallel {
+            out.par_chunks_mut(panel_len).enumerate().for_each(pack_b);
+        } else {
+            out.chunks_mut(panel_len).enumerate().for_each(pack_b);
+        }
+        Self { k, n, panels: out }
+    }
+
+    /// A `k x n` right-hand side packed before (by [`PackedB::pack`]) into `panels`.
+    pub fn view(k: usize, n: usize, panels: &'a [u32]) -> Self {
+        assert_eq!(panels.len(), packed_len(k, n), "packed rhs of {k}x{n}");
+        Self { k, n, panels }
+    }
+}
+
+/// [`matmul`] with a right-hand side packed before.
+pub fn matmul_packed(parallel: bool, m: usize, dst: &mut [f32], dst_rs: usize, a: Mat, b: &PackedB, accumulate: bool) {
+    let (n, k) = (b.n, b.k);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        n <= dst_rs || m == 1,
+        "bf16 gemm: dst row stride smaller than its width"
+    );
+    assert!(
+        (m - 1) * dst_rs + n <= dst.len(),
+        "bf16 gemm: dst view exceeds its buffer"
+    );
+    if k == 0 {
+        if !accumulate {
+            for row in dst.chunks_mut(dst_rs).take(m) {
+                row[..n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let last = (m - 1) * a.rs + (k - 1) * a.cs;
+    assert!(last < a.data.len(), "bf16 gemm: lhs view [{m}x{k}] exceeds its buffer");
+    let dst = &mut dst[..(m - 1) * dst_rs + n];
+    // Rows a task computes: up to MC, fewer when that leaves threads idle (4 tasks a thread).
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let task_rows = m.div_ceil(4 * threads).next_multiple_of(MR).clamp(MR, MC);
+    let panels = n.div_ceil(NR);
+    let panel_len = KC / 2 * NR;
+    let bpack = b.panels;
+    // Row blocks of C: disjoint rows, so disjoint slices of dst.
+    let rows_task = |(t, c): (usize, &mut [f32])| {
+        let i0 = t * task_rows;
+        let rows = task_rows.min(m - i0);
+        let blocks_len = task_rows.div_ceil(MR) * MR * KC / 2;
+        with_buffer(&PACKED_A, 2 * blocks_len, |scratch| {
+            let (apack, across) = scratch.split_at_mut(blocks_len);
+            for j0 in (0..n).step_by(NC) {
+                for (kb, p0) in (0..k).step_by(KC).enumerate() {
+                    let kc = KC.min(k - p0);
+                    let pairs = kc.div_ceil(2);
+                    let add = accumulate || p0 > 0;
+                    pack_rows(apack, across, a, i0, rows, p0, kc);
+                    for q in j0 / NR..(j0 + NC).min(n).div_ceil(NR) {
+                        let j = q * NR;
+                        let panel = &bpack[(kb * panels + q) * panel_len..][..pairs * NR];
+                        for ir in (0..rows).step_by(MR) {
+                            let ap = &apack[ir * KC / 2..][..MR * pairs];
+                            let tile = &mut c[ir * dst_rs + j..];
+                            tile_product(pairs, ap, panel, tile, dst_rs, MR.min(rows - ir), NR.min(n - j), add);
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let task_len = task_rows * dst_rs;
+    if parallel {
+        dst.par_chunks_mut(task_len).enumerate().for_each(rows_task);
+    } else {
+        dst.chunks_mut(task_len).enumerate().for_each(rows_task);
+    }
+}
+
+/// The A panels of rows `i0..i0 + rows` over K values `p0..p0 + kc`, one `[MR][pairs]` panel
+/// per `KC / 2 * MR` values of `apack`. When A's rows lie side by side (a transposed view),
+/// all rows are packed pair-major first (16 rows a vector) into `across`, then copied into the
+/// panels.
+fn pack_rows(apack: &mut [u32], across: &mut [u32], a: Mat, i0: usize, rows: usize, p0: usize, kc: usize) {
+    let pairs = kc.div_ceil(2);
+    if a.cs != 1 && a.rs == 1 {
+        let width = rows.next_multiple_of(MR);
+        let across = &mut across[..pairs * width];
+        pack(
+            Order::PairMajor,
+            across,
+            width,
+            a.data,
+            i0 + p0 * a.cs,
+            1,
+            a.cs,
+            rows,
+            kc,
+        );
+        for ir in (0..rows).step_by(MR) {
+            let ap = &mut apack[ir * KC / 2..][..MR * pairs];
+            for (p, line) in across.chunks_exact(width).enumerate() {
+                for (l, &v) in line[ir..ir + MR].iter().enumerate() {
+                    ap[l * pairs + p] = v;
+                }
+            }
+        }
+        return;
+    }
+    for ir in (0..rows).step_by(MR) {
+        let i = i0 + ir;
+        let ap = &mut apack[ir * KC / 2..][..MR * pairs];
+        pack(
+            Order::LineMajor,
+            ap,
+            MR,
+            a.data,
+            i * a.rs + p0 * a.cs,
+            a.rs,
+            a.cs,
+            MR.min(rows - ir),
+            kc,
+        );
+    }
+}
+
+thread_local! {
+    /// Packed operands, kept from product to product (a fresh allocation of megabytes per
+    /// product costs page faults): B's panels on the calling thread, A's on each task's.
+    static PACKED_B: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    static PACKED_A: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `f` on `len` values of this thread's `key` buffer (a fresh one if it is in use).
+fn with_buffer<R>(key: &'static LocalKey<RefCell<Vec<u32>>>, len: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            f(&mut buf[..len])
+        }
+        Err(_) => f(&mut vec![0; len]),
+    })
+}
+
+/// One register tile: `c[mr, nr] (+)= a_panel b_panel` over `pairs` k-pairs.
+#[allow(clippy::too_many_arguments)]
+fn tile_product(pairs: usize, a: &[u32], b: &[u32], c: &mut [f32], c_rs: usize, mr: usize, nr: usize, add: bool) {
+    assert!(a.len() >= pairs * MR && b.len() >= pairs * NR);
+    assert!(mr <= MR && nr <= NR && (mr - 1) * c_rs + nr <= c.len());
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU has AVX512F and AVX512_BF16 (checked by `matmul`), and the panels and the
+    // tile were checked against their slices above.
+    unsafe {
+        x86::tile_product(pairs, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), c_rs, mr, nr, add)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("bf16 matmul needs x86-64 with AVX512_BF16")
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    /// 32 bf16 values seen as 16 pairs of 32 bits (the same 512 bits).
+    #[inline(always)]
+    fn bits(v: __m512bh) -> __m512i {
+        // SAFETY: both are plain 512-bit vectors.
+        unsafe { std::mem::transmute::<__m512bh, __m512i>(v) }
+    }
+
+    /// 16 pairs of 32 bits seen as 32 bf16 values.
+    #[inline(always)]
+    fn pairs_of(v: __m512i) -> __m512bh {
+        // SAFETY: both are plain 512-bit vectors.
+        unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
+    }
+
+    /// `blocks` x 32 floats from `src` to as many x 16 pairs at `out`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn adjacent_pairs(src: *const f32, out: *mut u32, blocks: usize) {
+        for t in 0..blocks {
+            // SAFETY: the caller holds `blocks` blocks of both.
+            unsafe {
+                let lo = _mm512_loadu_ps(src.add(32 * t));
+                let hi = _mm512_loadu_ps(src.add(32 * t + 16));
+                // bf16 lanes 0-15 from `lo`, 16-31 from `hi`: the values in order, so each
+                // 32-bit lane holds one adjacent pair.
+                let v = bits(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_si512(out.add(16 * t) as *mut __m512i, v);
+            }
+        }
+    }
+
+    /// `blocks` x 16 pairs `(k0[j], k1[j])` to `out`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn pairs_across(k0: *const f32, k1: *const f32, out: *mut u32, blocks: usize) {
+        // bf16 lane 2j takes lane j (from k0), lane 2j + 1 lane 16 + j (from k1).
+        let idx = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
+            1, 16, 0,
+        );
+        for t in 0..blocks {
+            // SAFETY: the caller holds `blocks` blocks of all three.
+            unsafe {
+                let a = _mm512_loadu_ps(k0.add(16 * t));
+                let b = _mm512_loadu_ps(k1.add(16 * t));
+                let v = bits(_mm512_cvtne2ps_pbh(b, a));
+                _mm512_storeu_si512(out.add(16 * t) as *mut __m512i, _mm512_permutexvar_epi16(idx, v));
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile_product(
+        pairs: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        c_rs: usize,
+        mr: usize,
+        nr: usize,
+        add: bool,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        for p in 0..pairs {
+            // SAFETY (whole function): the caller checked `pairs` pairs of both panels and an
+            // `mr x nr` tile of `c` with row stride `c_rs`.
+            let (b0, b1) = unsafe {
+                (
+                    _mm512_loadu_si512(b.add(p * NR) as *const __m512i),
+                    _mm512_loadu_si512(b.add(p * NR + 16) as *const __m512i),
+                )
+            };
+            let (b0, b1) = (pairs_of(b0), pairs_of(b1));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let ai = pairs_of(_mm512_set1_epi32(unsafe { *a.add(i * pairs + p) } as i32));
+                row[0] = _mm512_dpbf16_ps(row[0], ai, b0);
+                row[1] = _mm512_dpbf16_ps(row[1], ai, b1);
+            }
+        }
+        let mask = |from: usize| -> __mmask16 {
+            let cols = nr.saturating_sub(from).min(16);
+            ((1u32 << cols) - 1) as __mmask16
+        };
+        let (m0, m1) = (mask(0), mask(16));
+        for (i, row) in acc.iter().enumerate().take(mr) {
+            unsafe {
+                let p = c.add(i * c_rs);
+                let (mut v0, mut v1) = (row[0], row[1]);
+                if add {
+                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, p));
+                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, p.add(16)));
+                }
+                _mm512_mask_storeu_ps(p, m0, v0);
+                _mm512_mask_storeu_ps(p.add(16), m1, v1);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rounding: ties to even, carries into the exponent, signs and NaN.
+    #[test]
+    fn rounds_to_nearest_even() {
+        let h = |bits: u32| round(f32::from_bits(bits));
+        assert_eq!(h(0x3f80_0000), 0x3f80); // 1.0 exactly
+        assert_eq!(h(0x3f80_8000), 0x3f80); // halfway, even below: down
+        assert_eq!(h(0x3f81_8000), 0x3f82); // halfway, odd below: up
+        assert_eq!(h(0x3f80_8001), 0x3f81); // above halfway: up
+        assert_eq!(h(0x3fff_ffff), 0x4000); // carries into the exponent
+        assert_eq!(h(0xbf80_8001), 0xbf81); // negative, above halfway
+        assert!(widen(round(f32::NAN)).is_nan());
+        assert_eq!(widen(round(f32::INFINITY)), f32::INFINITY);
+    }
+
+    fn rng_values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Against a float64 product of the same views, over the four layouts of the two operands,
+    /// odd and even K across block edges, ragged tiles, a wider destination and accumulation.
+    /// Bound per entry: each operand rounds by at most 2^-9 relative, so each product by about
+    /// 2^-8, plus f32 summation: `(2^-8 + k 2^-23) sum |a||b|`.
+    #[test]
+    fn matches_float64_within_bf16_rounding() {
+        if !available() {
+            return eprintln!("skipped: this CPU has no AVX512_BF16");
+        }
+        for &(m, n, k) in &[(1, 1, 1), (7, 33, 5), (70, 40, 300), (9, 300, 513), (130, 64, 64)] {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let av = rng_values(m * k, 1 + (m * k) as u32);
+                let bv = rng_values(k * n, 7 + (k * n) as u32);
+                let a = if ta { Mat::transposed(&av, m) } else { Mat::rows(&av, k) };
+                let b = if tb { Mat::transposed(&bv, k) } else { Mat::rows(&bv, n) };
+                let dst_rs = n + 3;
+                let start = rng_values(m * dst_rs, 99);
+                for accumulate in [false, true] {
+                    for parallel in [false, true] {
+                        let mut dst = start.clone();
+                        matmul(parallel, m, n, k, &mut dst, dst_rs, a, b, accumulate);
+                        for i in 0..m {
+                            for j in 0..dst_rs {
+                                let got = dst[i * dst_rs + j] as f64;
+                                if j >= n {
+                                    assert_eq!(got, start[i * dst_rs + j] as f64, "outside the view");
+                                    continue;
+                                }
+                                let (mut exact, mut size) = (0f64, 0f64);
+                                for p in 0..k {
+                                    let x = a.data[i * a.rs + p * a.cs] as f64 * b.data[p * b.rs + j * b.cs] as f64;
+                                    exact += x;
+                                    size += x.abs();
+                                }
+                                if accumulate {
+                                    exact += start[i * dst_rs + j] as f64;
+                                    size += start[i * dst_rs + j].abs() as f64;
+                                }
+                                let bound = (2f64.powi(-8) + k as f64 * 2f64.powi(-23)) * size + 1e-30;
+                                assert!(
+                                    (got - exact).abs() <= bound,
+                                    "[{m}x{k}]x[{k}x{n}] ta={ta} tb={tb} acc={accumulate} at ({i},{j}): {got} vs {exact} (bound {bound})"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The products are bf16's, not f32's: operands that bf16 cannot hold give a result that
+    /// differs from the f32 product by what their rounding predicts (so the path is really
+    /// taken), and equals the product of the rounded operands exactly (sums of few terms).
+    #[test]
+    fn multiplies_the_rounded_operands() {
+        if !available() {
+            return eprintln!("skipped: this CPU has no AVX512_BF16");
+        }
+        let a = [1.0f32 + 2f32.powi(-10), 3.0];
+        let b = [1.0f32, 1.0 + 2f32.powi(-9) + 2f32.powi(-12)];
+        let mut dst = [0f32];
+        matmul(false, 1, 1, 2, &mut dst, 1, Mat::rows(&a, 2), Mat::rows(&b, 1), false);
+        let rounded: f32 = a.iter().zip(&b).map(|(&x, &y)| widen(round(x)) * widen(round(y))).sum();
+        assert_eq!(dst[0], rounded);
+        assert_ne!(dst[0], a[0] * b[0] + a[1] * b[1]);
+    }
+}
