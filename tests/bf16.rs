@@ -4,11 +4,9 @@
 
 mod common;
 
-use common::put;
-use resnet_cifar::engine::Shape4;
+use common::loss_and_grads;
 use resnet_cifar::engine::cpu::{Cpu, bf16_support, set_bf16};
 use resnet_cifar::model::{ResNet, ResNetConfig, Stem};
-use resnet_cifar::nn::{Entry, Module};
 
 /// The first `n` images of the shared CIFAR-10 files, NHWC, scaled to about unit variance,
 /// and their labels.
@@ -25,24 +23,6 @@ fn images(n: usize) -> (Vec<f32>, Vec<u32>) {
         }
     }
     (x, labels)
-}
-
-/// The loss and every parameter's gradient after one forward and backward pass.
-fn step(model: &mut ResNet<Cpu>, x: &[f32], labels: &[u32]) -> (f32, Vec<(String, Vec<f32>)>) {
-    let buf = put(&Cpu, x);
-    model.forward(&Cpu, &buf, Shape4::new(labels.len(), 32, 32, 3), true);
-    model.backward(&Cpu, &buf, labels);
-    let loss = model.loss()[0];
-    let grads = model.grads().clone();
-    let mut out = Vec::new();
-    model.visit(&mut |e| {
-        if let Entry::Tensor(p) = e
-            && let Some(g) = p.read_grad(&Cpu, &grads)
-        {
-            out.push((p.name.clone(), g));
-        }
-    });
-    (loss, out)
 }
 
 fn relative_l2(a: &[f32], b: &[f32]) -> f64 {
@@ -93,10 +73,10 @@ fn a_bf16_step_stays_within_bf16_rounding_of_the_fp32_step() {
             ..ResNetConfig::default()
         };
         set_bf16(false).unwrap();
-        let (loss32, grads32) = step(&mut ResNet::new(&Cpu, cfg, 3), &x, &labels);
-        let (_, grads_rounded) = step(&mut ResNet::new(&Cpu, cfg, 3), &rounded(&x), &labels);
+        let (loss32, grads32) = loss_and_grads(&mut ResNet::new(&Cpu, cfg, 3), &x, &labels);
+        let (_, grads_rounded) = loss_and_grads(&mut ResNet::new(&Cpu, cfg, 3), &rounded(&x), &labels);
         set_bf16(true).unwrap();
-        let (loss16, grads16) = step(&mut ResNet::new(&Cpu, cfg, 3), &x, &labels);
+        let (loss16, grads16) = loss_and_grads(&mut ResNet::new(&Cpu, cfg, 3), &x, &labels);
         set_bf16(false).unwrap();
         let (median, worst) = gradient_gaps(&grads16, &grads32);
         let (sensitivity, _) = gradient_gaps(&grads_rounded, &grads32);

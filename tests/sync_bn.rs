@@ -10,7 +10,6 @@ use rand_chacha::ChaCha8Rng;
 use resnet_cifar::engine::cpu::Cpu;
 use resnet_cifar::engine::{Backend, Shape4, SyncStats};
 use resnet_cifar::model::{Network, ResNet, ResNetConfig};
-use resnet_cifar::nn::{Entry, Module};
 use std::rc::Rc;
 use std::sync::{Arc, Barrier, Mutex};
 
@@ -221,20 +220,7 @@ on_backends! {
 
 /// Every gradient of one forward and backward pass of ResNet-18 (seed stem) in training mode.
 fn model_grads(model: &mut ResNet<Cpu>, x: &[f32], labels: &[u32]) -> Vec<(String, Vec<f32>)> {
-    let n = labels.len();
-    let buf = put(&Cpu, x);
-    model.forward(&Cpu, &buf, Shape4::new(n, 32, 32, 3), true);
-    model.backward(&Cpu, &buf, labels);
-    let grads = model.grads().clone();
-    let mut out = Vec::new();
-    model.visit(&mut |e| {
-        if let Entry::Tensor(p) = e
-            && let Some(g) = p.read_grad(&Cpu, &grads)
-        {
-            out.push((p.name.clone(), g));
-        }
-    });
-    out
+    common::loss_and_grads(model, x, labels).1
 }
 
 #[test]

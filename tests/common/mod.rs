@@ -208,3 +208,32 @@ pub fn sample_indices(n: usize) -> Vec<usize> {
         (0..64).map(|j| j * n / 64).collect()
     }
 }
+
+/// One forward and backward pass of `model` on the NHWC CIFAR-shaped batch `x` on the CPU:
+/// the loss and every parameter's gradient, named.
+pub fn loss_and_grads(
+    model: &mut resnet_cifar::model::ResNet<resnet_cifar::engine::cpu::Cpu>,
+    x: &[f32],
+    labels: &[u32],
+) -> (f32, Vec<(String, Vec<f32>)>) {
+    use resnet_cifar::engine::cpu::Cpu;
+    let buf = put(&Cpu, x);
+    model.forward(
+        &Cpu,
+        &buf,
+        resnet_cifar::engine::Shape4::new(labels.len(), 32, 32, 3),
+        true,
+    );
+    model.backward(&Cpu, &buf, labels);
+    let loss = model.loss()[0];
+    let grads = model.grads().clone();
+    let mut out = Vec::new();
+    model.visit(&mut |e| {
+        if let Entry::Tensor(p) = e
+            && let Some(g) = p.read_grad(&Cpu, &grads)
+        {
+            out.push((p.name.clone(), g));
+        }
+    });
+    (loss, out)
+}

@@ -263,10 +263,7 @@ impl<'a> PackedB<'a> {
     /// Packs `b` (`k x n`) into `out` ([`packed_len`] values).
     pub fn pack(parallel: bool, k: usize, n: usize, b: Mat, out: &'a mut [u32]) -> Self {
         assert!(available(), "bf16 matmul on a CPU without AVX512_BF16");
-        if k > 0 && n > 0 {
-            let last = (k - 1) * b.rs + (n - 1) * b.cs;
-            assert!(last < b.data.len(), "bf16 gemm: rhs view [{k}x{n}] exceeds its buffer");
-        }
+        b.check(k, n, "rhs");
         let panels = n.div_ceil(NR);
         let panel_len = KC / 2 * NR;
         let out = &mut out[..packed_len(k, n)];
@@ -302,27 +299,10 @@ impl<'a> PackedB<'a> {
 /// [`matmul`] with a right-hand side packed before.
 pub fn matmul_packed(parallel: bool, m: usize, dst: &mut [f32], dst_rs: usize, a: Mat, b: &PackedB, accumulate: bool) {
     let (n, k) = (b.n, b.k);
-    if m == 0 || n == 0 {
+    if !super::gemm::dst_needs_product(m, n, k, dst, dst_rs, accumulate) {
         return;
     }
-    assert!(
-        n <= dst_rs || m == 1,
-        "bf16 gemm: dst row stride smaller than its width"
-    );
-    assert!(
-        (m - 1) * dst_rs + n <= dst.len(),
-        "bf16 gemm: dst view exceeds its buffer"
-    );
-    if k == 0 {
-        if !accumulate {
-            for row in dst.chunks_mut(dst_rs).take(m) {
-                row[..n].fill(0.0);
-            }
-        }
-        return;
-    }
-    let last = (m - 1) * a.rs + (k - 1) * a.cs;
-    assert!(last < a.data.len(), "bf16 gemm: lhs view [{m}x{k}] exceeds its buffer");
+    a.check(m, k, "lhs");
     let dst = &mut dst[..(m - 1) * dst_rs + n];
     // Rows a task computes: up to MC, fewer when that leaves threads idle (4 tasks a thread).
     let threads = if parallel { rayon::current_num_threads() } else { 1 };

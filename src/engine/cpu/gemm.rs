@@ -56,7 +56,7 @@ impl<'a> Mat<'a> {
             cs: stride,
         }
     }
-    fn check(&self, rows: usize, cols: usize, what: &str) {
+    pub(super) fn check(&self, rows: usize, cols: usize, what: &str) {
         if rows == 0 || cols == 0 {
             return;
         }
@@ -89,10 +89,7 @@ pub fn matmul(
     b: Mat,
     accumulate: bool,
 ) {
-    match ops {
-        Operands::F32 => matmul_in(parallelism(), m, n, k, dst, dst_rs, a, b, accumulate),
-        Operands::Bf16 => super::bf16::matmul(true, m, n, k, dst, dst_rs, a, b, accumulate),
-    }
+    multiply(true, ops, m, n, k, dst, dst_rs, a, b, accumulate)
 }
 
 /// [`matmul`] on the calling thread alone: for many independent products run side by side.
@@ -108,14 +105,65 @@ pub fn matmul_serial(
     b: Mat,
     accumulate: bool,
 ) {
-    match ops {
-        Operands::F32 => matmul_in(Parallelism::None, m, n, k, dst, dst_rs, a, b, accumulate),
-        Operands::Bf16 => super::bf16::matmul(false, m, n, k, dst, dst_rs, a, b, accumulate),
-    }
+    multiply(false, ops, m, n, k, dst, dst_rs, a, b, accumulate)
 }
 
 #[allow(clippy::too_many_arguments)]
-fn matmul_in(
+fn multiply(
+    parallel: bool,
+    ops: Operands,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    accumulate: bool,
+) {
+    if !dst_needs_product(m, n, k, dst, dst_rs, accumulate) {
+        return;
+    }
+    a.check(m, k, "lhs");
+    b.check(k, n, "rhs");
+    match ops {
+        Operands::F32 => {
+            let parallelism = if parallel { parallelism() } else { Parallelism::None };
+            f32_product(parallelism, m, n, k, dst, dst_rs, a, b, accumulate)
+        }
+        Operands::Bf16 => super::bf16::matmul(parallel, m, n, k, dst, dst_rs, a, b, accumulate),
+    }
+}
+
+/// Checks the destination view `[m, n]` (row stride `dst_rs`) against `dst` and settles the
+/// products with nothing to sum (k = 0: zeros, unless accumulating); whether a product remains.
+pub(super) fn dst_needs_product(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+) -> bool {
+    if m == 0 || n == 0 {
+        return false;
+    }
+    assert!(n <= dst_rs || m == 1, "gemm: dst row stride smaller than its width");
+    assert!((m - 1) * dst_rs + n <= dst.len(), "gemm: dst view exceeds its buffer");
+    if k == 0 {
+        if !accumulate {
+            for row in dst.chunks_mut(dst_rs).take(m) {
+                row[..n].fill(0.0);
+            }
+        }
+        return false;
+    }
+    true
+}
+
+/// The gemm crate's f32 product of views checked by the caller.
+#[allow(clippy::too_many_arguments)]
+fn f32_product(
     parallelism: Parallelism,
     m: usize,
     n: usize,
@@ -126,22 +174,7 @@ fn matmul_in(
     b: Mat,
     accumulate: bool,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(n <= dst_rs || m == 1, "gemm: dst row stride smaller than its width");
-    assert!((m - 1) * dst_rs + n <= dst.len(), "gemm: dst view exceeds its buffer");
-    if k == 0 {
-        if !accumulate {
-            for row in dst.chunks_mut(dst_rs).take(m) {
-                row[..n].fill(0.0);
-            }
-        }
-        return;
-    }
-    a.check(m, k, "lhs");
-    b.check(k, n, "rhs");
-    // SAFETY: every view was checked against its slice above; dst does not alias a or b
+    // SAFETY: every view was checked against its slice by the caller; dst does not alias a or b
     // (it is a unique &mut borrow).
     unsafe {
         gemm::gemm(
@@ -213,7 +246,7 @@ impl<'a> SharedRhs<'a> {
         match self.ops {
             Operands::F32 => {
                 let b = Mat::rows(&self.data[i * k * n..(i + 1) * k * n], n);
-                matmul_in(Parallelism::None, m, n, k, dst, dst_rs, a, b, accumulate)
+                multiply(false, Operands::F32, m, n, k, dst, dst_rs, a, b, accumulate)
             }
             Operands::Bf16 => {
                 let each = super::bf16::packed_len(k, n);
