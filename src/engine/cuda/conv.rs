@@ -1,6 +1,7 @@
 //! Convolutions through cuDNN: NHWC activations, OHWI filters (cuDNN's NHWC filter format).
 //! One plan per geometry holds the descriptors and the algorithms, chosen once by cuDNN's
-//! heuristics among the deterministic ones (so a run repeats bit for bit).
+//! heuristics among the deterministic ones, or PyTorch's deterministic defaults when it lists
+//! none (so a run repeats bit for bit); fp32 plans run in FMA math only (no TF32).
 
 use crate::engine::{ConvGeom, Shape4};
 use cudarc::cudnn::{result as dnn, sys};
@@ -68,7 +69,12 @@ fn conv_desc(g: &ConvGeom) -> sys::cudnnConvolutionDescriptor_t {
 }
 
 /// The first result (cuDNN orders them fastest first) that succeeded, is deterministic, fits
-/// the workspace limit and uses an allowed math mode; its algorithm, math type and workspace.
+/// the workspace limit and uses an allowed math mode; its algorithm and math type. Else
+/// `fallback`, the algorithm PyTorch takes in deterministic mode, in the mode's own math.
+///
+/// fp32 (`tf32` false) runs in FMA math only: cuDNN's default math may use TF32 tensor cores
+/// on Ampere and later, which PyTorch rules out when TF32 is off. tf32 allows tensor cores
+/// but never `ALLOW_CONVERSION` (down-conversion of fp32 data to fp16 or bf16).
 fn choose<A: Copy>(
     results: &[(
         A,
@@ -78,15 +84,25 @@ fn choose<A: Copy>(
         sys::cudnnMathType_t,
     )],
     tf32: bool,
-) -> Option<(A, sys::cudnnMathType_t)> {
+    fallback: A,
+) -> (A, sys::cudnnMathType_t) {
+    use sys::cudnnMathType_t::*;
+    let allowed = |math| match math {
+        CUDNN_FMA_MATH => true,
+        CUDNN_DEFAULT_MATH | CUDNN_TENSOR_OP_MATH => tf32,
+        _ => false,
+    };
     let ok = |&&(_, status, memory, det, math): &&(A, _, usize, _, sys::cudnnMathType_t)| {
         status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
             && memory <= MAX_WORKSPACE
             && det == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC
-            && (tf32 || math != sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH)
-            && (tf32 || math != sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION)
+            && allowed(math)
     };
-    results.iter().find(ok).map(|&(a, _, _, _, m)| (a, m))
+    let mode_math = if tf32 { CUDNN_DEFAULT_MATH } else { CUDNN_FMA_MATH };
+    results
+        .iter()
+        .find(ok)
+        .map_or((fallback, mode_math), |&(a, _, _, _, m)| (a, m))
 }
 
 /// The fields [`choose`] reads from the first `count` of cuDNN's algorithm results (each
@@ -133,7 +149,11 @@ impl ConvPlan {
             dnn::get_convolution_forward_algorithm(h, x, w, fwd_desc, y, N as i32, &mut count, perf.as_mut_ptr())
         });
         let r = rows!(perf, count);
-        let (fwd, fwd_math) = choose(&r, tf32).unwrap_or_else(|| panic!("cuDNN: no forward algorithm for {g:?}"));
+        let (fwd, fwd_math) = choose(
+            &r,
+            tf32,
+            sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+        );
 
         let mut perf = [unsafe { std::mem::zeroed::<sys::cudnnConvolutionBwdDataAlgoPerf_t>() }; N];
         check("backward-data algorithm", unsafe {
@@ -149,8 +169,11 @@ impl ConvPlan {
             )
         });
         let r = rows!(perf, count);
-        let (bwd_data, data_math) =
-            choose(&r, tf32).unwrap_or_else(|| panic!("cuDNN: no deterministic backward-data algorithm for {g:?}"));
+        let (bwd_data, data_math) = choose(
+            &r,
+            tf32,
+            sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+        );
 
         let mut perf = [unsafe { std::mem::zeroed::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>() }; N];
         check("backward-filter algorithm", unsafe {
@@ -166,8 +189,11 @@ impl ConvPlan {
             )
         });
         let r = rows!(perf, count);
-        let (bwd_filter, filter_math) =
-            choose(&r, tf32).unwrap_or_else(|| panic!("cuDNN: no deterministic backward-filter algorithm for {g:?}"));
+        let (bwd_filter, filter_math) = choose(
+            &r,
+            tf32,
+            sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+        );
 
         unsafe {
             check("math type", dnn::set_convolution_math_type(fwd_desc, fwd_math));
@@ -268,5 +294,41 @@ impl ConvPlan {
                 dx as *mut c_void,
             )
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sys::cudnnDeterminism_t::*;
+    use sys::cudnnMathType_t::*;
+    use sys::cudnnStatus_t::*;
+
+    /// Which of cuDNN's listed algorithms a plan takes (no GPU needed: the choice is ours).
+    #[test]
+    fn plans_keep_fp32_in_fma_math_and_fall_back_to_deterministic_defaults() {
+        let fine = |a: u32, math| (a, CUDNN_STATUS_SUCCESS, 0usize, CUDNN_DETERMINISTIC, math);
+        let listed = [
+            (0, CUDNN_STATUS_NOT_SUPPORTED, 0, CUDNN_DETERMINISTIC, CUDNN_FMA_MATH),
+            (1, CUDNN_STATUS_SUCCESS, 0, CUDNN_NON_DETERMINISTIC, CUDNN_FMA_MATH),
+            (
+                2,
+                CUDNN_STATUS_SUCCESS,
+                MAX_WORKSPACE + 1,
+                CUDNN_DETERMINISTIC,
+                CUDNN_FMA_MATH,
+            ),
+            fine(3, CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION),
+            fine(4, CUDNN_DEFAULT_MATH),
+            fine(5, CUDNN_TENSOR_OP_MATH),
+            fine(6, CUDNN_FMA_MATH),
+        ];
+        // fp32: the first deterministic, successful, small-enough one in FMA math.
+        assert_eq!(choose(&listed, false, 99), (6, CUDNN_FMA_MATH));
+        // tf32: tensor cores allowed, down-conversion never.
+        assert_eq!(choose(&listed, true, 99), (4, CUDNN_DEFAULT_MATH));
+        // Nothing usable listed: the fallback, in the mode's math.
+        assert_eq!(choose(&listed[..4], false, 99), (99, CUDNN_FMA_MATH));
+        assert_eq!(choose(&listed[..4], true, 99), (99, CUDNN_DEFAULT_MATH));
     }
 }

@@ -6,6 +6,7 @@
 //! The libraries are loaded at run time (cudarc's dynamic loading), so the binary builds and runs
 //! on machines without CUDA; there [`Cuda::new`] returns a one-line reason instead.
 
+mod compile;
 mod conv;
 mod libs;
 pub mod nccl;
@@ -180,18 +181,19 @@ impl Cuda {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| format!("CUDA stream: {e:?}"))?;
         let (major, minor) = ctx.compute_capability().map_err(|e| format!("{e:?}"))?;
-        let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(
-            KERNELS,
-            cudarc::nvrtc::CompileOptions {
-                arch: Some(arch),
-                ..Default::default()
-            },
-        )
-        .map_err(|e| format!("NVRTC could not compile the kernels: {e:?}"))?;
+        let arch = format!("sm_{major}{minor}");
+        let versions = || {
+            format!(
+                "NVRTC {}, driver's CUDA {}, {arch}",
+                compile::nvrtc_version(),
+                compile::driver_version()
+            )
+        };
+        let cubin = compile::cubin(KERNELS, &arch)
+            .map_err(|e| format!("NVRTC could not compile the kernels ({}): {e}", versions()))?;
         let module = ctx
-            .load_module(ptx)
-            .map_err(|e| format!("loading the kernels: {e:?}"))?;
+            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+            .map_err(|e| format!("loading the kernels ({}): {e:?}", versions()))?;
         let f = |name: &str| module.load_function(name).map_err(|e| format!("kernel {name}: {e:?}"));
         let k = Kernels::load(f)?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| format!("cuBLAS: {e:?}"))?;
@@ -983,5 +985,27 @@ mod tests {
             .collect();
         let loaded: std::collections::BTreeSet<&str> = super::Kernels::NAMES.iter().copied().collect();
         assert_eq!(loaded, entries);
+    }
+
+    /// What the backend loads: machine code for a real GPU (`sm_90`, an H100/H200), an ELF
+    /// image the driver takes as is, with every kernel's symbol in it.
+    #[test]
+    fn kernels_compile_to_a_cubin() {
+        if let Err(e) = super::libs::load_nvrtc() {
+            return eprintln!("skipped: {e}");
+        }
+        let code = super::compile::cubin(super::KERNELS, "sm_90").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&code[..4], b"\x7fELF", "a CUBIN is an ELF image");
+        for name in super::Kernels::NAMES {
+            let found = code
+                .windows(name.len() + 1)
+                .any(|w| &w[..name.len()] == name.as_bytes() && w[name.len()] == 0);
+            assert!(found, "kernel {name} not in the CUBIN");
+        }
+        eprintln!(
+            "NVRTC {}: {} bytes of sm_90 code",
+            super::compile::nvrtc_version(),
+            code.len()
+        );
     }
 }
