@@ -16,7 +16,21 @@ const LIBS: &[(&str, &[&str])] = &[
     ("libnvrtc.so.13", &["libnvrtc-builtins.so.13"]),
     ("libcublasLt.so.13", &[]),
     ("libcublas.so.13", &[]),
-    ("libcudnn.so.9", &[]),
+    // cuDNN 9 opens its parts by bare name, which finds nothing in a PyTorch wheel's folder:
+    // load them from cuDNN's folder first (dependencies first; a part that fails is retried
+    // after the others).
+    (
+        "libcudnn.so.9",
+        &[
+            "libcudnn_graph.so.9",
+            "libcudnn_engines_runtime_compiled.so.9",
+            "libcudnn_engines_precompiled.so.9",
+            "libcudnn_heuristic.so.9",
+            "libcudnn_ops.so.9",
+            "libcudnn_cnn.so.9",
+            "libcudnn_adv.so.9",
+        ],
+    ),
 ];
 
 /// Loads the driver and every library above, or says in one line what is missing.
@@ -24,7 +38,39 @@ pub fn load() -> Result<(), String> {
     if unsafe { open("libcuda.so.1") }.is_err() {
         return Err("no CUDA driver found (libcuda.so.1 is not on this machine's library path)".into());
     }
+    one_driver()?;
     load_libs(LIBS)
+}
+
+/// cudarc opens the driver as `libcuda.so` before `libcuda.so.1`. Where that name finds
+/// another file than the driver (a CUDA toolkit's stub folder on `LD_LIBRARY_PATH`), every
+/// call would fail with CUDA_ERROR_STUB_LIBRARY: say so instead.
+fn one_driver() -> Result<(), String> {
+    if unsafe { open("libcuda.so") }.is_err() {
+        return Ok(());
+    }
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let mut files: Vec<PathBuf> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|p| {
+            Path::new(p)
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libcuda.so"))
+        })
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| PathBuf::from(p)))
+        .collect();
+    files.sort();
+    files.dedup();
+    if files.len() > 1 {
+        let list: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        return Err(format!(
+            "two CUDA drivers are loaded ({}): libcuda.so on the library path is not the driver's \
+             libcuda.so.1 (a CUDA toolkit's stubs folder?); take it off LD_LIBRARY_PATH",
+            list.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 /// NVRTC alone (compiling the kernels needs no GPU).
@@ -43,9 +89,11 @@ fn load_libs(libs: &[(&str, &[&str])]) -> Result<(), String> {
         }
         match dirs.get_or_init(search_dirs).iter().find(|d| d.join(name).is_file()) {
             Some(dir) => {
-                for extra in *extras {
-                    if let Some(path) = find_prefixed(dir, extra) {
-                        let _ = unsafe { open_path(&path) };
+                let paths: Vec<PathBuf> = extras.iter().filter_map(|e| find_prefixed(dir, e)).collect();
+                // Twice: a part whose dependency comes later in the list loads the second time.
+                for _ in 0..2 {
+                    for path in &paths {
+                        let _ = unsafe { open_path(path) };
                     }
                 }
                 unsafe { open_path(&dir.join(name)) }.map_err(|e| format!("{}: {e}", dir.join(name).display()))?;

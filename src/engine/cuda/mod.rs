@@ -17,7 +17,7 @@ use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 const KERNELS: &str = include_str!("kernels.cu");
 
@@ -157,10 +157,9 @@ impl Cuda {
     pub fn new(ordinal: usize, precision: Precision) -> Result<Self, String> {
         libs::load()?;
         // cudarc panics on some failures inside the libraries' loaders; report them as errors.
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {}));
+        // (The panic hook stays as it is: swapping the process's hook would race with other
+        // threads; the libraries were loaded above, so such panics are rare.)
         let made = std::panic::catch_unwind(|| Self::open(ordinal, precision));
-        std::panic::set_hook(previous);
         match made {
             Ok(r) => r,
             Err(p) => Err(p
@@ -248,7 +247,16 @@ impl Cuda {
         b.map_or(0, |b| self.ptr(b))
     }
 
+    /// Makes the backend's context current on the calling thread (the driver keeps one per
+    /// thread; callers of a shared backend, such as tests, come from several threads).
+    fn bind(&self) {
+        self.ctx
+            .bind_to_thread()
+            .unwrap_or_else(|e| panic!("CUDA context: {e:?}"));
+    }
+
     fn launch(&self, f: &CudaFunction, grid: (u32, u32), block: (u32, u32), args: &mut [*mut c_void]) {
+        self.bind();
         unsafe {
             cudarc::driver::result::launch_kernel(
                 f.cu_function(),
@@ -273,7 +281,8 @@ impl Cuda {
     }
 
     fn plan<R>(&self, g: &ConvGeom, f: impl FnOnce(&ConvPlan) -> R) -> R {
-        let mut plans = self.plans.lock().expect("plan lock");
+        self.bind();
+        let mut plans = self.plans.lock().unwrap_or_else(PoisonError::into_inner);
         let plan = plans
             .entry(*g)
             .or_insert_with(|| ConvPlan::new(&self.dnn, g, self.precision == Precision::Tf32));
@@ -284,7 +293,7 @@ impl Cuda {
     /// partial sums (two arrays of `parts * c` values).
     fn bn_parts(&self, rows: usize, c: usize) -> (usize, std::sync::MutexGuard<'_, Scratch>) {
         let parts = rows.div_ceil(BN_MIN_ROWS_PER_PART).clamp(1, BN_MAX_PARTS);
-        let mut s = self.scratch.lock().expect("scratch lock");
+        let mut s = self.scratch.lock().unwrap_or_else(PoisonError::into_inner);
         if s.partials.len() < 2 * parts * c {
             s.partials = self.stream.alloc_zeros(2 * parts * c).expect("CUDA alloc");
         }
@@ -337,6 +346,7 @@ impl Cuda {
         c: u64,
         ldc: usize,
     ) {
+        self.bind();
         let op = |t: bool| {
             if t {
                 blas_sys::cublasOperation_t::CUBLAS_OP_T
@@ -438,7 +448,7 @@ impl DeviceBatches for Cuda {
     }
     fn crop_flip(&self, pixels: &CudaSlice<u8>, plan: &CropPlan, x: &mut CudaSlice<f32>) {
         let n = plan.items.len();
-        let mut s = self.scratch.lock().expect("scratch lock");
+        let mut s = self.scratch.lock().unwrap_or_else(PoisonError::into_inner);
         if s.items.len() < 4 * n {
             s.items = self.stream.alloc_zeros(4 * n).expect("CUDA alloc");
         }
@@ -877,7 +887,7 @@ impl Backend for Cuda {
         loss: &mut CudaSlice<f32>,
         dlogits: &mut CudaSlice<f32>,
     ) {
-        let mut s = self.scratch.lock().expect("scratch lock");
+        let mut s = self.scratch.lock().unwrap_or_else(PoisonError::into_inner);
         if s.labels.len() < n {
             s.labels = self.stream.alloc_zeros(n).expect("CUDA alloc");
         }
