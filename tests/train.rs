@@ -384,7 +384,7 @@ fn bad_input_exits_2_with_one_line() {
     let (code, _, err) = cli(&["bench", "--precision", "fp16"]);
     assert_eq!(code, 2);
     assert!(
-        err.contains("unknown precision 'fp16' (expected one of: fp32, tf32)"),
+        err.contains("unknown precision 'fp16' (expected fp32, bf16 or tf32)"),
         "{err}"
     );
 }

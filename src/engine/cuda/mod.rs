@@ -243,6 +243,37 @@ impl Cuda {
         self.ptr(b) + 4 * at as u64
     }
 
+    /// The device address of `b`, checked to hold `len` values: the CPU backend panics on a
+    /// short slice, where a kernel would write past the buffer and fault later, far from the
+    /// cause.
+    fn ptr_n(&self, b: &CudaSlice<f32>, len: usize, what: &str) -> u64 {
+        assert!(
+            len <= b.len(),
+            "{what}: {len} values needed, the buffer holds {}",
+            b.len()
+        );
+        self.ptr(b)
+    }
+
+    /// A convolution's input, weights and workspace, each checked against what `g` needs
+    /// (the workspace against its plan): their addresses and the workspace's bytes.
+    fn conv_operands(
+        &self,
+        g: &ConvGeom,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        ws: &CudaSlice<f32>,
+    ) -> (u64, u64, u64, usize) {
+        let ws_bytes = ws.len() * 4;
+        let needed = self.plan(g, |p| p.workspace_bytes);
+        assert!(
+            needed <= ws_bytes,
+            "conv workspace: {needed} bytes needed, {ws_bytes} given"
+        );
+        let xp = self.ptr_n(x, g.input.numel(), "conv x");
+        (xp, self.ptr_n(w, g.weight_len(), "conv w"), self.ptr(ws), ws_bytes)
+    }
+
     fn opt_ptr(&self, b: Option<&CudaSlice<f32>>) -> u64 {
         b.map_or(0, |b| self.ptr(b))
     }
@@ -535,8 +566,8 @@ impl Backend for Cuda {
         y: &mut CudaSlice<f32>,
         ws: &mut CudaSlice<f32>,
     ) {
-        let (xp, wp, yp, wsp) = (self.ptr(x), self.ptr(w), self.ptr(y), self.ptr(ws));
-        let ws_bytes = ws.len() * 4;
+        let (xp, wp, wsp, ws_bytes) = self.conv_operands(g, x, w, ws);
+        let yp = self.ptr_n(y, g.output().numel(), "conv y");
         self.plan(g, |p| p.forward(&self.dnn, xp, wp, yp, wsp, ws_bytes));
     }
     fn conv2d_backward(
@@ -551,9 +582,9 @@ impl Backend for Cuda {
         ws: &mut CudaSlice<f32>,
     ) {
         let dwp = self.window(grads, dw_at, g.weight_len());
-        let (xp, wp, dyp, wsp) = (self.ptr(x), self.ptr(w), self.ptr(dy), self.ptr(ws));
-        let dxp = dx.map(|d| self.ptr(d));
-        let ws_bytes = ws.len() * 4;
+        let (xp, wp, wsp, ws_bytes) = self.conv_operands(g, x, w, ws);
+        let dyp = self.ptr_n(dy, g.output().numel(), "conv dy");
+        let dxp = dx.map(|d| self.ptr_n(d, g.input.numel(), "conv dx"));
         self.plan(g, |p| {
             p.backward_filter(&self.dnn, xp, dyp, dwp, wsp, ws_bytes);
             if let Some(dxp) = dxp {
@@ -579,9 +610,21 @@ impl Backend for Cuda {
         sync: SyncStats<'_>,
     ) {
         let (rows, c) = (s.rows() as i64, s.c as i32);
+        for (b, what) in [
+            (gamma, "bn gamma"),
+            (beta, "bn beta"),
+            (&*running_mean, "bn mean"),
+            (&*running_var, "bn var"),
+        ] {
+            self.ptr_n(b, s.c, what);
+        }
+        self.ptr_n(y, s.numel(), "bn y");
+        if let Some(r) = residual {
+            self.ptr_n(r, s.numel(), "bn residual");
+        }
         let (parts, mut scratch) = self.bn_parts(s.rows(), s.c);
         let partial = self.ptr(&scratch.partials);
-        let (xp, sp) = (self.ptr(x), self.ptr(saved));
+        let (xp, sp) = (self.ptr_n(x, s.numel(), "bn x"), self.ptr_n(saved, 2 * s.c, "bn saved"));
         let red_grid = (s.c.div_ceil(32) as u32, parts as u32);
         let null = 0u64;
         // Synchronised, each reduction's partial sums become the ranks' totals (one part).
@@ -743,14 +786,21 @@ impl Backend for Cuda {
         drop(scratch);
     }
     fn bias_add(&self, rows: usize, c: usize, bias: &CudaSlice<f32>, y: &mut CudaSlice<f32>) {
-        let (bp, yp, r, ci) = (self.ptr(bias), self.ptr(y), rows as i64, c as i32);
+        let (bp, yp) = (self.ptr_n(bias, c, "bias"), self.ptr_n(y, rows * c, "bias_add y"));
+        let (r, ci) = (rows as i64, c as i32);
         self.elementwise(&self.k.bias_add, rows * c, &mut [arg(&bp), arg(&r), arg(&ci), arg(&yp)]);
     }
     fn bias_grad(&self, rows: usize, c: usize, dy: &CudaSlice<f32>, grads: &mut CudaSlice<f32>, db_at: usize) {
         let (parts, scratch) = self.bn_parts(rows, c);
         let partial = self.ptr(&scratch.partials);
         let dbp = self.window(grads, db_at, c);
-        let (dyp, r, ci, null, one) = (self.ptr(dy), rows as i64, c as i32, 0u64, 1f64);
+        let (dyp, r, ci, null, one) = (
+            self.ptr_n(dy, rows * c, "bias_grad dy"),
+            rows as i64,
+            c as i32,
+            0u64,
+            1f64,
+        );
         self.launch(
             &self.k.bn_partial_sums,
             (c.div_ceil(32) as u32, parts as u32),
@@ -766,11 +816,12 @@ impl Backend for Cuda {
         );
     }
     fn relu_forward(&self, len: usize, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) {
-        let (xp, yp, n) = (self.ptr(x), self.ptr(y), len as i64);
+        let (xp, yp, n) = (self.ptr_n(x, len, "relu x"), self.ptr_n(y, len, "relu y"), len as i64);
         self.elementwise(&self.k.relu_forward, len, &mut [arg(&xp), arg(&n), arg(&yp)]);
     }
     fn relu_backward(&self, len: usize, y: &CudaSlice<f32>, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>) {
-        let (yp, dyp, dxp, n) = (self.ptr(y), self.ptr(dy), self.ptr(dx), len as i64);
+        let (yp, dyp) = (self.ptr_n(y, len, "relu y"), self.ptr_n(dy, len, "relu dy"));
+        let (dxp, n) = (self.ptr_n(dx, len, "relu dx"), len as i64);
         self.elementwise(
             &self.k.relu_backward,
             len,
@@ -778,7 +829,11 @@ impl Backend for Cuda {
         );
     }
     fn add_assign(&self, len: usize, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>) {
-        let (sp, dp, n) = (self.ptr(src), self.ptr(dst), len as i64);
+        let (sp, dp, n) = (
+            self.ptr_n(src, len, "add src"),
+            self.ptr_n(dst, len, "add dst"),
+            len as i64,
+        );
         self.elementwise(&self.k.add_assign, len, &mut [arg(&sp), arg(&dp), arg(&n)]);
     }
 
@@ -809,7 +864,7 @@ impl Backend for Cuda {
     }
     fn global_avg_pool_forward(&self, s: &Shape4, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) {
         let (n, hw, c) = (s.n as i32, (s.h * s.w) as i32, s.c as i32);
-        let (xp, yp) = (self.ptr(x), self.ptr(y));
+        let (xp, yp) = (self.ptr_n(x, s.numel(), "pool x"), self.ptr_n(y, s.n * s.c, "pool y"));
         self.elementwise(
             &self.k.gap_forward,
             s.n * s.c,
@@ -818,7 +873,10 @@ impl Backend for Cuda {
     }
     fn global_avg_pool_backward(&self, s: &Shape4, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>) {
         let (n, hw, c) = (s.n as i32, (s.h * s.w) as i32, s.c as i32);
-        let (dyp, dxp) = (self.ptr(dy), self.ptr(dx));
+        let (dyp, dxp) = (
+            self.ptr_n(dy, s.n * s.c, "pool dy"),
+            self.ptr_n(dx, s.numel(), "pool dx"),
+        );
         self.elementwise(
             &self.k.gap_backward,
             s.numel(),
