@@ -44,17 +44,11 @@ pub fn missing_features() -> Vec<&'static str> {
     vec!["x86-64 with AVX512_BF16 (aarch64 BF16 is not built yet)"]
 }
 
-/// Whether this CPU has the instructions (AVX512F, AVX512BW and AVX512_BF16); cheap (std
-/// caches the answers), so every product checks it.
+/// Whether this CPU has the instructions ([`missing_features`] is empty); asked once, so
+/// every product can check it.
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| missing_features().is_empty())
 }
 
 /// `x` rounded to the nearest bf16 (ties to even), as its 16 bits. NaNs stay NaNs.
@@ -113,26 +107,13 @@ fn pack(
 ) {
     let pairs = kc.div_ceil(2);
     let out = &mut out[..pairs * width];
-    if lines < width || kc % 2 == 1 || (ks != 1 && ls != 1) {
+    if lines < width || kc % 2 == 1 {
         out.fill(0);
     }
-    let full = kc / 2;
-    let idx = |l: usize, p: usize| match order {
-        Order::LineMajor => l * pairs + p,
-        Order::PairMajor => p * width + l,
-    };
     match (ks, ls, order) {
         (1, _, Order::LineMajor) => {
             for l in 0..lines {
-                let line = &data[at + l * ls..][..kc];
-                let o = &mut out[l * pairs..][..pairs];
-                let done = adjacent_pairs(line, o);
-                for (o, v) in o[done..].iter_mut().zip(line[2 * done..].chunks_exact(2)) {
-                    *o = pair(v[0], v[1]);
-                }
-                if kc % 2 == 1 {
-                    o[full] = pair(line[kc - 1], 0.0);
-                }
+                line_pairs(&data[at + l * ls..][..kc], &mut out[l * pairs..][..pairs]);
             }
         }
         (_, 1, Order::PairMajor) => {
@@ -157,14 +138,7 @@ fn pack(
             // 16 at a time into a line-major block, then transposed into place.
             let mut block = vec![0u32; lines * pairs];
             for (l, o) in block.chunks_exact_mut(pairs).enumerate() {
-                let line = &data[at + l * ls..][..kc];
-                let done = adjacent_pairs(line, o);
-                for (o, v) in o[done..].iter_mut().zip(line[2 * done..].chunks_exact(2)) {
-                    *o = pair(v[0], v[1]);
-                }
-                if kc % 2 == 1 {
-                    o[full] = pair(line[kc - 1], 0.0);
-                }
+                line_pairs(&data[at + l * ls..][..kc], o);
             }
             for (p, row) in out.chunks_exact_mut(width).enumerate() {
                 for (l, o) in row[..lines].iter_mut().enumerate() {
@@ -172,33 +146,32 @@ fn pack(
                 }
             }
         }
-        (_, 1, Order::LineMajor) => {
-            let mut across = vec![0u32; lines];
-            for p in 0..pairs {
-                let k0 = &data[at + 2 * p * ks..][..lines];
-                if 2 * p + 1 < kc {
-                    let k1 = &data[at + (2 * p + 1) * ks..][..lines];
-                    for ((o, &a), &b) in across.iter_mut().zip(k0).zip(k1) {
-                        *o = pair(a, b);
-                    }
-                } else {
-                    for (o, &a) in across.iter_mut().zip(k0) {
-                        *o = pair(a, 0.0);
-                    }
-                }
-                for (l, &v) in across.iter().enumerate() {
-                    out[l * pairs + p] = v;
-                }
-            }
-        }
+        // Any other layout (A's rows side by side go through `pack_rows`), value by value.
         _ => {
+            out.fill(0);
             for l in 0..lines {
                 for k in 0..kc {
                     let v = round(data[at + l * ls + k * ks]) as u32;
-                    out[idx(l, k / 2)] |= v << (16 * (k % 2));
+                    let at = match order {
+                        Order::LineMajor => l * pairs + k / 2,
+                        Order::PairMajor => (k / 2) * width + l,
+                    };
+                    out[at] |= v << (16 * (k % 2));
                 }
             }
         }
+    }
+}
+
+/// The `line.len().div_ceil(2)` pairs of a run of K values into `out` (an odd last value
+/// pairs with zero).
+fn line_pairs(line: &[f32], out: &mut [u32]) {
+    let done = adjacent_pairs(line, out);
+    for (o, v) in out[done..].iter_mut().zip(line[2 * done..].chunks_exact(2)) {
+        *o = pair(v[0], v[1]);
+    }
+    if line.len() % 2 == 1 {
+        out[line.len() / 2] = pair(line[line.len() - 1], 0.0);
     }
 }
 

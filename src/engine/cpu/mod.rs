@@ -20,16 +20,17 @@ pub struct Cpu;
 /// Whether this CPU can multiply bf16 operands (`--precision bf16`), or which instructions it
 /// lacks. `RESNET_CIFAR_NO_BF16=1` makes it answer as a CPU without them would (tests).
 pub fn bf16_support() -> Result<(), String> {
-    let missing = bf16::missing_features();
-    let forced = std::env::var_os("RESNET_CIFAR_NO_BF16").is_some_and(|v| v != "0");
-    match (missing.is_empty() && !forced, forced) {
-        (true, _) => Ok(()),
-        (false, true) => Err("this CPU lacks AVX512_BF16 (bf16 dot products): RESNET_CIFAR_NO_BF16 is set".into()),
-        (false, false) => Err(format!(
-            "this CPU lacks {} (bf16 dot products need AVX512F, AVX512BW and AVX512_BF16: AMD Zen 4 and later, Intel Cooper Lake, Sapphire Rapids and later)",
-            missing.join(", ")
-        )),
+    if std::env::var_os("RESNET_CIFAR_NO_BF16").is_some_and(|v| v != "0") {
+        return Err("this CPU lacks AVX512_BF16 (bf16 dot products): RESNET_CIFAR_NO_BF16 is set".into());
     }
+    let missing = bf16::missing_features();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "this CPU lacks {} (bf16 dot products need AVX512F, AVX512BW and AVX512_BF16: AMD Zen 4 and later, Intel Cooper Lake, Sapphire Rapids and later)",
+        missing.join(", ")
+    ))
 }
 
 /// Makes the convolutions and the linear layer called from this thread multiply bf16

@@ -87,8 +87,9 @@ fn load_libs(libs: &[(&str, &[&str])]) -> Result<(), String> {
         if unsafe { open(name) }.is_ok() {
             continue;
         }
-        match dirs.get_or_init(search_dirs).iter().find(|d| d.join(name).is_file()) {
-            Some(dir) => {
+        match locate(dirs.get_or_init(search_dirs), name) {
+            Some(path) => {
+                let dir = path.parent().expect("a file found in a folder");
                 let paths: Vec<PathBuf> = extras.iter().filter_map(|e| find_prefixed(dir, e)).collect();
                 // Twice: a part whose dependency comes later in the list loads the second time.
                 for _ in 0..2 {
@@ -96,7 +97,7 @@ fn load_libs(libs: &[(&str, &[&str])]) -> Result<(), String> {
                         let _ = unsafe { open_path(path) };
                     }
                 }
-                unsafe { open_path(&dir.join(name)) }.map_err(|e| format!("{}: {e}", dir.join(name).display()))?;
+                unsafe { open_path(&path) }.map_err(|e| format!("{}: {e}", path.display()))?;
             }
             None => missing.push(*name),
         }
@@ -105,8 +106,7 @@ fn load_libs(libs: &[(&str, &[&str])]) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "CUDA libraries not found: {} (searched LD_LIBRARY_PATH, RESNET_CIFAR_CUDA_LIBS, CUDA_HOME, \
-             /usr/local/cuda and Python's nvidia/*/lib folders)",
+            "CUDA libraries not found: {} (searched {SEARCHED})",
             missing.join(", ")
         ))
     }
@@ -118,14 +118,19 @@ pub fn open_library(name: &str) -> Result<libloading::Library, String> {
     if let Ok(lib) = unsafe { libloading::Library::new(name) } {
         return Ok(lib);
     }
-    let dirs = search_dirs();
-    match dirs.iter().map(|d| d.join(name)).find(|p| p.is_file()) {
+    match locate(&search_dirs(), name) {
         Some(path) => unsafe { libloading::Library::new(&path) }.map_err(|e| format!("{}: {e}", path.display())),
-        None => Err(format!(
-            "{name} not found (searched LD_LIBRARY_PATH, RESNET_CIFAR_CUDA_LIBS, CUDA_HOME, /usr/local/cuda \
-             and Python's nvidia/*/lib folders)"
-        )),
+        None => Err(format!("{name} not found (searched {SEARCHED})")),
     }
+}
+
+/// Where the library searches look, for the messages that say they found nothing.
+const SEARCHED: &str =
+    "LD_LIBRARY_PATH, RESNET_CIFAR_CUDA_LIBS, CUDA_HOME, /usr/local/cuda and Python's nvidia/*/lib folders";
+
+/// `name` in the first of `dirs` that holds it.
+fn locate(dirs: &[PathBuf], name: &str) -> Option<PathBuf> {
+    dirs.iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
 /// Opens a library by name, keeping it loaded for the life of the process, with its symbols
