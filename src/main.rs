@@ -8,7 +8,7 @@
 mod cmd;
 
 use clap::{Parser, Subcommand};
-use cmd::{bench, data, eval, plot, predict, summary, train};
+use cmd::{bench, data, eval, export, plot, predict, summary, train};
 use resnet_cifar::cli::CliError;
 use std::process::ExitCode;
 
@@ -37,6 +37,9 @@ enum Command {
     /// Classify images of any size and format: each is cut to its centred square, resized to
     /// the checkpoint's image size (Lanczos3, antialiased) and normalised like its training images.
     Predict(predict::PredictArgs),
+    /// Write a checkpoint as an ONNX model (eval mode, NCHW float32 input normalised as in
+    /// training, logits out; class names, mean/std and image size in its metadata).
+    Export(export::ExportArgs),
     /// Draw PNG charts of one or more runs (training loss, validation loss and accuracy, lr)
     /// from their metrics.jsonl; several runs share each chart.
     Plot(plot::PlotArgs),
@@ -82,7 +85,7 @@ fn main() -> ExitCode {
             Command::Eval(a) => Some(&a.compute),
             Command::Bench(a) => Some(&a.compute),
             Command::Predict(a) => Some(&a.compute),
-            Command::Summary(_) | Command::Plot(_) | Command::Data(_) => None,
+            Command::Summary(_) | Command::Plot(_) | Command::Data(_) | Command::Export(_) => None,
         };
         let threads = match compute.and_then(|c| c.threads) {
             Some(0) => return Err(CliError::input("--threads must be at least 1")),
@@ -102,6 +105,7 @@ fn main() -> ExitCode {
             Command::Summary(a) => summary::run(a),
             Command::Plot(a) => plot::run(a),
             Command::Predict(a) => predict::run(a),
+            Command::Export(a) => export::run(a),
             Command::Data(c) => data::run(c),
         })
     })();

@@ -32,6 +32,7 @@ macro_rules! with_backend {
 pub mod bench;
 pub mod data;
 pub mod eval;
+pub mod export;
 pub mod plot;
 pub mod predict;
 pub mod summary;

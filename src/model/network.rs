@@ -5,6 +5,7 @@
 use super::{ResNet, ResNetConfig, Sequential};
 use crate::engine::{Backend, Shape4, StatsSum};
 use crate::nn::Module;
+use crate::onnx::Graph;
 
 pub trait Network<B: Backend>: Module<B> {
     /// Forward pass of an NHWC batch; the logits are left in [`Network::logits`].
@@ -12,6 +13,9 @@ pub trait Network<B: Backend>: Module<B> {
     /// Cross-entropy of the last forward pass against `labels`, then every gradient.
     fn backward(&mut self, be: &B, x: &B::Buf, labels: &[u32]);
     fn logits(&self) -> &B::Buf;
+    /// The eval-mode forward pass (running batch-norm statistics) as ONNX nodes in `g`, from
+    /// the NCHW input named `x`; returns the name of the logits.
+    fn onnx(&self, be: &B, g: &mut Graph, x: &str) -> String;
     /// The gradient arena: every trainable parameter's gradient at its `Param::grad` offset,
     /// overwritten by [`Network::backward`]. Data-parallel ranks average it with one
     /// all-reduce.
@@ -102,6 +106,9 @@ impl<B: Backend> Network<B> for ResNet<B> {
     }
     fn logits(&self) -> &B::Buf {
         ResNet::logits(self)
+    }
+    fn onnx(&self, be: &B, g: &mut Graph, x: &str) -> String {
+        ResNet::onnx(self, be, g, x)
     }
     fn grads(&self) -> &B::Buf {
         ResNet::grads(self)

@@ -9,6 +9,7 @@ use crate::engine::{Backend, Shape4, ensure_len};
 use crate::nn::{
     BatchNorm2d, Builder, Conv2d, Conv2dConfig, CrossEntropy, Entry, GlobalAvgPool, Linear, MaxPool2d, Module,
 };
+use crate::onnx::Graph;
 
 /// The first layers of the network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -171,6 +172,21 @@ impl<B: Backend> BasicBlock<B> {
         sb
     }
 
+    /// The block's eval-mode forward pass as ONNX nodes, as [`Self::forward`] computes it.
+    fn onnx(&self, be: &B, g: &mut Graph, x: &str) -> String {
+        let a = self.conv_a.onnx(be, g, x);
+        let a = self.bn_a.onnx(be, g, &a, None);
+        let b = self.conv_b.onnx(be, g, &a);
+        let residual = match &self.shortcut {
+            Some((conv, bn)) => {
+                let s = conv.onnx(be, g, x);
+                bn.onnx(be, g, &s, None)
+            }
+            None => x.to_string(),
+        };
+        self.bn_b.onnx(be, g, &b, Some(&residual))
+    }
+
     /// `dout` holds dL/d(block output) and is clobbered; `dx` receives dL/dx; the
     /// parameters' gradients go into the arena `grads`.
     #[allow(clippy::too_many_arguments)]
@@ -302,6 +318,21 @@ impl<B: Backend> ResNet<B> {
         self.avgpool.forward(be, last, s);
         self.fc.forward(be, &self.avgpool.out, input.n);
         self.n = input.n;
+    }
+
+    /// The eval-mode forward pass as ONNX nodes from the NCHW input `x`, as [`Self::forward`]
+    /// computes it; returns the logits' name.
+    pub fn onnx(&self, be: &B, g: &mut Graph, x: &str) -> String {
+        let s = self.stem.conv.onnx(be, g, x);
+        let mut y = self.stem.bn.onnx(be, g, &s, None);
+        if let Some(pool) = &self.stem.pool {
+            y = pool.onnx(g, &y, "maxpool");
+        }
+        for block in &self.blocks {
+            y = block.onnx(be, g, &y);
+        }
+        let pooled = self.avgpool.onnx(g, &y, "avgpool");
+        self.fc.onnx(be, g, &pooled, false)
     }
 
     /// Logits of the last forward pass.

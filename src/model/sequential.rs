@@ -5,6 +5,7 @@
 use super::network::Network;
 use crate::engine::{Backend, Layout, Shape4, StatsSum, ensure_len};
 use crate::nn::{BatchNorm2d, Builder, Conv2d, Conv2dConfig, CrossEntropy, Entry, Linear, MaxPool2d, Module, Relu};
+use crate::onnx::Graph;
 
 pub enum Layer<B: Backend> {
     Conv(Conv2d<B>),
@@ -203,6 +204,22 @@ impl<B: Backend> Network<B> for Sequential<B> {
 
     fn logits(&self) -> &B::Buf {
         self.layers.last().expect("a layer").out()
+    }
+    fn onnx(&self, be: &B, g: &mut Graph, x: &str) -> String {
+        let mut y = x.to_string();
+        // Until the first linear layer the values are feature maps, which it flattens.
+        let mut map = true;
+        for (layer, (group, index)) in self.layers.iter().zip(&self.labels) {
+            let path = index.map_or(group.to_string(), |i| format!("{group}.{i}"));
+            y = match layer {
+                Layer::Conv(l) => l.onnx(be, g, &y),
+                Layer::BatchNorm(l) => l.onnx(be, g, &y, None),
+                Layer::Relu(l) => l.onnx(g, &y, &path),
+                Layer::MaxPool(l) => l.onnx(g, &y, &path),
+                Layer::Linear(l) => l.onnx(be, g, &y, std::mem::replace(&mut map, false)),
+            };
+        }
+        y
     }
     fn grads(&self) -> &B::Buf {
         &self.param_grads

@@ -6,6 +6,7 @@ pub mod builder;
 pub mod conv2d;
 pub mod cross_entropy;
 pub mod linear;
+pub mod onnx;
 pub mod param;
 pub mod pool;
 pub mod relu;
