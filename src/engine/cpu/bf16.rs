@@ -213,6 +213,9 @@ pub fn matmul(
     b: Mat,
     accumulate: bool,
 ) {
+    if parallel && m <= 2 * MC && n >= 4 * NR && rayon::current_num_threads() > 1 {
+        return matmul_by_columns(m, n, k, dst, dst_rs, a, b, accumulate);
+    }
     with_buffer(&PACKED_B, packed_len(k, n), |bpack| {
         let b = PackedB::pack(parallel, k, n, b, bpack);
         matmul_packed(parallel, m, dst, dst_rs, a, &b, accumulate)
@@ -317,6 +320,79 @@ pub fn matmul_packed(parallel: bool, m: usize, dst: &mut [f32], dst_rs: usize, a
     }
 }
 
+/// [`matmul`] for few rows and many columns (the deep layers' convolutions: a batch of 1x1 or
+/// 2x2 maps against a wide weight matrix): split by rows, every task would stream all of B,
+/// the large operand, from memory. Here A is packed once and shared, and each task packs and
+/// multiplies its own columns of B, which is read once. Each value of C sums its k-blocks
+/// in the same order as the row split, so the two give the same bits.
+#[allow(clippy::too_many_arguments)]
+fn matmul_by_columns(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat, accumulate: bool) {
+    assert!(available(), "bf16 matmul on a CPU without AVX512_BF16");
+    if !super::gemm::dst_needs_product(m, n, k, dst, dst_rs, accumulate) {
+        return;
+    }
+    a.check(m, k, "lhs");
+    b.check(k, n, "rhs");
+    let block = m.div_ceil(MR) * MR * KC / 2;
+    let blocks = k.div_ceil(KC);
+    let panels = n.div_ceil(NR);
+    let task_cols = panels.div_ceil(2 * rayon::current_num_threads()) * NR;
+    let across = k.min(KC).div_ceil(2) * m.next_multiple_of(MR);
+    with_buffer(&WHOLE_A, blocks * block + across, |scratch| {
+        let (apack, across) = scratch.split_at_mut(blocks * block);
+        for (kb, p0) in (0..k).step_by(KC).enumerate() {
+            pack_rows(&mut apack[kb * block..][..block], across, a, 0, m, p0, KC.min(k - p0));
+        }
+        let apack = &*apack;
+        let columns: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(task_cols))
+            .into_par_iter()
+            .map(|t| {
+                let (j0, cols) = (t * task_cols, task_cols.min(n - t * task_cols));
+                let mut c = vec![0f32; m * cols];
+                if accumulate {
+                    for (i, row) in c.chunks_exact_mut(cols).enumerate() {
+                        row.copy_from_slice(&dst[i * dst_rs + j0..][..cols]);
+                    }
+                }
+                with_buffer(&PACKED_A, KC / 2 * NR, |bpanel| {
+                    for (kb, p0) in (0..k).step_by(KC).enumerate() {
+                        let kc = KC.min(k - p0);
+                        let pairs = kc.div_ceil(2);
+                        let add = accumulate || p0 > 0;
+                        for q in 0..cols.div_ceil(NR) {
+                            let j = j0 + q * NR;
+                            let width = NR.min(n - j);
+                            pack(
+                                Order::PairMajor,
+                                bpanel,
+                                NR,
+                                b.data,
+                                p0 * b.rs + j * b.cs,
+                                b.cs,
+                                b.rs,
+                                width,
+                                kc,
+                            );
+                            for ir in (0..m).step_by(MR) {
+                                let ap = &apack[kb * block + ir * KC / 2..][..MR * pairs];
+                                let tile = &mut c[ir * cols + q * NR..];
+                                tile_product(pairs, ap, bpanel, tile, cols, MR.min(m - ir), width, add);
+                            }
+                        }
+                    }
+                });
+                (j0, c)
+            })
+            .collect();
+        for (j0, c) in columns {
+            let cols = c.len() / m;
+            for (i, row) in c.chunks_exact(cols).enumerate() {
+                dst[i * dst_rs + j0..][..cols].copy_from_slice(row);
+            }
+        }
+    })
+}
+
 /// The A panels of rows `i0..i0 + rows` over K values `p0..p0 + kc`, one `[MR][pairs]` panel
 /// per `KC / 2 * MR` values of `apack`. When A's rows lie side by side (a transposed view),
 /// all rows are packed pair-major first (16 rows a vector) into `across`, then copied into the
@@ -369,6 +445,8 @@ thread_local! {
     /// product costs page faults): B's panels on the calling thread, A's on each task's.
     static PACKED_B: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
     static PACKED_A: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    /// All of A's panels, for [`matmul_by_columns`], on the calling thread.
+    static WHOLE_A: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `f` on `len` values of this thread's `key` buffer (a fresh one if it is in use).
@@ -581,6 +659,42 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Few rows and many columns split the work by columns ([`matmul_by_columns`]); each value
+    /// comes out as the row split computes it, bit for bit, for every layout.
+    #[test]
+    fn the_column_split_gives_the_row_split_bits() {
+        if !available() {
+            return eprintln!("skipped: this CPU has no AVX512_BF16");
+        }
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        pool.install(|| {
+            for &(m, n, k) in &[(9, 300, 513), (64, 200, 700), (100, 129, 257), (1, 128, 3)] {
+                for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let av = rng_values(m * k, 3 + m as u32);
+                    let bv = rng_values(k * n, 5 + n as u32);
+                    let a = if ta { Mat::transposed(&av, m) } else { Mat::rows(&av, k) };
+                    let b = if tb { Mat::transposed(&bv, k) } else { Mat::rows(&bv, n) };
+                    let dst_rs = n + 5;
+                    let start = rng_values(m * dst_rs, 11);
+                    for accumulate in [false, true] {
+                        let mut by_columns = start.clone();
+                        matmul(true, m, n, k, &mut by_columns, dst_rs, a, b, accumulate);
+                        let mut panels = vec![0; packed_len(k, n)];
+                        let packed = PackedB::pack(true, k, n, b, &mut panels);
+                        let mut by_rows = start.clone();
+                        matmul_packed(true, m, &mut by_rows, dst_rs, a, &packed, accumulate);
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(
+                            bits(&by_columns),
+                            bits(&by_rows),
+                            "{m}x{n}x{k} ta={ta} tb={tb} acc={accumulate}"
+                        );
+                    }
+                }
+            }
+        });
     }
 
     /// The products are bf16's, not f32's: operands that bf16 cannot hold give a result that
