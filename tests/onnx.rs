@@ -268,6 +268,13 @@ fn bad_requests_are_refused_without_a_file() {
         &out,
         "notes.safetensors",
     );
+    // A real safetensors file holding something other than a model (a test fixture's tensors).
+    let other = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/seed_20_steps.safetensors");
+    assert_refused(
+        &["export", "--checkpoint", other.to_str().unwrap(), "--out", o],
+        &out,
+        "not a state_dict",
+    );
     assert_refused(
         &["export", "--checkpoint", ck, "--out", o, "--opset", "8"],
         &out,
