@@ -70,7 +70,7 @@ pub fn onnx<B: Backend>(be: &B, net: &dyn Network<B>, spec: &DataSpec, model: &s
     let side = spec.image_size;
     let info = ModelInfo {
         opset: opts.opset,
-        input: (INPUT.into(), [3, side, side]),
+        input: [3, side, side],
         output: (OUTPUT.into(), net.num_classes()),
         batch: opts.batch,
         graph_name: model.to_string(),

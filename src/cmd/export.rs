@@ -4,7 +4,7 @@ use clap::Args;
 use resnet_cifar::cli::{CheckpointFile, CliError};
 use resnet_cifar::engine::cpu::Cpu;
 use resnet_cifar::export::{self, DEFAULT_OPSET, OnnxOptions};
-use resnet_cifar::model::{Arch, Stem};
+use resnet_cifar::model::Stem;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -40,14 +40,7 @@ pub fn run(a: ExportArgs) -> Result<(), CliError> {
         )));
     }
     let file = CheckpointFile::read(&a.checkpoint, a.stem)?;
-    let model = match file.arch {
-        Arch::Resnet18 => format!(
-            "resnet18 (stem {}, {} stages)",
-            file.model.stem.name(),
-            file.model.stages
-        ),
-        arch => arch.name().to_string(),
-    };
+    let model = file.arch.describe(&file.model);
     let be = &Cpu;
     let net = file.network(be)?;
     let bytes = export::onnx(be, net.as_ref(), &file.spec, &model, &opts);

@@ -134,10 +134,7 @@ fn run_rank(a: TrainArgs, world: &World) -> Result<(), CliError> {
             "run {}: recipe {}, {}, {} epochs, batch {}, on {}",
             out.display(),
             cfg.recipe,
-            match cfg.arch {
-                Arch::Resnet18 => format!("resnet18 (stem {}, {} stages)", cfg.model.stem.name(), cfg.model.stages),
-                other => other.name().to_string(),
-            },
+            cfg.arch.describe(&cfg.model),
             cfg.epochs,
             cfg.batch_size,
             be.name()

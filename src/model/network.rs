@@ -74,6 +74,15 @@ impl Arch {
         }
     }
 
+    /// The architecture in words, for logs and files: `resnet18 (stem seed, 4 stages)`,
+    /// `lenet`.
+    pub fn describe(self, cfg: &ResNetConfig) -> String {
+        match self {
+            Arch::Resnet18 => format!("resnet18 (stem {}, {} stages)", cfg.stem.name(), cfg.stages),
+            other => other.name().to_string(),
+        }
+    }
+
     /// Refuses an image size the architecture cannot take, in one line.
     pub fn check_image_size(self, size: usize) -> Result<(), String> {
         let min = self.min_image_size();

@@ -38,6 +38,8 @@ fn ir_version(opset: i64) -> i64 {
 /// names added before it).
 #[derive(Default)]
 pub struct Graph {
+    /// The model's one input.
+    input: String,
     nodes: Vec<NodeProto>,
     initializers: Vec<TensorProto>,
     names: HashSet<String>,
@@ -45,7 +47,10 @@ pub struct Graph {
 
 impl Graph {
     pub fn new(input: &str) -> Self {
-        let mut g = Self::default();
+        let mut g = Self {
+            input: input.to_string(),
+            ..Self::default()
+        };
         g.names.insert(input.to_string());
         g
     }
@@ -148,8 +153,8 @@ impl Graph {
 /// What the model file says around the graph.
 pub struct ModelInfo {
     pub opset: i64,
-    /// The input's name and its fixed dimensions after the batch: `[3, H, W]`.
-    pub input: (String, [usize; 3]),
+    /// The input's dimensions after the batch: `[3, H, W]` (its name is the graph's).
+    pub input: [usize; 3],
     /// The output's name and its class count.
     pub output: (String, usize),
     /// A fixed batch size, or `None` for a dynamic batch dimension named `batch`.
@@ -187,7 +192,7 @@ fn float_value(name: &str, dims: &[Option<usize>]) -> ValueInfoProto {
 /// output `info` names. Panics on an opset outside [`OPSETS`] (callers refuse those first).
 pub fn encode(mut graph: Graph, last: &str, info: ModelInfo) -> Vec<u8> {
     assert!(OPSETS.contains(&info.opset), "opset {} is not written", info.opset);
-    let (input, [c, h, w]) = &info.input;
+    let [c, h, w] = info.input;
     let (output, classes) = &info.output;
     graph.rename_output(last, output);
     let model = ModelProto {
@@ -202,7 +207,7 @@ pub fn encode(mut graph: Graph, last: &str, info: ModelInfo) -> Vec<u8> {
             name: Some(info.graph_name),
             node: graph.nodes,
             initializer: graph.initializers,
-            input: vec![float_value(input, &[info.batch, Some(*c), Some(*h), Some(*w)])],
+            input: vec![float_value(&graph.input, &[info.batch, Some(c), Some(h), Some(w)])],
             output: vec![float_value(output, &[info.batch, Some(*classes)])],
             ..Default::default()
         }),
@@ -226,7 +231,7 @@ mod tests {
     fn info(opset: i64) -> ModelInfo {
         ModelInfo {
             opset,
-            input: ("input".into(), [1, 2, 2]),
+            input: [1, 2, 2],
             output: ("logits".into(), 4),
             batch: None,
             graph_name: "g".into(),

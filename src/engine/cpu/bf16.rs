@@ -243,20 +243,7 @@ impl<'a> PackedB<'a> {
         let panels = n.div_ceil(NR);
         let panel_len = KC / 2 * NR;
         let out = &mut out[..packed_len(k, n)];
-        let pack_b = |(t, out): (usize, &mut [u32])| {
-            let (p0, j) = ((t / panels) * KC, (t % panels) * NR);
-            pack(
-                Order::PairMajor,
-                out,
-                NR,
-                b.data,
-                p0 * b.rs + j * b.cs,
-                b.cs,
-                b.rs,
-                NR.min(n - j),
-                KC.min(k - p0),
-            );
-        };
+        let pack_b = |(t, out): (usize, &mut [u32])| b_panel(out, b, k, n, (t / panels) * KC, (t % panels) * NR);
         if parallel {
             out.par_chunks_mut(panel_len).enumerate().for_each(pack_b);
         } else {
@@ -270,6 +257,22 @@ impl<'a> PackedB<'a> {
         assert_eq!(panels.len(), packed_len(k, n), "packed rhs of {k}x{n}");
         Self { k, n, panels }
     }
+}
+
+/// The B panel of columns `j..j + NR` over K values `p0..p0 + KC` of `b` (`k x n`) into `out`
+/// (missing columns and an odd last k are zeros).
+fn b_panel(out: &mut [u32], b: Mat, k: usize, n: usize, p0: usize, j: usize) {
+    pack(
+        Order::PairMajor,
+        out,
+        NR,
+        b.data,
+        p0 * b.rs + j * b.cs,
+        b.cs,
+        b.rs,
+        NR.min(n - j),
+        KC.min(k - p0),
+    );
 }
 
 /// [`matmul`] with a right-hand side packed before.
@@ -364,17 +367,7 @@ fn matmul_by_columns(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usiz
                         for q in 0..cols.div_ceil(NR) {
                             let j = j0 + q * NR;
                             let width = NR.min(n - j);
-                            pack(
-                                Order::PairMajor,
-                                bpanel,
-                                NR,
-                                b.data,
-                                p0 * b.rs + j * b.cs,
-                                b.cs,
-                                b.rs,
-                                width,
-                                kc,
-                            );
+                            b_panel(bpanel, b, k, n, p0, j);
                             for ir in (0..m).step_by(MR) {
                                 let ap = &apack[kb * block + ir * KC / 2..][..MR * pairs];
                                 let tile = &mut c[ir * cols + q * NR..];
@@ -444,7 +437,8 @@ fn pack_rows(apack: &mut [u32], across: &mut [u32], a: Mat, i0: usize, rows: usi
 
 thread_local! {
     /// Packed operands, kept from product to product (a fresh allocation of megabytes per
-    /// product costs page faults): B's panels on the calling thread, A's on each task's.
+    /// product costs page faults): B's panels on the calling thread, A's on each task's (in
+    /// [`matmul_by_columns`], the task's one B panel).
     static PACKED_B: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
     static PACKED_A: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
     /// All of A's panels, for [`matmul_by_columns`], on the calling thread.
