@@ -53,7 +53,8 @@ pub struct ComputeArgs {
     #[arg(long, default_value = "cpu")]
     device: DeviceArg,
     /// Arithmetic of the convolutions and the linear layer: fp32; bf16 (CPU: operands rounded
-    /// to bf16, sums in f32, as PyTorch's CPU autocast; needs AVX512_BF16); or tf32 (CUDA:
+    /// to bf16, sums in f32, as PyTorch's CPU autocast; needs AVX512_BF16, and uses AMX tiles
+    /// where the CPU has them); or tf32 (CUDA:
     /// tensor cores for convolutions, PyTorch's default for cuDNN). Default: fp32 on the CPU,
     /// tf32 on CUDA.
     #[arg(long)]

@@ -65,7 +65,10 @@ impl Backend for Cpu {
     fn name(&self) -> String {
         let arith = match gemm::operands() {
             gemm::Operands::F32 => "",
-            gemm::Operands::Bf16 => ", bf16 operands",
+            gemm::Operands::Bf16 => match bf16::Kernel::chosen() {
+                bf16::Kernel::Amx => ", bf16 operands on AMX tiles",
+                bf16::Kernel::Avx512 => ", bf16 operands on AVX512_BF16",
+            },
         };
         match rayon::current_num_threads() {
             1 => format!("cpu (1 thread{arith})"),

@@ -1,0 +1,187 @@
+//! The AMX tile kernel (Intel Sapphire Rapids and later). `tdpbf16ps` multiplies a 16 x 32
+//! bf16 tile by a 32 x 16 one into a 16 x 16 f32 tile: 8,192 multiply-adds an instruction, 16
+//! times `vdpbf16ps` on 512 bits. Its right-hand tile is 16 rows of k-pairs, each row 16
+//! columns' pairs: the layout of our B panels, so they load as they are packed. A panels are
+//! our line-major ones, 32 rows a panel and their pairs padded to a multiple of 16 with zeros
+//! (a tile row holds 16 pairs).
+//!
+//! Rust's AMX intrinsics are unstable, so the five instructions are written with `asm!`
+//! (stable). Linux hands the tile registers to a process only on request
+//! (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`), made once by [`available`].
+
+use super::NR;
+use super::avx512::store_tile;
+use std::arch::asm;
+use std::arch::x86_64::*;
+
+/// Rows of A in one tile product: two A tiles by two B tiles make a 32 x 32 block of C in
+/// four accumulator tiles (tmm0-3), with the operands in tmm4-7: all eight tiles.
+pub const ROWS: usize = 32;
+/// K-pairs one tile row holds (64 bytes): A lines and B panels are padded to a multiple.
+pub const PAIRS: usize = 16;
+
+/// Whether this CPU has AMX-TILE and AMX-BF16 and the OS lets this process use them (asked
+/// once: the permission, once granted, holds for every thread of the process).
+pub fn available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        let leaf = __cpuid_count(7, 0);
+        let (amx_bf16, amx_tile) = ((leaf.edx >> 22) & 1 == 1, (leaf.edx >> 24) & 1 == 1);
+        amx_bf16 && amx_tile && request_tiles()
+    })
+}
+
+#[cfg(target_os = "linux")]
+fn request_tiles() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a plain system call with integer arguments.
+    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn request_tiles() -> bool {
+    false
+}
+
+/// `ldtilecfg`'s 64-byte operand (palette 1).
+#[repr(C, align(64))]
+struct Config {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    bytes_per_row: [u16; 16],
+    rows: [u8; 16],
+}
+
+/// The eight tiles configured on this thread (16 rows of 64 bytes each) while it lives; dropped,
+/// it releases them (`tilerelease`), so that a thread that is done with AMX does not carry
+/// its 8 KiB of state through context switches.
+pub struct Tiles(std::marker::PhantomData<*const ()>);
+
+impl Tiles {
+    /// Configures the tiles (panics where [`available`] says no: the instructions would fault).
+    pub fn configure() -> Self {
+        assert!(available(), "AMX tiles on a CPU or OS without them");
+        let mut config = Config {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            bytes_per_row: [0; 16],
+            rows: [0; 16],
+        };
+        config.bytes_per_row[..8].fill(64);
+        config.rows[..8].fill(16);
+        // SAFETY: a valid palette-1 configuration (8 tiles, each within 16 x 64 bytes); the
+        // process has the tile permission ([`available`], asserted above).
+        unsafe { asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly)) };
+        Self(std::marker::PhantomData)
+    }
+
+    /// `c[mr, nr] (+)= a b` over `pairs` k-pairs (a multiple of [`PAIRS`]): `a` is a
+    /// [`ROWS`]-line panel, lines `stride` pairs apart; `b` a panel of `pairs` rows of [`NR`]
+    /// columns; `c` a tile of row stride `c_rs`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn product(
+        &self,
+        pairs: usize,
+        stride: usize,
+        a: &[u32],
+        b: &[u32],
+        c: &mut [f32],
+        c_rs: usize,
+        mr: usize,
+        nr: usize,
+        add: bool,
+    ) {
+        assert!(pairs.is_multiple_of(PAIRS) && pairs <= stride);
+        assert!(a.len() >= (ROWS - 1) * stride + pairs && b.len() >= pairs * NR);
+        assert!(mr <= ROWS && nr <= NR && (mr - 1) * c_rs + nr <= c.len());
+        // SAFETY: the tiles are configured (`self`), the CPU has AVX512F (AMX CPUs do), and
+        // the panels and the tile were checked against their slices above.
+        unsafe { product(pairs, stride, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), c_rs, mr, nr, add) }
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: releases this thread's tile state; no tile is in use after this.
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+}
+
+/// C's 32 x 32 block as the tiles leave it, for the masked write into C.
+#[repr(C, align(64))]
+struct Block([f32; ROWS * NR]);
+
+/// See [`Tiles::product`].
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    pairs: usize,
+    stride: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    c_rs: usize,
+    mr: usize,
+    nr: usize,
+    add: bool,
+) {
+    // tmm0: rows 0-15 x columns 0-15, tmm1: rows 0-15 x 16-31, tmm2: rows 16-31 x 0-15,
+    // tmm3: rows 16-31 x 16-31; tmm4/5: A's two row halves, tmm6/7: B's two column halves.
+    // The loads sit between the products: tiles are not renamed, so a load into a tile waits
+    // for the products reading it.
+    unsafe {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+        for kp in (0..pairs).step_by(PAIRS) {
+            let (a0, a1) = (a.add(kp), a.add(16 * stride + kp));
+            let (b0, b1) = (b.add(kp * NR), b.add(kp * NR + 16));
+            asm!(
+                "tileloadd tmm4, [{a0} + {sa} * 1]",
+                "tileloadd tmm6, [{b0} + {sb} * 1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {sb} * 1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {sa} * 1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a0,
+                a1 = in(reg) a1,
+                b0 = in(reg) b0,
+                b1 = in(reg) b1,
+                sa = in(reg) stride * 4,
+                sb = in(reg) NR * 4,
+                options(nostack, readonly)
+            );
+        }
+        // Every value is written by the four stores below.
+        let mut block = std::mem::MaybeUninit::<Block>::uninit();
+        let out = block.as_mut_ptr() as *mut f32;
+        asm!(
+            "tilestored [{c0} + {s} * 1], tmm0",
+            "tilestored [{c1} + {s} * 1], tmm1",
+            "tilestored [{c2} + {s} * 1], tmm2",
+            "tilestored [{c3} + {s} * 1], tmm3",
+            c0 = in(reg) out,
+            c1 = in(reg) out.add(16),
+            c2 = in(reg) out.add(16 * NR),
+            c3 = in(reg) out.add(16 * NR + 16),
+            s = in(reg) NR * 4,
+            options(nostack)
+        );
+        let block = out as *const f32;
+        store_tile(c, c_rs, mr, nr, add, |i| {
+            (
+                _mm512_loadu_ps(block.add(i * NR)),
+                _mm512_loadu_ps(block.add(i * NR + 16)),
+            )
+        })
+    }
+}
