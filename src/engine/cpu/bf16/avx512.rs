@@ -134,3 +134,92 @@ pub unsafe fn store_tile(
         }
     }
 }
+
+/// A panels from a view whose rows lie side by side (a transposed matrix): value (row l, k) at
+/// `src[l + k * cs]`, rows `0..rows`, K values `0..kc`. Line `l` of the packed rows (rows
+/// rounded up to `mr`; the extra lines zeros) goes to `out[(l / mr) * panel_len + (l % mr) *
+/// stride..]`: `stride` pairs, those beyond K zeros. Each block of 16 lines x 16 pairs is
+/// converted as `pairs_across` does (a vector holds one pair of 16 lines) and transposed in
+/// registers into 16 line vectors.
+///
+/// # Safety
+/// The CPU has AVX512F, AVX512BW and AVX512_BF16; `src` holds `(kc - 1) * cs + rows` values;
+/// `out` holds every line written, `(rows.next_multiple_of(mr) / mr) * panel_len` values with
+/// `(mr - 1) * stride + stride <= panel_len`; `stride >= kc.div_ceil(2)`.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn transposed_panels(
+    src: *const f32,
+    cs: usize,
+    rows: usize,
+    kc: usize,
+    out: *mut u32,
+    mr: usize,
+    panel_len: usize,
+    stride: usize,
+) {
+    let idx = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+        16, 0,
+    );
+    let pairs = kc.div_ceil(2);
+    let lines = rows.next_multiple_of(mr);
+    for lg in (0..lines).step_by(16) {
+        let valid = rows.saturating_sub(lg).min(16);
+        let lmask = ((1u32 << valid) - 1) as __mmask16;
+        for pg in (0..stride).step_by(16) {
+            let mut v = [_mm512_setzero_si512(); 16];
+            for (r, v) in v.iter_mut().enumerate() {
+                let p = pg + r;
+                if p >= pairs {
+                    break;
+                }
+                // SAFETY (whole function): as the caller promised; masked-off lanes are not read.
+                unsafe {
+                    let lo = _mm512_maskz_loadu_ps(lmask, src.add(2 * p * cs + lg));
+                    let hi = if 2 * p + 1 < kc {
+                        _mm512_maskz_loadu_ps(lmask, src.add((2 * p + 1) * cs + lg))
+                    } else {
+                        _mm512_setzero_ps()
+                    };
+                    *v = _mm512_permutexvar_epi16(idx, bits(_mm512_cvtne2ps_pbh(hi, lo)));
+                }
+            }
+            transpose16(&mut v);
+            let smask = ((1u32 << (stride - pg).min(16)) - 1) as __mmask16;
+            for (j, v) in v.iter().enumerate().take((lines - lg).min(16)) {
+                let l = lg + j;
+                unsafe { _mm512_mask_storeu_epi32(out.add((l / mr) * panel_len + (l % mr) * stride + pg) as *mut i32, smask, *v) };
+            }
+        }
+    }
+}
+
+/// Transposes a 16 x 16 block of 32-bit values held as 16 row vectors: afterwards `v[c]` holds
+/// column c. Within each 128-bit lane 4 x 4 blocks transpose by unpacking (32-, then 64-bit),
+/// then lanes are exchanged twice.
+#[target_feature(enable = "avx512f")]
+fn transpose16(v: &mut [__m512i; 16]) {
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+    }
+    // v[4i + c], lane L: rows 4i..4i + 4 of column 4L + c.
+    for i in 0..4 {
+        v[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        v[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        v[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        v[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for i in 0..2 {
+        for j in 0..4 {
+            t[8 * i + j] = _mm512_shuffle_i32x4::<0x88>(v[8 * i + j], v[8 * i + j + 4]);
+            t[8 * i + j + 4] = _mm512_shuffle_i32x4::<0xdd>(v[8 * i + j], v[8 * i + j + 4]);
+        }
+    }
+    for j in 0..8 {
+        v[j] = _mm512_shuffle_i32x4::<0x88>(t[j], t[j + 8]);
+        v[j + 8] = _mm512_shuffle_i32x4::<0xdd>(t[j], t[j + 8]);
+    }
+}

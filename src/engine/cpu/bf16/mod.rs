@@ -441,16 +441,14 @@ pub fn matmul_packed(parallel: bool, m: usize, dst: &mut [f32], dst_rs: usize, a
     let rows_task = |(t, c): (usize, &mut [f32])| {
         let i0 = t * task_rows;
         let rows = task_rows.min(m - i0);
-        let blocks_len = task_rows * KC / 2;
         let multiplier = kernel.start();
-        with_buffer(&PACKED_A, 2 * blocks_len, |scratch| {
-            let (apack, across) = scratch.split_at_mut(blocks_len);
+        with_buffer(&PACKED_A, task_rows * KC / 2, |apack| {
             for j0 in (0..n).step_by(NC) {
                 for (kb, p0) in (0..k).step_by(KC).enumerate() {
                     let kc = KC.min(k - p0);
                     let stride = kernel.stride(kc);
                     let add = accumulate || p0 > 0;
-                    pack_rows(kernel, apack, across, a, i0, rows, p0, kc);
+                    pack_rows(kernel, apack, a, i0, rows, p0, kc);
                     for q in j0 / NR..(j0 + NC).min(n).div_ceil(NR) {
                         let j = q * NR;
                         let panel = &bpack[(kb * panels + q) * panel_len..][..stride * NR];
@@ -512,14 +510,11 @@ fn matmul_by_columns(
     let blocks = k.div_ceil(KC);
     let panels = n.div_ceil(NR);
     let task_cols = panels.div_ceil(2 * rayon::current_num_threads()) * NR;
-    let across = k.min(KC).div_ceil(2) * m.next_multiple_of(mr);
-    with_buffer(&WHOLE_A, blocks * block + across, |scratch| {
-        let (apack, across) = scratch.split_at_mut(blocks * block);
+    with_buffer(&WHOLE_A, blocks * block, |apack| {
         for (kb, p0) in (0..k).step_by(KC).enumerate() {
             pack_rows(
                 kernel,
                 &mut apack[kb * block..][..block],
-                across,
                 a,
                 0,
                 m,
@@ -570,46 +565,20 @@ fn matmul_by_columns(
 
 /// The A panels of rows `i0..i0 + rows` over K values `p0..p0 + kc`, one panel of the
 /// kernel's rows (lines `kernel.stride(kc)` pairs apart) per `KC / 2 * rows` values of
-/// `apack`. When A's rows lie side by side (a transposed view), all rows are packed pair-major
-/// first (16 rows a vector) into `across`, then copied into the panels.
-#[allow(clippy::too_many_arguments)]
-fn pack_rows(
-    kernel: Kernel,
-    apack: &mut [u32],
-    across: &mut [u32],
-    a: Mat,
-    i0: usize,
-    rows: usize,
-    p0: usize,
-    kc: usize,
-) {
-    let (mr, pairs, stride) = (kernel.rows(), kc.div_ceil(2), kernel.stride(kc));
+/// `apack`. A view whose rows lie side by side (a transposed matrix: the weight gradient's
+/// patches) is converted and transposed 16 x 16 pairs at a time in registers.
+fn pack_rows(kernel: Kernel, apack: &mut [u32], a: Mat, i0: usize, rows: usize, p0: usize, kc: usize) {
+    let (mr, stride) = (kernel.rows(), kernel.stride(kc));
+    let panel_len = mr * KC / 2;
     if a.cs != 1 && a.rs == 1 {
-        let width = rows.next_multiple_of(mr);
-        let across = &mut across[..pairs * width];
-        pack(
-            Order::PairMajor,
-            across,
-            width,
-            pairs,
-            a.data,
-            i0 + p0 * a.cs,
-            1,
-            a.cs,
-            rows,
-            kc,
-        );
-        for ir in (0..rows).step_by(mr) {
-            let ap = &mut apack[ir * KC / 2..][..mr * stride];
-            if stride > pairs {
-                ap.fill(0);
-            }
-            for (p, line) in across.chunks_exact(width).enumerate() {
-                for (l, &v) in line[ir..ir + mr].iter().enumerate() {
-                    ap[l * stride + p] = v;
-                }
-            }
-        }
+        let at = i0 + p0 * a.cs;
+        assert!(at + (kc - 1) * a.cs + rows <= a.data.len(), "lhs view beyond its buffer");
+        assert!(apack.len() >= rows.div_ceil(mr) * panel_len && stride <= KC / 2);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `matmul` checked the CPU; the source and the panels were checked above.
+        unsafe {
+            avx512::transposed_panels(a.data[at..].as_ptr(), a.cs, rows, kc, apack.as_mut_ptr(), mr, panel_len, stride)
+        };
         return;
     }
     for ir in (0..rows).step_by(mr) {
