@@ -189,7 +189,13 @@ pub unsafe fn transposed_panels(
             let smask = ((1u32 << (stride - pg).min(16)) - 1) as __mmask16;
             for (j, v) in v.iter().enumerate().take((lines - lg).min(16)) {
                 let l = lg + j;
-                unsafe { _mm512_mask_storeu_epi32(out.add((l / mr) * panel_len + (l % mr) * stride + pg) as *mut i32, smask, *v) };
+                unsafe {
+                    _mm512_mask_storeu_epi32(
+                        out.add((l / mr) * panel_len + (l % mr) * stride + pg) as *mut i32,
+                        smask,
+                        *v,
+                    )
+                };
             }
         }
     }

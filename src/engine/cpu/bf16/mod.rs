@@ -512,15 +512,7 @@ fn matmul_by_columns(
     let task_cols = panels.div_ceil(2 * rayon::current_num_threads()) * NR;
     with_buffer(&WHOLE_A, blocks * block, |apack| {
         for (kb, p0) in (0..k).step_by(KC).enumerate() {
-            pack_rows(
-                kernel,
-                &mut apack[kb * block..][..block],
-                a,
-                0,
-                m,
-                p0,
-                KC.min(k - p0),
-            );
+            pack_rows(kernel, &mut apack[kb * block..][..block], a, 0, m, p0, KC.min(k - p0));
         }
         let apack = &*apack;
         let columns: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(task_cols))
@@ -572,12 +564,24 @@ fn pack_rows(kernel: Kernel, apack: &mut [u32], a: Mat, i0: usize, rows: usize, 
     let panel_len = mr * KC / 2;
     if a.cs != 1 && a.rs == 1 {
         let at = i0 + p0 * a.cs;
-        assert!(at + (kc - 1) * a.cs + rows <= a.data.len(), "lhs view beyond its buffer");
+        assert!(
+            at + (kc - 1) * a.cs + rows <= a.data.len(),
+            "lhs view beyond its buffer"
+        );
         assert!(apack.len() >= rows.div_ceil(mr) * panel_len && stride <= KC / 2);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `matmul` checked the CPU; the source and the panels were checked above.
         unsafe {
-            avx512::transposed_panels(a.data[at..].as_ptr(), a.cs, rows, kc, apack.as_mut_ptr(), mr, panel_len, stride)
+            avx512::transposed_panels(
+                a.data[at..].as_ptr(),
+                a.cs,
+                rows,
+                kc,
+                apack.as_mut_ptr(),
+                mr,
+                panel_len,
+                stride,
+            )
         };
         return;
     }
