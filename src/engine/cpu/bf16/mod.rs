@@ -9,8 +9,8 @@
 //! columns). Rounding is to nearest, ties to even, as `vcvtne2ps2bf16` and PyTorch do.
 //!
 //! Two kernels multiply the packed panels: `vdpbf16ps` register tiles ([`avx512`]) and, where
-//! the CPU has them, AMX tiles ([`amx`], 3-4x the former's rate on the same core). [`Kernel`]
-//! says which; the packing is the same but for the panels' sizes.
+//! the CPU has them, AMX tiles ([`amx`]: 4-5x the former's rate on a 2-core Xeon, measured in
+//! docs/bf16-cpu.md). [`Kernel`] says which; the packing is the same but for the panels' sizes.
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -188,8 +188,8 @@ fn pair(lo: f32, hi: f32) -> u32 {
     round(lo) as u32 | (round(hi) as u32) << 16
 }
 
-/// Where a panel's pairs go: pair p of line l at `out[l * pairs + p]` (line-major: an A panel,
-/// each row's pairs in order) or at `out[p * width + l]` (pair-major: a B panel, each pair's
+/// Where a panel's pairs go: pair p of line l at `out[l * stride + p]` (line-major: an A panel,
+/// each row's pairs in order, `stride` the kernel's [`Kernel::stride`]) or at `out[p * width + l]` (pair-major: a B panel, each pair's
 /// 32 columns side by side for two vector loads).
 #[derive(Clone, Copy)]
 enum Order {
@@ -583,6 +583,9 @@ fn pack_rows(kernel: Kernel, apack: &mut [u32], a: Mat, i0: usize, rows: usize, 
                 stride,
             )
         };
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("bf16 matmul needs x86-64 with AVX512_BF16");
+        #[cfg(target_arch = "x86_64")]
         return;
     }
     for ir in (0..rows).step_by(mr) {
