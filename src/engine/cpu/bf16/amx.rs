@@ -1,6 +1,7 @@
 //! The AMX tile kernel (Intel Sapphire Rapids and later). `tdpbf16ps` multiplies a 16 x 32
-//! bf16 tile by a 32 x 16 one into a 16 x 16 f32 tile: 8,192 multiply-adds an instruction, 16
-//! times `vdpbf16ps` on 512 bits. Its right-hand tile is 16 rows of k-pairs, each row 16
+//! bf16 tile by a 32 x 16 one into a 16 x 16 f32 tile: 8,192 multiply-adds an instruction
+//! (`vdpbf16ps` on 512 bits: 32); one core of our Xeon ran 1.6-1.75 TFLOP/s on products of
+//! tiles already loaded, 420-575 GFLOP/s with this kernel's loads. Its right-hand tile is 16 rows of k-pairs, each row 16
 //! columns' pairs: the layout of our B panels, so they load as they are packed. A panels are
 //! our line-major ones, 32 rows a panel and their pairs padded to a multiple of 16 with zeros
 //! (a tile row holds 16 pairs).
