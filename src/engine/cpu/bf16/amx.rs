@@ -82,25 +82,27 @@ impl Tiles {
     /// `c[mr, nr] (+)= a b` over `pairs` k-pairs (a multiple of [`PAIRS`]): `a` is a
     /// [`ROWS`]-line panel, lines `stride` pairs apart; `b` a panel of `pairs` rows of [`NR`]
     /// columns; `c` a tile of row stride `c_rs`.
+    ///
+    /// # Safety
+    /// `a` holds `(ROWS - 1) * stride + pairs` pairs, `b` `pairs * NR`, and `c` an `mr x nr`
+    /// tile (`mr <= ROWS`, `nr <= NR`) with row stride `c_rs`.
     #[allow(clippy::too_many_arguments)]
-    pub fn product(
+    pub unsafe fn product(
         &self,
         pairs: usize,
         stride: usize,
-        a: &[u32],
-        b: &[u32],
-        c: &mut [f32],
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
         c_rs: usize,
         mr: usize,
         nr: usize,
         add: bool,
     ) {
-        assert!(pairs.is_multiple_of(PAIRS) && pairs <= stride);
-        assert!(a.len() >= (ROWS - 1) * stride + pairs && b.len() >= pairs * NR);
-        assert!(mr <= ROWS && nr <= NR && (mr - 1) * c_rs + nr <= c.len());
+        assert!(pairs.is_multiple_of(PAIRS));
         // SAFETY: the tiles are configured (`self`), the CPU has AVX512F (AMX CPUs do), and
-        // the panels and the tile were checked against their slices above.
-        unsafe { product(pairs, stride, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), c_rs, mr, nr, add) }
+        // the caller vouches for the memory.
+        unsafe { product(pairs, stride, a, b, c, c_rs, mr, nr, add) }
     }
 }
 

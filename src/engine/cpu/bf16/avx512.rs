@@ -37,24 +37,29 @@ pub unsafe fn adjacent_pairs(src: *const f32, out: *mut u32, blocks: usize) {
     }
 }
 
+/// The 16 pairs `(lo[j], hi[j])`, each rounded to bf16, as 16 lanes of 32 bits.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[inline]
+fn interleaved(lo: __m512, hi: __m512) -> __m512i {
+    // bf16 lane 2j takes lane j (from lo), lane 2j + 1 lane 16 + j (from hi).
+    let idx = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+        16, 0,
+    );
+    _mm512_permutexvar_epi16(idx, bits(_mm512_cvtne2ps_pbh(hi, lo)))
+}
+
 /// `blocks` x 16 pairs `(k0[j], k1[j])` to `out`.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 ///
 /// # Safety
 /// The CPU has AVX512F, AVX512BW and AVX512_BF16; each pointer holds `16 * blocks` values.
 pub unsafe fn pairs_across(k0: *const f32, k1: *const f32, out: *mut u32, blocks: usize) {
-    // bf16 lane 2j takes lane j (from k0), lane 2j + 1 lane 16 + j (from k1).
-    let idx = _mm512_set_epi16(
-        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
-        16, 0,
-    );
     for t in 0..blocks {
         // SAFETY: the caller holds `blocks` blocks of all three.
         unsafe {
-            let a = _mm512_loadu_ps(k0.add(16 * t));
-            let b = _mm512_loadu_ps(k1.add(16 * t));
-            let v = bits(_mm512_cvtne2ps_pbh(b, a));
-            _mm512_storeu_si512(out.add(16 * t) as *mut __m512i, _mm512_permutexvar_epi16(idx, v));
+            let v = interleaved(_mm512_loadu_ps(k0.add(16 * t)), _mm512_loadu_ps(k1.add(16 * t)));
+            _mm512_storeu_si512(out.add(16 * t) as *mut __m512i, v);
         }
     }
 }
@@ -139,7 +144,7 @@ pub unsafe fn store_tile(
 /// `src[l + k * cs]`, rows `0..rows`, K values `0..kc`. Line `l` of the packed rows (rows
 /// rounded up to `mr`; the extra lines zeros) goes to `out[(l / mr) * panel_len + (l % mr) *
 /// stride..]`: `stride` pairs, those beyond K zeros. Each block of 16 lines x 16 pairs is
-/// converted as `pairs_across` does (a vector holds one pair of 16 lines) and transposed in
+/// converted as in `pairs_across` (a vector holds one pair of 16 lines) and transposed in
 /// registers into 16 line vectors.
 ///
 /// # Safety
@@ -158,10 +163,6 @@ pub unsafe fn transposed_panels(
     panel_len: usize,
     stride: usize,
 ) {
-    let idx = _mm512_set_epi16(
-        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
-        16, 0,
-    );
     let pairs = kc.div_ceil(2);
     let lines = rows.next_multiple_of(mr);
     for lg in (0..lines).step_by(16) {
@@ -182,7 +183,7 @@ pub unsafe fn transposed_panels(
                     } else {
                         _mm512_setzero_ps()
                     };
-                    *v = _mm512_permutexvar_epi16(idx, bits(_mm512_cvtne2ps_pbh(hi, lo)));
+                    *v = interleaved(lo, hi);
                 }
             }
             transpose16(&mut v);

@@ -137,7 +137,8 @@ enum Multiplier {
 impl Multiplier {
     /// One tile product: `c[mr, nr] (+)= a b` over the k-pairs of a k-block of `kc` values; `a`
     /// a panel of the kernel's rows, lines `stride` pairs apart, `b` a panel of `stride` pairs
-    /// of [`NR`] columns (padding zeros included).
+    /// of [`NR`] columns (padding zeros included). The one place the panels and the tile are
+    /// checked against their slices before a kernel reads them.
     #[allow(clippy::too_many_arguments)]
     fn product(
         &self,
@@ -151,11 +152,27 @@ impl Multiplier {
         nr: usize,
         add: bool,
     ) {
-        match self {
-            Multiplier::Avx512 => tile_product(kc.div_ceil(2), stride, a, b, c, c_rs, mr, nr, add),
-            #[cfg(target_arch = "x86_64")]
-            Multiplier::Amx(tiles) => tiles.product(stride, stride, a, b, c, c_rs, mr, nr, add),
+        #[cfg(target_arch = "x86_64")]
+        {
+            // Pairs the kernel reads: AMX whole tile rows, padding included.
+            let (rows, pairs) = match self {
+                Multiplier::Avx512 => (avx512::ROWS, kc.div_ceil(2)),
+                Multiplier::Amx(_) => (amx::ROWS, stride),
+            };
+            assert!(pairs <= stride && a.len() >= (rows - 1) * stride + pairs && b.len() >= pairs * NR);
+            assert!(mr <= rows && nr <= NR && (mr - 1) * c_rs + nr <= c.len());
+            let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+            // SAFETY: the CPU has AVX512F and AVX512_BF16 (checked by `matmul`; AMX by
+            // `Kernel::start`), and the panels and the tile were checked above.
+            unsafe {
+                match self {
+                    Multiplier::Avx512 => avx512::tile_product(pairs, stride, a, b, c, c_rs, mr, nr, add),
+                    Multiplier::Amx(tiles) => tiles.product(pairs, stride, a, b, c, c_rs, mr, nr, add),
+                }
+            }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("bf16 matmul needs x86-64 with AVX512_BF16")
     }
 }
 
@@ -188,9 +205,10 @@ fn pair(lo: f32, hi: f32) -> u32 {
     round(lo) as u32 | (round(hi) as u32) << 16
 }
 
-/// Where a panel's pairs go: pair p of line l at `out[l * stride + p]` (line-major: an A panel,
-/// each row's pairs in order, `stride` the kernel's [`Kernel::stride`]) or at `out[p * width + l]` (pair-major: a B panel, each pair's
-/// 32 columns side by side for two vector loads).
+/// Where a panel's pairs go: pair p of line l at `out[l * stride + p]` (line-major: an A
+/// panel, each row's pairs in order, `stride` the kernel's [`Kernel::stride`]) or at
+/// `out[p * width + l]` (pair-major: a B panel, each pair's 32 columns side by side for two
+/// vector loads).
 #[derive(Clone, Copy)]
 enum Order {
     LineMajor,
@@ -585,24 +603,23 @@ fn pack_rows(kernel: Kernel, apack: &mut [u32], a: Mat, i0: usize, rows: usize, 
         };
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("bf16 matmul needs x86-64 with AVX512_BF16");
-        #[cfg(target_arch = "x86_64")]
-        return;
-    }
-    for ir in (0..rows).step_by(mr) {
-        let i = i0 + ir;
-        let ap = &mut apack[ir * KC / 2..][..mr * stride];
-        pack(
-            Order::LineMajor,
-            ap,
-            mr,
-            stride,
-            a.data,
-            i * a.rs + p0 * a.cs,
-            a.rs,
-            a.cs,
-            mr.min(rows - ir),
-            kc,
-        );
+    } else {
+        for ir in (0..rows).step_by(mr) {
+            let i = i0 + ir;
+            let ap = &mut apack[ir * KC / 2..][..mr * stride];
+            pack(
+                Order::LineMajor,
+                ap,
+                mr,
+                stride,
+                a.data,
+                i * a.rs + p0 * a.cs,
+                a.rs,
+                a.cs,
+                mr.min(rows - ir),
+                kc,
+            );
+        }
     }
 }
 
@@ -627,32 +644,6 @@ fn with_buffer<R>(key: &'static LocalKey<RefCell<Vec<u32>>>, len: usize, f: impl
         }
         Err(_) => f(&mut vec![0; len]),
     })
-}
-
-/// One `vdpbf16ps` register tile: `c[mr, nr] (+)= a_panel b_panel` over `pairs` k-pairs.
-#[allow(clippy::too_many_arguments)]
-fn tile_product(
-    pairs: usize,
-    stride: usize,
-    a: &[u32],
-    b: &[u32],
-    c: &mut [f32],
-    c_rs: usize,
-    mr: usize,
-    nr: usize,
-    add: bool,
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let rows = avx512::ROWS;
-        assert!(pairs <= stride && a.len() >= (rows - 1) * stride + pairs && b.len() >= pairs * NR);
-        assert!(mr <= rows && nr <= NR && (mr - 1) * c_rs + nr <= c.len());
-        // SAFETY: the CPU has AVX512F and AVX512_BF16 (checked by `matmul`), and the panels and
-        // the tile were checked against their slices above.
-        unsafe { avx512::tile_product(pairs, stride, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), c_rs, mr, nr, add) }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("bf16 matmul needs x86-64 with AVX512_BF16")
 }
 
 #[cfg(test)]
