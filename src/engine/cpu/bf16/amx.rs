@@ -104,6 +104,89 @@ impl Tiles {
         // the caller vouches for the memory.
         unsafe { product(pairs, stride, a, b, c, c_rs, mr, nr, add) }
     }
+
+    /// `block (+)= sum over steps s of a_s b_s` on the 32 x 32 f32 block C as one run of
+    /// products (`add`: starting from the block's values, else from zeros): each step a 32-row
+    /// by 16-pair left-hand side at `a_s`, its rows `a_rs` bytes apart (any stride: rows of an
+    /// image read where they lie), and 16 pair rows of [`NR`] columns at `b_s`, `b_rs` bytes
+    /// apart.
+    ///
+    /// # Safety
+    /// Every `a_s` points at 32 rows of 64 readable bytes, `a_rs` bytes apart, and every `b_s`
+    /// at 16 rows of `NR` readable pairs, `b_rs` bytes apart.
+    pub unsafe fn sum(
+        &self,
+        steps: impl Iterator<Item = (*const u8, *const u32)>,
+        a_rs: usize,
+        b_rs: usize,
+        block: &mut Block,
+        add: bool,
+    ) {
+        // Tiles as in `product`: tmm0-3 the four quarters of C, tmm4/5 A's halves, tmm6/7 B's.
+        let c = block.0.as_mut_ptr();
+        let (c0, c1, c2, c3) = (
+            c,
+            c.wrapping_add(16),
+            c.wrapping_add(16 * NR),
+            c.wrapping_add(16 * NR + 16),
+        );
+        // SAFETY: the tiles are configured (`self`); the caller vouches for the memory.
+        unsafe {
+            if add {
+                asm!(
+                    "tileloadd tmm0, [{c0} + {s} * 1]",
+                    "tileloadd tmm1, [{c1} + {s} * 1]",
+                    "tileloadd tmm2, [{c2} + {s} * 1]",
+                    "tileloadd tmm3, [{c3} + {s} * 1]",
+                    c0 = in(reg) c0,
+                    c1 = in(reg) c1,
+                    c2 = in(reg) c2,
+                    c3 = in(reg) c3,
+                    s = in(reg) NR * 4,
+                    options(nostack, readonly)
+                );
+            } else {
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
+            }
+            for (a, b) in steps {
+                asm!(
+                    "tileloadd tmm4, [{a0} + {sa} * 1]",
+                    "tileloadd tmm6, [{b0} + {sb} * 1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloadd tmm7, [{b1} + {sb} * 1]",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tileloadd tmm5, [{a1} + {sa} * 1]",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a,
+                    a1 = in(reg) a.add(16 * a_rs),
+                    b0 = in(reg) b,
+                    b1 = in(reg) b.add(16),
+                    sa = in(reg) a_rs,
+                    sb = in(reg) b_rs,
+                    options(nostack, readonly)
+                );
+            }
+            asm!(
+                "tilestored [{c0} + {s} * 1], tmm0",
+                "tilestored [{c1} + {s} * 1], tmm1",
+                "tilestored [{c2} + {s} * 1], tmm2",
+                "tilestored [{c3} + {s} * 1], tmm3",
+                c0 = in(reg) c0,
+                c1 = in(reg) c1,
+                c2 = in(reg) c2,
+                c3 = in(reg) c3,
+                s = in(reg) NR * 4,
+                options(nostack)
+            );
+        }
+    }
 }
 
 impl Drop for Tiles {
@@ -113,9 +196,9 @@ impl Drop for Tiles {
     }
 }
 
-/// C's 32 x 32 block as the tiles leave it, for the masked write into C.
+/// C's 32 x 32 block as the tiles leave it (row-major), for the write into C.
 #[repr(C, align(64))]
-struct Block([f32; ROWS * NR]);
+pub struct Block(pub [f32; ROWS * NR]);
 
 /// See [`Tiles::product`].
 #[target_feature(enable = "avx512f")]

@@ -202,6 +202,31 @@ pub unsafe fn transposed_panels(
     }
 }
 
+/// 16 channels of 32 pixels, transposed into pairs of pixels: `out[c * out_rs + j] =
+/// (pixel 2j's channel c, pixel 2j + 1's)` for c, j in 0..16, pixel p's 16 channels read at
+/// `pixels[p]`, or zeros where that is null.
+///
+/// # Safety
+/// The CPU has AVX512F, AVX512BW and AVX512_BF16; every non-null pointer holds 16 values;
+/// `out` holds `15 * out_rs + 16` pairs.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub unsafe fn transposed_pairs(pixels: &[*const f32; 32], out: *mut u32, out_rs: usize) {
+    let load = |p: *const f32| {
+        if p.is_null() {
+            _mm512_setzero_ps()
+        } else {
+            // SAFETY: as the caller promised.
+            unsafe { _mm512_loadu_ps(p) }
+        }
+    };
+    let mut v: [__m512i; 16] = std::array::from_fn(|j| interleaved(load(pixels[2 * j]), load(pixels[2 * j + 1])));
+    transpose16(&mut v);
+    for (c, v) in v.iter().enumerate() {
+        // SAFETY: as the caller promised.
+        unsafe { _mm512_storeu_si512(out.add(c * out_rs) as *mut __m512i, *v) };
+    }
+}
+
 /// Transposes a 16 x 16 block of 32-bit values held as 16 row vectors: afterwards `v[c]` holds
 /// column c. Within each 128-bit lane 4 x 4 blocks transpose by unpacking (32-, then 64-bit),
 /// then lanes are exchanged twice.

@@ -16,6 +16,8 @@
 mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub mod direct;
 
 use super::gemm::Mat;
 use rayon::prelude::*;
