@@ -56,7 +56,8 @@ fn gradient_gaps(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> (f64, (f
 /// against the fp32 step. The loss is a smooth function of the weights and images: bf16's
 /// 8-bit operands move it by less than the rounding of one product of two of them, 2^-8 (the
 /// bound, 3.9e-3). Measured on the seed stem: 4.8e-5 through Winograd's tiles, 1.7e-3 with
-/// every convolution computed directly (im2col), 2.2e-3 with the AMX direct path.
+/// every convolution computed directly (im2col), 1.2e-3 with the AMX direct path (2.4e-4
+/// on the cifar stem).
 /// The gradients of a freshly initialised network are not: rounding only the input images
 /// to bf16, everything else in fp32, already moves them by 18-20% (median tensor),
 /// because BatchNorm's backward pass subtracts nearly equal terms. So the bf16 step's

@@ -100,9 +100,19 @@ impl Tiles {
         add: bool,
     ) {
         assert!(pairs.is_multiple_of(PAIRS));
-        // SAFETY: the tiles are configured (`self`), the CPU has AVX512F (AMX CPUs do), and
-        // the caller vouches for the memory.
-        unsafe { product(pairs, stride, a, b, c, c_rs, mr, nr, add) }
+        // Every value of the block is written by the tile stores before it is read.
+        let mut block = std::mem::MaybeUninit::<Block>::uninit();
+        let out = block.as_mut_ptr() as *mut f32;
+        // SAFETY: the tiles are configured (`self`); the caller vouches for the panels (each
+        // step's A: 32 lines of 16 pairs, `stride` pairs apart; B: 16 rows of NR pairs) and
+        // for C; the CPU has AVX512F (AMX CPUs do).
+        unsafe {
+            let steps = (0..pairs)
+                .step_by(PAIRS)
+                .map(|kp| (a.add(kp) as *const u8, b.add(kp * NR)));
+            sums(steps, stride * 4, NR * 4, out, false);
+            store_block(out, c, c_rs, mr, nr, add)
+        }
     }
 
     /// `block (+)= sum over steps s of a_s b_s` on the 32 x 32 f32 block C as one run of
@@ -122,70 +132,8 @@ impl Tiles {
         block: &mut Block,
         add: bool,
     ) {
-        // Tiles as in `product`: tmm0-3 the four quarters of C, tmm4/5 A's halves, tmm6/7 B's.
-        let c = block.0.as_mut_ptr();
-        let (c0, c1, c2, c3) = (
-            c,
-            c.wrapping_add(16),
-            c.wrapping_add(16 * NR),
-            c.wrapping_add(16 * NR + 16),
-        );
         // SAFETY: the tiles are configured (`self`); the caller vouches for the memory.
-        unsafe {
-            if add {
-                asm!(
-                    "tileloadd tmm0, [{c0} + {s} * 1]",
-                    "tileloadd tmm1, [{c1} + {s} * 1]",
-                    "tileloadd tmm2, [{c2} + {s} * 1]",
-                    "tileloadd tmm3, [{c3} + {s} * 1]",
-                    c0 = in(reg) c0,
-                    c1 = in(reg) c1,
-                    c2 = in(reg) c2,
-                    c3 = in(reg) c3,
-                    s = in(reg) NR * 4,
-                    options(nostack, readonly)
-                );
-            } else {
-                asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm1",
-                    "tilezero tmm2",
-                    "tilezero tmm3",
-                    options(nostack, nomem)
-                );
-            }
-            for (a, b) in steps {
-                asm!(
-                    "tileloadd tmm4, [{a0} + {sa} * 1]",
-                    "tileloadd tmm6, [{b0} + {sb} * 1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tileloadd tmm7, [{b1} + {sb} * 1]",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tileloadd tmm5, [{a1} + {sa} * 1]",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) a,
-                    a1 = in(reg) a.add(16 * a_rs),
-                    b0 = in(reg) b,
-                    b1 = in(reg) b.add(16),
-                    sa = in(reg) a_rs,
-                    sb = in(reg) b_rs,
-                    options(nostack, readonly)
-                );
-            }
-            asm!(
-                "tilestored [{c0} + {s} * 1], tmm0",
-                "tilestored [{c1} + {s} * 1], tmm1",
-                "tilestored [{c2} + {s} * 1], tmm2",
-                "tilestored [{c3} + {s} * 1], tmm3",
-                c0 = in(reg) c0,
-                c1 = in(reg) c1,
-                c2 = in(reg) c2,
-                c3 = in(reg) c3,
-                s = in(reg) NR * 4,
-                options(nostack)
-            );
-        }
+        unsafe { sums(steps, a_rs, b_rs, block.0.as_mut_ptr(), add) }
     }
 }
 
@@ -200,35 +148,46 @@ impl Drop for Tiles {
 #[repr(C, align(64))]
 pub struct Block(pub [f32; ROWS * NR]);
 
-/// See [`Tiles::product`].
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn product(
-    pairs: usize,
-    stride: usize,
-    a: *const u32,
-    b: *const u32,
-    c: *mut f32,
-    c_rs: usize,
-    mr: usize,
-    nr: usize,
-    add: bool,
-) {
-    // tmm0: rows 0-15 x columns 0-15, tmm1: rows 0-15 x 16-31, tmm2: rows 16-31 x 0-15,
-    // tmm3: rows 16-31 x 16-31; tmm4/5: A's two row halves, tmm6/7: B's two column halves.
-    // The loads sit between the products: tiles are not renamed, so a load into a tile waits
-    // for the products reading it.
+/// The tile products of [`Tiles::sum`] (and of [`Tiles::product`]'s panels) into the 32 x 32
+/// f32 block at `c` (row-major). tmm0: rows 0-15 x columns 0-15, tmm1: rows 0-15 x 16-31,
+/// tmm2: rows 16-31 x 0-15, tmm3: rows 16-31 x 16-31; tmm4/5: A's two row halves, tmm6/7: B's
+/// two column halves. The loads sit between the products: tiles are not renamed, so a load
+/// into a tile waits for the products reading it.
+///
+/// # Safety
+/// The tiles are configured; the steps as [`Tiles::sum`] says; `c` holds the block (read too
+/// with `add`).
+unsafe fn sums(steps: impl Iterator<Item = (*const u8, *const u32)>, a_rs: usize, b_rs: usize, c: *mut f32, add: bool) {
+    let (c0, c1, c2, c3) = (
+        c,
+        c.wrapping_add(16),
+        c.wrapping_add(16 * NR),
+        c.wrapping_add(16 * NR + 16),
+    );
     unsafe {
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack, nomem)
-        );
-        for kp in (0..pairs).step_by(PAIRS) {
-            let (a0, a1) = (a.add(kp), a.add(16 * stride + kp));
-            let (b0, b1) = (b.add(kp * NR), b.add(kp * NR + 16));
+        if add {
+            asm!(
+                "tileloadd tmm0, [{c0} + {s} * 1]",
+                "tileloadd tmm1, [{c1} + {s} * 1]",
+                "tileloadd tmm2, [{c2} + {s} * 1]",
+                "tileloadd tmm3, [{c3} + {s} * 1]",
+                c0 = in(reg) c0,
+                c1 = in(reg) c1,
+                c2 = in(reg) c2,
+                c3 = in(reg) c3,
+                s = in(reg) NR * 4,
+                options(nostack, readonly)
+            );
+        } else {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+        }
+        for (a, b) in steps {
             asm!(
                 "tileloadd tmm4, [{a0} + {sa} * 1]",
                 "tileloadd tmm6, [{b0} + {sb} * 1]",
@@ -238,31 +197,40 @@ unsafe fn product(
                 "tileloadd tmm5, [{a1} + {sa} * 1]",
                 "tdpbf16ps tmm2, tmm5, tmm6",
                 "tdpbf16ps tmm3, tmm5, tmm7",
-                a0 = in(reg) a0,
-                a1 = in(reg) a1,
-                b0 = in(reg) b0,
-                b1 = in(reg) b1,
-                sa = in(reg) stride * 4,
-                sb = in(reg) NR * 4,
+                a0 = in(reg) a,
+                a1 = in(reg) a.add(16 * a_rs),
+                b0 = in(reg) b,
+                b1 = in(reg) b.add(16),
+                sa = in(reg) a_rs,
+                sb = in(reg) b_rs,
                 options(nostack, readonly)
             );
         }
-        // Every value is written by the four stores below.
-        let mut block = std::mem::MaybeUninit::<Block>::uninit();
-        let out = block.as_mut_ptr() as *mut f32;
         asm!(
             "tilestored [{c0} + {s} * 1], tmm0",
             "tilestored [{c1} + {s} * 1], tmm1",
             "tilestored [{c2} + {s} * 1], tmm2",
             "tilestored [{c3} + {s} * 1], tmm3",
-            c0 = in(reg) out,
-            c1 = in(reg) out.add(16),
-            c2 = in(reg) out.add(16 * NR),
-            c3 = in(reg) out.add(16 * NR + 16),
+            c0 = in(reg) c0,
+            c1 = in(reg) c1,
+            c2 = in(reg) c2,
+            c3 = in(reg) c3,
             s = in(reg) NR * 4,
             options(nostack)
         );
-        let block = out as *const f32;
+    }
+}
+
+/// Writes (or with `add`, adds) rows `0..mr`, columns `0..nr` of the 32 x 32 block at `block`
+/// into C.
+///
+/// # Safety
+/// The CPU has AVX512F; `block` holds the block and `c` an `mr x nr` tile with row stride
+/// `c_rs`.
+#[target_feature(enable = "avx512f")]
+unsafe fn store_block(block: *const f32, c: *mut f32, c_rs: usize, mr: usize, nr: usize, add: bool) {
+    // SAFETY: as the caller promised.
+    unsafe {
         store_tile(c, c_rs, mr, nr, add, |i| {
             (
                 _mm512_loadu_ps(block.add(i * NR)),

@@ -1,23 +1,31 @@
 //! 3x3, stride-1, padding-1 convolutions with bf16 operands on AMX tiles, reading the image
 //! where it lies: no im2col and no Winograd transforms, as oneDNN's AMX convolutions do.
 //!
-//! The input is written once as bf16 with its padding ring, `[image][h + 2][w + 2][c]`. In
-//! those padded coordinates, output place `o = y (w + 2) + x` reads tap (ky, kx) at pixel
-//! `o + ky (w + 2) + kx`: for every tap, 32 consecutive places read 32 consecutive pixels, so
-//! an AMX left-hand tile (16 rows of 32 channels) loads straight from the image with a row
-//! stride of one pixel. A 32 x 32 block of outputs is then one run of tile products over the
-//! 9 taps and the input channels, 32 at a time, against the weights packed once per call as
-//! B panels (one per tap). The two places past each image row (x = w, w + 1) are computed
-//! and dropped: 1/16 more work on 32x32 maps, 1/8 on 16x16, 1/4 on 8x8.
+//! A chunk of images is written once as bf16 in a "stack": the images' rows one after the
+//! other, `pitch` pixels apart, with one row of zeros above each image and below the last. In
+//! the stack, output place `p` reads tap (dy, dx) at pixel `p + dy pitch + dx` for dy, dx in
+//! -1..=1: for every tap, 32 consecutive places read 32 consecutive pixels, so an AMX
+//! left-hand tile (16 rows of 32 channels) loads straight from the stack with a row stride of
+//! one pixel. The zero rows are the vertical padding. The horizontal padding is either a zero
+//! column closing each row (`pitch = w + 1`), or, on maps up to 8 wide where that column would
+//! be an eighth or more of the work, three copies of rows of `w`: taps reading to the left
+//! read a copy whose last column is zeros (the pixel left of column 0 is the row above's last),
+//! taps reading to the right one whose first column is zeros, the others the plain one. A
+//! 32 x 32 block of outputs is then one run of tile products over the 9 taps and the input
+//! channels, 32 at a time, against the weights packed once per call as B panels (one per
+//! tap). The places of the zero rows and columns are computed and dropped: 6% more work on
+//! 32x32 maps, 13% on 16x16, 13% on 8x8 and 25% on 4x4 (three copies).
 //!
-//! The input gradient is the same product over the padded output gradient, with each tap's
-//! filter transposed and the taps mirrored (`dx[o] = sum over taps t of dy[o - t] w_t^T`).
-//! The weight gradient sums over the places instead: the input transposed (a row of pixels per
-//! channel, which a tile row reads at any offset) times the output gradient in pairs of places.
+//! The input gradient is the same product over the output gradient's stack, with each tap's
+//! filter transposed and the taps mirrored (`dx[p] = sum over taps t of dy[p - t] w_t^T`).
+//! The weight gradient sums over the places instead: the stack transposed (a row of pixels
+//! per channel, which a tile row reads at any offset) times the output gradient in pairs of
+//! places, zeros at the dropped places; with three copies, the taps reading to a side take a
+//! copy of the output gradient whose places that read across a row's end are zeros.
 //!
-//! Measured on a 2-core Xeon with AMX (docs/bf16-cpu.md): the cifar stem's 32x32x64
-//! convolution takes 5.1 ms forward (about 1 TFLOP/s) where Winograd's 4-point tiles took 14.7,
-//! and 12 ms backward where they took 30.
+//! Measured on a 2-core Xeon with AMX (docs/bf16-cpu.md), cifar stem, ms a call forward /
+//! backward, against Winograd's 4-point tiles before: 32x32x64 4.7-4.9 / 9.9-10.7 against
+//! 14.7 / 30; 4x4x512 (tap classes before) 4.3-4.5 / 11.3-12.0 against 6.7 / 14.2.
 
 use super::amx::{Block, ROWS, Tiles};
 use super::{KC, Kernel, NR, PackedB, line_pairs, packed_len, pairs_across, with_buffer};
@@ -29,14 +37,15 @@ use std::cell::RefCell;
 /// Channels a tile row holds (64 bytes of bf16): both channel counts are multiples of it.
 const CHANNELS: usize = 32;
 
-/// Maps with fewer places than this stay on the other paths: there the dropped places and the
-/// blocks' ragged ends outweigh what the direct reads save. At 8x8, measured: the seed stem's
-/// 64-channel stage trains 13% faster for it; the cifar stem's 256-channel one is 1.5 ms a step
-/// slower backward than Winograd's (0.4 faster forward), left so for one simple rule.
-const MIN_PIXELS: usize = 64;
+/// Maps with fewer pixels than this (2x2, 1x1) stay on the tap classes of `conv.rs`, which
+/// skip the taps that read padding: most of them there.
+const MIN_PIXELS: usize = 16;
 
-/// Bytes of both operands of the weight gradient's products over one group of images.
-const GROUP_BYTES: usize = 1 << 20;
+/// Bytes of a chunk's stack copies (forward pass, input gradient) or of both operands of the
+/// weight gradient's products (the stack transposed and the output gradient's place pairs):
+/// chunks of images this size stay in cache between their conversion and their products, and
+/// bound the buffers (a few MiB where one batch-wide stack took 19 MiB on the cifar stem).
+const CHUNK_BYTES: usize = 2 << 20;
 
 /// A convolution this module computes: its batch, map and channels.
 #[derive(Clone, Copy, Debug)]
@@ -49,11 +58,98 @@ pub struct Direct {
 }
 
 thread_local! {
-    /// The padded bf16 input (or its transpose) and the packed filters (or the output
+    /// A chunk's stacks (or their transposes) and the packed filters (or the output
     /// gradient's place pairs), kept from call to call (megabytes: fresh ones would cost page
     /// faults on every call).
-    static PADDED: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    static STACKS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
     static PACKED: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The taps as (dy, dx), row by row (HWIO's order).
+fn taps() -> impl Iterator<Item = (isize, isize)> {
+    (0..9).map(|t| (t / 3 - 1, t % 3 - 1))
+}
+
+/// A chunk of `images` maps of `h x w` pixels stacked as the module doc says: rows of `pitch`
+/// pixels, either `w + 1` (a zero column closing each row: one copy) or `w` (three copies,
+/// columns masked).
+#[derive(Clone, Copy, Debug)]
+struct Stack {
+    images: usize,
+    h: usize,
+    w: usize,
+    pitch: usize,
+}
+
+impl Stack {
+    /// Copies of the stack the taps read: three where rows have no zero column.
+    fn copies(&self) -> usize {
+        if self.pitch == self.w { 3 } else { 1 }
+    }
+
+    /// The copy that taps reading `dx` columns to the side read.
+    fn copy(&self, dx: isize) -> usize {
+        if self.copies() == 3 { (dx + 1) as usize } else { 0 }
+    }
+
+    /// Pixels of one copy: one pixel ahead of the first zero row (the top-left tap of the
+    /// first place reads it), the rows, and room past them for the last block's 31 extra
+    /// places and the farthest tap.
+    fn pixels(&self) -> usize {
+        1 + (self.images * (self.h + 1) + 1) * self.pitch + ROWS + self.pitch + 1
+    }
+
+    /// Pixel of place 0 (the first image's first pixel).
+    fn first(&self) -> usize {
+        1 + self.pitch
+    }
+
+    /// Places from the first image's first pixel to the last one's last row's end.
+    fn places(&self) -> usize {
+        (self.images * (self.h + 1) - 1) * self.pitch
+    }
+
+    /// Where tap (dy, dx) reads, relative to the place: pixels (from the first place's pixel).
+    fn offset(&self, (dy, dx): (isize, isize)) -> usize {
+        (self.first() as isize + dy * self.pitch as isize + dx) as usize
+    }
+
+    /// Outputs (pixels of the images) before place `k`.
+    fn outputs_before(&self, k: usize) -> usize {
+        let (row, x) = (k / self.pitch, k % self.pitch);
+        let (image, y) = (row / (self.h + 1), row % (self.h + 1));
+        (image * self.h + y.min(self.h)) * self.w + if y < self.h { x.min(self.w) } else { 0 }
+    }
+
+    /// The outputs (pixels of the images) that places `k0, k0 + 1, ...` compute: none for a
+    /// zero row's or column's place and past the last, or where `masked` says so of the
+    /// column. Counted on, not divided out place by place.
+    fn outputs_from(&self, k0: usize, masked: impl Fn(usize) -> bool) -> impl Iterator<Item = Option<usize>> {
+        let (h, w, pitch, places) = (self.h, self.w, self.pitch, self.places());
+        let row = k0 / pitch;
+        let (mut image, mut y, mut x) = (row / (h + 1), row % (h + 1), k0 % pitch);
+        (k0..).map(move |k| {
+            let out = (k < places && y < h && x < w && !masked(x)).then(|| (image * h + y) * w + x);
+            x += 1;
+            if x == pitch {
+                x = 0;
+                y += 1;
+                if y == h + 1 {
+                    y = 0;
+                    image += 1;
+                }
+            }
+            out
+        })
+    }
+
+    /// Whether copy `dx`'s column x is zeros: with three copies, the last column in the one
+    /// read to the left (the pixel left of column 0 is the row above's last) and the first in
+    /// the one read to the right.
+    fn masked(&self, dx: isize) -> impl Fn(usize) -> bool + Copy + Send + Sync + use<> {
+        let (three, w) = (self.copies() == 3, self.w);
+        move |x| three && ((dx < 0 && x == w - 1) || (dx > 0 && x == 0))
+    }
 }
 
 impl Direct {
@@ -72,26 +168,29 @@ impl Direct {
         })
     }
 
-    /// Pixels of a padded row.
-    fn width(&self) -> usize {
-        self.w + 2
+    /// Images a chunk holds when each costs `bytes`.
+    fn chunk(&self, bytes: usize) -> usize {
+        (CHUNK_BYTES / bytes.max(1)).clamp(1, self.n)
     }
 
-    /// Pixels of a padded image.
-    fn plane(&self) -> usize {
-        (self.h + 2) * self.width()
-    }
-
-    /// Where tap (ky, kx) reads, relative to the output place, in pixels.
-    fn offset(&self, tap: usize) -> usize {
-        (tap / 3) * self.width() + tap % 3
+    /// The stack of a chunk: three masked copies on maps up to 8 wide, where a zero column
+    /// would add an eighth or more of dropped places, else one copy with the zero column
+    /// (filling three copies costs more there than the 1/16 or 1/32 it drops).
+    fn stack(&self, images: usize) -> Stack {
+        let pitch = if self.w <= 8 { self.w } else { self.w + 1 };
+        Stack {
+            images,
+            h: self.h,
+            w: self.w,
+            pitch,
+        }
     }
 
     /// `y = conv(x, w)`: `x` NHWC with `cin` channels, `w` HWIO, `y` NHWC with `cout`.
     pub fn forward(&self, x: &[f32], w: &[f32], y: &mut [f32]) {
         let (cin, cout) = (self.cin, self.cout);
         let filter = |t: usize| Mat::rows(&w[t * cin * cout..][..cin * cout], cout);
-        self.run(x, cin, cout, y, |t| (self.offset(t), filter(t)));
+        self.run(x, cin, cout, y, |t| (taps().nth(t).expect("9 taps"), filter(t)));
     }
 
     /// `dx` from `dy` (NHWC, `cout` channels) and the filters `w` (HWIO): tap t's filter,
@@ -99,218 +198,259 @@ impl Direct {
     pub fn backward_input(&self, dy: &[f32], w: &[f32], dx: &mut [f32]) {
         let (cin, cout) = (self.cin, self.cout);
         let filter = |t: usize| Mat::transposed(&w[t * cin * cout..][..cin * cout], cout);
-        self.run(dy, cout, cin, dx, |t| (self.offset(8 - t), filter(t)));
+        self.run(dy, cout, cin, dx, |t| (taps().nth(8 - t).expect("9 taps"), filter(t)));
     }
 
     /// `dst` (`cd` channels) = the sum over the 9 taps of `src` (`cs` channels) read at the
-    /// tap's offset times the tap's `cs x cd` filter.
-    fn run<'w>(&self, src: &[f32], cs: usize, cd: usize, dst: &mut [f32], tap: impl Fn(usize) -> (usize, Mat<'w>)) {
-        let (h, w, width) = (self.h, self.w, self.width());
+    /// tap's (dy, dx) times the tap's `cs x cd` filter.
+    fn run<'w>(
+        &self,
+        src: &[f32],
+        cs: usize,
+        cd: usize,
+        dst: &mut [f32],
+        tap: impl Fn(usize) -> ((isize, isize), Mat<'w>),
+    ) {
+        let (h, w) = (self.h, self.w);
         assert_eq!(src.len(), self.n * h * w * cs, "input of {self:?}");
         let dst = &mut dst[..self.n * h * w * cd];
         let per_tap = packed_len(cs, cd);
+        let one = self.stack(1);
+        let chunk = self.chunk(one.copies() * (h + 1) * one.pitch * cs * 2);
         with_buffer(&PACKED, 9 * per_tap, |packed| {
-            let taps: Vec<(usize, PackedB)> = packed
+            let taps: Vec<((isize, isize), PackedB)> = packed
                 .chunks_exact_mut(per_tap)
                 .enumerate()
                 .map(|(t, out)| {
-                    let (offset, filter) = tap(t);
-                    (offset, PackedB::pack_for(Kernel::Amx, true, cs, cd, filter, out))
+                    let (read, filter) = tap(t);
+                    (read, PackedB::pack_for(Kernel::Amx, true, cs, cd, filter, out))
                 })
                 .collect();
-            // One pixel beyond the last image's places: the last block's rows past them, and
-            // the farthest tap.
-            let pixels = self.n * self.plane() + ROWS + 2;
-            with_buffer(&PADDED, pixels * cs / 2, |padded| {
-                self.pad(src, cs, padded);
-                let padded = &*padded;
-                // Bands of output rows are the tasks: a few per thread even for few images.
-                let tasks = 4 * rayon::current_num_threads();
-                let band_rows = h.div_ceil(tasks.div_ceil(self.n).min(h));
-                dst.par_chunks_mut(h * w * cd)
-                    .enumerate()
-                    .flat_map(|(i, image)| {
-                        image
-                            .par_chunks_mut(band_rows * w * cd)
-                            .enumerate()
-                            .map(move |(b, band)| (i, b * band_rows, band))
-                    })
-                    .for_each(|(i, y0, band)| {
-                        let tiles = Tiles::configure();
-                        let mut block = Block([0.0; ROWS * NR]);
-                        let rows = band.len() / (w * cd);
-                        let image = &padded[i * self.plane() * cs / 2..];
-                        // The band's places, but for the last row's two dropped ones.
-                        let (first, places) = (y0 * width, rows * width - 2);
-                        for o0 in (first..first + places).step_by(ROWS) {
-                            // The farthest pair a step reads: row 31 of the block, the last tap.
-                            let last = (o0 + ROWS - 1 + self.offset(8)) * cs / 2 + CHANNELS / 2;
-                            assert!(last <= image.len(), "padded input of {self:?}");
-                            for q in 0..cd / NR {
-                                let steps = taps.iter().flat_map(|(offset, filter)| {
-                                    (0..cs).step_by(CHANNELS).map(move |k0| {
-                                        let a = image[(o0 + offset) * cs / 2 + k0 / 2..].as_ptr();
-                                        (a as *const u8, filter.tile_rows(q, k0).as_ptr())
-                                    })
-                                });
-                                // SAFETY: every A step reads 32 rows of 16 pairs, `cs / 2`
-                                // pairs apart, from its start in `image`, all before `last`
-                                // (asserted above); `tile_rows` returns 16 x NR pairs.
-                                unsafe { tiles.sum(steps, cs * 2, NR * 4, &mut block, false) };
-                                for (r, sums) in block.0.chunks_exact(NR).enumerate() {
-                                    let (y, x) = ((o0 + r) / width, (o0 + r) % width);
-                                    if x < w && y < y0 + rows {
-                                        band[((y - y0) * w + x) * cd + q * NR..][..NR].copy_from_slice(sums);
-                                    }
-                                }
-                            }
-                        }
-                    });
+            let copy_len = self.stack(chunk).pixels() * cs / 2;
+            with_buffer(&STACKS, one.copies() * copy_len, |stacks| {
+                for first in (0..self.n).step_by(chunk) {
+                    let stack = self.stack(chunk.min(self.n - first));
+                    let src = &src[first * h * w * cs..(first + stack.images) * h * w * cs];
+                    let dst = &mut dst[first * h * w * cd..(first + stack.images) * h * w * cd];
+                    for (dx, copy) in (-1..=1).zip(stacks.chunks_exact_mut(copy_len)) {
+                        fill(stack, stack.masked(dx), src, cs, copy);
+                    }
+                    products(stack, &taps, &*stacks, copy_len, cs, cd, dst);
+                }
             })
         })
     }
 
     /// `dw` (HWIO) = the weights' gradient from `x` (NHWC, `cin` channels) and `dy` (NHWC,
-    /// `cout`): for tap t, `x` read at the tap's offset, transposed, times `dy`, summed over
-    /// every output place of every image. K runs over the places 32 at a time: the left-hand
-    /// side is `x` transposed in padded coordinates (a row of pixels per channel, read at any
-    /// offset), the right-hand side `dy`'s places in pairs, zeros at the dropped places. Each
-    /// task owns some 32 x 32 blocks of `dw` and sums them image by image in the tiles, so the
-    /// sums run in one order whatever the thread count.
+    /// `cout`): for each tap, `x` read at the tap, transposed, times `dy`, summed over every
+    /// place of every chunk. K runs over the places 32 at a time. Each task owns some 32 x 32
+    /// blocks of `dw` and sums them chunk by chunk in the tiles, so the sums run in one order
+    /// whatever the thread count.
     pub fn backward_weights(&self, x: &[f32], dy: &[f32], dw: &mut [f32]) {
-        let (n, h, w, width, cin, cout) = (self.n, self.h, self.w, self.width(), self.cin, self.cout);
+        let (n, h, w, cin, cout) = (self.n, self.h, self.w, self.cin, self.cout);
         assert_eq!((x.len(), dy.len()), (n * h * w * cin, n * h * w * cout), "{self:?}");
-        let steps = (h * width).div_ceil(ROWS);
-        let places = steps * ROWS;
-        // Pixels of a channel's row: past the last place read, whole blocks of 32.
-        let row = (places + self.offset(8)).next_multiple_of(ROWS);
-        with_buffer(&PADDED, n * cin * row / 2, |xt| {
-            with_buffer(&PACKED, n * places / 2 * cout, |dyp| {
-                self.transposed(x, row, xt);
-                self.place_pairs(dy, places, dyp);
-                let (xt, dyp) = (&*xt, &*dyp);
-                let (cb, qb) = (cin / CHANNELS, cout / NR);
-                let blocks = 9 * cb * qb;
-                let tasks = rayon::current_num_threads().min(blocks);
-                // Images whose operands every block reads before the next: they stay in cache
-                // (at most GROUP_BYTES), and the sums stay in the tiles across them.
-                let image_bytes = (cin * row + places * cout) * 2;
-                let group = (GROUP_BYTES / image_bytes).clamp(1, n);
-                let sums: Vec<Vec<Block>> = (0..tasks)
-                    .into_par_iter()
-                    .map(|task| {
-                        let mine = blocks * task / tasks..blocks * (task + 1) / tasks;
-                        let mut sums: Vec<Block> = mine.clone().map(|_| Block([0.0; ROWS * NR])).collect();
-                        let tiles = Tiles::configure();
-                        for first in (0..n).step_by(group) {
-                            let images = first..(first + group).min(n);
-                            for (b, sum) in mine.clone().zip(&mut sums) {
-                                let (tap, c0, q) = (b / (cb * qb), (b / qb) % cb * CHANNELS, b % qb);
-                                // The farthest byte read: channel c0 + 31, the last place, the tap.
-                                let (start, offset) = (c0 * row * 2, self.offset(tap) * 2);
-                                assert!(start + 31 * row * 2 + (places - ROWS) * 2 + offset + 64 <= cin * row * 2);
-                                let steps = images.clone().flat_map(|i| {
-                                    let image = &xt[i * cin * row / 2..][..cin * row / 2];
-                                    let grads = &dyp[i * places / 2 * cout..][..places / 2 * cout];
-                                    let a = image.as_ptr() as *const u8;
-                                    (0..steps).map(move |s| {
-                                        let b = &grads[s * ROWS / 2 * cout + q * NR..][..(ROWS / 2 - 1) * cout + NR];
-                                        // SAFETY: within `image` (asserted above).
-                                        (unsafe { a.add(start + s * ROWS * 2 + offset) }, b.as_ptr())
-                                    })
-                                });
-                                // SAFETY: A rows `row * 2` bytes apart, 32 of 64 bytes each from
-                                // every start, within each image (asserted above); B 16 rows of NR
-                                // pairs, `cout` pairs apart, within the slice each step takes.
-                                unsafe { tiles.sum(steps, row * 2, cout * 4, sum, first > 0) };
-                            }
-                        }
-                        sums
-                    })
-                    .collect();
-                for (b, sum) in sums.iter().flatten().enumerate() {
-                    let (tap, c0, q) = (b / (cb * qb), (b / qb) % cb * CHANNELS, b % qb);
-                    for (r, line) in sum.0.chunks_exact(NR).enumerate() {
-                        dw[(tap * cin + c0 + r) * cout + q * NR..][..NR].copy_from_slice(line);
+        let one = self.stack(1);
+        let chunk = self.chunk((cin + one.copies() * cout) * (h + 1) * one.pitch * 2);
+        let (cb, qb) = (cin / CHANNELS, cout / NR);
+        let blocks = 9 * cb * qb;
+        let tasks = rayon::current_num_threads().min(blocks);
+        let mut sums: Vec<Vec<Block>> = (0..tasks)
+            .map(|t| {
+                (blocks * t / tasks..blocks * (t + 1) / tasks)
+                    .map(|_| Block([0.0; ROWS * NR]))
+                    .collect()
+            })
+            .collect();
+        // A row of pixels of the transposed stack: whole blocks of 32.
+        let row = self.stack(chunk).pixels().next_multiple_of(ROWS);
+        let pairs_len = self.stack(chunk).places().next_multiple_of(ROWS) / 2 * cout;
+        with_buffer(&STACKS, cin * row / 2, |xt| {
+            with_buffer(&PACKED, one.copies() * pairs_len, |dyp| {
+                for first in (0..n).step_by(chunk) {
+                    let stack = self.stack(chunk.min(n - first));
+                    let x = &x[first * h * w * cin..(first + stack.images) * h * w * cin];
+                    let dy = &dy[first * h * w * cout..(first + stack.images) * h * w * cout];
+                    let steps = stack.places().div_ceil(ROWS);
+                    transposed(stack, x, cin, row, xt);
+                    // Copy dx: the places whose tap dx reads across a row's end are zeros (the
+                    // mirror of the forward's masked columns).
+                    for (dx, copy) in (-1..=1).zip(dyp.chunks_exact_mut(pairs_len)) {
+                        place_pairs(stack, stack.masked(-dx), dy, cout, &mut copy[..steps * ROWS / 2 * cout]);
                     }
+                    let (xt, dyp) = (&*xt, &*dyp);
+                    sums.par_iter_mut().enumerate().for_each(|(task, sums)| {
+                        let tiles = Tiles::configure();
+                        let mine = blocks * task / tasks..blocks * (task + 1) / tasks;
+                        for (b, sum) in mine.zip(sums) {
+                            let (t, c0, q) = (b / (cb * qb), (b / qb) % cb * CHANNELS, b % qb);
+                            let read = taps().nth(t).expect("9 taps");
+                            // The taps reading to a side take the output gradient with the
+                            // places zeroed whose read wraps around to another row.
+                            let dyp = &dyp[stack.copy(read.1) * pairs_len..][..pairs_len];
+                            // The farthest byte read: channel c0 + 31, the last step, the tap.
+                            let (start, offset) = (c0 * row * 2, stack.offset(read) * 2);
+                            assert!(start + 31 * row * 2 + (steps - 1) * ROWS * 2 + offset + 64 <= xt.len() * 4);
+                            let a = xt.as_ptr() as *const u8;
+                            let products = (0..steps).map(|s| {
+                                let b = &dyp[s * ROWS / 2 * cout + q * NR..][..(ROWS / 2 - 1) * cout + NR];
+                                // SAFETY: within `xt` (asserted above).
+                                (unsafe { a.add(start + s * ROWS * 2 + offset) }, b.as_ptr())
+                            });
+                            // SAFETY: A rows `row * 2` bytes apart, 32 of 64 bytes each from
+                            // every start, within `xt` (asserted above); B 16 rows of NR
+                            // pairs, `cout` pairs apart, within the slice each step takes.
+                            unsafe { tiles.sum(products, row * 2, cout * 4, sum, first > 0) };
+                        }
+                    });
                 }
             })
-        })
+        });
+        for (b, sum) in sums.iter().flatten().enumerate() {
+            let (t, c0, q) = (b / (cb * qb), (b / qb) % cb * CHANNELS, b % qb);
+            for (r, line) in sum.0.chunks_exact(NR).enumerate() {
+                dw[(t * cin + c0 + r) * cout + q * NR..][..NR].copy_from_slice(line);
+            }
+        }
     }
+}
 
-    /// `x` (NHWC, `cin` channels) transposed in padded coordinates into `out`: per image and
-    /// channel a row of `row` pixels (pairs of them as bf16), the padding ring and the pixels
-    /// past the image zeros.
-    fn transposed(&self, x: &[f32], row: usize, out: &mut [u32]) {
-        let (h, w, width, cin) = (self.h, self.w, self.width(), self.cin);
-        let groups = cin / 16;
-        out[..self.n * cin * row / 2]
-            .par_chunks_mut(16 * row / 2)
-            .enumerate()
-            .for_each(|(k, rows)| {
-                let (i, c0) = (k / groups, k % groups * 16);
-                let pixel = |p: usize| {
-                    let (y, x0) = (p / width, p % width);
-                    if (1..=h).contains(&y) && (1..=w).contains(&x0) {
-                        x[((i * h + y - 1) * w + x0 - 1) * cin + c0..][..16].as_ptr()
-                    } else {
-                        std::ptr::null()
+/// One copy of `stack` from `src` (NHWC, `c` channels) into `out`, as bf16 pairs of channels,
+/// the columns `masked` says zeros: a row of the stack at a time, an image row converted at
+/// once.
+fn fill(stack: Stack, masked: impl Fn(usize) -> bool + Sync, src: &[f32], c: usize, out: &mut [u32]) {
+    let (w, pitch, pixel) = (stack.w, stack.pitch, c / 2);
+    let out = &mut out[..stack.pixels() * pixel];
+    out[..pixel].fill(0);
+    out[pixel..]
+        .par_chunks_mut(pitch * pixel)
+        .enumerate()
+        .for_each(|(r, line)| {
+            // Row r of the stack starts at pixel 1 + r pitch: place (r - 1) pitch.
+            let source = r
+                .checked_sub(1)
+                .and_then(|row| stack.outputs_from(row * pitch, |_| false).next().flatten());
+            match source {
+                Some(s) if line.len() == pitch * pixel => {
+                    line_pairs(&src[s * c..][..w * c], &mut line[..w * pixel]);
+                    line[w * pixel..].fill(0);
+                    for (x, pair) in line.chunks_exact_mut(pixel).enumerate().take(w) {
+                        if masked(x) {
+                            pair.fill(0);
+                        }
                     }
-                };
-                for r0 in (0..row).step_by(32) {
-                    let pixels: [*const f32; 32] = std::array::from_fn(|p| pixel(r0 + p));
-                    let out = &mut rows[r0 / 2..];
-                    assert!(out.len() >= 15 * row / 2 + 16);
-                    // SAFETY: the CPU has AVX512_BF16 (AMX chosen); each pointer is to 16
-                    // values of `x`; `out` holds 16 rows of `row / 2` pairs (asserted).
-                    unsafe { super::avx512::transposed_pairs(&pixels, out.as_mut_ptr(), row / 2) };
                 }
-            });
-    }
+                _ => line.fill(0),
+            }
+        });
+}
 
-    /// `dy` (NHWC, `cout` channels) as pairs of consecutive places into `out`: per image
-    /// `places / 2` rows of `cout` pairs, zeros at the dropped places and past the last.
-    fn place_pairs(&self, dy: &[f32], places: usize, out: &mut [u32]) {
-        let (h, w, width, cout) = (self.h, self.w, self.width(), self.cout);
-        let zeros = vec![0.0; cout];
-        out[..self.n * places / 2 * cout]
-            .par_chunks_mut(places / 2 * cout)
-            .zip(dy.par_chunks(h * w * cout))
-            .for_each(|(out, dy)| {
-                let place = |o: usize| {
-                    let (y, x) = (o / width, o % width);
-                    if y < h && x < w {
-                        &dy[(y * w + x) * cout..][..cout]
-                    } else {
-                        &zeros[..]
+/// The forward products of one chunk: `dst` (the chunk's outputs, `cd` channels) from the
+/// three copies (`copy_len` pairs each, `cs` channels) and the taps' packed filters. Tasks
+/// are runs of 32-place blocks; each sweeps its blocks once per 32 output channels, so that
+/// a filter panel (all taps: 9 x 16 KiB for 512 channels) stays in cache across its blocks.
+#[allow(clippy::too_many_arguments)]
+fn products(
+    stack: Stack,
+    taps: &[((isize, isize), PackedB)],
+    stacks: &[u32],
+    copy_len: usize,
+    cs: usize,
+    cd: usize,
+    dst: &mut [f32],
+) {
+    let blocks = stack.places().div_ceil(ROWS);
+    let tasks = (4 * rayon::current_num_threads()).min(blocks);
+    // Each task's places, and its outputs: a contiguous run of `dst`.
+    let bounds: Vec<usize> = (0..=tasks)
+        .map(|t| (blocks * t / tasks * ROWS).min(stack.places()))
+        .collect();
+    let mut parts = Vec::with_capacity(tasks);
+    let mut rest = dst;
+    for t in 0..tasks {
+        let len = (stack.outputs_before(bounds[t + 1]) - stack.outputs_before(bounds[t])) * cd;
+        let (part, tail) = rest.split_at_mut(len);
+        parts.push((bounds[t]..bounds[t + 1], part));
+        rest = tail;
+    }
+    parts.into_par_iter().for_each(|(places, out)| {
+        let tiles = Tiles::configure();
+        let mut block = Block([0.0; ROWS * NR]);
+        let base = stack.outputs_before(places.start);
+        for q in 0..cd / NR {
+            for k0 in places.clone().step_by(ROWS) {
+                let steps = taps.iter().flat_map(|&(read, ref filter)| {
+                    let copy = &stacks[stack.copy(read.1) * copy_len..][..copy_len];
+                    let at = (k0 + stack.offset(read)) * cs / 2;
+                    // The farthest pair read: row 31 of the block, the last 32 channels.
+                    assert!(at + (ROWS - 1) * cs / 2 + cs / 2 <= copy.len(), "{stack:?}");
+                    (0..cs).step_by(CHANNELS).map(move |c0| {
+                        (
+                            copy[at + c0 / 2..].as_ptr() as *const u8,
+                            filter.tile_rows(q, c0).as_ptr(),
+                        )
+                    })
+                });
+                // SAFETY: every A step reads 32 rows of 16 pairs, `cs / 2` pairs apart, from
+                // its start in its copy, all within it (asserted above); `tile_rows` returns
+                // 16 x NR pairs.
+                unsafe { tiles.sum(steps, cs * 2, NR * 4, &mut block, false) };
+                let rows = (places.end - k0).min(ROWS);
+                for (sums, o) in block
+                    .0
+                    .chunks_exact(NR)
+                    .zip(stack.outputs_from(k0, |_| false))
+                    .take(rows)
+                {
+                    if let Some(o) = o {
+                        out[(o - base) * cd + q * NR..][..NR].copy_from_slice(sums);
                     }
-                };
-                for (j, pairs) in out.chunks_exact_mut(cout).enumerate() {
-                    let done = pairs_across(place(2 * j), place(2 * j + 1), pairs);
-                    assert_eq!(done, cout);
                 }
-            });
-    }
+            }
+        }
+    });
+}
 
-    /// `src` (NHWC, `c` channels) as bf16 pairs of channels into `out`, each image inside a
-    /// ring of zeros one pixel wide.
-    fn pad(&self, src: &[f32], c: usize, out: &mut [u32]) {
-        let (h, w, width) = (self.h, self.w, self.width());
-        let row = width * c / 2;
-        out[..self.n * self.plane() * c / 2]
-            .par_chunks_mut(self.plane() * c / 2)
-            .zip(src.par_chunks(h * w * c))
-            .for_each(|(image, src)| {
-                image[..row].fill(0);
-                image[(h + 1) * row..].fill(0);
-                for (y, line) in src.chunks_exact(w * c).enumerate() {
-                    let padded = &mut image[(y + 1) * row..][..row];
-                    padded[..c / 2].fill(0);
-                    padded[(w + 1) * c / 2..].fill(0);
-                    line_pairs(line, &mut padded[c / 2..(w + 1) * c / 2]);
-                }
-            });
-    }
+/// `stack` (its unmasked copy) from `x` (NHWC, `c` channels) transposed into `out`: per
+/// channel a row of `row` pixels (pairs of them as bf16), zeros where the stack holds zeros
+/// and past it.
+fn transposed(stack: Stack, x: &[f32], c: usize, row: usize, out: &mut [u32]) {
+    out[..c * row / 2]
+        .par_chunks_mut(16 * row / 2)
+        .enumerate()
+        .for_each(|(g, rows)| {
+            let c0 = g * 16;
+            // Pixel p holds place p - first.
+            let ahead = std::iter::repeat_n(None, stack.first());
+            let mut sources = ahead.chain(stack.outputs_from(0, |_| false));
+            for r0 in (0..row).step_by(32) {
+                let pixels: [*const f32; 32] = std::array::from_fn(|_| {
+                    let source = sources.next().flatten();
+                    source.map_or(std::ptr::null(), |s| x[s * c + c0..][..16].as_ptr())
+                });
+                let out = &mut rows[r0 / 2..];
+                assert!(out.len() >= 15 * row / 2 + 16);
+                // SAFETY: the CPU has AVX512_BF16 (AMX chosen); each pointer is to 16 values
+                // of `x`; `out` holds 16 rows of `row / 2` pairs (asserted).
+                unsafe { super::avx512::transposed_pairs(&pixels, out.as_mut_ptr(), row / 2) };
+            }
+        });
+}
+
+/// `dy` (NHWC, `c` channels) as pairs of consecutive places of `stack` into `out` (`c`
+/// pairs a place pair), zeros at the zero rows' and columns' places, at the columns `masked`
+/// says, and past the last.
+fn place_pairs(stack: Stack, masked: impl Fn(usize) -> bool + Sync + Copy, dy: &[f32], c: usize, out: &mut [u32]) {
+    let zeros = vec![0.0; c];
+    let place = |o: Option<usize>| o.map_or(&zeros[..], |o| &dy[o * c..][..c]);
+    // Tasks of 256 place pairs, each walking its places.
+    out.par_chunks_mut(256 * c).enumerate().for_each(|(t, run)| {
+        let mut outputs = stack.outputs_from(512 * t, masked);
+        for pairs in run.chunks_exact_mut(c) {
+            let (a, b) = (outputs.next().flatten(), outputs.next().flatten());
+            let done = pairs_across(place(a), place(b), pairs);
+            assert_eq!(done, c);
+        }
+    });
 }
 
 impl PackedB<'_> {
@@ -358,11 +498,20 @@ mod tests {
 
     /// On operands already bf16, the tile products are exact and only the f32 sums round:
     /// the three results match the float64 reference to f32 summation error, with channel counts
-    /// that differ (a transposed filter the wrong way round fails), a map whose rows are not
-    /// a multiple of the blocks, and few images (bands of rows as the tasks).
+    /// that differ (a transposed filter the wrong way round fails), maps whose rows are not a
+    /// multiple of the blocks, K over two filter blocks (288 channels), one image (tasks
+    /// within it), 4x4 maps (blocks across images) and six 32x32 maps (two chunks).
     #[test]
     fn matches_float64_on_bf16_operands() {
-        for (n, h, w, cin, cout) in [(2, 8, 9, 64, 32), (3, 11, 6, 32, 96), (1, 16, 16, 288, 32), (32, 8, 8, 64, 64)] {
+        let cases = [
+            (2, 8, 9, 64, 32),
+            (3, 11, 6, 32, 96),
+            (1, 16, 16, 288, 32),
+            (32, 8, 8, 64, 64),
+            (5, 4, 4, 64, 64),
+            (6, 32, 32, 64, 32),
+        ];
+        for (n, h, w, cin, cout) in cases {
             let g = ConvGeom {
                 input: Shape4::new(n, h, w, cin),
                 cout,
