@@ -345,9 +345,10 @@ fn fill(stack: Stack, masked: impl Fn(usize) -> bool + Sync, src: &[f32], c: usi
 }
 
 /// The forward products of one chunk: `dst` (the chunk's outputs, `cd` channels) from the
-/// three copies (`copy_len` pairs each, `cs` channels) and the taps' packed filters. Tasks
+/// stack's copies (`copy_len` pairs each, `cs` channels) and the taps' packed filters. Tasks
 /// are runs of 32-place blocks; each sweeps its blocks once per 32 output channels, so that
-/// a filter panel (all taps: 9 x 16 KiB for 512 channels) stays in cache across its blocks.
+/// those channels' filters (all taps: 9 x 32 KiB for 512 input channels) stay in cache across
+/// its blocks.
 #[allow(clippy::too_many_arguments)]
 fn products(
     stack: Stack,
