@@ -45,8 +45,8 @@ const MIN_PIXELS: usize = 16;
 /// weight gradient's products (the stack transposed and the output gradient's place pairs):
 /// chunks of images this size stay in cache between their conversion and their products, and
 /// bound the buffers (a few MiB where one batch-wide stack took 19 MiB on the cifar stem).
-/// Measured, cifar stem bf16 training (3 alternating `bench` runs): 1 MiB 152-157 img/s,
-/// 2 MiB 180-189, 4 MiB 147-165.
+/// Measured, cifar stem bf16 training (3 alternating `bench` runs each): 1 MiB 152-157 img/s,
+/// 1.5 MiB 178-180, 2 MiB 180-189, 3 MiB 170-175, 4 MiB 147-165.
 const CHUNK_BYTES: usize = 2 << 20;
 
 /// A convolution this module computes: its batch, map and channels.
