@@ -67,9 +67,9 @@ thread_local! {
     static PACKED: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The taps as (dy, dx), row by row (HWIO's order).
-fn taps() -> impl Iterator<Item = (isize, isize)> {
-    (0..9).map(|t| (t / 3 - 1, t % 3 - 1))
+/// Tap `t` (0..9, row by row: HWIO's order) as the (dy, dx) it reads.
+fn tap(t: usize) -> (isize, isize) {
+    (t as isize / 3 - 1, t as isize % 3 - 1)
 }
 
 /// A chunk of `images` maps of `h x w` pixels stacked as the module doc says: rows of `pitch`
@@ -192,7 +192,7 @@ impl Direct {
     pub fn forward(&self, x: &[f32], w: &[f32], y: &mut [f32]) {
         let (cin, cout) = (self.cin, self.cout);
         let filter = |t: usize| Mat::rows(&w[t * cin * cout..][..cin * cout], cout);
-        self.run(x, cin, cout, y, |t| (taps().nth(t).expect("9 taps"), filter(t)));
+        self.run(x, cin, cout, y, |t| (tap(t), filter(t)));
     }
 
     /// `dx` from `dy` (NHWC, `cout` channels) and the filters `w` (HWIO): tap t's filter,
@@ -200,7 +200,7 @@ impl Direct {
     pub fn backward_input(&self, dy: &[f32], w: &[f32], dx: &mut [f32]) {
         let (cin, cout) = (self.cin, self.cout);
         let filter = |t: usize| Mat::transposed(&w[t * cin * cout..][..cin * cout], cout);
-        self.run(dy, cout, cin, dx, |t| (taps().nth(8 - t).expect("9 taps"), filter(t)));
+        self.run(dy, cout, cin, dx, |t| (tap(8 - t), filter(t)));
     }
 
     /// `dst` (`cd` channels) = the sum over the 9 taps of `src` (`cs` channels) read at the
@@ -255,6 +255,8 @@ impl Direct {
         let chunk = self.chunk((cin + one.copies() * cout) * (h + 1) * one.pitch * 2);
         let (cb, qb) = (cin / CHANNELS, cout / NR);
         let blocks = 9 * cb * qb;
+        // Block b of dw: its tap, first input channel and panel of output channels.
+        let block = |b: usize| (b / (cb * qb), (b / qb) % cb * CHANNELS, b % qb);
         let tasks = rayon::current_num_threads().min(blocks);
         let mut sums: Vec<Vec<Block>> = (0..tasks)
             .map(|t| {
@@ -284,8 +286,8 @@ impl Direct {
                         let tiles = Tiles::configure();
                         let mine = blocks * task / tasks..blocks * (task + 1) / tasks;
                         for (b, sum) in mine.zip(sums) {
-                            let (t, c0, q) = (b / (cb * qb), (b / qb) % cb * CHANNELS, b % qb);
-                            let read = taps().nth(t).expect("9 taps");
+                            let (t, c0, q) = block(b);
+                            let read = tap(t);
                             // The taps reading to a side take the output gradient with the
                             // places zeroed whose read wraps around to another row.
                             let dyp = &dyp[stack.copy(read.1) * pairs_len..][..pairs_len];
@@ -308,7 +310,7 @@ impl Direct {
             })
         });
         for (b, sum) in sums.iter().flatten().enumerate() {
-            let (t, c0, q) = (b / (cb * qb), (b / qb) % cb * CHANNELS, b % qb);
+            let (t, c0, q) = block(b);
             for (r, line) in sum.0.chunks_exact(NR).enumerate() {
                 dw[(t * cin + c0 + r) * cout + q * NR..][..NR].copy_from_slice(line);
             }
@@ -461,8 +463,7 @@ impl PackedB<'_> {
     /// right-hand tile pair.
     fn tile_rows(&self, q: usize, k0: usize) -> &[u32] {
         assert!(k0.is_multiple_of(CHANNELS) && k0 < self.k && self.kernel == Kernel::Amx);
-        let panel = ((k0 / KC) * self.n.div_ceil(NR) + q) * (KC / 2 * NR);
-        &self.panels[panel + (k0 % KC) / 2 * NR..][..CHANNELS / 2 * NR]
+        &self.panel(k0 / KC, q)[(k0 % KC) / 2 * NR..][..CHANNELS / 2 * NR]
     }
 }
 

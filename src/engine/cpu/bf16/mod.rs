@@ -412,6 +412,13 @@ impl<'a> PackedB<'a> {
         }
     }
 
+    /// The panel of k-block `kb` and columns `q * NR..`: room for [`KC`] / 2 pairs of [`NR`]
+    /// columns, of which the k-block's `Kernel::stride` are filled.
+    fn panel(&self, kb: usize, q: usize) -> &'a [u32] {
+        let len = KC / 2 * NR;
+        &self.panels[(kb * self.n.div_ceil(NR) + q) * len..][..len]
+    }
+
     /// A `k x n` right-hand side packed before (by [`PackedB::pack`]) into `panels`.
     pub fn view(k: usize, n: usize, panels: &'a [u32]) -> Self {
         assert_eq!(panels.len(), packed_len(k, n), "packed rhs of {k}x{n}");
@@ -454,9 +461,6 @@ pub fn matmul_packed(parallel: bool, m: usize, dst: &mut [f32], dst_rs: usize, a
     // Rows a task computes: up to MC, fewer when that leaves threads idle (4 tasks a thread).
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
     let task_rows = m.div_ceil(4 * threads).next_multiple_of(mr).clamp(mr, MC);
-    let panels = n.div_ceil(NR);
-    let panel_len = KC / 2 * NR;
-    let bpack = b.panels;
     // Row blocks of C: disjoint rows, so disjoint slices of dst.
     let rows_task = |(t, c): (usize, &mut [f32])| {
         let i0 = t * task_rows;
@@ -471,7 +475,7 @@ pub fn matmul_packed(parallel: bool, m: usize, dst: &mut [f32], dst_rs: usize, a
                     pack_rows(kernel, apack, a, i0, rows, p0, kc);
                     for q in j0 / NR..(j0 + NC).min(n).div_ceil(NR) {
                         let j = q * NR;
-                        let panel = &bpack[(kb * panels + q) * panel_len..][..stride * NR];
+                        let panel = &b.panel(kb, q)[..stride * NR];
                         for ir in (0..rows).step_by(mr) {
                             let ap = &apack[ir * KC / 2..][..mr * stride];
                             let tile = &mut c[ir * dst_rs + j..];
