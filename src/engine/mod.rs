@@ -122,6 +122,18 @@ pub struct SgdStep {
     pub first: bool,
 }
 
+/// An eval-mode batch norm (running statistics) with the residual add and ReLU fused after
+/// it: what [`Backend::conv2d_bn_eval_forward`] applies to its convolution's outputs.
+pub struct BatchNormEval<'a, Buf> {
+    pub gamma: &'a Buf,
+    pub beta: &'a Buf,
+    pub running_mean: &'a Buf,
+    pub running_var: &'a Buf,
+    pub eps: f32,
+    pub residual: Option<&'a Buf>,
+    pub relu: bool,
+}
+
 /// The kernels the model needs. A GPU backend implements the same trait; the model never
 /// touches memory except through it.
 ///
@@ -158,6 +170,38 @@ pub trait Backend: Send + Sync + 'static {
     fn conv2d_workspace_len(&self, g: &ConvGeom) -> usize;
     /// y = conv(x, w).
     fn conv2d_forward(&self, g: &ConvGeom, x: &Self::Buf, w: &Self::Buf, y: &mut Self::Buf, ws: &mut Self::Buf);
+    /// `y = relu?(bn(conv(x, w)) + residual?)` with `bn` in eval mode: inference's
+    /// convolution and batch norm in one pass where the backend has one (the CPU's direct bf16
+    /// convolutions apply the batch norm as they write their outputs, so the convolution's
+    /// output never goes through memory); elsewhere the two ops, the convolution's output in
+    /// `conv_out`. Either way `y` holds what the two ops give, bit for bit.
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_bn_eval_forward(
+        &self,
+        g: &ConvGeom,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        bn: &BatchNormEval<'_, Self::Buf>,
+        conv_out: &mut Self::Buf,
+        y: &mut Self::Buf,
+        ws: &mut Self::Buf,
+    ) {
+        self.conv2d_forward(g, x, w, conv_out, ws);
+        let b = bn;
+        let s = g.output();
+        self.batch_norm_forward_eval(
+            &s,
+            conv_out,
+            b.gamma,
+            b.beta,
+            b.running_mean,
+            b.running_var,
+            b.eps,
+            b.residual,
+            b.relu,
+            y,
+        );
+    }
     /// dw = dL/dw (overwritten, at `dw_at` in `grads`); dx = dL/dx (overwritten) when asked for.
     #[allow(clippy::too_many_arguments)]
     fn conv2d_backward(

@@ -157,19 +157,38 @@ impl<B: Backend> BasicBlock<B> {
     }
 
     fn forward(&mut self, be: &B, x: &B::Buf, s: Shape4, train: bool, ws: &mut B::Buf) -> Shape4 {
-        let sa = self.conv_a.forward(be, x, s, ws);
-        self.bn_a.forward(be, &self.conv_a.out, sa, None, train);
-        let sb = self.conv_b.forward(be, &self.bn_a.out, sa, ws);
-        let residual = match &mut self.shortcut {
+        let sa = self.bn_a.forward_after(be, &mut self.conv_a, x, s, None, train, ws);
+        if train {
+            // conv_b before the shortcut: measured, the other order cost 13% of a bf16
+            // training step on the cifar stem (164 against 190 img/s).
+            let sb = self.conv_b.forward(be, &self.bn_a.out, sa, ws);
+            let residual = Self::shortcut(&mut self.shortcut, be, x, s, train, ws);
+            self.bn_b.forward(be, &self.conv_b.out, sb, Some(residual), train);
+            return sb;
+        }
+        // Eval mode: bn_b (with the residual add) runs in conv_b's pass, so the shortcut first.
+        let residual = Self::shortcut(&mut self.shortcut, be, x, s, train, ws);
+        let bn_a = &self.bn_a.out;
+        self.bn_b
+            .forward_after(be, &mut self.conv_b, bn_a, sa, Some(residual), train, ws)
+    }
+
+    /// The residual branch's forward pass: the block's input, or the shortcut's output.
+    fn shortcut<'a>(
+        shortcut: &'a mut Option<(Conv2d<B>, BatchNorm2d<B>)>,
+        be: &B,
+        x: &'a B::Buf,
+        s: Shape4,
+        train: bool,
+        ws: &mut B::Buf,
+    ) -> &'a B::Buf {
+        match shortcut {
             Some((conv, bn)) => {
-                let ss = conv.forward(be, x, s, ws);
-                bn.forward(be, &conv.out, ss, None, train);
+                bn.forward_after(be, conv, x, s, None, train, ws);
                 &bn.out
             }
             None => x,
-        };
-        self.bn_b.forward(be, &self.conv_b.out, sb, Some(residual), train);
-        sb
+        }
     }
 
     /// The block's eval-mode forward pass as ONNX nodes, as [`Self::forward`] computes it.
@@ -299,9 +318,8 @@ impl<B: Backend> ResNet<B> {
     pub fn forward(&mut self, be: &B, x: &B::Buf, input: Shape4, train: bool) {
         assert_eq!(input.c, 3, "input must have 3 channels");
         let ws = &mut self.ws;
-        let s = self.stem.conv.forward(be, x, input, ws);
-        self.stem.bn.forward(be, &self.stem.conv.out, s, None, train);
-        let mut s = s;
+        let stem = &mut self.stem;
+        let mut s = stem.bn.forward_after(be, &mut stem.conv, x, input, None, train, ws);
         self.stem_shapes = [input, s];
         if let Some(pool) = &mut self.stem.pool {
             s = pool.forward(be, &self.stem.bn.out, s);

@@ -63,15 +63,22 @@ impl<B: Backend> Conv2d<B> {
 
     /// Computes `self.out` from `x`; returns the output shape.
     pub fn forward(&mut self, be: &B, x: &B::Buf, input: Shape4, ws: &mut B::Buf) -> Shape4 {
-        let g = self.geom(input);
-        ensure_len(be, &mut self.out, g.output().numel());
-        ensure_len(be, ws, be.conv2d_workspace_len(&g));
+        let g = self.prepare(be, input, ws);
         be.conv2d_forward(&g, x, &self.weight.value, &mut self.out, ws);
         if let Some(b) = &self.bias {
             be.bias_add(g.output().rows(), g.cout, &b.value, &mut self.out);
         }
-        self.geom = Some(g);
         g.output()
+    }
+
+    /// The geometry of a forward pass on `input`, with `self.out` and the workspace `ws`
+    /// sized for it and the geometry kept for the backward pass.
+    pub(super) fn prepare(&mut self, be: &B, input: Shape4, ws: &mut B::Buf) -> ConvGeom {
+        let g = self.geom(input);
+        ensure_len(be, &mut self.out, g.output().numel());
+        ensure_len(be, ws, be.conv2d_workspace_len(&g));
+        self.geom = Some(g);
+        g
     }
 
     /// Writes the weight gradient (into the gradient arena `grads`) and, when `dx` is given,

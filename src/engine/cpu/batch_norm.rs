@@ -40,41 +40,68 @@ where
     total
 }
 
-/// Applies `y = relu?((x - center[c]) * scale[c] + shift[c] + residual?)` row by row.
-/// Centering first (rather than folding the mean into the shift) keeps f32 rounding small
-/// when a channel's mean is large against its spread.
-fn affine(
-    rows: usize,
-    c: usize,
-    x: &[f32],
-    center: &[f32],
-    scale: &[f32],
-    shift: &[f32],
-    residual: Option<&[f32]>,
-    relu: bool,
-    y: &mut [f32],
-) {
-    let br = block_rows(c);
-    y[..rows * c].par_chunks_mut(br * c).enumerate().for_each(|(b, yb)| {
-        let start = b * br * c;
-        let xb = &x[start..start + yb.len()];
-        let rb = residual.map(|r| &r[start..start + yb.len()]);
-        for (i, (yr, xr)) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)).enumerate() {
-            for ch in 0..c {
-                yr[ch] = (xr[ch] - center[ch]) * scale[ch] + shift[ch];
-            }
-            if let Some(rb) = rb {
-                for (yv, rv) in yr.iter_mut().zip(&rb[i * c..(i + 1) * c]) {
-                    *yv += rv;
-                }
-            }
-            if relu {
-                for yv in yr.iter_mut() {
-                    *yv = yv.max(0.0);
-                }
+/// Batch norm's output step, `y = relu?((x - center[c]) * scale[c] + shift[c] + residual?)`
+/// per channel: run over a whole activation by [`Affine::apply`], or by a convolution on its
+/// outputs as it writes them ([`Affine::row`]: eval mode, where the statistics are known
+/// before the convolution runs). One definition, so the fused and the separate passes give
+/// the same bits. Centering first (rather than folding the mean into the shift) keeps f32
+/// rounding small when a channel's mean is large against its spread.
+pub struct Affine<'a> {
+    pub center: &'a [f32],
+    pub scale: &'a [f32],
+    pub shift: &'a [f32],
+    /// Added after the shift: `[rows, channels]` as the output.
+    pub residual: Option<&'a [f32]>,
+    pub relu: bool,
+}
+
+impl Affine<'_> {
+    fn channels(&self) -> usize {
+        self.scale.len()
+    }
+
+    /// `y` = channels `c0..c0 + y.len()` of output row `row` from the same channels of `x`.
+    pub fn row(&self, row: usize, c0: usize, x: &[f32], y: &mut [f32]) {
+        let span = c0..c0 + y.len();
+        let channels = self.center[span.clone()]
+            .iter()
+            .zip(&self.scale[span.clone()])
+            .zip(&self.shift[span]);
+        for ((yv, xv), ((center, scale), shift)) in y.iter_mut().zip(x).zip(channels) {
+            *yv = (xv - center) * scale + shift;
+        }
+        if let Some(r) = self.residual {
+            for (yv, rv) in y.iter_mut().zip(&r[row * self.channels() + c0..]) {
+                *yv += rv;
             }
         }
-    });
+        if self.relu {
+            for yv in y.iter_mut() {
+                *yv = yv.max(0.0);
+            }
+        }
+    }
+
+    /// `y` from `x`, both `[rows, channels]`.
+    pub fn apply(&self, rows: usize, x: &[f32], y: &mut [f32]) {
+        let c = self.channels();
+        let br = block_rows(c);
+        y[..rows * c].par_chunks_mut(br * c).enumerate().for_each(|(b, yb)| {
+            let xb = &x[b * br * c..][..yb.len()];
+            for (i, (yr, xr)) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)).enumerate() {
+                self.row(b * br + i, 0, xr, yr);
+            }
+        });
+    }
+}
+
+/// Eval mode's scale, `gamma / sqrt(running_var + eps)`, per channel.
+pub fn eval_scale(gamma: &[f32], running_var: &[f32], eps: f32) -> Vec<f32> {
+    gamma
+        .iter()
+        .zip(running_var)
+        .map(|(g, v)| g / (v + eps).sqrt())
+        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -120,7 +147,14 @@ pub fn forward_train(
         running_mean[ch] = (1.0 - momentum) * running_mean[ch] + momentum * mean[ch];
         running_var[ch] = (1.0 - momentum) * running_var[ch] + momentum * unbiased as f32;
     }
-    affine(rows, c, x, &mean, &scale, beta, residual, relu, y);
+    let affine = Affine {
+        center: &mean,
+        scale: &scale,
+        shift: beta,
+        residual,
+        relu,
+    };
+    affine.apply(rows, x, y);
 }
 
 pub fn forward_eval(
@@ -136,8 +170,15 @@ pub fn forward_eval(
     relu: bool,
     y: &mut [f32],
 ) {
-    let scale: Vec<f32> = (0..c).map(|ch| gamma[ch] / (running_var[ch] + eps).sqrt()).collect();
-    affine(rows, c, x, running_mean, &scale, beta, residual, relu, y);
+    let scale = eval_scale(&gamma[..c], &running_var[..c], eps);
+    let affine = Affine {
+        center: &running_mean[..c],
+        scale: &scale,
+        shift: &beta[..c],
+        residual,
+        relu,
+    };
+    affine.apply(rows, x, y);
 }
 
 /// Backward of training-mode batch norm. With `relu_out` (the output of a fused ReLU), `dy`

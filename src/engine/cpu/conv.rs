@@ -16,7 +16,8 @@
 //! transforms: the tiles read the padded image itself).
 
 #[cfg(target_arch = "x86_64")]
-use super::bf16;
+use super::batch_norm::Affine;
+use super::bf16::{self, Lines};
 use super::gemm::{Mat, Operands, matmul, operands};
 use super::winograd;
 use crate::engine::ConvGeom;
@@ -100,38 +101,63 @@ fn use_tap_classes(g: &ConvGeom, classes: &[(Span, Span)]) -> bool {
 /// taps inside the image are one contiguous run of NHWC input, copied at once; the taps in the
 /// padding are zero-filled around it.
 fn im2col(g: &ConvGeom, x: &[f32], first: usize, count: usize, cols: &mut [f32]) {
-    let s = g.input;
     let (oh, ow) = g.out_hw();
     let k = g.patch_len();
-    let image_len = s.h * s.w * s.c;
-    let row_len = g.kw * s.c;
+    let patches = Patches { g, x };
     cols[..count * oh * ow * k]
         .par_chunks_mut(ow * k)
         .enumerate()
         .for_each(|(r, row_block)| {
-            let image = first + r / oh;
-            let oy = r % oh;
-            let img = &x[image * image_len..(image + 1) * image_len];
-            for ox in 0..ow {
-                let patch = &mut row_block[ox * k..(ox + 1) * k];
-                // Valid kx: pad <= ox*stride + kx < w + pad.
-                let start = ox * g.stride;
-                let kx_lo = g.pad.saturating_sub(start).min(g.kw);
-                let kx_hi = g.kw.min((s.w + g.pad).saturating_sub(start)).max(kx_lo);
-                for ky in 0..g.kh {
-                    let dst = &mut patch[ky * row_len..(ky + 1) * row_len];
-                    let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                    if iy < 0 || iy >= s.h as isize || kx_lo == kx_hi {
-                        dst.fill(0.0);
-                        continue;
-                    }
-                    dst[..kx_lo * s.c].fill(0.0);
-                    dst[kx_hi * s.c..].fill(0.0);
-                    let at = (iy as usize * s.w + start + kx_lo - g.pad) * s.c;
-                    dst[kx_lo * s.c..kx_hi * s.c].copy_from_slice(&img[at..at + (kx_hi - kx_lo) * s.c]);
-                }
+            for (ox, patch) in row_block.chunks_exact_mut(k).enumerate() {
+                patches.line((first * oh + r) * ow + ox, 0, patch);
             }
         });
+}
+
+/// The patches of a convolution's input (im2col's rows, one per output pixel of every image)
+/// as [`bf16::Lines`]: a k-block of a row at a time, read from the image where it lies.
+struct Patches<'a> {
+    g: &'a ConvGeom,
+    x: &'a [f32],
+}
+
+impl bf16::Lines for Patches<'_> {
+    /// Values `p0..p0 + out.len()` of output pixel `i`'s patch (taps row by row, each tap's
+    /// channels in order): runs of the image's rows, zeros where a tap reads padding.
+    fn line(&self, i: usize, p0: usize, out: &mut [f32]) {
+        let (g, s) = (self.g, self.g.input);
+        let (oh, ow) = g.out_hw();
+        let (image, oy, ox) = (i / (oh * ow), i / ow % oh, i % ow);
+        let img = &self.x[image * s.h * s.w * s.c..][..s.h * s.w * s.c];
+        let row_len = g.kw * s.c;
+        // Valid kx: pad <= ox*stride + kx < w + pad.
+        let start = ox * g.stride;
+        let kx_lo = g.pad.saturating_sub(start).min(g.kw);
+        let kx_hi = g.kw.min((s.w + g.pad).saturating_sub(start)).max(kx_lo);
+        let end = p0 + out.len();
+        for ky in p0 / row_len..end.div_ceil(row_len) {
+            // This tap row's values within p0..end, relative to the row's start and to `out`.
+            let (lo, hi) = (
+                p0.max(ky * row_len) - ky * row_len,
+                end.min((ky + 1) * row_len) - ky * row_len,
+            );
+            let dst = &mut out[ky * row_len + lo - p0..][..hi - lo];
+            let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+            if iy < 0 || iy >= s.h as isize {
+                dst.fill(0.0);
+                continue;
+            }
+            // The image's values cover kx_lo * c..kx_hi * c of the row.
+            let (vlo, vhi) = ((kx_lo * s.c).clamp(lo, hi), (kx_hi * s.c).clamp(lo, hi));
+            dst[..vlo - lo].fill(0.0);
+            dst[vhi - lo..].fill(0.0);
+            if vlo < vhi {
+                // Row value v is the image's at (iy, start + v / c - pad), channel v % c.
+                let at = (iy as usize * s.w + start) * s.c + vlo - g.pad * s.c;
+                dst[vlo - lo..vhi - lo].copy_from_slice(&img[at..at + vhi - vlo]);
+            }
+        }
+    }
 }
 
 /// Scatter-adds patch-row gradients back onto images `first..first + count` of `dx`
@@ -187,7 +213,7 @@ fn amx_direct(g: &ConvGeom) -> Option<bf16::direct::Direct> {
 pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32], ws: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if let Some(direct) = amx_direct(g) {
-        return direct.forward(&x[..g.input.numel()], w, &mut y[..g.output().numel()]);
+        return direct.forward_then(&x[..g.input.numel()], w, None, &mut y[..g.output().numel()]);
     }
     if let Some(tiling) = winograd::tiling(g) {
         return tiling.forward(x, w, y, ws);
@@ -203,6 +229,13 @@ pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32], ws: &mut [f32]
     }
     let classes = tap_classes(g);
     let classed = use_tap_classes(g, &classes);
+    if ops == Operands::Bf16 && !classed {
+        // The patches go into the packed bf16 panels straight from the image: im2col's f32
+        // copy (9 times the input for a 3x3) is neither written nor read back.
+        let m = g.input.n * rows;
+        let patches = Patches { g, x };
+        return bf16::matmul_lines(m, g.cout, k, &mut y[..m * g.cout], g.cout, &patches, weight);
+    }
     let chunk = images_per_chunk(g);
     for first in (0..g.input.n).step_by(chunk) {
         let count = chunk.min(g.input.n - first);
@@ -227,6 +260,27 @@ pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32], ws: &mut [f32]
             false,
         );
     }
+}
+
+/// `y = affine(conv(x, w))`: on the direct bf16 path in one pass (the affine applied to each
+/// output as it leaves the tiles; `conv_out` untouched), elsewhere the convolution into
+/// `conv_out` and the affine over it.
+pub fn forward_then(
+    g: &ConvGeom,
+    x: &[f32],
+    w: &[f32],
+    affine: &Affine,
+    conv_out: &mut [f32],
+    y: &mut [f32],
+    ws: &mut [f32],
+) {
+    let out = g.output();
+    #[cfg(target_arch = "x86_64")]
+    if let Some(direct) = amx_direct(g) {
+        return direct.forward_then(&x[..g.input.numel()], w, Some(affine), &mut y[..out.numel()]);
+    }
+    forward(g, x, w, conv_out, ws);
+    affine.apply(out.rows(), conv_out, y);
 }
 
 pub fn backward(
@@ -683,6 +737,7 @@ mod tests {
             (9, 10, 2, 7, 3, 5, 6, None),
             (4, 5, 2, 1, 0, 5, 6, None),
             (3, 4, 1, 1, 0, 5, 6, None),
+            (16, 16, 2, 3, 1, 40, 24, None),
             (8, 9, 1, 3, 1, 16, 24, Some(6)),
             (5, 6, 1, 3, 1, 24, 16, Some(4)),
             (4, 4, 1, 3, 1, 16, 17, Some(6)),

@@ -251,7 +251,7 @@ impl<'a> SharedRhs<'a> {
             Operands::Bf16 => {
                 let each = super::bf16::packed_len(k, n);
                 let packed = super::bf16::PackedB::view(k, n, &self.packed[i * each..(i + 1) * each]);
-                super::bf16::matmul_packed(false, m, dst, dst_rs, a, &packed, accumulate)
+                super::bf16::matmul_packed(false, m, dst, dst_rs, super::bf16::Lhs::Mat(a), &packed, accumulate)
             }
         }
     }

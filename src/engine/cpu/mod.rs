@@ -11,7 +11,9 @@ mod optim;
 mod pool;
 mod winograd;
 
-use super::{AdamStep, Backend, ConvGeom, CropPlan, DeviceBatches, Layout, PoolGeom, SgdStep, Shape4, SyncStats};
+use super::{
+    AdamStep, Backend, BatchNormEval, ConvGeom, CropPlan, DeviceBatches, Layout, PoolGeom, SgdStep, Shape4, SyncStats,
+};
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -105,6 +107,27 @@ impl Backend for Cpu {
     }
     fn conv2d_forward(&self, g: &ConvGeom, x: &Vec<f32>, w: &Vec<f32>, y: &mut Vec<f32>, ws: &mut Vec<f32>) {
         conv::forward(g, x, w, y, ws)
+    }
+    fn conv2d_bn_eval_forward(
+        &self,
+        g: &ConvGeom,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        bn: &BatchNormEval<'_, Vec<f32>>,
+        conv_out: &mut Vec<f32>,
+        y: &mut Vec<f32>,
+        ws: &mut Vec<f32>,
+    ) {
+        let c = g.cout;
+        let scale = batch_norm::eval_scale(&bn.gamma[..c], &bn.running_var[..c], bn.eps);
+        let affine = batch_norm::Affine {
+            center: &bn.running_mean[..c],
+            scale: &scale,
+            shift: &bn.beta[..c],
+            residual: bn.residual.map(|r| &r[..g.output().numel()]),
+            relu: bn.relu,
+        };
+        conv::forward_then(g, x, w, &affine, conv_out, y, ws)
     }
     fn conv2d_backward(
         &self,

@@ -30,6 +30,7 @@
 use super::amx::{Block, ROWS, Tiles};
 use super::{KC, Kernel, NR, PackedB, line_pairs, packed_len, pairs_across, with_buffer};
 use crate::engine::ConvGeom;
+use crate::engine::cpu::batch_norm::Affine;
 use crate::engine::cpu::gemm::Mat;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -188,11 +189,13 @@ impl Direct {
         }
     }
 
-    /// `y = conv(x, w)`: `x` NHWC with `cin` channels, `w` HWIO, `y` NHWC with `cout`.
-    pub fn forward(&self, x: &[f32], w: &[f32], y: &mut [f32]) {
+    /// `y = then(conv(x, w))`, `then` (eval mode's batch norm) applied to each output as it
+    /// leaves the tiles, or `y = conv(x, w)`: `x` NHWC with `cin` channels, `w` HWIO, `y`
+    /// NHWC with `cout`.
+    pub fn forward_then(&self, x: &[f32], w: &[f32], then: Option<&Affine>, y: &mut [f32]) {
         let (cin, cout) = (self.cin, self.cout);
         let filter = |t: usize| Mat::rows(&w[t * cin * cout..][..cin * cout], cout);
-        self.run(x, cin, cout, y, |t| (tap(t), filter(t)));
+        self.run(x, cin, cout, then, y, |t| (tap(t), filter(t)));
     }
 
     /// `dx` from `dy` (NHWC, `cout` channels) and the filters `w` (HWIO): tap t's filter,
@@ -200,16 +203,17 @@ impl Direct {
     pub fn backward_input(&self, dy: &[f32], w: &[f32], dx: &mut [f32]) {
         let (cin, cout) = (self.cin, self.cout);
         let filter = |t: usize| Mat::transposed(&w[t * cin * cout..][..cin * cout], cout);
-        self.run(dy, cout, cin, dx, |t| (tap(8 - t), filter(t)));
+        self.run(dy, cout, cin, None, dx, |t| (tap(8 - t), filter(t)));
     }
 
     /// `dst` (`cd` channels) = the sum over the 9 taps of `src` (`cs` channels) read at the
-    /// tap's (dy, dx) times the tap's `cs x cd` filter.
+    /// tap's (dy, dx) times the tap's `cs x cd` filter, through `then` where given.
     fn run<'w>(
         &self,
         src: &[f32],
         cs: usize,
         cd: usize,
+        then: Option<&Affine>,
         dst: &mut [f32],
         tap: impl Fn(usize) -> ((isize, isize), Mat<'w>),
     ) {
@@ -237,7 +241,17 @@ impl Direct {
                     for (dx, copy) in (-1..=1).zip(stacks.chunks_exact_mut(copy_len)) {
                         fill(stack, stack.masked(dx), src, cs, copy);
                     }
-                    products(stack, &taps, &*stacks, copy_len, cs, cd, dst);
+                    let outputs = first * h * w;
+                    products(
+                        stack,
+                        &taps,
+                        &*stacks,
+                        copy_len,
+                        cs,
+                        cd,
+                        then.map(|a| (a, outputs)),
+                        dst,
+                    );
                 }
             })
         })
@@ -349,7 +363,8 @@ fn fill(stack: Stack, masked: impl Fn(usize) -> bool + Sync, src: &[f32], c: usi
 }
 
 /// The forward products of one chunk: `dst` (the chunk's outputs, `cd` channels) from the
-/// stack's copies (`copy_len` pairs each, `cs` channels) and the taps' packed filters. Tasks
+/// stack's copies (`copy_len` pairs each, `cs` channels) and the taps' packed filters, through
+/// `then` where given (with the index of the chunk's first output, for its residual). Tasks
 /// are runs of 32-place blocks; each sweeps its blocks once per 32 output channels, so that
 /// those channels' filters (all taps: 9 x 32 KiB for 512 input channels) stay in cache across
 /// its blocks.
@@ -361,6 +376,7 @@ fn products(
     copy_len: usize,
     cs: usize,
     cd: usize,
+    then: Option<(&Affine, usize)>,
     dst: &mut [f32],
 ) {
     let blocks = stack.places().div_ceil(ROWS);
@@ -407,7 +423,11 @@ fn products(
                     .take(rows)
                 {
                     if let Some(o) = o {
-                        out[(o - base) * cd + q * NR..][..NR].copy_from_slice(sums);
+                        let out = &mut out[(o - base) * cd + q * NR..][..NR];
+                        match then {
+                            Some((affine, first)) => affine.row(first + o, q * NR, sums, out),
+                            None => out.copy_from_slice(sums),
+                        }
                     }
                 }
             }
@@ -473,11 +493,17 @@ mod tests {
     use super::*;
     use crate::engine::Shape4;
 
-    /// `y`, `dx` and `dw` of a 3x3 padding-1 convolution in f64 (`dy`'s gradients through it).
-    fn reference(g: &ConvGeom, x: &[f32], w: &[f32], dy: &[f32]) -> [Vec<f64>; 3] {
+    /// `y`, `dx` and `dw` of a 3x3 padding-1 convolution in f64 (`dy`'s gradients through it),
+    /// each value with the sum of its terms' magnitudes.
+    fn reference(g: &ConvGeom, x: &[f32], w: &[f32], dy: &[f32]) -> [Vec<(f64, f64)>; 3] {
         let Shape4 { n, h, w: wd, c } = g.input;
         let co = g.cout;
-        let (mut y, mut dx, mut dw) = (vec![0f64; n * h * wd * co], vec![0f64; x.len()], vec![0f64; w.len()]);
+        let zeros = |len| vec![(0f64, 0f64); len];
+        let (mut y, mut dx, mut dw) = (zeros(n * h * wd * co), zeros(x.len()), zeros(w.len()));
+        let add = |sum: &mut (f64, f64), a: f32, b: f32| {
+            sum.0 += a as f64 * b as f64;
+            sum.1 += (a as f64 * b as f64).abs();
+        };
         for i in 0..n {
             for (oy, ox) in (0..h).flat_map(|oy| (0..wd).map(move |ox| (oy, ox))) {
                 for t in 0..9 {
@@ -488,10 +514,10 @@ mod tests {
                     let (xi, yi) = (((i * h + iy) * wd + ix) * c, ((i * h + oy) * wd + ox) * co);
                     for ci in 0..c {
                         for o in 0..co {
-                            let wv = w[(t * c + ci) * co + o] as f64;
-                            y[yi + o] += x[xi + ci] as f64 * wv;
-                            dx[xi + ci] += dy[yi + o] as f64 * wv;
-                            dw[(t * c + ci) * co + o] += dy[yi + o] as f64 * x[xi + ci] as f64;
+                            let wv = w[(t * c + ci) * co + o];
+                            add(&mut y[yi + o], x[xi + ci], wv);
+                            add(&mut dx[xi + ci], dy[yi + o], wv);
+                            add(&mut dw[(t * c + ci) * co + o], dy[yi + o], x[xi + ci]);
                         }
                     }
                 }
@@ -500,11 +526,26 @@ mod tests {
         [y, dx, dw]
     }
 
+    /// The 3x3 padding-1 convolution of `n` maps of `h x w x cin` to `cout` channels, and its
+    /// plan here (none without AMX).
+    fn plan(n: usize, h: usize, w: usize, cin: usize, cout: usize) -> Option<(ConvGeom, Direct)> {
+        let g = ConvGeom {
+            input: Shape4::new(n, h, w, cin),
+            cout,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad: 1,
+        };
+        Direct::of(&g).map(|direct| (g, direct))
+    }
+
     /// On operands already bf16, the tile products are exact and only the f32 sums round:
     /// the three results match the float64 reference to f32 summation error, with channel counts
     /// that differ (a transposed filter the wrong way round fails), maps whose rows are not a
     /// multiple of the blocks, K over two filter blocks (288 channels), one image (tasks
-    /// within it), 4x4 maps (blocks across images) and six 32x32 maps (two chunks).
+    /// within it), 4x4 maps (blocks across images) and 32 32x32 maps (two chunks forward, three
+    /// for the weight gradient).
     #[test]
     fn matches_float64_on_bf16_operands() {
         let cases = [
@@ -513,18 +554,10 @@ mod tests {
             (1, 16, 16, 288, 32),
             (32, 8, 8, 64, 64),
             (5, 4, 4, 64, 64),
-            (6, 32, 32, 64, 32),
+            (32, 32, 32, 32, 32),
         ];
         for (n, h, w, cin, cout) in cases {
-            let g = ConvGeom {
-                input: Shape4::new(n, h, w, cin),
-                cout,
-                kh: 3,
-                kw: 3,
-                stride: 1,
-                pad: 1,
-            };
-            let Some(direct) = Direct::of(&g) else {
+            let Some((g, direct)) = plan(n, h, w, cin, cout) else {
                 return eprintln!("skipped: no AMX tiles here");
             };
             let val = |i: usize, salt: f32| widen(round(((i as f32 * 0.618 + salt).sin() * 1000.0).fract()));
@@ -533,7 +566,7 @@ mod tests {
             let dy: Vec<f32> = (0..g.output().numel()).map(|i| val(i, 0.3)).collect();
             let [ry, rdx, rdw] = reference(&g, &x, &wt, &dy);
             let mut y = vec![f32::NAN; g.output().numel()];
-            direct.forward(&x, &wt, &mut y);
+            direct.forward_then(&x, &wt, None, &mut y);
             let mut dx = vec![f32::NAN; x.len()];
             direct.backward_input(&dy, &wt, &mut dx);
             let mut dw = vec![f32::NAN; wt.len()];
@@ -544,11 +577,56 @@ mod tests {
                 ("dw", &dw, &rdw, n * h * w),
             ];
             for (what, got, want, terms) in sums {
-                for (i, (a, b)) in got.iter().zip(want.iter()).enumerate() {
-                    // Each term is below 1 in size: f32 sums of them err by under terms * 2^-24 each.
-                    let bound = terms as f64 * 6e-8 * 4.0;
+                for (i, (a, (b, magnitude))) in got.iter().zip(want.iter()).enumerate() {
+                    // A sum of `terms` products in f32, each add rounding by at most 2^-24 of a
+                    // partial sum, itself at most the terms' summed magnitude.
+                    let bound = (terms as f64 * magnitude).max(1.0) * 6e-8;
                     assert!((*a as f64 - b).abs() <= bound, "{g:?} {what}[{i}]: {a} vs {b}");
                 }
+            }
+        }
+    }
+
+    /// Eval mode's batch norm, residual and ReLU applied as the outputs leave the tiles give
+    /// the bits of the convolution followed by the batch norm's own pass: on every shape of
+    /// the test above (two chunks: the residual read at the chunk's outputs), with and
+    /// without the residual and the ReLU.
+    #[test]
+    fn fused_batch_norm_matches_its_own_pass() {
+        for (n, h, w, cin, cout) in [
+            (3, 11, 6, 32, 96),
+            (32, 8, 8, 64, 64),
+            (5, 4, 4, 64, 64),
+            (32, 32, 32, 32, 32),
+        ] {
+            let Some((g, direct)) = plan(n, h, w, cin, cout) else {
+                return eprintln!("skipped: no AMX tiles here");
+            };
+            let val = |i: usize, salt: f32| ((i as f32 * 0.618 + salt).sin() * 1000.0).fract();
+            let x: Vec<f32> = (0..g.input.numel()).map(|i| val(i, 0.1)).collect();
+            let wt: Vec<f32> = (0..g.weight_len()).map(|i| val(i, 0.2)).collect();
+            let residual: Vec<f32> = (0..g.output().numel()).map(|i| val(i, 0.3)).collect();
+            let (center, scale, shift): (Vec<f32>, Vec<f32>, Vec<f32>) = (0..cout)
+                .map(|c| (val(c, 0.4), 1.0 + val(c, 0.5), val(c, 0.6)))
+                .collect();
+            let mut conv = vec![f32::NAN; g.output().numel()];
+            direct.forward_then(&x, &wt, None, &mut conv);
+            for (residual, relu) in [(None, false), (Some(&residual[..]), true)] {
+                let affine = Affine {
+                    center: &center,
+                    scale: &scale,
+                    shift: &shift,
+                    residual,
+                    relu,
+                };
+                let mut want = vec![f32::NAN; conv.len()];
+                affine.apply(g.output().rows(), &conv, &mut want);
+                let mut got = vec![f32::NAN; conv.len()];
+                direct.forward_then(&x, &wt, Some(&affine), &mut got);
+                assert!(direct.chunk(2 * (h + 1) * (w + 1) * cin) < n || h < 32, "two chunks");
+                let differ = got.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
+                assert_eq!(differ, None, "{g:?} relu {relu}");
+                assert!(!relu || want.contains(&0.0), "the ReLU clips some outputs");
             }
         }
     }

@@ -366,7 +366,32 @@ fn matmul_with(
     }
     with_buffer(&PACKED_B, packed_len(k, n), |bpack| {
         let b = PackedB::pack_for(kernel, parallel, k, n, b, bpack);
-        matmul_packed(parallel, m, dst, dst_rs, a, &b, accumulate)
+        matmul_packed(parallel, m, dst, dst_rs, Lhs::Mat(a), &b, accumulate)
+    })
+}
+
+/// Rows of a left-hand side that no matrix holds (a convolution's patches, read from the
+/// image where they lie, where im2col would write them out in f32 and the packing read them
+/// back): the packer asks for a k-block of a row at a time, into an f32 line in cache, and
+/// turns it into pairs there.
+pub trait Lines: Sync {
+    /// K values `p0..p0 + out.len()` of row `i`.
+    fn line(&self, i: usize, p0: usize, out: &mut [f32]);
+}
+
+/// The left-hand side of [`matmul_packed`]: a matrix view or [`Lines`].
+#[derive(Clone, Copy)]
+pub enum Lhs<'a> {
+    Mat(Mat<'a>),
+    Lines(&'a dyn Lines),
+}
+
+/// [`matmul`] with a left-hand side of [`Lines`] (`m x k`) on every thread of the pool.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_lines(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, a: &dyn Lines, b: Mat) {
+    with_buffer(&PACKED_B, packed_len(k, n), |bpack| {
+        let b = PackedB::pack(true, k, n, b, bpack);
+        matmul_packed(true, m, dst, dst_rs, Lhs::Lines(a), &b, false)
     })
 }
 
@@ -450,12 +475,14 @@ fn b_panel(kernel: Kernel, out: &mut [u32], b: Mat, k: usize, n: usize, p0: usiz
 }
 
 /// [`matmul`] with a right-hand side packed before.
-pub fn matmul_packed(parallel: bool, m: usize, dst: &mut [f32], dst_rs: usize, a: Mat, b: &PackedB, accumulate: bool) {
+pub fn matmul_packed(parallel: bool, m: usize, dst: &mut [f32], dst_rs: usize, a: Lhs, b: &PackedB, accumulate: bool) {
     let (kernel, n, k) = (b.kernel, b.n, b.k);
     if !super::gemm::dst_needs_product(m, n, k, dst, dst_rs, accumulate) {
         return;
     }
-    a.check(m, k, "lhs");
+    if let Lhs::Mat(a) = a {
+        a.check(m, k, "lhs");
+    }
     let dst = &mut dst[..(m - 1) * dst_rs + n];
     let mr = kernel.rows();
     // Rows a task computes: up to MC, fewer when that leaves threads idle (4 tasks a thread).
@@ -536,7 +563,15 @@ fn matmul_by_columns(
     let task_cols = panels.div_ceil(2 * rayon::current_num_threads()) * NR;
     with_buffer(&WHOLE_A, blocks * block, |apack| {
         for (kb, p0) in (0..k).step_by(KC).enumerate() {
-            pack_rows(kernel, &mut apack[kb * block..][..block], a, 0, m, p0, KC.min(k - p0));
+            pack_rows(
+                kernel,
+                &mut apack[kb * block..][..block],
+                Lhs::Mat(a),
+                0,
+                m,
+                p0,
+                KC.min(k - p0),
+            );
         }
         let apack = &*apack;
         let columns: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(task_cols))
@@ -583,9 +618,13 @@ fn matmul_by_columns(
 /// kernel's rows (lines `kernel.stride(kc)` pairs apart) per `KC / 2 * rows` values of
 /// `apack`. A view whose rows lie side by side (a transposed matrix: the weight gradient's
 /// patches) is converted and transposed 16 x 16 pairs at a time in registers.
-fn pack_rows(kernel: Kernel, apack: &mut [u32], a: Mat, i0: usize, rows: usize, p0: usize, kc: usize) {
+fn pack_rows(kernel: Kernel, apack: &mut [u32], a: Lhs, i0: usize, rows: usize, p0: usize, kc: usize) {
     let (mr, stride) = (kernel.rows(), kernel.stride(kc));
     let panel_len = mr * KC / 2;
+    let a = match a {
+        Lhs::Mat(a) => a,
+        Lhs::Lines(lines) => return pack_lines(lines, apack, mr, stride, i0, rows, p0, kc),
+    };
     if a.cs != 1 && a.rs == 1 {
         let at = i0 + p0 * a.cs;
         assert!(
@@ -625,6 +664,35 @@ fn pack_rows(kernel: Kernel, apack: &mut [u32], a: Mat, i0: usize, rows: usize, 
                 mr.min(rows - ir),
                 kc,
             );
+        }
+    }
+}
+
+/// [`pack_rows`] for [`Lines`]: each row's k-block written as f32 into a line on the stack,
+/// then converted to pairs; the panels' missing rows and padding pairs are zeros.
+#[allow(clippy::too_many_arguments)]
+fn pack_lines(
+    lines: &dyn Lines,
+    apack: &mut [u32],
+    mr: usize,
+    stride: usize,
+    i0: usize,
+    rows: usize,
+    p0: usize,
+    kc: usize,
+) {
+    let mut line = [0f32; KC];
+    let pairs = kc.div_ceil(2);
+    for ir in (0..rows).step_by(mr) {
+        let panel = &mut apack[ir * KC / 2..][..mr * stride];
+        for (l, out) in panel.chunks_exact_mut(stride).enumerate() {
+            if ir + l < rows {
+                lines.line(i0 + ir + l, p0, &mut line[..kc]);
+                line_pairs(&line[..kc], &mut out[..pairs]);
+                out[pairs..].fill(0);
+            } else {
+                out.fill(0);
+            }
         }
     }
 }
@@ -778,7 +846,7 @@ mod tests {
                             let mut panels = vec![0; packed_len(k, n)];
                             let packed = PackedB::pack_for(kernel, true, k, n, b, &mut panels);
                             let mut by_rows = start.clone();
-                            matmul_packed(true, m, &mut by_rows, dst_rs, a, &packed, accumulate);
+                            matmul_packed(true, m, &mut by_rows, dst_rs, Lhs::Mat(a), &packed, accumulate);
                             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                             assert_eq!(
                                 bits(&by_columns),
