@@ -175,8 +175,9 @@ mod tests {
 
     /// Eval mode's convolution and batch norm in one backend call give the bits of the two
     /// layers run one after the other, with every statistic and parameter distinct (so that
-    /// one passed in the wrong place shows), a residual and the ReLU; in fp32 (the two passes
-    /// behind one call) and, where the CPU has them, bf16 operands (on AMX, one fused pass).
+    /// one passed in the wrong place shows), a residual and the ReLU: in fp32 (the two passes
+    /// behind one call) and, where the CPU has them, bf16 operands (on AMX, the 3x3 stride-1
+    /// convolution takes the direct path and its fused pass; the strided ones two passes).
     #[test]
     fn forward_after_a_conv_matches_the_two_layers() {
         let precisions = if bf16_support().is_ok() {
@@ -186,35 +187,38 @@ mod tests {
         };
         for &bf16 in precisions {
             set_bf16(bf16).unwrap();
-            let be = &Cpu;
-            let b = Builder::new(be, 7);
-            let cfg = Conv2dConfig {
-                cin: 64,
-                cout: 64,
-                kernel: 3,
-                stride: 1,
-                pad: 1,
-                bias: false,
-            };
-            let mut conv = Conv2d::new(&b.pp("conv"), cfg);
-            let mut bn = BatchNorm2d::new(&b.pp("bn"), 64, true);
-            let ramp = |lo: f32, step: f32| (0..64).map(|c| lo + step * c as f32).collect::<Vec<f32>>();
-            bn.weight.value = ramp(0.5, 0.02);
-            bn.bias.value = ramp(-0.3, 0.01);
-            bn.running_mean.value = ramp(-0.1, 0.005);
-            bn.running_var.value = ramp(0.2, 0.03);
-            let s = Shape4::new(2, 8, 8, 64);
-            let x: Vec<f32> = (0..s.numel()).map(|i| (i as f32 * 0.37).sin()).collect();
-            let residual: Vec<f32> = (0..s.numel()).map(|i| (i as f32 * 0.11).cos()).collect();
-            let mut ws = be.alloc(0);
-            conv.forward(be, &x, s, &mut ws);
-            bn.forward(be, &conv.out, s, Some(&residual), false);
-            let want = std::mem::take(&mut bn.out);
-            bn.forward_after(be, &mut conv, &x, s, Some(&residual), false, &mut ws);
-            assert_eq!(bn.out.len(), want.len());
-            let differ = bn.out.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
-            assert_eq!(differ, None, "bf16 {bf16}");
-            assert!(want.contains(&0.0) && want.iter().any(|&v| v > 0.0));
+            for (kernel, stride, cout) in [(3, 1, 64), (3, 2, 128), (1, 2, 128)] {
+                let be = &Cpu;
+                let b = Builder::new(be, 7);
+                let cfg = Conv2dConfig {
+                    cin: 64,
+                    cout,
+                    kernel,
+                    stride,
+                    pad: kernel / 2,
+                    bias: false,
+                };
+                let mut conv = Conv2d::new(&b.pp("conv"), cfg);
+                let mut bn = BatchNorm2d::new(&b.pp("bn"), cout, true);
+                let ramp = |lo: f32, step: f32| (0..cout).map(|c| lo + step * c as f32).collect::<Vec<f32>>();
+                bn.weight.value = ramp(0.5, 0.02);
+                bn.bias.value = ramp(-0.3, 0.01);
+                bn.running_mean.value = ramp(-0.1, 0.005);
+                bn.running_var.value = ramp(0.2, 0.03);
+                let s = Shape4::new(8, 8, 8, 64);
+                let x: Vec<f32> = (0..s.numel()).map(|i| (i as f32 * 0.37).sin()).collect();
+                let out = conv.geom(s).output();
+                let residual: Vec<f32> = (0..out.numel()).map(|i| (i as f32 * 0.11).cos()).collect();
+                let mut ws = be.alloc(0);
+                conv.forward(be, &x, s, &mut ws);
+                bn.forward(be, &conv.out, out, Some(&residual), false);
+                let want = std::mem::take(&mut bn.out);
+                bn.forward_after(be, &mut conv, &x, s, Some(&residual), false, &mut ws);
+                assert_eq!(bn.out.len(), want.len());
+                let differ = bn.out.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
+                assert_eq!(differ, None, "bf16 {bf16}, {cfg:?}");
+                assert!(want.contains(&0.0) && want.iter().any(|&v| v > 0.0));
+            }
         }
         set_bf16(false).unwrap();
     }

@@ -110,7 +110,17 @@ impl Tiles {
             let steps = (0..pairs)
                 .step_by(PAIRS)
                 .map(|kp| (a.add(kp) as *const u8, b.add(kp * NR)));
-            sums(steps, stride * 4, NR * 4, out, false);
+            let a_rs = stride * 4;
+            self.sum_into(
+                steps,
+                a_rs,
+                16 * a_rs,
+                NR * 4,
+                out,
+                out.wrapping_add(16 * NR),
+                NR * 4,
+                false,
+            );
             store_block(out, c, c_rs, mr, nr, add)
         }
     }
@@ -132,8 +142,9 @@ impl Tiles {
         block: &mut Block,
         add: bool,
     ) {
+        let c = block.0.as_mut_ptr();
         // SAFETY: the tiles are configured (`self`); the caller vouches for the memory.
-        unsafe { sums(steps, a_rs, b_rs, block.0.as_mut_ptr(), add) }
+        unsafe { self.sum_into(steps, a_rs, 16 * a_rs, b_rs, c, c.wrapping_add(16 * NR), NR * 4, add) }
     }
 }
 
@@ -148,76 +159,86 @@ impl Drop for Tiles {
 #[repr(C, align(64))]
 pub struct Block(pub [f32; ROWS * NR]);
 
-/// The tile products of [`Tiles::sum`] (and of [`Tiles::product`]'s panels) into the 32 x 32
-/// f32 block at `c` (row-major). tmm0: rows 0-15 x columns 0-15, tmm1: rows 0-15 x 16-31,
-/// tmm2: rows 16-31 x 0-15, tmm3: rows 16-31 x 16-31; tmm4/5: A's two row halves, tmm6/7: B's
-/// two column halves. The loads sit between the products: tiles are not renamed, so a load
-/// into a tile waits for the products reading it.
-///
-/// # Safety
-/// The tiles are configured; the steps as [`Tiles::sum`] says; `c` holds the block (read too
-/// with `add`).
-unsafe fn sums(steps: impl Iterator<Item = (*const u8, *const u32)>, a_rs: usize, b_rs: usize, c: *mut f32, add: bool) {
-    let (c0, c1, c2, c3) = (
-        c,
-        c.wrapping_add(16),
-        c.wrapping_add(16 * NR),
-        c.wrapping_add(16 * NR + 16),
-    );
-    unsafe {
-        if add {
+impl Tiles {
+    /// [`Tiles::sum`] with the left-hand side's two 16-row halves `a_gap` bytes apart (the
+    /// second half's rows need not follow the first's) and the result's two halves of 16 rows
+    /// of 32 values written (or with `add`, also read) where they belong: rows `c_rs` bytes
+    /// apart from `top` and from `bottom`. tmm0: rows 0-15 x columns 0-15, tmm1: rows 0-15 x
+    /// 16-31, tmm2: rows 16-31 x 0-15, tmm3: rows 16-31 x 16-31; tmm4/5: A's two row halves,
+    /// tmm6/7: B's two column halves. The loads sit between the products: tiles are not
+    /// renamed, so a load into a tile waits for the products reading it.
+    ///
+    /// # Safety
+    /// As [`Tiles::sum`]'s, with each step's second half at `a_s + a_gap`; `top` and `bottom`
+    /// each point at 16 rows of 32 writable f32 (read too with `add`), `c_rs` bytes apart.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn sum_into(
+        &self,
+        steps: impl Iterator<Item = (*const u8, *const u32)>,
+        a_rs: usize,
+        a_gap: usize,
+        b_rs: usize,
+        top: *mut f32,
+        bottom: *mut f32,
+        c_rs: usize,
+        add: bool,
+    ) {
+        let (c0, c1, c2, c3) = (top, top.wrapping_add(16), bottom, bottom.wrapping_add(16));
+        unsafe {
+            if add {
+                asm!(
+                    "tileloadd tmm0, [{c0} + {s} * 1]",
+                    "tileloadd tmm1, [{c1} + {s} * 1]",
+                    "tileloadd tmm2, [{c2} + {s} * 1]",
+                    "tileloadd tmm3, [{c3} + {s} * 1]",
+                    c0 = in(reg) c0,
+                    c1 = in(reg) c1,
+                    c2 = in(reg) c2,
+                    c3 = in(reg) c3,
+                    s = in(reg) c_rs,
+                    options(nostack, readonly)
+                );
+            } else {
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
+            }
+            for (a, b) in steps {
+                asm!(
+                    "tileloadd tmm4, [{a0} + {sa} * 1]",
+                    "tileloadd tmm6, [{b0} + {sb} * 1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloadd tmm7, [{b1} + {sb} * 1]",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tileloadd tmm5, [{a1} + {sa} * 1]",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a,
+                    a1 = in(reg) a.add(a_gap),
+                    b0 = in(reg) b,
+                    b1 = in(reg) b.add(16),
+                    sa = in(reg) a_rs,
+                    sb = in(reg) b_rs,
+                    options(nostack, readonly)
+                );
+            }
             asm!(
-                "tileloadd tmm0, [{c0} + {s} * 1]",
-                "tileloadd tmm1, [{c1} + {s} * 1]",
-                "tileloadd tmm2, [{c2} + {s} * 1]",
-                "tileloadd tmm3, [{c3} + {s} * 1]",
+                "tilestored [{c0} + {s} * 1], tmm0",
+                "tilestored [{c1} + {s} * 1], tmm1",
+                "tilestored [{c2} + {s} * 1], tmm2",
+                "tilestored [{c3} + {s} * 1], tmm3",
                 c0 = in(reg) c0,
                 c1 = in(reg) c1,
                 c2 = in(reg) c2,
                 c3 = in(reg) c3,
-                s = in(reg) NR * 4,
-                options(nostack, readonly)
-            );
-        } else {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack, nomem)
+                s = in(reg) c_rs,
+                options(nostack)
             );
         }
-        for (a, b) in steps {
-            asm!(
-                "tileloadd tmm4, [{a0} + {sa} * 1]",
-                "tileloadd tmm6, [{b0} + {sb} * 1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tileloadd tmm7, [{b1} + {sb} * 1]",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tileloadd tmm5, [{a1} + {sa} * 1]",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                a0 = in(reg) a,
-                a1 = in(reg) a.add(16 * a_rs),
-                b0 = in(reg) b,
-                b1 = in(reg) b.add(16),
-                sa = in(reg) a_rs,
-                sb = in(reg) b_rs,
-                options(nostack, readonly)
-            );
-        }
-        asm!(
-            "tilestored [{c0} + {s} * 1], tmm0",
-            "tilestored [{c1} + {s} * 1], tmm1",
-            "tilestored [{c2} + {s} * 1], tmm2",
-            "tilestored [{c3} + {s} * 1], tmm3",
-            c0 = in(reg) c0,
-            c1 = in(reg) c1,
-            c2 = in(reg) c2,
-            c3 = in(reg) c3,
-            s = in(reg) NR * 4,
-            options(nostack)
-        );
     }
 }
 

@@ -13,15 +13,20 @@
 //! taps reading to the right one whose first column is zeros, the others the plain one. A
 //! 32 x 32 block of outputs is then one run of tile products over the 9 taps and the input
 //! channels, 32 at a time, against the weights packed once per call as B panels (one per
-//! tap). The places of the zero rows and columns are computed and dropped: 6% more work on
-//! 32x32 maps, 13% on 16x16, 13% on 8x8 and 25% on 4x4 (three copies).
+//! tap). Each 16-row half of the left-hand tiles is a segment of 16 places with consecutive
+//! outputs (a piece of an image row, or with three copies of an image), its own start, so
+//! that no place of a zero row or column is computed (they were 6% of the work on 32x32
+//! maps, 13% on 16x16 and 8x8, 25% on 4x4), and the tiles store whole segments' sums straight
+//! into the output. Measured: 3-5% of a cifar-stem bf16 training step, 4% of its inference,
+//! 5% and 17% on the seed stem (3 alternating `bench` runs each).
 //!
 //! The input gradient is the same product over the output gradient's stack, with each tap's
 //! filter transposed and the taps mirrored (`dx[p] = sum over taps t of dy[p - t] w_t^T`).
 //! The weight gradient sums over the places instead: the stack transposed (a row of pixels
 //! per channel, which a tile row reads at any offset) times the output gradient in pairs of
-//! places, zeros at the dropped places; with three copies, the taps reading to a side take a
-//! copy of the output gradient whose places that read across a row's end are zeros.
+//! places (the places of zero rows and columns among them, with zeros for the gradient); with
+//! three copies, the taps reading to a side take a copy of the output gradient whose places
+//! that read across a row's end are zeros.
 //!
 //! Measured on a 2-core Xeon with AMX (docs/bf16-cpu.md), cifar stem, ms a call forward /
 //! backward, against Winograd's 4-point tiles before: 32x32x64 4.7-4.9 / 9.9-10.7 against
@@ -84,7 +89,45 @@ struct Stack {
     pitch: usize,
 }
 
+/// Up to 16 places of a stack (one half of the tiles' rows) that compute consecutive outputs:
+/// a piece of an image row (rows closed by a zero column), or of an image (rows of `w`).
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    /// The first place.
+    place: usize,
+    /// Its output (pixel of the chunk's images).
+    out: usize,
+    /// Places, 16 but at a row's or an image's end.
+    len: usize,
+}
+
 impl Stack {
+    /// The segments of every output, in the outputs' order.
+    fn segments(&self) -> Vec<Segment> {
+        let (h, w, pitch, half) = (self.h, self.w, self.pitch, ROWS / 2);
+        let mut segments = Vec::new();
+        for image in 0..self.images {
+            // Place of the image's first pixel, and its first output.
+            let (place, out) = (image * (h + 1) * pitch, image * h * w);
+            if pitch == w {
+                segments.extend((0..h * w).step_by(half).map(|o| Segment {
+                    place: place + o,
+                    out: out + o,
+                    len: half.min(h * w - o),
+                }));
+            } else {
+                for y in 0..h {
+                    segments.extend((0..w).step_by(half).map(|x| Segment {
+                        place: place + y * pitch + x,
+                        out: out + y * w + x,
+                        len: half.min(w - x),
+                    }));
+                }
+            }
+        }
+        segments
+    }
+
     /// Copies of the stack the taps read: three where rows have no zero column.
     fn copies(&self) -> usize {
         if self.pitch == self.w { 3 } else { 1 }
@@ -115,13 +158,6 @@ impl Stack {
     /// Where tap (dy, dx) reads, relative to the place: pixels (from the first place's pixel).
     fn offset(&self, (dy, dx): (isize, isize)) -> usize {
         (self.first() as isize + dy * self.pitch as isize + dx) as usize
-    }
-
-    /// Outputs (pixels of the images) before place `k`.
-    fn outputs_before(&self, k: usize) -> usize {
-        let (row, x) = (k / self.pitch, k % self.pitch);
-        let (image, y) = (row / (self.h + 1), row % (self.h + 1));
-        (image * self.h + y.min(self.h)) * self.w + if y < self.h { x.min(self.w) } else { 0 }
     }
 
     /// The outputs (pixels of the images) that places `k0, k0 + 1, ...` compute: none for a
@@ -364,10 +400,12 @@ fn fill(stack: Stack, masked: impl Fn(usize) -> bool + Sync, src: &[f32], c: usi
 
 /// The forward products of one chunk: `dst` (the chunk's outputs, `cd` channels) from the
 /// stack's copies (`copy_len` pairs each, `cs` channels) and the taps' packed filters, through
-/// `then` where given (with the index of the chunk's first output, for its residual). Tasks
-/// are runs of 32-place blocks; each sweeps its blocks once per 32 output channels, so that
-/// those channels' filters (all taps: 9 x 32 KiB for 512 input channels) stay in cache across
-/// its blocks.
+/// `then` where given (with the index of the chunk's first output, for its residual). A block
+/// is two [`Segment`]s, one per 16-row half of the tiles: no place of a zero row or column is
+/// computed, and where both halves are whole and nothing follows, the tiles store their sums
+/// straight into `dst`. Tasks are runs of blocks; each sweeps its blocks once per 32 output
+/// channels, so that those channels' filters (all taps: 9 x 32 KiB for 512 input channels)
+/// stay in cache across its blocks.
 #[allow(clippy::too_many_arguments)]
 fn products(
     stack: Stack,
@@ -379,50 +417,63 @@ fn products(
     then: Option<(&Affine, usize)>,
     dst: &mut [f32],
 ) {
-    let blocks = stack.places().div_ceil(ROWS);
+    let segments = stack.segments();
+    let blocks = segments.len().div_ceil(2);
     let tasks = (4 * rayon::current_num_threads()).min(blocks);
-    // Each task's places, and its outputs: a contiguous run of `dst`.
-    let bounds: Vec<usize> = (0..=tasks)
-        .map(|t| (blocks * t / tasks * ROWS).min(stack.places()))
-        .collect();
+    // Each task's blocks, and its outputs: a contiguous run of `dst` (segments follow the
+    // outputs' order).
     let mut parts = Vec::with_capacity(tasks);
     let mut rest = dst;
     for t in 0..tasks {
-        let len = (stack.outputs_before(bounds[t + 1]) - stack.outputs_before(bounds[t])) * cd;
-        let (part, tail) = rest.split_at_mut(len);
-        parts.push((bounds[t]..bounds[t + 1], part));
+        let mine = &segments[2 * (blocks * t / tasks)..(2 * (blocks * (t + 1) / tasks)).min(segments.len())];
+        let outputs = mine.last().map_or(0, |l| l.out + l.len) - mine.first().map_or(0, |f| f.out);
+        let (part, tail) = rest.split_at_mut(outputs * cd);
+        parts.push((mine, part));
         rest = tail;
     }
-    parts.into_par_iter().for_each(|(places, out)| {
+    parts.into_par_iter().for_each(|(mine, out)| {
         let tiles = Tiles::configure();
         let mut block = Block([0.0; ROWS * NR]);
-        let base = stack.outputs_before(places.start);
+        let base = mine.first().map_or(0, |f| f.out);
         for q in 0..cd / NR {
-            for k0 in places.clone().step_by(ROWS) {
+            for pair in mine.chunks(2) {
+                // A lone last segment computes its second half again, dropped.
+                let (top, bottom) = (pair[0], pair[pair.len() - 1]);
                 let steps = taps.iter().flat_map(|&(read, ref filter)| {
                     let copy = &stacks[stack.copy(read.1) * copy_len..][..copy_len];
-                    let at = (k0 + stack.offset(read)) * cs / 2;
-                    // The farthest pair read: row 31 of the block, the last 32 channels.
-                    assert!(at + (ROWS - 1) * cs / 2 + cs / 2 <= copy.len(), "{stack:?}");
+                    let at = |s: Segment| (s.place + stack.offset(read)) * cs / 2;
+                    let (first, second) = (at(top), at(bottom));
+                    // The farthest pair read: row 15 of either half, the last 32 channels.
+                    assert!(
+                        second >= first && second + 15 * cs / 2 + cs / 2 <= copy.len(),
+                        "{stack:?}"
+                    );
                     (0..cs).step_by(CHANNELS).map(move |c0| {
                         (
-                            copy[at + c0 / 2..].as_ptr() as *const u8,
+                            copy[first + c0 / 2..].as_ptr() as *const u8,
                             filter.tile_rows(q, c0).as_ptr(),
                         )
                     })
                 });
-                // SAFETY: every A step reads 32 rows of 16 pairs, `cs / 2` pairs apart, from
-                // its start in its copy, all within it (asserted above); `tile_rows` returns
-                // 16 x NR pairs.
-                unsafe { tiles.sum(steps, cs * 2, NR * 4, &mut block, false) };
-                let rows = (places.end - k0).min(ROWS);
-                for (sums, o) in block
-                    .0
-                    .chunks_exact(NR)
-                    .zip(stack.outputs_from(k0, |_| false))
-                    .take(rows)
-                {
-                    if let Some(o) = o {
+                let a_gap = (bottom.place - top.place) * cs * 2;
+                let row = |s: Segment| (s.out - base) * cd + q * NR;
+                let whole = |s: Segment| s.len == ROWS / 2 && row(s) + (ROWS / 2 - 1) * cd + NR <= out.len();
+                if then.is_none() && pair.len() == 2 && whole(top) && whole(bottom) {
+                    let (t, b) = (out[row(top)..].as_mut_ptr(), out[row(bottom)..].as_mut_ptr());
+                    // SAFETY: every A step reads 16 rows of 16 pairs, `cs / 2` pairs apart, from
+                    // its start and `a_gap` bytes on, in its copy (asserted above);
+                    // `tile_rows` returns 16 x NR pairs; each half of the sums is 16 rows of
+                    // NR values, `cd` apart, in `out` (`whole`).
+                    unsafe { tiles.sum_into(steps, cs * 2, a_gap, NR * 4, t, b, cd * 4, false) };
+                    continue;
+                }
+                let (t, b) = (block.0.as_mut_ptr(), block.0[ROWS / 2 * NR..].as_mut_ptr());
+                // SAFETY: as above for A and B; the halves are the block's.
+                unsafe { tiles.sum_into(steps, cs * 2, a_gap, NR * 4, t, b, NR * 4, false) };
+                for (half, s) in pair.iter().enumerate() {
+                    let sums = block.0[half * ROWS / 2 * NR..].chunks_exact(NR);
+                    for (r, sums) in sums.take(s.len).enumerate() {
+                        let o = s.out + r;
                         let out = &mut out[(o - base) * cd + q * NR..][..NR];
                         match then {
                             Some((affine, first)) => affine.row(first + o, q * NR, sums, out),
