@@ -187,20 +187,9 @@ pub trait Backend: Send + Sync + 'static {
         ws: &mut Self::Buf,
     ) {
         self.conv2d_forward(g, x, w, conv_out, ws);
-        let b = bn;
         let s = g.output();
-        self.batch_norm_forward_eval(
-            &s,
-            conv_out,
-            b.gamma,
-            b.beta,
-            b.running_mean,
-            b.running_var,
-            b.eps,
-            b.residual,
-            b.relu,
-            y,
-        );
+        let (gamma, beta, mean, var) = (bn.gamma, bn.beta, bn.running_mean, bn.running_var);
+        self.batch_norm_forward_eval(&s, conv_out, gamma, beta, mean, var, bn.eps, bn.residual, bn.relu, y);
     }
     /// dw = dL/dw (overwritten, at `dw_at` in `grads`); dx = dL/dx (overwritten) when asked for.
     #[allow(clippy::too_many_arguments)]

@@ -48,14 +48,37 @@ where
 /// rounding small when a channel's mean is large against its spread.
 pub struct Affine<'a> {
     pub center: &'a [f32],
-    pub scale: &'a [f32],
+    pub scale: Vec<f32>,
     pub shift: &'a [f32],
     /// Added after the shift: `[rows, channels]` as the output.
     pub residual: Option<&'a [f32]>,
     pub relu: bool,
 }
 
-impl Affine<'_> {
+impl<'a> Affine<'a> {
+    /// Eval mode's: the running statistics, `scale = gamma / sqrt(running_var + eps)`.
+    pub fn eval(
+        gamma: &[f32],
+        beta: &'a [f32],
+        running_mean: &'a [f32],
+        running_var: &[f32],
+        eps: f32,
+        residual: Option<&'a [f32]>,
+        relu: bool,
+    ) -> Self {
+        Self {
+            center: running_mean,
+            scale: gamma
+                .iter()
+                .zip(running_var)
+                .map(|(g, v)| g / (v + eps).sqrt())
+                .collect(),
+            shift: beta,
+            residual,
+            relu,
+        }
+    }
+
     fn channels(&self) -> usize {
         self.scale.len()
     }
@@ -93,15 +116,6 @@ impl Affine<'_> {
             }
         });
     }
-}
-
-/// Eval mode's scale, `gamma / sqrt(running_var + eps)`, per channel.
-pub fn eval_scale(gamma: &[f32], running_var: &[f32], eps: f32) -> Vec<f32> {
-    gamma
-        .iter()
-        .zip(running_var)
-        .map(|(g, v)| g / (v + eps).sqrt())
-        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -149,7 +163,7 @@ pub fn forward_train(
     }
     let affine = Affine {
         center: &mean,
-        scale: &scale,
+        scale,
         shift: beta,
         residual,
         relu,
@@ -170,15 +184,8 @@ pub fn forward_eval(
     relu: bool,
     y: &mut [f32],
 ) {
-    let scale = eval_scale(&gamma[..c], &running_var[..c], eps);
-    let affine = Affine {
-        center: &running_mean[..c],
-        scale: &scale,
-        shift: &beta[..c],
-        residual,
-        relu,
-    };
-    affine.apply(rows, x, y);
+    let (gamma, beta, mean, var) = (&gamma[..c], &beta[..c], &running_mean[..c], &running_var[..c]);
+    Affine::eval(gamma, beta, mean, var, eps, residual, relu).apply(rows, x, y);
 }
 
 /// Backward of training-mode batch norm. With `relu_out` (the output of a fused ReLU), `dy`

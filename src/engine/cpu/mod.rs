@@ -119,14 +119,14 @@ impl Backend for Cpu {
         ws: &mut Vec<f32>,
     ) {
         let c = g.cout;
-        let scale = batch_norm::eval_scale(&bn.gamma[..c], &bn.running_var[..c], bn.eps);
-        let affine = batch_norm::Affine {
-            center: &bn.running_mean[..c],
-            scale: &scale,
-            shift: &bn.beta[..c],
-            residual: bn.residual.map(|r| &r[..g.output().numel()]),
-            relu: bn.relu,
-        };
+        let (gamma, beta, mean, var) = (
+            &bn.gamma[..c],
+            &bn.beta[..c],
+            &bn.running_mean[..c],
+            &bn.running_var[..c],
+        );
+        let residual = bn.residual.map(|r| &r[..g.output().numel()]);
+        let affine = batch_norm::Affine::eval(gamma, beta, mean, var, bn.eps, residual, bn.relu);
         conv::forward_then(g, x, w, &affine, conv_out, y, ws)
     }
     fn conv2d_backward(

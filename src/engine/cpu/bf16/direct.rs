@@ -665,7 +665,7 @@ mod tests {
             for (residual, relu) in [(None, false), (Some(&residual[..]), true)] {
                 let affine = Affine {
                     center: &center,
-                    scale: &scale,
+                    scale: scale.clone(),
                     shift: &shift,
                     residual,
                     relu,

@@ -387,7 +387,6 @@ pub enum Lhs<'a> {
 }
 
 /// [`matmul`] with a left-hand side of [`Lines`] (`m x k`) on every thread of the pool.
-#[allow(clippy::too_many_arguments)]
 pub fn matmul_lines(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, a: &dyn Lines, b: Mat) {
     with_buffer(&PACKED_B, packed_len(k, n), |bpack| {
         let b = PackedB::pack(true, k, n, b, bpack);
