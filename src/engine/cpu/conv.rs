@@ -293,7 +293,7 @@ pub fn backward(
     ws: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if let Some(direct) = amx_direct(g) {
+    if let Some(direct) = amx_direct(g).filter(|d| d.computes_gradients()) {
         let (x, dy) = (&x[..g.input.numel()], &dy[..g.output().numel()]);
         direct.backward_weights(x, dy, &mut dw[..g.weight_len()]);
         if let Some(dx) = dx {
@@ -752,6 +752,9 @@ mod tests {
             (4, 4, 1, 3, 1, 32, 32, Some(6)),
             (8, 8, 1, 3, 1, 32, 64, Some(6)),
             (9, 7, 1, 3, 1, 64, 32, Some(6)),
+            (16, 16, 2, 3, 1, 64, 32, None),
+            (8, 10, 2, 3, 1, 32, 64, None),
+            (8, 8, 2, 1, 0, 64, 96, None),
         ];
         let wide = if ops == Operands::Bf16 { &wide[..] } else { &[] };
         for &(h, w, stride, k, pad, cin, cout, tile_points) in cases.iter().chain(wide) {
@@ -768,7 +771,11 @@ mod tests {
             #[cfg(target_arch = "x86_64")]
             {
                 let amx = ops == Operands::Bf16 && bf16::Kernel::chosen() == bf16::Kernel::Amx;
-                let direct = amx && k == 3 && stride == 1 && cin % 32 == 0 && h * w >= 16;
+                let even = h % 2 == 0 && w % 2 == 0;
+                let shape =
+                    (k == 3 && pad == 1 && (stride == 1 || even)) || (k == 1 && pad == 0 && stride == 2 && even);
+                let out = g.out_hw();
+                let direct = amx && shape && cin % 32 == 0 && cout % 32 == 0 && out.0 * out.1 >= 16;
                 assert_eq!(amx_direct(&g).is_some(), direct, "{g:?}");
             }
             let val = |i: usize, salt: f32| ((i as f32 * 0.618 + salt).sin() * 1000.0).fract();

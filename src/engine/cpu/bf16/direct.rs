@@ -20,6 +20,15 @@
 //! into the output. Measured: 3-5% of a cifar-stem bf16 training step, 4% of its inference,
 //! 5% and 17% on the seed stem (3 alternating `bench` runs each).
 //!
+//! Stride 2 (3x3 padding 1, and the 1x1 shortcuts; forward pass only, the gradients stay on
+//! `conv.rs`'s im2col path) is the same product over the input's four phases, the pixels of
+//! one row and column parity: input row `2y + ky - 1` is row `y + dy` of phase `py`, dy in
+//! -1..=0, so each phase is stacked like a stride-1 input on the output's grid and each tap
+//! reads one phase (a 1x1 only the even-even one). Against the im2col path, cifar stem bf16
+//! inference a call, batch norm fused in both (ms): 32x32x64 -> 128 3.00 against 3.72,
+//! 16x16x128 -> 256 2.06 against 2.46, 8x8x256 -> 512 2.10 against 2.62, the 1x1s 1.58 / 0.94
+//! / 0.50 against 1.97 / 0.98 / 0.56-0.67.
+//!
 //! The input gradient is the same product over the output gradient's stack, with each tap's
 //! filter transposed and the taps mirrored (`dx[p] = sum over taps t of dy[p - t] w_t^T`).
 //! The weight gradient sums over the places instead: the stack transposed (a row of pixels
@@ -55,7 +64,8 @@ const MIN_PIXELS: usize = 16;
 /// 1.5 MiB 178-180, 2 MiB 180-189, 3 MiB 170-175, 4 MiB 147-165.
 const CHUNK_BYTES: usize = 2 << 20;
 
-/// A convolution this module computes: its batch, map and channels.
+/// A convolution this module computes: its batch, input map, channels, and its kernel's side
+/// and stride (3x3 stride 1, or forward only, 3x3 and 1x1 stride 2).
 #[derive(Clone, Copy, Debug)]
 pub struct Direct {
     n: usize,
@@ -63,6 +73,32 @@ pub struct Direct {
     w: usize,
     cin: usize,
     cout: usize,
+    side: usize,
+    stride: usize,
+}
+
+/// Where a tap reads, relative to the output place: the phase of the input (the row and the
+/// column parity of its pixels, with stride 2; (0, 0) with stride 1) and the (dy, dx) it
+/// reads in that phase's stack.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Read {
+    phase: (usize, usize),
+    at: (isize, isize),
+}
+
+/// One copy of a chunk's stack: the phase it holds and, with three copies of rows of `w`,
+/// the side its taps read (the column masked: [`Stack::masked`]; 0 where nothing is).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Source {
+    phase: (usize, usize),
+    side: isize,
+}
+
+/// A tap of the forward products: the copy of the stack it reads, where in it, and its filter.
+struct Tap<'a> {
+    copy: usize,
+    at: (isize, isize),
+    filter: PackedB<'a>,
 }
 
 thread_local! {
@@ -186,25 +222,46 @@ impl Stack {
     /// read to the left (the pixel left of column 0 is the row above's last) and the first in
     /// the one read to the right.
     fn masked(&self, dx: isize) -> impl Fn(usize) -> bool + Copy + Send + Sync + use<> {
-        let (three, w) = (self.copies() == 3, self.w);
-        move |x| three && ((dx < 0 && x == w - 1) || (dx > 0 && x == 0))
+        let (masks, w) = (self.pitch == self.w, self.w);
+        move |x| masks && ((dx < 0 && x == w - 1) || (dx > 0 && x == 0))
     }
 }
 
 impl Direct {
-    /// The plan for `g` if this module computes it: AMX chosen, a 3x3 stride-1 padding-1
-    /// convolution, channels in multiples of 32, maps of at least [`MIN_PIXELS`].
+    /// The plan for `g` if this module computes it: AMX chosen, channels in multiples of 32,
+    /// output maps of at least [`MIN_PIXELS`], and a 3x3 stride-1 padding-1 convolution, or
+    /// (its forward pass only: [`Direct::computes_gradients`]) a 3x3 padding-1 or 1x1
+    /// padding-0 one of stride 2 on maps of even sides.
     pub fn of(g: &ConvGeom) -> Option<Self> {
-        let shape = g.kh == 3 && g.kw == 3 && g.stride == 1 && g.pad == 1;
+        let even = g.input.h.is_multiple_of(2) && g.input.w.is_multiple_of(2);
+        let shape = match (g.kh, g.kw, g.stride, g.pad) {
+            (3, 3, 1, 1) => true,
+            (3, 3, 2, 1) | (1, 1, 2, 0) => even,
+            _ => false,
+        };
         let channels = g.input.c.is_multiple_of(CHANNELS) && g.cout.is_multiple_of(CHANNELS);
-        let map = g.input.h * g.input.w >= MIN_PIXELS;
+        let (oh, ow) = g.out_hw();
+        let map = oh * ow >= MIN_PIXELS;
         (Kernel::chosen() == Kernel::Amx && shape && channels && map).then_some(Self {
             n: g.input.n,
             h: g.input.h,
             w: g.input.w,
             cin: g.input.c,
             cout: g.cout,
+            side: g.kh,
+            stride: g.stride,
         })
+    }
+
+    /// Whether [`Direct::backward_input`] and [`Direct::backward_weights`] compute this
+    /// convolution's gradients (stride 1), or only its forward pass is computed here.
+    pub fn computes_gradients(&self) -> bool {
+        self.stride == 1
+    }
+
+    /// The output map's height and width.
+    fn out_hw(&self) -> (usize, usize) {
+        (self.h / self.stride, self.w / self.stride)
     }
 
     /// Images a chunk holds when each costs `bytes`.
@@ -212,16 +269,26 @@ impl Direct {
         (CHUNK_BYTES / bytes.max(1)).clamp(1, self.n)
     }
 
-    /// The stack of a chunk: three masked copies on maps up to 8 wide, where a zero column
-    /// would add an eighth or more of dropped places, else one copy with the zero column
-    /// (filling three copies costs more there than the 1/16 or 1/32 it drops).
+    /// The stack of a chunk (its places are the output's): on output maps up to 8 wide, where
+    /// a zero column would add an eighth or more of dropped places (and halve a 16-place
+    /// segment on 8x8 maps), rows of `w` in masked copies (three with stride 1, six of the
+    /// four phases with stride 2), else the zero column (filling three copies costs more there
+    /// than the 1/16 or 1/32 it drops).
     fn stack(&self, images: usize) -> Stack {
-        let pitch = if self.w <= 8 { self.w } else { self.w + 1 };
-        Stack {
-            images,
-            h: self.h,
-            w: self.w,
-            pitch,
+        let (h, w) = self.out_hw();
+        let pitch = if w <= 8 { w } else { w + 1 };
+        Stack { images, h, w, pitch }
+    }
+
+    /// Where the forward pass's tap `t` (row by row, HWIO's order) reads: input row `stride y +
+    /// ky - pad` is row `y + dy` of phase `py`, with `dy` and `py` the quotient and remainder
+    /// of `ky - pad` by the stride (so dy is -1 or 0 with stride 2), the same for columns.
+    fn read(&self, t: usize) -> Read {
+        let (pad, s) = ((self.side / 2) as isize, self.stride as isize);
+        let (ky, kx) = ((t / self.side) as isize - pad, (t % self.side) as isize - pad);
+        Read {
+            phase: (ky.rem_euclid(s) as usize, kx.rem_euclid(s) as usize),
+            at: (ky.div_euclid(s), kx.div_euclid(s)),
         }
     }
 
@@ -231,53 +298,67 @@ impl Direct {
     pub fn forward_then(&self, x: &[f32], w: &[f32], then: Option<&Affine>, y: &mut [f32]) {
         let (cin, cout) = (self.cin, self.cout);
         let filter = |t: usize| Mat::rows(&w[t * cin * cout..][..cin * cout], cout);
-        self.run(x, cin, cout, then, y, |t| (tap(t), filter(t)));
+        let taps = (0..self.side * self.side).map(|t| (self.read(t), filter(t))).collect();
+        self.run(x, cin, cout, then, y, taps);
     }
 
     /// `dx` from `dy` (NHWC, `cout` channels) and the filters `w` (HWIO): tap t's filter,
     /// transposed, applied where the mirrored tap reads.
     pub fn backward_input(&self, dy: &[f32], w: &[f32], dx: &mut [f32]) {
+        assert!(self.computes_gradients(), "{self:?}");
         let (cin, cout) = (self.cin, self.cout);
         let filter = |t: usize| Mat::transposed(&w[t * cin * cout..][..cin * cout], cout);
-        self.run(dy, cout, cin, None, dx, |t| (tap(8 - t), filter(t)));
+        let taps = (0..9).map(|t| (self.read(8 - t), filter(t))).collect();
+        self.run(dy, cout, cin, None, dx, taps);
     }
 
-    /// `dst` (`cd` channels) = the sum over the 9 taps of `src` (`cs` channels) read at the
-    /// tap's (dy, dx) times the tap's `cs x cd` filter, through `then` where given.
-    fn run<'w>(
-        &self,
-        src: &[f32],
-        cs: usize,
-        cd: usize,
-        then: Option<&Affine>,
-        dst: &mut [f32],
-        tap: impl Fn(usize) -> ((isize, isize), Mat<'w>),
-    ) {
+    /// `dst` (`cd` channels) = the sum over the taps of `src` (`cs` channels) read where each
+    /// reads times its `cs x cd` filter, through `then` where given. The stack's copies are
+    /// the distinct sources the taps read (a phase, and a side with three masked copies).
+    fn run(&self, src: &[f32], cs: usize, cd: usize, then: Option<&Affine>, dst: &mut [f32], taps: Vec<(Read, Mat)>) {
         let (h, w) = (self.h, self.w);
+        let (oh, ow) = self.out_hw();
         assert_eq!(src.len(), self.n * h * w * cs, "input of {self:?}");
-        let dst = &mut dst[..self.n * h * w * cd];
-        let per_tap = packed_len(cs, cd);
+        let dst = &mut dst[..self.n * oh * ow * cd];
         let one = self.stack(1);
-        let chunk = self.chunk(one.copies() * (h + 1) * one.pitch * cs * 2);
-        with_buffer(&PACKED, 9 * per_tap, |packed| {
-            let taps: Vec<((isize, isize), PackedB)> = packed
-                .chunks_exact_mut(per_tap)
-                .enumerate()
-                .map(|(t, out)| {
-                    let (read, filter) = tap(t);
-                    (read, PackedB::pack_for(Kernel::Amx, true, cs, cd, filter, out))
+        let source = |read: Read| Source {
+            phase: read.phase,
+            side: if one.pitch == one.w { read.at.1 } else { 0 },
+        };
+        let mut sources: Vec<Source> = Vec::new();
+        for &(read, _) in &taps {
+            if !sources.contains(&source(read)) {
+                sources.push(source(read));
+            }
+        }
+        let chunk = self.chunk(sources.len() * (oh + 1) * one.pitch * cs * 2);
+        let per_tap = packed_len(cs, cd);
+        with_buffer(&PACKED, taps.len() * per_tap, |packed| {
+            let filters: Vec<Mat> = taps.iter().map(|&(_, filter)| filter).collect();
+            let taps: Vec<Tap> = PackedB::pack_each(Kernel::Amx, cs, cd, &filters, packed)
+                .into_iter()
+                .zip(taps)
+                .map(|(filter, (read, _))| Tap {
+                    copy: sources.iter().position(|&s| s == source(read)).expect("listed above"),
+                    at: read.at,
+                    filter,
                 })
                 .collect();
             let copy_len = self.stack(chunk).pixels() * cs / 2;
-            with_buffer(&STACKS, one.copies() * copy_len, |stacks| {
+            with_buffer(&STACKS, sources.len() * copy_len, |stacks| {
                 for first in (0..self.n).step_by(chunk) {
                     let stack = self.stack(chunk.min(self.n - first));
                     let src = &src[first * h * w * cs..(first + stack.images) * h * w * cs];
-                    let dst = &mut dst[first * h * w * cd..(first + stack.images) * h * w * cd];
-                    for (dx, copy) in (-1..=1).zip(stacks.chunks_exact_mut(copy_len)) {
-                        fill(stack, stack.masked(dx), src, cs, copy);
+                    let dst = &mut dst[first * oh * ow * cd..(first + stack.images) * oh * ow * cd];
+                    if self.stride == 1 {
+                        for (source, copy) in sources.iter().zip(stacks.chunks_exact_mut(copy_len)) {
+                            fill(stack, stack.masked(source.side), src, cs, copy);
+                        }
+                    } else {
+                        let copies = stacks.chunks_exact_mut(copy_len);
+                        fill_phases(stack, &sources, (h, w), src, cs, copies);
                     }
-                    let outputs = first * h * w;
+                    let outputs = first * oh * ow;
                     products(
                         stack,
                         &taps,
@@ -398,6 +479,76 @@ fn fill(stack: Stack, masked: impl Fn(usize) -> bool + Sync, src: &[f32], c: usi
         });
 }
 
+/// [`fill`] for stride 2: the copies of `stack` that `sources` describe from `src` (NHWC
+/// `h x w` maps of `c` channels) into `copies`, as bf16 pairs of channels, each copy a phase
+/// (the pixels of one row and column parity), the column its side masks zeros. A row of the
+/// stack at a time, all copies at once: the input rows it reads are converted once, then each
+/// copy takes its pixels (a pass a copy converting pixel by pixel took twice as long). For
+/// stride 1, the same one pass (a row converted into one copy, copied into the others) was
+/// 8% slower on the seed stem than `fill`'s pass a copy (3 alternating runs each).
+fn fill_phases<'a>(
+    stack: Stack,
+    sources: &[Source],
+    (h, w): (usize, usize),
+    src: &[f32],
+    c: usize,
+    copies: impl Iterator<Item = &'a mut [u32]>,
+) {
+    let (pitch, pixel) = (stack.pitch, c / 2);
+    // rows[r]: row r of every copy (row r of the stack starts at pixel 1 + r pitch, place
+    // (r - 1) pitch).
+    let mut rows: Vec<Vec<&mut [u32]>> = Vec::new();
+    for copy in copies.take(sources.len()) {
+        let (ahead, copy) = copy[..stack.pixels() * pixel].split_at_mut(pixel);
+        ahead.fill(0);
+        for (r, line) in copy.chunks_mut(pitch * pixel).enumerate() {
+            if r == rows.len() {
+                rows.push(Vec::with_capacity(sources.len()));
+            }
+            rows[r].push(line);
+        }
+    }
+    rows.into_par_iter()
+        .enumerate()
+        .for_each_init(Vec::new, |converted, (r, mut lines)| {
+            let output = r
+                .checked_sub(1)
+                .and_then(|row| stack.outputs_from(row * pitch, |_| false).next().flatten());
+            let Some(o) = output.filter(|_| lines[0].len() == pitch * pixel) else {
+                return lines.into_iter().for_each(|line| line.fill(0));
+            };
+            // The output row's image and row; the two input rows it reads from `first`
+            // (both, but a 1x1's only the first), converted, then each copy's phase picked
+            // out of them.
+            let (image, y) = (o / (stack.h * stack.w), o / stack.w % stack.h);
+            let first = (image * h + 2 * y) * w * c;
+            let row_len = stack.w * pixel;
+            converted.resize(2 * w * pixel, 0);
+            for py in 0..2 {
+                if sources.iter().any(|s| s.phase.0 == py) {
+                    let out = &mut converted[py * w * pixel..][..w * pixel];
+                    line_pairs(&src[first + py * w * c..][..w * c], out);
+                }
+            }
+            for (source, line) in sources.iter().zip(lines.iter_mut()) {
+                let (py, px) = source.phase;
+                for (x, pairs) in line[..row_len].chunks_exact_mut(pixel).enumerate() {
+                    pairs.copy_from_slice(&converted[(py * w + 2 * x + px) * pixel..][..pixel]);
+                }
+            }
+            for (source, line) in sources.iter().zip(lines) {
+                let (row, tail) = line.split_at_mut(row_len);
+                let masked = stack.masked(source.side);
+                for (x, pairs) in row.chunks_exact_mut(pixel).enumerate() {
+                    if masked(x) {
+                        pairs.fill(0);
+                    }
+                }
+                tail.fill(0);
+            }
+        });
+}
+
 /// The forward products of one chunk: `dst` (the chunk's outputs, `cd` channels) from the
 /// stack's copies (`copy_len` pairs each, `cs` channels) and the taps' packed filters, through
 /// `then` where given (with the index of the chunk's first output, for its residual). A block
@@ -409,7 +560,7 @@ fn fill(stack: Stack, masked: impl Fn(usize) -> bool + Sync, src: &[f32], c: usi
 #[allow(clippy::too_many_arguments)]
 fn products(
     stack: Stack,
-    taps: &[((isize, isize), PackedB)],
+    taps: &[Tap],
     stacks: &[u32],
     copy_len: usize,
     cs: usize,
@@ -439,9 +590,9 @@ fn products(
             for pair in mine.chunks(2) {
                 // A lone last segment computes its second half again, dropped.
                 let (top, bottom) = (pair[0], pair[pair.len() - 1]);
-                let steps = taps.iter().flat_map(|&(read, ref filter)| {
-                    let copy = &stacks[stack.copy(read.1) * copy_len..][..copy_len];
-                    let at = |s: Segment| (s.place + stack.offset(read)) * cs / 2;
+                let steps = taps.iter().flat_map(|tap| {
+                    let (filter, copy) = (&tap.filter, &stacks[tap.copy * copy_len..][..copy_len]);
+                    let at = |s: Segment| (s.place + stack.offset(tap.at)) * cs / 2;
                     let (first, second) = (at(top), at(bottom));
                     // The farthest pair read: row 15 of either half, the last 32 channels.
                     assert!(
@@ -544,25 +695,26 @@ mod tests {
     use super::*;
     use crate::engine::Shape4;
 
-    /// `y`, `dx` and `dw` of a 3x3 padding-1 convolution in f64 (`dy`'s gradients through it),
+    /// `y`, `dx` and `dw` of a square-kernel convolution in f64 (`dy`'s gradients through it),
     /// each value with the sum of its terms' magnitudes.
     fn reference(g: &ConvGeom, x: &[f32], w: &[f32], dy: &[f32]) -> [Vec<(f64, f64)>; 3] {
         let Shape4 { n, h, w: wd, c } = g.input;
-        let co = g.cout;
+        let (co, k, (oh, ow)) = (g.cout, g.kh, g.out_hw());
         let zeros = |len| vec![(0f64, 0f64); len];
-        let (mut y, mut dx, mut dw) = (zeros(n * h * wd * co), zeros(x.len()), zeros(w.len()));
+        let (mut y, mut dx, mut dw) = (zeros(n * oh * ow * co), zeros(x.len()), zeros(w.len()));
         let add = |sum: &mut (f64, f64), a: f32, b: f32| {
             sum.0 += a as f64 * b as f64;
             sum.1 += (a as f64 * b as f64).abs();
         };
         for i in 0..n {
-            for (oy, ox) in (0..h).flat_map(|oy| (0..wd).map(move |ox| (oy, ox))) {
-                for t in 0..9 {
-                    let (iy, ix) = ((oy + t / 3).wrapping_sub(1), (ox + t % 3).wrapping_sub(1));
+            for (oy, ox) in (0..oh).flat_map(|oy| (0..ow).map(move |ox| (oy, ox))) {
+                for t in 0..k * k {
+                    let at = |o: usize, kt: usize| (o * g.stride + kt).wrapping_sub(g.pad);
+                    let (iy, ix) = (at(oy, t / k), at(ox, t % k));
                     if iy >= h || ix >= wd {
                         continue;
                     }
-                    let (xi, yi) = (((i * h + iy) * wd + ix) * c, ((i * h + oy) * wd + ox) * co);
+                    let (xi, yi) = (((i * h + iy) * wd + ix) * c, ((i * oh + oy) * ow + ox) * co);
                     for ci in 0..c {
                         for o in 0..co {
                             let wv = w[(t * c + ci) * co + o];
@@ -580,15 +732,57 @@ mod tests {
     /// The 3x3 padding-1 convolution of `n` maps of `h x w x cin` to `cout` channels, and its
     /// plan here (none without AMX).
     fn plan(n: usize, h: usize, w: usize, cin: usize, cout: usize) -> Option<(ConvGeom, Direct)> {
+        plan_of(n, h, w, cin, cout, (3, 1))
+    }
+
+    /// [`plan`] with a kernel's side and stride (padding: half the side).
+    fn plan_of(
+        n: usize,
+        h: usize,
+        w: usize,
+        cin: usize,
+        cout: usize,
+        (side, stride): (usize, usize),
+    ) -> Option<(ConvGeom, Direct)> {
         let g = ConvGeom {
             input: Shape4::new(n, h, w, cin),
             cout,
-            kh: 3,
-            kw: 3,
-            stride: 1,
-            pad: 1,
+            kh: side,
+            kw: side,
+            stride,
+            pad: side / 2,
         };
         Direct::of(&g).map(|direct| (g, direct))
+    }
+
+    /// On bf16 operands, stride 2 (3x3 and 1x1) matches the float64 reference to f32
+    /// summation error as stride 1 does (its forward pass: the only one it has here), through
+    /// the four phases: maps of 16 and 4 output pixels wide, an odd number of output rows, a
+    /// 1x1 (one phase only) and two chunks (32 maps of 64 x 32 channels).
+    #[test]
+    fn stride_two_matches_float64_on_bf16_operands() {
+        for (n, h, w, cin, cout, side) in [
+            (3, 32, 32, 64, 32, 3),
+            (5, 8, 8, 32, 64, 3),
+            (2, 10, 12, 32, 32, 3),
+            (3, 8, 8, 64, 96, 1),
+            (32, 32, 32, 64, 32, 3),
+        ] {
+            let Some((g, direct)) = plan_of(n, h, w, cin, cout, (side, 2)) else {
+                return eprintln!("skipped: no AMX tiles here");
+            };
+            assert!(!direct.computes_gradients());
+            let val = |i: usize, salt: f32| widen(round(((i as f32 * 0.618 + salt).sin() * 1000.0).fract()));
+            let x: Vec<f32> = (0..g.input.numel()).map(|i| val(i, 0.1)).collect();
+            let wt: Vec<f32> = (0..g.weight_len()).map(|i| val(i, 0.2)).collect();
+            let [ry, _, _] = reference(&g, &x, &wt, &vec![0.0; g.output().numel()]);
+            let mut y = vec![f32::NAN; g.output().numel()];
+            direct.forward_then(&x, &wt, None, &mut y);
+            for (i, (a, (b, magnitude))) in y.iter().zip(&ry).enumerate() {
+                let bound = ((side * side * cin) as f64 * magnitude).max(1.0) * 6e-8;
+                assert!((*a as f64 - b).abs() <= bound, "{g:?} y[{i}]: {a} vs {b}");
+            }
+        }
     }
 
     /// On operands already bf16, the tile products are exact and only the f32 sums round:
