@@ -176,8 +176,9 @@ mod tests {
     /// Eval mode's convolution and batch norm in one backend call give the bits of the two
     /// layers run one after the other, with every statistic and parameter distinct (so that
     /// one passed in the wrong place shows), a residual and the ReLU: in fp32 (the two passes
-    /// behind one call) and, where the CPU has them, bf16 operands (on AMX, the 3x3 stride-1
-    /// convolution takes the direct path and its fused pass; the strided ones two passes).
+    /// behind one call) and, where the CPU has them, bf16 operands: on AMX the 64-channel
+    /// convolutions take the direct path and its fused pass (stride 1 and 2); the 3-channel
+    /// stems and 40 channels at stride 2 the patches' product and then the batch norm's pass.
     #[test]
     fn forward_after_a_conv_matches_the_two_layers() {
         let precisions = if bf16_support().is_ok() {
@@ -187,11 +188,19 @@ mod tests {
         };
         for &bf16 in precisions {
             set_bf16(bf16).unwrap();
-            for (kernel, stride, cout) in [(3, 1, 64), (3, 2, 128), (1, 2, 128)] {
+            let cases = [
+                (64, 3, 1, 64),
+                (64, 3, 2, 128),
+                (64, 1, 2, 128),
+                (3, 3, 1, 64),
+                (3, 7, 2, 64),
+                (40, 3, 2, 32),
+            ];
+            for (cin, kernel, stride, cout) in cases {
                 let be = &Cpu;
                 let b = Builder::new(be, 7);
                 let cfg = Conv2dConfig {
-                    cin: 64,
+                    cin,
                     cout,
                     kernel,
                     stride,
@@ -205,7 +214,7 @@ mod tests {
                 bn.bias.value = ramp(-0.3, 0.01);
                 bn.running_mean.value = ramp(-0.1, 0.005);
                 bn.running_var.value = ramp(0.2, 0.03);
-                let s = Shape4::new(8, 8, 8, 64);
+                let s = Shape4::new(8, 8, 8, cin);
                 let x: Vec<f32> = (0..s.numel()).map(|i| (i as f32 * 0.37).sin()).collect();
                 let out = conv.geom(s).output();
                 let residual: Vec<f32> = (0..out.numel()).map(|i| (i as f32 * 0.11).cos()).collect();
