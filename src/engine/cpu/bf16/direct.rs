@@ -86,8 +86,8 @@ struct Read {
     at: (isize, isize),
 }
 
-/// One copy of a chunk's stack: the phase it holds and, with three copies of rows of `w`,
-/// the side its taps read (the column masked: [`Stack::masked`]; 0 where nothing is).
+/// One copy of a chunk's stack: the phase it holds and, on rows of `w` (masked copies), the
+/// side its taps read (the column masked: [`Stack::masked`]; 0 where nothing is).
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Source {
     phase: (usize, usize),
@@ -218,9 +218,9 @@ impl Stack {
         })
     }
 
-    /// Whether copy `dx`'s column x is zeros: with three copies, the last column in the one
-    /// read to the left (the pixel left of column 0 is the row above's last) and the first in
-    /// the one read to the right.
+    /// Whether copy `dx`'s column x is zeros: on rows of `w` (masked copies), the last column
+    /// in the one read to the left (the pixel left of column 0 is the row above's last) and
+    /// the first in the one read to the right.
     fn masked(&self, dx: isize) -> impl Fn(usize) -> bool + Copy + Send + Sync + use<> {
         let (masks, w) = (self.pitch == self.w, self.w);
         move |x| masks && ((dx < 0 && x == w - 1) || (dx > 0 && x == 0))

@@ -437,12 +437,12 @@ impl<'a> PackedB<'a> {
     }
 
     /// [`PackedB::pack_for`] of several right-hand sides of `k x n` into consecutive
-    /// [`packed_len`] runs of `out`, in one parallel pass whose tasks are k-blocks: where B's
-    /// rows are contiguous (a convolution's filters, HWIO: `k` even, `n` whole panels in this
-    /// module's uses), each pair of rows is read once,
-    /// whole, and spread over the block's panels, where packing panel by panel read 32
-    /// columns of each row, 2 KiB apart on 512 columns (the 9 taps of a 512-channel
-    /// convolution: 0.97 ms a call that way, mostly waiting on memory).
+    /// [`packed_len`] runs of `out`, in one parallel pass whose tasks are k-blocks. Where B's
+    /// rows are contiguous, `k` even and `n` whole panels (the direct convolutions' filters,
+    /// HWIO), each pair of rows is read once, whole, and spread over the block's panels:
+    /// packed panel by panel, each read 32 columns of every row, 2 KiB apart on 512 columns
+    /// (the 9 taps of a 512-channel convolution: 0.97 ms a call that way, 0.71 now, about the
+    /// memory's rate for the f32 filters).
     fn pack_each(kernel: Kernel, k: usize, n: usize, bs: &[Mat], out: &'a mut [u32]) -> Vec<Self> {
         assert!(available(), "bf16 matmul on a CPU without AVX512_BF16");
         for b in bs {
