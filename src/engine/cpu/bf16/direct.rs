@@ -138,6 +138,12 @@ struct Segment {
 }
 
 impl Stack {
+    /// Whether rows are `w` pixels, no zero column closing them: the columns a tap reads
+    /// across a row's end are then masked, in copies of their own ([`Stack::masked`]).
+    fn masked_rows(&self) -> bool {
+        self.pitch == self.w
+    }
+
     /// The segments of every output, in the outputs' order.
     fn segments(&self) -> Vec<Segment> {
         let (h, w, pitch, half) = (self.h, self.w, self.pitch, ROWS / 2);
@@ -145,7 +151,7 @@ impl Stack {
         for image in 0..self.images {
             // Place of the image's first pixel, and its first output.
             let (place, out) = (image * (h + 1) * pitch, image * h * w);
-            if pitch == w {
+            if self.masked_rows() {
                 segments.extend((0..h * w).step_by(half).map(|o| Segment {
                     place: place + o,
                     out: out + o,
@@ -164,14 +170,15 @@ impl Stack {
         segments
     }
 
-    /// Copies of the stack the taps read: three where rows have no zero column.
+    /// Copies of a stride-1 stack the taps read (one a side on masked rows): the weight
+    /// gradient's copies of the output gradient (the forward products list theirs by source).
     fn copies(&self) -> usize {
-        if self.pitch == self.w { 3 } else { 1 }
+        if self.masked_rows() { 3 } else { 1 }
     }
 
-    /// The copy that taps reading `dx` columns to the side read.
+    /// The copy of [`Stack::copies`] that taps reading `dx` columns to the side read.
     fn copy(&self, dx: isize) -> usize {
-        if self.copies() == 3 { (dx + 1) as usize } else { 0 }
+        if self.masked_rows() { (dx + 1) as usize } else { 0 }
     }
 
     /// Pixels of one copy: one pixel ahead of the first zero row (the top-left tap of the
@@ -222,7 +229,7 @@ impl Stack {
     /// in the one read to the left (the pixel left of column 0 is the row above's last) and
     /// the first in the one read to the right.
     fn masked(&self, dx: isize) -> impl Fn(usize) -> bool + Copy + Send + Sync + use<> {
-        let (masks, w) = (self.pitch == self.w, self.w);
+        let (masks, w) = (self.masked_rows(), self.w);
         move |x| masks && ((dx < 0 && x == w - 1) || (dx > 0 && x == 0))
     }
 }
@@ -323,7 +330,7 @@ impl Direct {
         let one = self.stack(1);
         let source = |read: Read| Source {
             phase: read.phase,
-            side: if one.pitch == one.w { read.at.1 } else { 0 },
+            side: if one.masked_rows() { read.at.1 } else { 0 },
         };
         let mut sources: Vec<Source> = Vec::new();
         for &(read, _) in &taps {
