@@ -134,6 +134,16 @@ pub struct BatchNormEval<'a, Buf> {
     pub relu: bool,
 }
 
+/// A convolution and the eval-mode batch norm after it, one of the two layers of
+/// [`Backend::conv2d_bn_eval_pair_forward`]: its geometry, weights and batch norm, and room for
+/// the convolution's output where the two run apart.
+pub struct ConvBnEval<'a, Buf> {
+    pub g: ConvGeom,
+    pub w: &'a Buf,
+    pub bn: BatchNormEval<'a, Buf>,
+    pub conv_out: &'a mut Buf,
+}
+
 /// The kernels the model needs. A GPU backend implements the same trait; the model never
 /// touches memory except through it.
 ///
@@ -190,6 +200,23 @@ pub trait Backend: Send + Sync + 'static {
         let s = g.output();
         let (gamma, beta, mean, var) = (bn.gamma, bn.beta, bn.running_mean, bn.running_var);
         self.batch_norm_forward_eval(&s, conv_out, gamma, beta, mean, var, bn.eps, bn.residual, bn.relu, y);
+    }
+    /// Two [`Backend::conv2d_bn_eval_forward`] layers in a row (a residual block's inner path
+    /// in inference): `y` = `second` of `first` of `x`, `mid` the first's output. A backend
+    /// may hand that output to the second convolution without writing `mid` (the CPU's direct
+    /// bf16 convolutions write it as bf16, already in the layout the second reads); `y` holds
+    /// what the two calls give, bit for bit.
+    fn conv2d_bn_eval_pair_forward(
+        &self,
+        first: ConvBnEval<'_, Self::Buf>,
+        second: ConvBnEval<'_, Self::Buf>,
+        x: &Self::Buf,
+        mid: &mut Self::Buf,
+        y: &mut Self::Buf,
+        ws: &mut Self::Buf,
+    ) {
+        self.conv2d_bn_eval_forward(&first.g, x, first.w, &first.bn, first.conv_out, mid, ws);
+        self.conv2d_bn_eval_forward(&second.g, mid, second.w, &second.bn, second.conv_out, y, ws);
     }
     /// dw = dL/dw (overwritten, at `dw_at` in `grads`); dx = dL/dx (overwritten) when asked for.
     #[allow(clippy::too_many_arguments)]

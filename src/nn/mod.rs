@@ -12,7 +12,7 @@ pub mod pool;
 pub mod relu;
 
 pub use crate::engine::Layout;
-pub use batch_norm::BatchNorm2d;
+pub use batch_norm::{BatchNorm2d, forward_pair};
 pub use builder::Builder;
 pub use conv2d::{Conv2d, Conv2dConfig};
 pub use cross_entropy::CrossEntropy;

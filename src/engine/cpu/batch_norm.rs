@@ -85,23 +85,25 @@ impl<'a> Affine<'a> {
 
     /// `y` = channels `c0..c0 + y.len()` of output row `row` from the same channels of `x`.
     pub fn row(&self, row: usize, c0: usize, x: &[f32], y: &mut [f32]) {
-        let span = c0..c0 + y.len();
-        let channels = self.center[span.clone()]
-            .iter()
-            .zip(&self.scale[span.clone()])
-            .zip(&self.shift[span]);
-        for ((yv, xv), ((center, scale), shift)) in y.iter_mut().zip(x).zip(channels) {
-            *yv = (xv - center) * scale + shift;
-        }
-        if let Some(r) = self.residual {
-            for (yv, rv) in y.iter_mut().zip(&r[row * self.channels() + c0..]) {
-                *yv += rv;
+        let n = y.len();
+        let (x, center) = (&x[..n], &self.center[c0..c0 + n]);
+        let (scale, shift) = (&self.scale[c0..c0 + n], &self.shift[c0..c0 + n]);
+        // One pass, the channels' loop free of branches (the same steps in the same order as
+        // three passes, so the same bits).
+        let affine = |i: usize| (x[i] - center[i]) * scale[i] + shift[i];
+        // vmaxps(v, 0)'s: NaN and -0 to +0, so that AVX-512 code can match it bit for bit.
+        let relu = |v: f32| if v > 0.0 { v } else { 0.0 };
+        match (self.residual, self.relu) {
+            (Some(r), true) => {
+                let r = &r[row * self.channels() + c0..][..n];
+                (0..n).for_each(|i| y[i] = relu(affine(i) + r[i]));
             }
-        }
-        if self.relu {
-            for yv in y.iter_mut() {
-                *yv = yv.max(0.0);
+            (Some(r), false) => {
+                let r = &r[row * self.channels() + c0..][..n];
+                (0..n).for_each(|i| y[i] = affine(i) + r[i]);
             }
+            (None, true) => (0..n).for_each(|i| y[i] = relu(affine(i))),
+            (None, false) => (0..n).for_each(|i| y[i] = affine(i)),
         }
     }
 

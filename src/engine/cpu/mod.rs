@@ -12,7 +12,8 @@ mod pool;
 mod winograd;
 
 use super::{
-    AdamStep, Backend, BatchNormEval, ConvGeom, CropPlan, DeviceBatches, Layout, PoolGeom, SgdStep, Shape4, SyncStats,
+    AdamStep, Backend, BatchNormEval, ConvBnEval, ConvGeom, CropPlan, DeviceBatches, Layout, PoolGeom, SgdStep, Shape4,
+    SyncStats,
 };
 use rayon::prelude::*;
 
@@ -118,16 +119,21 @@ impl Backend for Cpu {
         y: &mut Vec<f32>,
         ws: &mut Vec<f32>,
     ) {
-        let c = g.cout;
-        let (gamma, beta, mean, var) = (
-            &bn.gamma[..c],
-            &bn.beta[..c],
-            &bn.running_mean[..c],
-            &bn.running_var[..c],
-        );
-        let residual = bn.residual.map(|r| &r[..g.output().numel()]);
-        let affine = batch_norm::Affine::eval(gamma, beta, mean, var, bn.eps, residual, bn.relu);
-        conv::forward_then(g, x, w, &affine, conv_out, y, ws)
+        conv::forward_then(g, x, w, &eval_affine(g, bn), conv_out, y, ws)
+    }
+    fn conv2d_bn_eval_pair_forward(
+        &self,
+        first: ConvBnEval<'_, Vec<f32>>,
+        second: ConvBnEval<'_, Vec<f32>>,
+        x: &Vec<f32>,
+        mid: &mut Vec<f32>,
+        y: &mut Vec<f32>,
+        ws: &mut Vec<f32>,
+    ) {
+        let (a, b) = (eval_affine(&first.g, &first.bn), eval_affine(&second.g, &second.bn));
+        let first = (&first.g, &first.w[..], &a, &mut first.conv_out[..]);
+        let second = (&second.g, &second.w[..], &b, &mut second.conv_out[..]);
+        conv::forward_pair(first, second, x, mid, y, ws)
     }
     fn conv2d_backward(
         &self,
@@ -381,4 +387,18 @@ fn windows(grads: &mut [f32], a: (usize, usize), b: (usize, usize)) -> (&mut [f3
         let (lo, hi) = grads.split_at_mut(a.0);
         (&mut hi[..a.1], &mut lo[b.0..b.0 + b.1])
     }
+}
+
+/// The eval-mode batch norm `bn` after the convolution `g` as the affine its outputs go
+/// through.
+fn eval_affine<'a>(g: &ConvGeom, bn: &BatchNormEval<'a, Vec<f32>>) -> batch_norm::Affine<'a> {
+    let c = g.cout;
+    let (gamma, beta, mean, var) = (
+        &bn.gamma[..c],
+        &bn.beta[..c],
+        &bn.running_mean[..c],
+        &bn.running_var[..c],
+    );
+    let residual = bn.residual.map(|r| &r[..g.output().numel()]);
+    batch_norm::Affine::eval(gamma, beta, mean, var, bn.eps, residual, bn.relu)
 }

@@ -255,3 +255,62 @@ fn transpose16(v: &mut [__m512i; 16]) {
         v[j + 8] = _mm512_shuffle_i32x4::<0xdd>(t[j], t[j + 8]);
     }
 }
+
+/// Where [`affine_rows`] writes each row of 32 values: as f32, or as 16 bf16 pairs; the
+/// pointer to the first row, and the rows' distance in values (f32 or pairs).
+#[derive(Clone, Copy)]
+pub enum RowsOut {
+    Values(*mut f32, usize),
+    Pairs(*mut u32, usize),
+}
+
+/// Eval mode's batch norm on the tiles' sums, [`crate::engine::cpu::batch_norm::Affine::row`]
+/// step for step (so the same bits): `rows` rows of 32 sums (`sums`, 32 apart) each become
+/// `(x - center) * scale + shift` (those three: 32 values each, one per column), plus the
+/// row's residual (`(pointer, distance)` of the first row's 32 values, where there is one),
+/// then `max(v, 0)` with `relu`, written to `out`. The per-column values stay in registers
+/// across the rows, where a call a row reloaded them.
+///
+/// # Safety
+/// The CPU has AVX512F and AVX512_BF16; every pointer holds its 32 values for each of the
+/// `rows` rows at its distance (`out`'s 16 pairs for `Pairs`).
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub unsafe fn affine_rows(
+    sums: *const f32,
+    rows: usize,
+    [center, scale, shift]: [*const f32; 3],
+    residual: Option<(*const f32, usize)>,
+    relu: bool,
+    out: RowsOut,
+) {
+    // SAFETY (whole function): as the caller promised.
+    unsafe {
+        let load = |p: *const f32| (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
+        let (c, s, h) = (load(center), load(scale), load(shift));
+        let zero = _mm512_setzero_ps();
+        for i in 0..rows {
+            let x = load(sums.add(32 * i));
+            let mut v = (
+                _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(x.0, c.0), s.0), h.0),
+                _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(x.1, c.1), s.1), h.1),
+            );
+            if let Some((r, rs)) = residual {
+                let r = load(r.add(i * rs));
+                v = (_mm512_add_ps(v.0, r.0), _mm512_add_ps(v.1, r.1));
+            }
+            if relu {
+                v = (_mm512_max_ps(v.0, zero), _mm512_max_ps(v.1, zero));
+            }
+            match out {
+                RowsOut::Values(p, rs) => {
+                    _mm512_storeu_ps(p.add(i * rs), v.0);
+                    _mm512_storeu_ps(p.add(i * rs + 16), v.1);
+                }
+                RowsOut::Pairs(p, rs) => {
+                    let pairs = bits(_mm512_cvtne2ps_pbh(v.1, v.0));
+                    _mm512_storeu_si512(p.add(i * rs) as *mut __m512i, pairs);
+                }
+            }
+        }
+    }
+}

@@ -42,6 +42,7 @@
 //! 14.7 / 30; 4x4x512 (tap classes before) 4.3-4.5 / 11.3-12.0 against 6.7 / 14.2.
 
 use super::amx::{Block, ROWS, Tiles};
+use super::avx512::RowsOut;
 use super::{KC, Kernel, NR, PackedB, line_pairs, packed_len, pairs_across, with_buffer};
 use crate::engine::ConvGeom;
 use crate::engine::cpu::batch_norm::Affine;
@@ -101,12 +102,184 @@ struct Tap<'a> {
     filter: PackedB<'a>,
 }
 
+/// What the forward products read: f32 NHWC values, converted chunk by chunk into the
+/// stack's copies, or the whole batch's copies staged before ([`Direct::forward_pair`]).
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    Values(&'a [f32]),
+    Staged(&'a [&'a [u32]]),
+}
+
+/// Where the forward products' outputs go (through `then` where given): f32 NHWC values from
+/// output `from` on, or a stack's copies from its pixel `from` on, as bf16 pairs of channels,
+/// the column each copy's side masks zeros (the copies the next convolution reads).
+enum Sink<'a> {
+    Values {
+        out: &'a mut [f32],
+        from: usize,
+    },
+    Stack {
+        stack: Stack,
+        sides: Vec<isize>,
+        copies: Vec<&'a mut [u32]>,
+        from: usize,
+    },
+}
+
+impl<'a> Sink<'a> {
+    fn values(out: &'a mut [f32]) -> Self {
+        Sink::Values { out, from: 0 }
+    }
+
+    /// The outputs of `images` (`per_image` outputs of `c` channels each), their own first
+    /// output 0: a chunk's.
+    fn images(&mut self, images: std::ops::Range<usize>, per_image: usize, c: usize) -> Sink<'_> {
+        match self {
+            Sink::Values { out, from } => {
+                assert_eq!(*from, 0);
+                let out = &mut out[images.start * per_image * c..images.end * per_image * c];
+                Sink::Values { out, from: 0 }
+            }
+            Sink::Stack {
+                stack,
+                sides,
+                copies,
+                from,
+            } => {
+                assert_eq!(*from, 0);
+                // The same layout from the zero row above the first image on.
+                let part = Stack {
+                    images: images.len(),
+                    ..*stack
+                };
+                let at = images.start * (stack.h + 1) * stack.pitch * c / 2;
+                Sink::Stack {
+                    stack: part,
+                    sides: sides.clone(),
+                    copies: copies
+                        .iter_mut()
+                        .map(|copy| &mut copy[at..][..part.pixels() * c / 2])
+                        .collect(),
+                    from: 0,
+                }
+            }
+        }
+    }
+
+    /// The outputs before output `o` and those from it on (`c` channels each).
+    fn split_at(self, o: usize, c: usize) -> (Self, Self) {
+        match self {
+            Sink::Values { out, from } => {
+                let (head, tail) = out.split_at_mut((o - from) * c);
+                (Sink::Values { out: head, from }, Sink::Values { out: tail, from: o })
+            }
+            Sink::Stack {
+                stack,
+                sides,
+                copies,
+                from,
+            } => {
+                let pixel = stack.first() + stack.place(o);
+                let (heads, tails) = copies
+                    .into_iter()
+                    .map(|copy| copy.split_at_mut((pixel - from) * c / 2))
+                    .unzip();
+                let head = Sink::Stack {
+                    stack,
+                    sides: sides.clone(),
+                    copies: heads,
+                    from,
+                };
+                let tail = Sink::Stack {
+                    stack,
+                    sides,
+                    copies: tails,
+                    from: pixel,
+                };
+                (head, tail)
+            }
+        }
+    }
+
+    /// Channels `c0..c0 + NR` of the outputs of segment `s` (`c` channels each) from their
+    /// sums (`NR` a row), through `then` (with the index of output 0 for its residual).
+    /// Where the sink is a stack, the segment's places are its places there too (the same
+    /// map, images and pitch: [`Direct::forward_pair`]).
+    fn rows(&mut self, s: Segment, c0: usize, c: usize, sums: &[f32], then: Option<(&Affine, usize)>) {
+        let span = (s.len - 1) * c + NR;
+        let sums = &sums[..s.len * NR];
+        match self {
+            Sink::Values { out, from } => {
+                let out = &mut out[(s.out - *from) * c + c0..][..span];
+                match then {
+                    Some(then) => affine_rows(then, s.out, c0, c, sums, RowsOut::Values(out.as_mut_ptr(), c)),
+                    None => {
+                        for (out, sums) in out.chunks_mut(c).zip(sums.chunks_exact(NR)) {
+                            out[..NR].copy_from_slice(sums);
+                        }
+                    }
+                }
+            }
+            Sink::Stack {
+                stack,
+                sides,
+                copies,
+                from,
+            } => {
+                // The unmasked copy first, then the others from it, masked.
+                let pixel = stack.first() + s.place - *from;
+                let at = |r: usize| (pixel + r) * c / 2 + c0 / 2;
+                let plain = sides.iter().position(|&side| side == 0).expect("a stride-1 stack");
+                let out = &mut copies[plain][at(0)..][..span / 2];
+                match then {
+                    Some(then) => affine_rows(then, s.out, c0, c, sums, RowsOut::Pairs(out.as_mut_ptr(), c / 2)),
+                    None => {
+                        for (out, sums) in out.chunks_mut(c / 2).zip(sums.chunks_exact(NR)) {
+                            line_pairs(sums, &mut out[..NR / 2]);
+                        }
+                    }
+                }
+                for (copy, &side) in sides.iter().enumerate().filter(|&(copy, _)| copy != plain) {
+                    let masked = stack.masked(side);
+                    for r in 0..s.len {
+                        let mut pairs = [0; NR / 2];
+                        if !masked((s.place + r) % stack.pitch) {
+                            pairs.copy_from_slice(&copies[plain][at(r)..][..NR / 2]);
+                        }
+                        copies[copy][at(r)..][..NR / 2].copy_from_slice(&pairs);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The rows of `sums` (`NR` each: outputs `o..` of `c` channels, channels `c0..c0 + NR`)
+/// through `affine` (with the index of output 0 for its residual) into `out`, as
+/// [`Affine::row`] computes them, on AVX-512.
+fn affine_rows((affine, first): (&Affine, usize), o: usize, c0: usize, c: usize, sums: &[f32], out: RowsOut) {
+    assert!(sums.len().is_multiple_of(NR) && affine.scale.len() == c && c0 + NR <= c);
+    let rows = sums.len() / NR;
+    let columns = |v: &[f32]| v[c0..c0 + NR].as_ptr();
+    let per_column = [columns(affine.center), columns(&affine.scale), columns(affine.shift)];
+    let residual = affine
+        .residual
+        .map(|r| (r[(first + o) * c + c0..][..(rows - 1) * c + NR].as_ptr(), c));
+    // SAFETY: the CPU has AVX512_BF16 (AMX chosen); `sums` holds the rows, each per-column
+    // pointer NR values, the residual (sliced above) and `out` (the caller's slice) every row
+    // at its distance.
+    unsafe { super::avx512::affine_rows(sums.as_ptr(), rows, per_column, residual, affine.relu, out) }
+}
+
 thread_local! {
     /// A chunk's stacks (or their transposes) and the packed filters (or the output
     /// gradient's place pairs), kept from call to call (megabytes: fresh ones would cost page
     /// faults on every call).
     static STACKS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
     static PACKED: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    /// A whole batch's stack that one convolution writes and the next reads
+    /// ([`Direct::forward_pair`]).
+    static STAGED: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Tap `t` (0..9, row by row: HWIO's order) as the (dy, dx) it reads.
@@ -196,6 +369,29 @@ impl Stack {
     /// Places from the first image's first pixel to the last one's last row's end.
     fn places(&self) -> usize {
         (self.images * (self.h + 1) - 1) * self.pitch
+    }
+
+    /// The place of output `o` (a pixel of the images), the inverse of [`Stack::outputs_from`].
+    fn place(&self, o: usize) -> usize {
+        let (image, y, x) = (o / (self.h * self.w), o / self.w % self.h, o % self.w);
+        (image * (self.h + 1) + y) * self.pitch + x
+    }
+
+    /// Zeros into the pixels of `copy` (`pixel` values each) that no output's place holds:
+    /// the one ahead, the zero rows, the zero column closing each row, and the room past the
+    /// last row. What [`fill`] writes there, for a stack whose outputs come from elsewhere.
+    fn zero_padding(&self, copy: &mut [u32], pixel: usize) {
+        let (h, w, pitch, first) = (self.h, self.w, self.pitch, self.first());
+        let mut zero = |from: usize, to: usize| copy[from * pixel..to * pixel].fill(0);
+        zero(0, first);
+        for image in 0..self.images {
+            let top = first + image * (h + 1) * pitch;
+            if pitch > w {
+                (0..h).for_each(|y| zero(top + y * pitch + w, top + (y + 1) * pitch));
+            }
+            zero(top + h * pitch, top + (h + 1) * pitch);
+        }
+        zero(first + self.images * (h + 1) * pitch, self.pixels());
     }
 
     /// Where tap (dy, dx) reads, relative to the place: pixels (from the first place's pixel).
@@ -303,10 +499,63 @@ impl Direct {
     /// leaves the tiles, or `y = conv(x, w)`: `x` NHWC with `cin` channels, `w` HWIO, `y`
     /// NHWC with `cout`.
     pub fn forward_then(&self, x: &[f32], w: &[f32], then: Option<&Affine>, y: &mut [f32]) {
+        self.run(
+            Input::Values(x),
+            self.cin,
+            self.cout,
+            then,
+            Sink::values(y),
+            self.forward_taps(w),
+        );
+    }
+
+    /// Eval mode's two convolutions in a row (a residual block's inner path), `y =
+    /// then_b(b(then_a(a(x))))`: `a`'s outputs, through `then_a` and rounded to bf16, go
+    /// straight into the stack of the whole batch that `b` reads (its copies, their padding
+    /// zeroed first), so they never pass through memory as f32 and `b` converts nothing. The
+    /// bits of the two [`Direct::forward_then`] calls one after the other: `b` rounds the
+    /// same f32 values to bf16 the same way either way.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_pair(
+        a: &Self,
+        b: &Self,
+        x: &[f32],
+        wa: &[f32],
+        then_a: Option<&Affine>,
+        wb: &[f32],
+        then_b: Option<&Affine>,
+        y: &mut [f32],
+    ) {
+        assert!(
+            b.stride == 1 && (a.n, a.out_hw(), a.cout) == (b.n, (b.h, b.w), b.cin),
+            "{a:?} then {b:?}"
+        );
+        let taps = b.forward_taps(wb);
+        let staged = b.stack(b.n);
+        let sources = b.sources(&taps);
+        let copy_len = staged.pixels() * b.cin / 2;
+        with_buffer(&STAGED, sources.len() * copy_len, |buffer| {
+            let mut copies: Vec<&mut [u32]> = buffer.chunks_exact_mut(copy_len).collect();
+            copies
+                .par_iter_mut()
+                .for_each(|copy| staged.zero_padding(copy, b.cin / 2));
+            let sink = Sink::Stack {
+                stack: staged,
+                sides: sources.iter().map(|s| s.side).collect(),
+                copies,
+                from: 0,
+            };
+            a.run(Input::Values(x), a.cin, a.cout, then_a, sink, a.forward_taps(wa));
+            let copies: Vec<&[u32]> = buffer.chunks_exact(copy_len).collect();
+            b.run(Input::Staged(&copies), b.cin, b.cout, then_b, Sink::values(y), taps);
+        })
+    }
+
+    /// The forward pass's taps: where each reads, and its filter (of `w`, HWIO).
+    fn forward_taps<'w>(&self, w: &'w [f32]) -> Vec<(Read, Mat<'w>)> {
         let (cin, cout) = (self.cin, self.cout);
         let filter = |t: usize| Mat::rows(&w[t * cin * cout..][..cin * cout], cout);
-        let taps = (0..self.side * self.side).map(|t| (self.read(t), filter(t))).collect();
-        self.run(x, cin, cout, then, y, taps);
+        (0..self.side * self.side).map(|t| (self.read(t), filter(t))).collect()
     }
 
     /// `dx` from `dy` (NHWC, `cout` channels) and the filters `w` (HWIO): tap t's filter,
@@ -316,28 +565,38 @@ impl Direct {
         let (cin, cout) = (self.cin, self.cout);
         let filter = |t: usize| Mat::transposed(&w[t * cin * cout..][..cin * cout], cout);
         let taps = (0..9).map(|t| (self.read(8 - t), filter(t))).collect();
-        self.run(dy, cout, cin, None, dx, taps);
+        self.run(Input::Values(dy), cout, cin, None, Sink::values(dx), taps);
+    }
+
+    /// The distinct sources `taps` read, in the order they first appear: the stack's copies.
+    fn sources(&self, taps: &[(Read, Mat)]) -> Vec<Source> {
+        let mut sources: Vec<Source> = Vec::new();
+        for &(read, _) in taps {
+            if !sources.contains(&self.source(read)) {
+                sources.push(self.source(read));
+            }
+        }
+        sources
+    }
+
+    /// The copy of the stack a tap reads: its phase, and its side with three masked copies.
+    fn source(&self, read: Read) -> Source {
+        let masked = self.stack(1).masked_rows();
+        Source {
+            phase: read.phase,
+            side: if masked { read.at.1 } else { 0 },
+        }
     }
 
     /// `dst` (`cd` channels) = the sum over the taps of `src` (`cs` channels) read where each
     /// reads times its `cs x cd` filter, through `then` where given. The stack's copies are
-    /// the distinct sources the taps read (a phase, and a side with three masked copies).
-    fn run(&self, src: &[f32], cs: usize, cd: usize, then: Option<&Affine>, dst: &mut [f32], taps: Vec<(Read, Mat)>) {
+    /// [`Direct::sources`]: filled chunk by chunk from f32 values, or staged before for the
+    /// whole batch.
+    fn run(&self, src: Input, cs: usize, cd: usize, then: Option<&Affine>, mut dst: Sink, taps: Vec<(Read, Mat)>) {
         let (h, w) = (self.h, self.w);
         let (oh, ow) = self.out_hw();
-        assert_eq!(src.len(), self.n * h * w * cs, "input of {self:?}");
-        let dst = &mut dst[..self.n * oh * ow * cd];
         let one = self.stack(1);
-        let source = |read: Read| Source {
-            phase: read.phase,
-            side: if one.masked_rows() { read.at.1 } else { 0 },
-        };
-        let mut sources: Vec<Source> = Vec::new();
-        for &(read, _) in &taps {
-            if !sources.contains(&source(read)) {
-                sources.push(source(read));
-            }
-        }
+        let sources = self.sources(&taps);
         let chunk = self.chunk(sources.len() * (oh + 1) * one.pitch * cs * 2);
         let per_tap = packed_len(cs, cd);
         with_buffer(&PACKED, taps.len() * per_tap, |packed| {
@@ -346,36 +605,45 @@ impl Direct {
                 .into_iter()
                 .zip(taps)
                 .map(|(filter, (read, _))| Tap {
-                    copy: sources.iter().position(|&s| s == source(read)).expect("listed above"),
+                    copy: sources
+                        .iter()
+                        .position(|&s| s == self.source(read))
+                        .expect("listed above"),
                     at: read.at,
                     filter,
                 })
                 .collect();
             let copy_len = self.stack(chunk).pixels() * cs / 2;
-            with_buffer(&STACKS, sources.len() * copy_len, |stacks| {
+            let fills = if let Input::Values(_) = src { sources.len() } else { 0 };
+            with_buffer(&STACKS, fills * copy_len, |stacks| {
                 for first in (0..self.n).step_by(chunk) {
                     let stack = self.stack(chunk.min(self.n - first));
-                    let src = &src[first * h * w * cs..(first + stack.images) * h * w * cs];
-                    let dst = &mut dst[first * oh * ow * cd..(first + stack.images) * oh * ow * cd];
-                    if self.stride == 1 {
-                        for (source, copy) in sources.iter().zip(stacks.chunks_exact_mut(copy_len)) {
-                            fill(stack, stack.masked(source.side), src, cs, copy);
+                    let images = first..first + stack.images;
+                    let copies: Vec<&[u32]> = match src {
+                        Input::Values(src) => {
+                            assert_eq!(src.len(), self.n * h * w * cs, "input of {self:?}");
+                            let src = &src[images.start * h * w * cs..images.end * h * w * cs];
+                            if self.stride == 1 {
+                                for (source, copy) in sources.iter().zip(stacks.chunks_exact_mut(copy_len)) {
+                                    fill(stack, stack.masked(source.side), src, cs, copy);
+                                }
+                            } else {
+                                let copies = stacks.chunks_exact_mut(copy_len);
+                                fill_phases(stack, &sources, (h, w), src, cs, copies);
+                            }
+                            stacks.chunks_exact(copy_len).collect()
                         }
-                    } else {
-                        let copies = stacks.chunks_exact_mut(copy_len);
-                        fill_phases(stack, &sources, (h, w), src, cs, copies);
-                    }
-                    let outputs = first * oh * ow;
-                    products(
-                        stack,
-                        &taps,
-                        &*stacks,
-                        copy_len,
-                        cs,
-                        cd,
-                        then.map(|a| (a, outputs)),
-                        dst,
-                    );
+                        // The chunk's images from the whole batch's stack: the same layout
+                        // from the zero row above its first image on.
+                        Input::Staged(copies) => {
+                            assert_eq!(copies.len(), sources.len(), "{self:?}");
+                            let at = images.start * (oh + 1) * one.pitch * cs / 2;
+                            copies.iter().map(|c| &c[at..][..stack.pixels() * cs / 2]).collect()
+                        }
+                    };
+                    let outputs = images.start * oh * ow;
+                    let part = dst.images(images, oh * ow, cd);
+                    products(stack, &taps, &copies, cs, cd, then.map(|a| (a, outputs)), part);
                 }
             })
         })
@@ -557,23 +825,22 @@ fn fill_phases<'a>(
 }
 
 /// The forward products of one chunk: `dst` (the chunk's outputs, `cd` channels) from the
-/// stack's copies (`copy_len` pairs each, `cs` channels) and the taps' packed filters, through
-/// `then` where given (with the index of the chunk's first output, for its residual). A block
-/// is two [`Segment`]s, one per 16-row half of the tiles: no place of a zero row or column is
-/// computed, and where both halves are whole and nothing follows, the tiles store their sums
-/// straight into `dst`. Tasks are runs of blocks; each sweeps its blocks once per 32 output
-/// channels, so that those channels' filters (all taps: 9 x 32 KiB for 512 input channels)
-/// stay in cache across its blocks.
+/// stack's `copies` (`cs` channels) and the taps' packed filters, through `then` where given
+/// (with the index of the chunk's first output, for its residual). A block is two
+/// [`Segment`]s, one per 16-row half of the tiles: no place of a zero row or column is
+/// computed, and where both halves are whole, nothing follows and the outputs are f32 values,
+/// the tiles store their sums straight into `dst`. Tasks are runs of blocks; each sweeps its
+/// blocks once per 32 output channels, so that those channels' filters (all taps: 9 x 32 KiB
+/// for 512 input channels) stay in cache across its blocks.
 #[allow(clippy::too_many_arguments)]
 fn products(
     stack: Stack,
     taps: &[Tap],
-    stacks: &[u32],
-    copy_len: usize,
+    copies: &[&[u32]],
     cs: usize,
     cd: usize,
     then: Option<(&Affine, usize)>,
-    dst: &mut [f32],
+    dst: Sink,
 ) {
     let segments = stack.segments();
     let blocks = segments.len().div_ceil(2);
@@ -584,21 +851,20 @@ fn products(
     let mut rest = dst;
     for t in 0..tasks {
         let mine = &segments[2 * (blocks * t / tasks)..(2 * (blocks * (t + 1) / tasks)).min(segments.len())];
-        let outputs = mine.last().map_or(0, |l| l.out + l.len) - mine.first().map_or(0, |f| f.out);
-        let (part, tail) = rest.split_at_mut(outputs * cd);
+        let end = mine.last().expect("a block a task at least");
+        let (part, tail) = rest.split_at(end.out + end.len, cd);
         parts.push((mine, part));
         rest = tail;
     }
-    parts.into_par_iter().for_each(|(mine, out)| {
+    parts.into_par_iter().for_each(|(mine, mut out)| {
         let tiles = Tiles::configure();
         let mut block = Block([0.0; ROWS * NR]);
-        let base = mine.first().map_or(0, |f| f.out);
         for q in 0..cd / NR {
             for pair in mine.chunks(2) {
                 // A lone last segment computes its second half again, dropped.
                 let (top, bottom) = (pair[0], pair[pair.len() - 1]);
                 let steps = taps.iter().flat_map(|tap| {
-                    let (filter, copy) = (&tap.filter, &stacks[tap.copy * copy_len..][..copy_len]);
+                    let (filter, copy) = (&tap.filter, copies[tap.copy]);
                     let at = |s: Segment| (s.place + stack.offset(tap.at)) * cs / 2;
                     let (first, second) = (at(top), at(bottom));
                     // The farthest pair read: row 15 of either half, the last 32 channels.
@@ -614,30 +880,24 @@ fn products(
                     })
                 });
                 let a_gap = (bottom.place - top.place) * cs * 2;
-                let row = |s: Segment| (s.out - base) * cd + q * NR;
-                let whole = |s: Segment| s.len == ROWS / 2 && row(s) + (ROWS / 2 - 1) * cd + NR <= out.len();
-                if then.is_none() && pair.len() == 2 && whole(top) && whole(bottom) {
-                    let (t, b) = (out[row(top)..].as_mut_ptr(), out[row(bottom)..].as_mut_ptr());
-                    // SAFETY: every A step reads 16 rows of 16 pairs, `cs / 2` pairs apart, from
-                    // its start and `a_gap` bytes on, in its copy (asserted above);
-                    // `tile_rows` returns 16 x NR pairs; each half of the sums is 16 rows of
-                    // NR values, `cd` apart, in `out` (`whole`).
-                    unsafe { tiles.sum_into(steps, cs * 2, a_gap, NR * 4, t, b, cd * 4, false) };
-                    continue;
+                if let Sink::Values { out, from } = &mut out {
+                    let row = |s: Segment| (s.out - *from) * cd + q * NR;
+                    let whole = |s: Segment| s.len == ROWS / 2 && row(s) + (ROWS / 2 - 1) * cd + NR <= out.len();
+                    if then.is_none() && pair.len() == 2 && whole(top) && whole(bottom) {
+                        let (t, b) = (out[row(top)..].as_mut_ptr(), out[row(bottom)..].as_mut_ptr());
+                        // SAFETY: every A step reads 16 rows of 16 pairs, `cs / 2` pairs apart,
+                        // from its start and `a_gap` bytes on, in its copy (asserted above);
+                        // `tile_rows` returns 16 x NR pairs; each half of the sums is 16 rows
+                        // of NR values, `cd` apart, in `out` (`whole`).
+                        unsafe { tiles.sum_into(steps, cs * 2, a_gap, NR * 4, t, b, cd * 4, false) };
+                        continue;
+                    }
                 }
                 let (t, b) = (block.0.as_mut_ptr(), block.0[ROWS / 2 * NR..].as_mut_ptr());
                 // SAFETY: as above for A and B; the halves are the block's.
                 unsafe { tiles.sum_into(steps, cs * 2, a_gap, NR * 4, t, b, NR * 4, false) };
-                for (half, s) in pair.iter().enumerate() {
-                    let sums = block.0[half * ROWS / 2 * NR..].chunks_exact(NR);
-                    for (r, sums) in sums.take(s.len).enumerate() {
-                        let o = s.out + r;
-                        let out = &mut out[(o - base) * cd + q * NR..][..NR];
-                        match then {
-                            Some((affine, first)) => affine.row(first + o, q * NR, sums, out),
-                            None => out.copy_from_slice(sums),
-                        }
-                    }
+                for (half, &s) in pair.iter().enumerate() {
+                    out.rows(s, q * NR, cd, &block.0[half * ROWS / 2 * NR..], then);
                 }
             }
         }
@@ -880,6 +1140,69 @@ mod tests {
                 assert_eq!(differ, None, "{g:?} relu {relu}");
                 assert!(!relu || want.contains(&0.0), "the ReLU clips some outputs");
             }
+        }
+    }
+
+    /// Two convolutions in a row, the first's outputs staged as the second's stack
+    /// ([`Direct::forward_pair`]), give the bits of the two calls one after the other: maps
+    /// closed by a zero column (11 x 6 to 11 x 6, 32 x 32 in two chunks of the first, several
+    /// of the second), masked copies (8 x 8, 4 x 4), a stride-2 first convolution (16 x 16 to
+    /// 8 x 8) and a 1x1 one, with and without a residual on the second. Checked to fail with
+    /// the staged stack's zero rows left as they were (NaN) and with the masked column of a
+    /// copy written.
+    #[test]
+    fn staged_pair_matches_two_calls() {
+        for (n, h, w, c0, c1, c2, (side, stride)) in [
+            (3, 11, 6, 32, 64, 32, (3, 1)),
+            (20, 32, 32, 64, 32, 64, (3, 1)),
+            (9, 8, 8, 64, 64, 64, (3, 1)),
+            (5, 4, 4, 64, 32, 64, (3, 1)),
+            (6, 16, 16, 32, 64, 64, (3, 2)),
+            (4, 16, 16, 32, 64, 32, (1, 2)),
+        ] {
+            let Some((ga, a)) = plan_of(n, h, w, c0, c1, (side, stride)) else {
+                return eprintln!("skipped: no AMX tiles here");
+            };
+            let mid = ga.output();
+            let (gb, b) = plan(n, mid.h, mid.w, c1, c2).expect("AMX, as the first");
+            let val = |i: usize, salt: f32| ((i as f32 * 0.618 + salt).sin() * 1000.0).fract();
+            let x: Vec<f32> = (0..ga.input.numel()).map(|i| val(i, 0.1)).collect();
+            let wa: Vec<f32> = (0..ga.weight_len()).map(|i| val(i, 0.2)).collect();
+            let wb: Vec<f32> = (0..gb.weight_len()).map(|i| val(i, 0.3)).collect();
+            let residual: Vec<f32> = (0..gb.output().numel()).map(|i| val(i, 0.4)).collect();
+            let statistics = |c: usize, salt: f32| -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+                (0..c)
+                    .map(|i| (val(i, salt), 1.0 + val(i, salt + 0.1), val(i, salt + 0.2)))
+                    .collect()
+            };
+            let ((ca, sa, ha), (cb, sb, hb)) = (statistics(c1, 0.5), statistics(c2, 0.8));
+            let then_a = Affine {
+                center: &ca,
+                scale: sa,
+                shift: &ha,
+                residual: None,
+                relu: true,
+            };
+            for residual in [None, Some(&residual[..])] {
+                let then_b = Affine {
+                    center: &cb,
+                    scale: sb.clone(),
+                    shift: &hb,
+                    residual,
+                    relu: residual.is_some(),
+                };
+                let mut between = vec![f32::NAN; mid.numel()];
+                a.forward_then(&x, &wa, Some(&then_a), &mut between);
+                let mut want = vec![f32::NAN; gb.output().numel()];
+                b.forward_then(&between, &wb, Some(&then_b), &mut want);
+                // Stale values in the staged buffer, where padding must be zeros.
+                STAGED.with(|buffer| buffer.borrow_mut().fill(f32::NAN.to_bits()));
+                let mut got = vec![f32::NAN; want.len()];
+                Direct::forward_pair(&a, &b, &x, &wa, Some(&then_a), &wb, Some(&then_b), &mut got);
+                let differ = got.iter().zip(&want).position(|(g, w)| g.to_bits() != w.to_bits());
+                assert_eq!(differ, None, "{ga:?} then {gb:?}");
+            }
+            assert!(n < 20 || a.chunk(2 * (h + 1) * (w + 1) * c0) < n, "chunks");
         }
     }
 }
