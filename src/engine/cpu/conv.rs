@@ -745,7 +745,8 @@ mod tests {
         // stride-1 convolutions with 16 channels and more take it where it saves multiplies
         // (4x4 maps and larger), with 4-point tiles where they tie with 6-point ones (5x6).
         // With bf16 operands on AMX, those of 32-channel multiples on maps of 16 pixels and more
-        // take the direct path (the `wide` ones below).
+        // take the direct path (the `wide` ones below), as do stride-1 kernels whose patch fits
+        // a tile row (the cifar stem's: the last three).
         let cases = [
             (8, 9, 1, 3, 1, 5, 6, None),
             (4, 5, 1, 3, 1, 5, 6, None),
@@ -774,6 +775,9 @@ mod tests {
             (16, 16, 2, 3, 1, 64, 32, None),
             (8, 10, 2, 3, 1, 32, 64, None),
             (8, 8, 2, 1, 0, 64, 96, None),
+            (8, 8, 1, 3, 1, 3, 32, None),
+            (5, 6, 1, 3, 1, 3, 64, None),
+            (4, 5, 1, 1, 0, 5, 32, None),
         ];
         let wide = if ops == Operands::Bf16 { &wide[..] } else { &[] };
         for &(h, w, stride, k, pad, cin, cout, tile_points) in cases.iter().chain(wide) {
@@ -794,7 +798,10 @@ mod tests {
                 let shape =
                     (k == 3 && pad == 1 && (stride == 1 || even)) || (k == 1 && pad == 0 && stride == 2 && even);
                 let out = g.out_hw();
-                let direct = amx && shape && cin % 32 == 0 && cout % 32 == 0 && out.0 * out.1 >= 16;
+                // The stems' patches: a stride-1 kernel whose patch fits a tile row.
+                let patch = k % 2 == 1 && stride == 1 && pad == k / 2 && k * k * cin <= 32 && cin % 32 != 0;
+                let channels = (shape && cin % 32 == 0) || patch;
+                let direct = amx && channels && cout % 32 == 0 && out.0 * out.1 >= 16;
                 assert_eq!(amx_direct(&g).is_some(), direct, "{g:?}");
             }
             let val = |i: usize, salt: f32| ((i as f32 * 0.618 + salt).sin() * 1000.0).fract();
