@@ -29,6 +29,13 @@
 //! 16x16x128 -> 256 2.06 against 2.46, 8x8x256 -> 512 2.10 against 2.62, the 1x1s 1.58 / 0.94
 //! / 0.50 against 1.97 / 0.98 / 0.56-0.67.
 //!
+//! In eval mode a residual block's two convolutions run as one call ([`Direct::forward_pair`]):
+//! the first's outputs, through their batch norm and ReLU, are rounded to bf16 and written
+//! straight into the stack of the whole batch that the second reads ([`sink`]), so the
+//! block's inner activation never goes through memory as f32 and the second fills nothing
+//! (cifar stem bf16 inference +12-15%). The cifar stem's 3x3 on 3 channels, whose patch
+//! of 27 values fits one tile row, runs as a 1x1 over its patches ([`Direct::patch`]).
+//!
 //! The input gradient is the same product over the output gradient's stack, with each tap's
 //! filter transposed and the taps mirrored (`dx[p] = sum over taps t of dy[p - t] w_t^T`).
 //! The weight gradient sums over the places instead: the stack transposed (a row of pixels
@@ -41,13 +48,17 @@
 //! backward, against Winograd's 4-point tiles before: 32x32x64 4.7-4.9 / 9.9-10.7 against
 //! 14.7 / 30; 4x4x512 (tap classes before) 4.3-4.5 / 11.3-12.0 against 6.7 / 14.2.
 
+mod fill;
+mod sink;
+
 use super::amx::{Block, ROWS, Tiles};
-use super::avx512::RowsOut;
-use super::{KC, Kernel, NR, PackedB, line_pairs, packed_len, pairs_across, round, with_buffer};
+use super::{KC, Kernel, NR, PackedB, packed_len, with_buffer};
 use crate::engine::ConvGeom;
 use crate::engine::cpu::batch_norm::Affine;
 use crate::engine::cpu::gemm::Mat;
+use fill::{fill, fill_patches, fill_phases, place_pairs, transposed};
 use rayon::prelude::*;
+use sink::{Input, Sink};
 use std::cell::RefCell;
 
 /// Channels a tile row holds (64 bytes of bf16): both channel counts are multiples of it.
@@ -106,175 +117,6 @@ struct Tap<'a> {
     copy: usize,
     at: (isize, isize),
     filter: PackedB<'a>,
-}
-
-/// What the forward products read: f32 NHWC values, converted chunk by chunk into the
-/// stack's copies, or the whole batch's copies staged before ([`Direct::forward_pair`]).
-#[derive(Clone, Copy)]
-enum Input<'a> {
-    Values(&'a [f32]),
-    Staged(&'a [&'a [u32]]),
-}
-
-/// Where the forward products' outputs go (through `then` where given): f32 NHWC values from
-/// output `from` on, or a stack's copies from its pixel `from` on, as bf16 pairs of channels,
-/// the column each copy's side masks zeros (the copies the next convolution reads).
-enum Sink<'a> {
-    Values {
-        out: &'a mut [f32],
-        from: usize,
-    },
-    Stack {
-        stack: Stack,
-        sides: Vec<isize>,
-        copies: Vec<&'a mut [u32]>,
-        from: usize,
-    },
-}
-
-impl<'a> Sink<'a> {
-    fn values(out: &'a mut [f32]) -> Self {
-        Sink::Values { out, from: 0 }
-    }
-
-    /// The outputs of `images` (`per_image` outputs of `c` channels each), their own first
-    /// output 0: a chunk's.
-    fn images(&mut self, images: std::ops::Range<usize>, per_image: usize, c: usize) -> Sink<'_> {
-        match self {
-            Sink::Values { out, from } => {
-                assert_eq!(*from, 0);
-                let out = &mut out[images.start * per_image * c..images.end * per_image * c];
-                Sink::Values { out, from: 0 }
-            }
-            Sink::Stack {
-                stack,
-                sides,
-                copies,
-                from,
-            } => {
-                assert_eq!(*from, 0);
-                // The same layout from the zero row above the first image on.
-                let part = Stack {
-                    images: images.len(),
-                    ..*stack
-                };
-                let at = images.start * (stack.h + 1) * stack.pitch * c / 2;
-                Sink::Stack {
-                    stack: part,
-                    sides: sides.clone(),
-                    copies: copies
-                        .iter_mut()
-                        .map(|copy| &mut copy[at..][..part.pixels() * c / 2])
-                        .collect(),
-                    from: 0,
-                }
-            }
-        }
-    }
-
-    /// The outputs before output `o` and those from it on (`c` channels each).
-    fn split_at(self, o: usize, c: usize) -> (Self, Self) {
-        match self {
-            Sink::Values { out, from } => {
-                let (head, tail) = out.split_at_mut((o - from) * c);
-                (Sink::Values { out: head, from }, Sink::Values { out: tail, from: o })
-            }
-            Sink::Stack {
-                stack,
-                sides,
-                copies,
-                from,
-            } => {
-                let pixel = stack.first() + stack.place(o);
-                let (heads, tails) = copies
-                    .into_iter()
-                    .map(|copy| copy.split_at_mut((pixel - from) * c / 2))
-                    .unzip();
-                let head = Sink::Stack {
-                    stack,
-                    sides: sides.clone(),
-                    copies: heads,
-                    from,
-                };
-                let tail = Sink::Stack {
-                    stack,
-                    sides,
-                    copies: tails,
-                    from: pixel,
-                };
-                (head, tail)
-            }
-        }
-    }
-
-    /// Channels `c0..c0 + NR` of the outputs of segment `s` (`c` channels each) from their
-    /// sums (`NR` a row), through `then` (with the index of output 0 for its residual).
-    /// Where the sink is a stack, the segment's places are its places there too (the same
-    /// map, images and pitch: [`Direct::forward_pair`]).
-    fn rows(&mut self, s: Segment, c0: usize, c: usize, sums: &[f32], then: Option<(&Affine, usize)>) {
-        let span = (s.len - 1) * c + NR;
-        let sums = &sums[..s.len * NR];
-        match self {
-            Sink::Values { out, from } => {
-                let out = &mut out[(s.out - *from) * c + c0..][..span];
-                match then {
-                    Some(then) => affine_rows(then, s.out, c0, c, sums, RowsOut::Values(out.as_mut_ptr(), c)),
-                    None => {
-                        for (out, sums) in out.chunks_mut(c).zip(sums.chunks_exact(NR)) {
-                            out[..NR].copy_from_slice(sums);
-                        }
-                    }
-                }
-            }
-            Sink::Stack {
-                stack,
-                sides,
-                copies,
-                from,
-            } => {
-                // The unmasked copy first, then the others from it, masked.
-                let pixel = stack.first() + s.place - *from;
-                let at = |r: usize| (pixel + r) * c / 2 + c0 / 2;
-                let plain = sides.iter().position(|&side| side == 0).expect("a stride-1 stack");
-                let out = &mut copies[plain][at(0)..][..span / 2];
-                match then {
-                    Some(then) => affine_rows(then, s.out, c0, c, sums, RowsOut::Pairs(out.as_mut_ptr(), c / 2)),
-                    None => {
-                        for (out, sums) in out.chunks_mut(c / 2).zip(sums.chunks_exact(NR)) {
-                            line_pairs(sums, &mut out[..NR / 2]);
-                        }
-                    }
-                }
-                for (copy, &side) in sides.iter().enumerate().filter(|&(copy, _)| copy != plain) {
-                    let masked = stack.masked(side);
-                    for r in 0..s.len {
-                        let mut pairs = [0; NR / 2];
-                        if !masked((s.place + r) % stack.pitch) {
-                            pairs.copy_from_slice(&copies[plain][at(r)..][..NR / 2]);
-                        }
-                        copies[copy][at(r)..][..NR / 2].copy_from_slice(&pairs);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// The rows of `sums` (`NR` each: outputs `o..` of `c` channels, channels `c0..c0 + NR`)
-/// through `affine` (with the index of output 0 for its residual) into `out`, as
-/// [`Affine::row`] computes them, on AVX-512.
-fn affine_rows((affine, first): (&Affine, usize), o: usize, c0: usize, c: usize, sums: &[f32], out: RowsOut) {
-    assert!(sums.len().is_multiple_of(NR) && affine.scale.len() == c && c0 + NR <= c);
-    let rows = sums.len() / NR;
-    let columns = |v: &[f32]| v[c0..c0 + NR].as_ptr();
-    let per_column = [columns(affine.center), columns(&affine.scale), columns(affine.shift)];
-    let residual = affine
-        .residual
-        .map(|r| (r[(first + o) * c + c0..][..(rows - 1) * c + NR].as_ptr(), c));
-    // SAFETY: the CPU has AVX512_BF16 (AMX chosen); `sums` holds the rows, each per-column
-    // pointer NR values, the residual (sliced above) and `out` (the caller's slice) every row
-    // at its distance.
-    unsafe { super::avx512::affine_rows(sums.as_ptr(), rows, per_column, residual, affine.relu, out) }
 }
 
 thread_local! {
@@ -385,7 +227,7 @@ impl Stack {
 
     /// Zeros into the pixels of `copy` (`pixel` values each) that no output's place holds:
     /// the one ahead, the zero rows, the zero column closing each row, and the room past the
-    /// last row. What [`fill`] writes there, for a stack whose outputs come from elsewhere.
+    /// last row. What [`fill()`] writes there, for a stack whose outputs come from elsewhere.
     fn zero_padding(&self, copy: &mut [u32], pixel: usize) {
         let (h, w, pitch, first) = (self.h, self.w, self.pitch, self.first());
         let mut zero = |from: usize, to: usize| copy[from * pixel..to * pixel].fill(0);
@@ -566,12 +408,7 @@ impl Direct {
             copies
                 .par_iter_mut()
                 .for_each(|copy| staged.zero_padding(copy, b.cin / 2));
-            let sink = Sink::Stack {
-                stack: staged,
-                sides: sources.iter().map(|s| s.side).collect(),
-                copies,
-                from: 0,
-            };
+            let sink = Sink::stack(staged, sources.iter().map(|s| s.side).collect(), copies);
             a.run(Input::Values(x), a.cin, a.cout, then_a, sink, a.forward_taps(wa));
             let copies: Vec<&[u32]> = buffer.chunks_exact(copy_len).collect();
             b.run(Input::Staged(&copies), b.cin, b.cout, then_b, Sink::values(y), taps);
@@ -754,153 +591,6 @@ impl Direct {
     }
 }
 
-/// One copy of `stack` from `src` (NHWC, `c` channels) into `out`, as bf16 pairs of channels,
-/// the columns `masked` says zeros: a row of the stack at a time, an image row converted at
-/// once.
-fn fill(stack: Stack, masked: impl Fn(usize) -> bool + Sync, src: &[f32], c: usize, out: &mut [u32]) {
-    let (w, pitch, pixel) = (stack.w, stack.pitch, c / 2);
-    let out = &mut out[..stack.pixels() * pixel];
-    out[..pixel].fill(0);
-    out[pixel..]
-        .par_chunks_mut(pitch * pixel)
-        .enumerate()
-        .for_each(|(r, line)| {
-            // Row r of the stack starts at pixel 1 + r pitch: place (r - 1) pitch.
-            let source = r
-                .checked_sub(1)
-                .and_then(|row| stack.outputs_from(row * pitch, |_| false).next().flatten());
-            match source {
-                Some(s) if line.len() == pitch * pixel => {
-                    line_pairs(&src[s * c..][..w * c], &mut line[..w * pixel]);
-                    line[w * pixel..].fill(0);
-                    for (x, pair) in line.chunks_exact_mut(pixel).enumerate().take(w) {
-                        if masked(x) {
-                            pair.fill(0);
-                        }
-                    }
-                }
-                _ => line.fill(0),
-            }
-        });
-}
-
-/// The stack of a convolution run as a 1x1 over its patches ([`Direct::patch`]): each
-/// output's place holds its patch as 32 channels of bf16 pairs (taps row by row, each tap's
-/// `c` channels, zeros where a tap reads padding, then zeros), from `src` (NHWC maps of the
-/// stack's size, `c` channels). A row of the stack at a time: the `side` input rows its
-/// patches read are rounded to bf16 once, then each patch is copied out of them.
-fn fill_patches(stack: Stack, side: usize, c: usize, src: &[f32], out: &mut [u32]) {
-    let (h, w, pitch, pixel, pad) = (stack.h, stack.w, stack.pitch, CHANNELS / 2, side / 2);
-    let out = &mut out[..stack.pixels() * pixel];
-    out[..pixel].fill(0);
-    // A patch row: `side` taps of `c` channels, read from the padded rows at its column.
-    let (tap_row, wide) = (side * c, (w + 2 * pad) * c);
-    out[pixel..]
-        .par_chunks_mut(pitch * pixel)
-        .enumerate()
-        .for_each_init(Vec::new, |rows, (r, line)| {
-            let output = r
-                .checked_sub(1)
-                .and_then(|row| stack.outputs_from(row * pitch, |_| false).next().flatten());
-            let Some(o) = output.filter(|_| line.len() == pitch * pixel) else {
-                return line.fill(0);
-            };
-            let (image, y) = (o / (h * w), o / w % h);
-            rows.clear();
-            rows.resize(side * wide, 0u16);
-            for (ky, padded) in rows.chunks_exact_mut(wide).enumerate() {
-                let iy = (y + ky).wrapping_sub(pad);
-                if iy < h {
-                    let row = &src[(image * h + iy) * w * c..][..w * c];
-                    for (d, &v) in padded[pad * c..].iter_mut().zip(row) {
-                        *d = round(v);
-                    }
-                }
-            }
-            for (x, pairs) in line.chunks_exact_mut(pixel).enumerate() {
-                let mut patch = [0u16; CHANNELS];
-                if x < w {
-                    for (ky, taps) in patch.chunks_exact_mut(tap_row).take(side).enumerate() {
-                        taps.copy_from_slice(&rows[ky * wide + x * c..][..tap_row]);
-                    }
-                }
-                for (p, v) in pairs.iter_mut().zip(patch.chunks_exact(2)) {
-                    *p = v[0] as u32 | (v[1] as u32) << 16;
-                }
-            }
-        });
-}
-
-/// [`fill`] for stride 2: the copies of `stack` that `sources` describe from `src` (NHWC
-/// `h x w` maps of `c` channels) into `copies`, as bf16 pairs of channels, each copy a phase
-/// (the pixels of one row and column parity), the column its side masks zeros. A row of the
-/// stack at a time, all copies at once: the input rows it reads are converted once, then each
-/// copy takes its pixels (a pass a copy converting pixel by pixel took twice as long). For
-/// stride 1, the same one pass (a row converted into one copy, copied into the others) was
-/// 8% slower on the seed stem than `fill`'s pass a copy (3 alternating runs each).
-fn fill_phases<'a>(
-    stack: Stack,
-    sources: &[Source],
-    (h, w): (usize, usize),
-    src: &[f32],
-    c: usize,
-    copies: impl Iterator<Item = &'a mut [u32]>,
-) {
-    let (pitch, pixel) = (stack.pitch, c / 2);
-    // rows[r]: row r of every copy (row r of the stack starts at pixel 1 + r pitch, place
-    // (r - 1) pitch).
-    let mut rows: Vec<Vec<&mut [u32]>> = Vec::new();
-    for copy in copies.take(sources.len()) {
-        let (ahead, copy) = copy[..stack.pixels() * pixel].split_at_mut(pixel);
-        ahead.fill(0);
-        for (r, line) in copy.chunks_mut(pitch * pixel).enumerate() {
-            if r == rows.len() {
-                rows.push(Vec::with_capacity(sources.len()));
-            }
-            rows[r].push(line);
-        }
-    }
-    rows.into_par_iter()
-        .enumerate()
-        .for_each_init(Vec::new, |converted, (r, mut lines)| {
-            let output = r
-                .checked_sub(1)
-                .and_then(|row| stack.outputs_from(row * pitch, |_| false).next().flatten());
-            let Some(o) = output.filter(|_| lines[0].len() == pitch * pixel) else {
-                return lines.into_iter().for_each(|line| line.fill(0));
-            };
-            // The output row's image and row; the two input rows it reads from `first`
-            // (both, but a 1x1's only the first), converted, then each copy's phase picked
-            // out of them.
-            let (image, y) = (o / (stack.h * stack.w), o / stack.w % stack.h);
-            let first = (image * h + 2 * y) * w * c;
-            let row_len = stack.w * pixel;
-            converted.resize(2 * w * pixel, 0);
-            for py in 0..2 {
-                if sources.iter().any(|s| s.phase.0 == py) {
-                    let out = &mut converted[py * w * pixel..][..w * pixel];
-                    line_pairs(&src[first + py * w * c..][..w * c], out);
-                }
-            }
-            for (source, line) in sources.iter().zip(lines.iter_mut()) {
-                let (py, px) = source.phase;
-                for (x, pairs) in line[..row_len].chunks_exact_mut(pixel).enumerate() {
-                    pairs.copy_from_slice(&converted[(py * w + 2 * x + px) * pixel..][..pixel]);
-                }
-            }
-            for (source, line) in sources.iter().zip(lines) {
-                let (row, tail) = line.split_at_mut(row_len);
-                let masked = stack.masked(source.side);
-                for (x, pairs) in row.chunks_exact_mut(pixel).enumerate() {
-                    if masked(x) {
-                        pairs.fill(0);
-                    }
-                }
-                tail.fill(0);
-            }
-        });
-}
-
 /// The forward products of one chunk: `dst` (the chunk's outputs, `cd` channels) from the
 /// stack's `copies` (`cs` channels) and the taps' packed filters, through `then` where given
 /// (with the index of the chunk's first output, for its residual). A block is two
@@ -977,49 +667,6 @@ fn products(
                     out.rows(s, q * NR, cd, &block.0[half * ROWS / 2 * NR..], then);
                 }
             }
-        }
-    });
-}
-
-/// `stack` (its unmasked copy) from `x` (NHWC, `c` channels) transposed into `out`: per
-/// channel a row of `row` pixels (pairs of them as bf16), zeros where the stack holds zeros
-/// and past it.
-fn transposed(stack: Stack, x: &[f32], c: usize, row: usize, out: &mut [u32]) {
-    out[..c * row / 2]
-        .par_chunks_mut(16 * row / 2)
-        .enumerate()
-        .for_each(|(g, rows)| {
-            let c0 = g * 16;
-            // Pixel p holds place p - first.
-            let ahead = std::iter::repeat_n(None, stack.first());
-            let mut sources = ahead.chain(stack.outputs_from(0, |_| false));
-            for r0 in (0..row).step_by(32) {
-                let pixels: [*const f32; 32] = std::array::from_fn(|_| {
-                    let source = sources.next().flatten();
-                    source.map_or(std::ptr::null(), |s| x[s * c + c0..][..16].as_ptr())
-                });
-                let out = &mut rows[r0 / 2..];
-                assert!(out.len() >= 15 * row / 2 + 16);
-                // SAFETY: the CPU has AVX512_BF16 (AMX chosen); each pointer is to 16 values
-                // of `x`; `out` holds 16 rows of `row / 2` pairs (asserted).
-                unsafe { super::avx512::transposed_pairs(&pixels, out.as_mut_ptr(), row / 2) };
-            }
-        });
-}
-
-/// `dy` (NHWC, `c` channels) as pairs of consecutive places of `stack` into `out` (`c`
-/// pairs a place pair), zeros at the zero rows' and columns' places, at the columns `masked`
-/// says, and past the last.
-fn place_pairs(stack: Stack, masked: impl Fn(usize) -> bool + Sync + Copy, dy: &[f32], c: usize, out: &mut [u32]) {
-    let zeros = vec![0.0; c];
-    let place = |o: Option<usize>| o.map_or(&zeros[..], |o| &dy[o * c..][..c]);
-    // Tasks of 256 place pairs, each walking its places.
-    out.par_chunks_mut(256 * c).enumerate().for_each(|(t, run)| {
-        let mut outputs = stack.outputs_from(512 * t, masked);
-        for pairs in run.chunks_exact_mut(c) {
-            let (a, b) = (outputs.next().flatten(), outputs.next().flatten());
-            let done = pairs_across(place(a), place(b), pairs);
-            assert_eq!(done, c);
         }
     });
 }
