@@ -112,11 +112,8 @@ impl<B: Backend> BatchNorm2d<B> {
             return s;
         }
         let g = self.prepare_after(be, conv, input, ws);
-        // The output taken out while the parameters are lent to the call.
-        let mut y = std::mem::replace(&mut self.out, be.alloc(0));
-        let bn = self.eval_params(residual);
-        be.conv2d_bn_eval_forward(&g, x, &conv.weight.value, &bn, &mut conv.out, &mut y, ws);
-        self.out = y;
+        let (bn, y) = self.eval_parts(residual);
+        be.conv2d_bn_eval_forward(&g, x, &conv.weight.value, &bn, &mut conv.out, y, ws);
         g.output()
     }
 
@@ -130,9 +127,9 @@ impl<B: Backend> BatchNorm2d<B> {
         g
     }
 
-    /// This layer in eval mode, with the residual added after it.
-    fn eval_params<'a>(&'a self, residual: Option<&'a B::Buf>) -> BatchNormEval<'a, B::Buf> {
-        BatchNormEval {
+    /// This layer in eval mode, with the residual added after it, and its output buffer.
+    fn eval_parts<'a>(&'a mut self, residual: Option<&'a B::Buf>) -> (BatchNormEval<'a, B::Buf>, &'a mut B::Buf) {
+        let bn = BatchNormEval {
             gamma: &self.weight.value,
             beta: &self.bias.value,
             running_mean: &self.running_mean.value,
@@ -140,7 +137,8 @@ impl<B: Backend> BatchNorm2d<B> {
             eps: EPS,
             residual,
             relu: self.relu,
-        }
+        };
+        (bn, &mut self.out)
     }
 
     /// Given dL/d(out) in `dy`, masks it in place by the fused ReLU (so that `dy` then also
@@ -191,23 +189,20 @@ pub fn forward_pair<B: Backend>(
     }
     let ga = bn_a.prepare_after(be, conv_a, input, ws);
     let gb = bn_b.prepare_after(be, conv_b, ga.output(), ws);
-    // The outputs taken out while both layers' parameters are lent to the call.
-    let mut mid = std::mem::replace(&mut bn_a.out, be.alloc(0));
-    let mut y = std::mem::replace(&mut bn_b.out, be.alloc(0));
+    let ((bn_a, mid), (bn_b, y)) = (bn_a.eval_parts(None), bn_b.eval_parts(residual));
     let first = ConvBnEval {
         g: ga,
         w: &conv_a.weight.value,
-        bn: bn_a.eval_params(None),
+        bn: bn_a,
         conv_out: &mut conv_a.out,
     };
     let second = ConvBnEval {
         g: gb,
         w: &conv_b.weight.value,
-        bn: bn_b.eval_params(residual),
+        bn: bn_b,
         conv_out: &mut conv_b.out,
     };
-    be.conv2d_bn_eval_pair_forward(first, second, x, &mut mid, &mut y, ws);
-    (bn_a.out, bn_b.out) = (mid, y);
+    be.conv2d_bn_eval_pair_forward(first, second, x, mid, y, ws);
     gb.output()
 }
 
