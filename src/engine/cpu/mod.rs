@@ -249,10 +249,9 @@ impl Backend for Cpu {
         });
     }
     fn bias_grad(&self, rows: usize, c: usize, dy: &Vec<f32>, grads: &mut Vec<f32>, db_at: usize) {
-        for (d, s) in
-            grads[db_at..db_at + c]
-                .iter_mut()
-                .zip(batch_norm::channel_sums(rows, c, dy, &vec![0.0; c], |v, _| v))
+        for (d, s) in grads[db_at..db_at + c]
+            .iter_mut()
+            .zip(batch_norm::column_sums(rows, c, dy))
         {
             *d = s as f32;
         }
