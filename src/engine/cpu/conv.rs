@@ -287,14 +287,16 @@ pub fn forward_then(
 /// where the affine runs apart ([`forward_then`]).
 pub type ThenAffine<'a> = (&'a ConvGeom, &'a [f32], &'a Affine<'a>, &'a mut [f32]);
 
-/// `y = then_b(b(then_a(a(x))))`: where both convolutions take the direct bf16 path (the
-/// second of stride 1), the first's outputs go into the second's input stack as they leave
-/// the tiles ([`bf16::direct::Direct::forward_pair`]), `mid` unwritten; elsewhere two
-/// [`forward_then`] calls through `mid`.
+/// `y = then_b(b(then_a(a(x))))`: where both convolutions take the direct bf16 path and the
+/// second can read the first's outputs as its stack (`Direct::follows`), they go there as
+/// they leave the tiles ([`bf16::direct::Direct::forward_pair`]), `mid` unwritten; elsewhere
+/// two [`forward_then`] calls through `mid`.
 pub fn forward_pair(a: ThenAffine, b: ThenAffine, x: &[f32], mid: &mut [f32], y: &mut [f32], ws: &mut [f32]) {
     let ((ga, wa, then_a, out_a), (gb, wb, then_b, out_b)) = (a, b);
     #[cfg(target_arch = "x86_64")]
-    if let (Some(da), Some(db)) = (amx_direct(ga), amx_direct(gb).filter(|_| gb.stride == 1)) {
+    if let (Some(da), Some(db)) = (amx_direct(ga), amx_direct(gb))
+        && db.follows(&da)
+    {
         let (x, y) = (&x[..ga.input.numel()], &mut y[..gb.output().numel()]);
         return bf16::direct::Direct::forward_pair(&da, &db, x, wa, Some(then_a), wb, Some(then_b), y);
     }

@@ -130,11 +130,6 @@ thread_local! {
     static STAGED: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Tap `t` (0..9, row by row: HWIO's order) as the (dy, dx) it reads.
-fn tap(t: usize) -> (isize, isize) {
-    (t as isize / 3 - 1, t as isize % 3 - 1)
-}
-
 /// A chunk of `images` maps of `h x w` pixels stacked as the module doc says: rows of `pitch`
 /// pixels, either `w + 1` (a zero column closing each row: one copy) or `w` (three copies,
 /// columns masked).
@@ -171,7 +166,7 @@ impl Stack {
         let mut segments = Vec::new();
         for image in 0..self.images {
             // Place of the image's first pixel, and its first output.
-            let (place, out) = (image * (h + 1) * pitch, image * h * w);
+            let (place, out) = (self.image_place(image), image * h * w);
             if self.masked_rows() {
                 segments.extend((0..h * w).step_by(half).map(|o| Segment {
                     place: place + o,
@@ -222,7 +217,20 @@ impl Stack {
     /// The place of output `o` (a pixel of the images), the inverse of [`Stack::outputs_from`].
     fn place(&self, o: usize) -> usize {
         let (image, y, x) = (o / (self.h * self.w), o / self.w % self.h, o % self.w);
-        (image * (self.h + 1) + y) * self.pitch + x
+        self.image_place(image) + y * self.pitch + x
+    }
+
+    /// The place of image `image`'s first pixel. A stack of the images from `image` on is
+    /// this one's pixels from this many on (from the pixel ahead of the zero row above it).
+    fn image_place(&self, image: usize) -> usize {
+        image * (self.h + 1) * self.pitch
+    }
+
+    /// The first output of the stack's row `r` (row r starts at pixel 1 + r pitch, place (r -
+    /// 1) pitch): none for a zero row or past the last image.
+    fn row_output(&self, r: usize) -> Option<usize> {
+        let row = r.checked_sub(1)?;
+        self.outputs_from(row * self.pitch, |_| false).next().flatten()
     }
 
     /// Zeros into the pixels of `copy` (`pixel` values each) that no output's place holds:
@@ -233,13 +241,13 @@ impl Stack {
         let mut zero = |from: usize, to: usize| copy[from * pixel..to * pixel].fill(0);
         zero(0, first);
         for image in 0..self.images {
-            let top = first + image * (h + 1) * pitch;
+            let top = first + self.image_place(image);
             if pitch > w {
                 (0..h).for_each(|y| zero(top + y * pitch + w, top + (y + 1) * pitch));
             }
             zero(top + h * pitch, top + (h + 1) * pitch);
         }
-        zero(first + self.images * (h + 1) * pitch, self.pixels());
+        zero(first + self.image_place(self.images), self.pixels());
     }
 
     /// Where tap (dy, dx) reads, relative to the place: pixels (from the first place's pixel).
@@ -393,10 +401,7 @@ impl Direct {
         then_b: Option<&Affine>,
         y: &mut [f32],
     ) {
-        assert!(
-            b.stride == 1 && b.patch.is_none() && (a.n, a.out_hw(), a.cout) == (b.n, (b.h, b.w), b.cin),
-            "{a:?} then {b:?}"
-        );
+        assert!(b.follows(a), "{a:?} then {b:?}");
         let padded = a.padded(wa);
         let wa = padded.as_deref().unwrap_or(wa);
         let taps = b.forward_taps(wb);
@@ -413,6 +418,14 @@ impl Direct {
             let copies: Vec<&[u32]> = buffer.chunks_exact(copy_len).collect();
             b.run(Input::Staged(&copies), b.cin, b.cout, then_b, Sink::values(y), taps);
         })
+    }
+
+    /// Whether this convolution can read `a`'s outputs staged as its stack
+    /// ([`Direct::forward_pair`]): a stride-1 one, not over patches, on `a`'s output map and
+    /// channels, for the same batch.
+    pub fn follows(&self, a: &Self) -> bool {
+        let input = (self.n, (self.h, self.w), self.cin);
+        self.stride == 1 && self.patch.is_none() && input == (a.n, a.out_hw(), a.cout)
     }
 
     /// The forward pass's taps: where each reads, and its filter (of `w`, HWIO).
@@ -504,7 +517,7 @@ impl Direct {
                         // from the zero row above its first image on.
                         Input::Staged(copies) => {
                             assert_eq!(copies.len(), sources.len(), "{self:?}");
-                            let at = images.start * (oh + 1) * one.pitch * cs / 2;
+                            let at = one.image_place(images.start) * cs / 2;
                             copies.iter().map(|c| &c[at..][..stack.pixels() * cs / 2]).collect()
                         }
                     };
@@ -560,7 +573,7 @@ impl Direct {
                         let mine = blocks * task / tasks..blocks * (task + 1) / tasks;
                         for (b, sum) in mine.zip(sums) {
                             let (t, c0, q) = block(b);
-                            let read = tap(t);
+                            let read = self.read(t).at;
                             // The taps reading to a side take the output gradient with the
                             // places zeroed whose read wraps around to another row.
                             let dyp = &dyp[stack.copy(read.1) * pairs_len..][..pairs_len];

@@ -16,23 +16,17 @@ pub(super) fn fill(stack: Stack, masked: impl Fn(usize) -> bool + Sync, src: &[f
     out[pixel..]
         .par_chunks_mut(pitch * pixel)
         .enumerate()
-        .for_each(|(r, line)| {
-            // Row r of the stack starts at pixel 1 + r pitch: place (r - 1) pitch.
-            let source = r
-                .checked_sub(1)
-                .and_then(|row| stack.outputs_from(row * pitch, |_| false).next().flatten());
-            match source {
-                Some(s) if line.len() == pitch * pixel => {
-                    line_pairs(&src[s * c..][..w * c], &mut line[..w * pixel]);
-                    line[w * pixel..].fill(0);
-                    for (x, pair) in line.chunks_exact_mut(pixel).enumerate().take(w) {
-                        if masked(x) {
-                            pair.fill(0);
-                        }
+        .for_each(|(r, line)| match stack.row_output(r) {
+            Some(s) if line.len() == pitch * pixel => {
+                line_pairs(&src[s * c..][..w * c], &mut line[..w * pixel]);
+                line[w * pixel..].fill(0);
+                for (x, pair) in line.chunks_exact_mut(pixel).enumerate().take(w) {
+                    if masked(x) {
+                        pair.fill(0);
                     }
                 }
-                _ => line.fill(0),
             }
+            _ => line.fill(0),
         });
 }
 
@@ -51,10 +45,7 @@ pub(super) fn fill_patches(stack: Stack, side: usize, c: usize, src: &[f32], out
         .par_chunks_mut(pitch * pixel)
         .enumerate()
         .for_each_init(Vec::new, |rows, (r, line)| {
-            let output = r
-                .checked_sub(1)
-                .and_then(|row| stack.outputs_from(row * pitch, |_| false).next().flatten());
-            let Some(o) = output.filter(|_| line.len() == pitch * pixel) else {
+            let Some(o) = stack.row_output(r).filter(|_| line.len() == pitch * pixel) else {
                 return line.fill(0);
             };
             let (image, y) = (o / (h * w), o / w % h);
@@ -99,8 +90,7 @@ pub(super) fn fill_phases<'a>(
     copies: impl Iterator<Item = &'a mut [u32]>,
 ) {
     let (pitch, pixel) = (stack.pitch, c / 2);
-    // rows[r]: row r of every copy (row r of the stack starts at pixel 1 + r pitch, place
-    // (r - 1) pitch).
+    // rows[r]: row r of every copy ([`Stack::row_output`]).
     let mut rows: Vec<Vec<&mut [u32]>> = Vec::new();
     for copy in copies.take(sources.len()) {
         let (ahead, copy) = copy[..stack.pixels() * pixel].split_at_mut(pixel);
@@ -115,10 +105,7 @@ pub(super) fn fill_phases<'a>(
     rows.into_par_iter()
         .enumerate()
         .for_each_init(Vec::new, |converted, (r, mut lines)| {
-            let output = r
-                .checked_sub(1)
-                .and_then(|row| stack.outputs_from(row * pitch, |_| false).next().flatten());
-            let Some(o) = output.filter(|_| lines[0].len() == pitch * pixel) else {
+            let Some(o) = stack.row_output(r).filter(|_| lines[0].len() == pitch * pixel) else {
                 return lines.into_iter().for_each(|line| line.fill(0));
             };
             // The output row's image and row; the two input rows it reads from `first`

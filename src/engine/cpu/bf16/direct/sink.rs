@@ -62,7 +62,7 @@ impl<'a> Sink<'a> {
                     images: images.len(),
                     ..staged.stack
                 };
-                let at = images.start * (stack.h + 1) * stack.pitch * c / 2;
+                let at = stack.image_place(images.start) * c / 2;
                 let len = stack.pixels() * c / 2;
                 let copies = staged.copies.iter_mut().map(|copy| &mut copy[at..][..len]).collect();
                 Sink::stack(stack, staged.sides.clone(), copies)
