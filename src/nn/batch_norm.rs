@@ -225,6 +225,40 @@ mod tests {
     use crate::engine::cpu::{Cpu, bf16_support, set_bf16};
     use crate::nn::Conv2dConfig;
 
+    /// fp32, and bf16 operands where the CPU has them.
+    fn precisions() -> &'static [bool] {
+        if bf16_support().is_ok() {
+            &[false, true]
+        } else {
+            &[false]
+        }
+    }
+
+    /// A bias-free convolution padded by half its kernel.
+    fn conv(b: &Builder<Cpu>, name: &str, cin: usize, cout: usize, kernel: usize, stride: usize) -> Conv2d<Cpu> {
+        let cfg = Conv2dConfig {
+            cin,
+            cout,
+            kernel,
+            stride,
+            pad: kernel / 2,
+            bias: false,
+        };
+        Conv2d::new(&b.pp(name), cfg)
+    }
+
+    /// A batch norm with the ReLU whose every statistic and parameter differs from the others
+    /// (ramps over the channels, raised by `salt`), so that one passed in the wrong place shows.
+    fn distinct_batch_norm(b: &Builder<Cpu>, name: &str, channels: usize, salt: f32) -> BatchNorm2d<Cpu> {
+        let mut bn = BatchNorm2d::new(&b.pp(name), channels, true);
+        let ramp = |lo: f32, step: f32| (0..channels).map(|c| lo + salt + step * c as f32).collect();
+        bn.weight.value = ramp(0.5, 0.02);
+        bn.bias.value = ramp(-0.3, 0.01);
+        bn.running_mean.value = ramp(-0.1, 0.005);
+        bn.running_var.value = ramp(0.2, 0.03);
+        bn
+    }
+
     /// Eval mode's convolution and batch norm in one backend call give the bits of the two
     /// layers run one after the other, with every statistic and parameter distinct (so that
     /// one passed in the wrong place shows), a residual and the ReLU: in fp32 (the two passes
@@ -233,12 +267,7 @@ mod tests {
     /// stems and 40 channels at stride 2 the patches' product and then the batch norm's pass.
     #[test]
     fn forward_after_a_conv_matches_the_two_layers() {
-        let precisions = if bf16_support().is_ok() {
-            &[false, true][..]
-        } else {
-            &[false]
-        };
-        for &bf16 in precisions {
+        for &bf16 in precisions() {
             set_bf16(bf16).unwrap();
             let cases = [
                 (64, 3, 1, 64),
@@ -251,21 +280,8 @@ mod tests {
             for (cin, kernel, stride, cout) in cases {
                 let be = &Cpu;
                 let b = Builder::new(be, 7);
-                let cfg = Conv2dConfig {
-                    cin,
-                    cout,
-                    kernel,
-                    stride,
-                    pad: kernel / 2,
-                    bias: false,
-                };
-                let mut conv = Conv2d::new(&b.pp("conv"), cfg);
-                let mut bn = BatchNorm2d::new(&b.pp("bn"), cout, true);
-                let ramp = |lo: f32, step: f32| (0..cout).map(|c| lo + step * c as f32).collect::<Vec<f32>>();
-                bn.weight.value = ramp(0.5, 0.02);
-                bn.bias.value = ramp(-0.3, 0.01);
-                bn.running_mean.value = ramp(-0.1, 0.005);
-                bn.running_var.value = ramp(0.2, 0.03);
+                let mut conv = conv(&b, "conv", cin, cout, kernel, stride);
+                let mut bn = distinct_batch_norm(&b, "bn", cout, 0.0);
                 let s = Shape4::new(8, 8, 8, cin);
                 let x: Vec<f32> = (0..s.numel()).map(|i| (i as f32 * 0.37).sin()).collect();
                 let out = conv.geom(s).output();
@@ -277,7 +293,7 @@ mod tests {
                 bn.forward_after(be, &mut conv, &x, s, Some(&residual), false, &mut ws);
                 assert_eq!(bn.out.len(), want.len());
                 let differ = bn.out.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
-                assert_eq!(differ, None, "bf16 {bf16}, {cfg:?}");
+                assert_eq!(differ, None, "bf16 {bf16}, {cin} {kernel} {stride} {cout}");
                 assert!(want.contains(&0.0) && want.iter().any(|&v| v > 0.0));
             }
         }
@@ -291,38 +307,14 @@ mod tests {
     /// on 8x8 maps and stride 2 to 4x4; 16 channels run the two calls).
     #[test]
     fn forward_pair_matches_the_four_layers() {
-        let precisions = if bf16_support().is_ok() {
-            &[false, true][..]
-        } else {
-            &[false]
-        };
-        for &bf16 in precisions {
+        for &bf16 in precisions() {
             set_bf16(bf16).unwrap();
             for (cin, stride, cout) in [(64, 1, 64), (32, 2, 64), (16, 1, 16)] {
                 let be = &Cpu;
                 let b = Builder::new(be, 3);
-                let conv = |name: &str, cin, stride| {
-                    let cfg = Conv2dConfig {
-                        cin,
-                        cout,
-                        kernel: 3,
-                        stride,
-                        pad: 1,
-                        bias: false,
-                    };
-                    Conv2d::new(&b.pp(name), cfg)
-                };
-                let (mut conv_a, mut conv_b) = (conv("a", cin, stride), conv("b", cout, 1));
-                let norm = |name: &str, salt: f32, relu: bool| {
-                    let mut bn = BatchNorm2d::new(&b.pp(name), cout, relu);
-                    let ramp = |lo: f32, step: f32| (0..cout).map(|c| lo + salt + step * c as f32).collect();
-                    bn.weight.value = ramp(0.5, 0.02);
-                    bn.bias.value = ramp(-0.3, 0.01);
-                    bn.running_mean.value = ramp(-0.1, 0.005);
-                    bn.running_var.value = ramp(0.2, 0.03);
-                    bn
-                };
-                let (mut bn_a, mut bn_b) = (norm("bn_a", 0.0, true), norm("bn_b", 0.05, true));
+                let (mut conv_a, mut conv_b) = (conv(&b, "a", cin, cout, 3, stride), conv(&b, "b", cout, cout, 3, 1));
+                let mut bn_a = distinct_batch_norm(&b, "bn_a", cout, 0.0);
+                let mut bn_b = distinct_batch_norm(&b, "bn_b", cout, 0.05);
                 let s = Shape4::new(5, 8, 8, cin);
                 let x: Vec<f32> = (0..s.numel()).map(|i| (i as f32 * 0.37).sin()).collect();
                 let out = conv_a.geom(s).output();
