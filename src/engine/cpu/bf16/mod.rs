@@ -387,10 +387,20 @@ pub enum Lhs<'a> {
 }
 
 /// [`matmul`] with a left-hand side of [`Lines`] (`m x k`) on every thread of the pool.
-pub fn matmul_lines(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, a: &dyn Lines, b: Mat) {
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_lines(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: &dyn Lines,
+    b: Mat,
+    accumulate: bool,
+) {
     with_buffer(&PACKED_B, packed_len(k, n), |bpack| {
         let b = PackedB::pack(true, k, n, b, bpack);
-        matmul_packed(true, m, dst, dst_rs, Lhs::Lines(a), &b, false)
+        matmul_packed(true, m, dst, dst_rs, Lhs::Lines(a), &b, accumulate)
     })
 }
 
