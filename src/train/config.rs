@@ -153,7 +153,7 @@ impl Recipe {
                     dampening: 0.0,
                     nesterov: true,
                     // Measured against 5e-4: 81.28% vs 80.92% after 10 epochs, 85.94% vs
-                    // 85.20% after 30 (README, Results).
+                    // 85.20% after 30 (docs/results.md).
                     weight_decay: 2e-4,
                     decay_1d: true,
                 }),
@@ -171,7 +171,7 @@ impl Recipe {
                 tta: Tta::Flip,
                 // Ten epochs underfit the seed's crops (padding 4): lighter crops measured better on
                 // every seed tried, padding 2 by 0.4-0.5 points and padding 1 by another 0.7-1.0
-                // (mean of 3 seeds: 82.21% against 81.35%; README, Results).
+                // (mean of 3 seeds: 82.21% against 81.35%; docs/results.md).
                 augment: Augment {
                     crop_pad: 1,
                     flip: true,
