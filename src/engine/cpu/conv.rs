@@ -277,8 +277,15 @@ pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32], ws: &mut [f32]
         return;
     }
     let classes = tap_classes(g);
-    let classed = use_tap_classes(g, &classes);
-    if ops == Operands::Bf16 && !classed {
+    if use_tap_classes(g, &classes) {
+        if ops == Operands::Bf16 && bf16::whole_blocks(g.input.c) {
+            return classes::with_packed_taps(g, &classes, w, false, |taps| {
+                classes::forward_all(ops, g, &classes, x, w, y, ws, Some(taps))
+            });
+        }
+        return classes::forward_all(ops, g, &classes, x, w, y, ws, None);
+    }
+    if ops == Operands::Bf16 {
         // The patches go into the packed bf16 panels straight from the image: im2col's f32
         // copy (9 times the input for a 3x3) is neither written nor read back.
         let m = g.input.n * rows;
@@ -289,12 +296,6 @@ pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32], ws: &mut [f32]
     for first in (0..g.input.n).step_by(chunk) {
         let count = chunk.min(g.input.n - first);
         let m = count * rows;
-        if classed {
-            for class in &classes {
-                classes::forward(ops, g, class, classes.len() == 1, x, w, first, count, y, ws);
-            }
-            continue;
-        }
         im2col(g, x, first, count, ws);
         let out = &mut y[first * rows * g.cout..(first + count) * rows * g.cout];
         matmul(
@@ -400,31 +401,24 @@ pub fn backward(
         return;
     }
     let classes = tap_classes(g);
-    let classed = use_tap_classes(g, &classes);
-    if classed {
-        // Classes add into dw and dx from several passes: start both from zero.
-        dw[..g.weight_len()].fill(0.0);
-        if let Some(dx) = dx.as_deref_mut() {
-            dx[..g.input.numel()].fill(0.0);
+    if use_tap_classes(g, &classes) {
+        if ops == Operands::Bf16 && dx.is_some() {
+            return classes::with_packed_taps(g, &classes, w, true, |taps| {
+                classes::backward_all(ops, g, &classes, x, w, dy, dx, dw, ws, Some(taps))
+            });
         }
+        return classes::backward_all(ops, g, &classes, x, w, dy, dx, dw, ws, None);
     }
     // With bf16 operands and an input of few channels (the stems: 3), the weight gradient's
     // patches are read from the image: no f32 im2col in the workspace (the seed stem's 9.6 MB
     // at a batch of 64 kept bf16's peak memory above fp32's). With more channels each tap's
     // values lie a cache line apart, and im2col's copies of runs and in-register transposes
     // read them faster.
-    let gathered = ops == Operands::Bf16 && !classed && g.input.c <= GATHERED_CHANNELS;
+    let gathered = ops == Operands::Bf16 && g.input.c <= GATHERED_CHANNELS;
     let chunk = images_per_chunk(g);
     for first in (0..g.input.n).step_by(chunk) {
         let count = chunk.min(g.input.n - first);
         let m = count * rows;
-        if classed {
-            for class in &classes {
-                let whole = classes.len() == 1;
-                classes::backward(ops, g, class, whole, x, w, dy, dx.as_deref_mut(), dw, first, count, ws);
-            }
-            continue;
-        }
         let dy_chunk = &dy[first * rows * g.cout..(first + count) * rows * g.cout];
         if gathered {
             let columns = PatchColumns {
@@ -469,9 +463,99 @@ pub fn backward(
 /// and taps. `whole` says the class is the only one, so its rows are the output's own rows in
 /// order and need no gather or scatter.
 mod classes {
-    use super::{Mat, Operands, Span, matmul};
+    use super::{Mat, Operands, Span, bf16, images_per_chunk, matmul};
     use crate::engine::ConvGeom;
     use rayon::prelude::*;
+
+    /// The filter taps that a convolution's classes read, packed once for bf16 products
+    /// ([`with_packed_taps`]), as they are for the forward pass or transposed for the input
+    /// gradient: on a 2x2 map each of the four corner classes reads four taps, and packing
+    /// them class by class converted 16 taps' weights where 9 are distinct (the seed stem's
+    /// stage 3; packing was a sixth of its bf16 inference).
+    pub struct PackedTaps<'a> {
+        packed: &'a [u32],
+        /// Where tap `t`'s packed weights are among `packed`'s, if a class reads it.
+        slot: Vec<Option<usize>>,
+        /// Each tap's rows and columns as packed: `cin x cout`, or `cout x cin` transposed.
+        k: usize,
+        n: usize,
+    }
+
+    impl PackedTaps<'_> {
+        /// Tap `t`'s packed weights.
+        fn tap(&self, t: usize) -> bf16::PackedB<'_> {
+            self.taps(t, 1)
+        }
+
+        /// Taps `t..t + count`, read by one run of a class, as one right-hand side of their
+        /// rows stacked: packed side by side, they are that only where each tap's rows are
+        /// whole k-blocks.
+        fn taps(&self, t: usize, count: usize) -> bf16::PackedB<'_> {
+            assert!(count == 1 || bf16::whole_blocks(self.k), "{} rows a tap", self.k);
+            let per_tap = bf16::packed_len(self.k, self.n);
+            let slot = self.slot[t].expect("a class reads packed taps");
+            let panels = &self.packed[slot * per_tap..][..count * per_tap];
+            bf16::PackedB::view(count * self.k, self.n, panels)
+        }
+    }
+
+    /// `f` with the taps that `classes` read packed for bf16 products, each once, in tap
+    /// order (the taps of a class's run are consecutive, so they are consecutive there), as
+    /// `cin x cout` or, `transposed`, `cout x cin`.
+    pub fn with_packed_taps<R>(
+        g: &ConvGeom,
+        classes: &[(Span, Span)],
+        w: &[f32],
+        transposed: bool,
+        f: impl FnOnce(&PackedTaps) -> R,
+    ) -> R {
+        let (cin, cout) = (g.input.c, g.cout);
+        let mut read = vec![false; g.kh * g.kw];
+        for (rows, cols) in classes {
+            for ky in rows.taps.clone() {
+                for kx in cols.taps.clone() {
+                    read[ky * g.kw + kx] = true;
+                }
+            }
+        }
+        let taps: Vec<usize> = (0..read.len()).filter(|&t| read[t]).collect();
+        let mut slot = vec![None; read.len()];
+        for (i, &t) in taps.iter().enumerate() {
+            slot[t] = Some(i);
+        }
+        let filter = |t: usize| {
+            let w = &w[t * cin * cout..][..cin * cout];
+            if transposed {
+                Mat::transposed(w, cout)
+            } else {
+                Mat::rows(w, cout)
+            }
+        };
+        let filters: Vec<Mat> = taps.iter().map(|&t| filter(t)).collect();
+        let (k, n) = if transposed { (cout, cin) } else { (cin, cout) };
+        bf16::with_packed_each(k, n, &filters, |packed| f(&PackedTaps { packed, slot, k, n }))
+    }
+
+    /// Every class's outputs, chunk of images by chunk ([`forward`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_all(
+        ops: Operands,
+        g: &ConvGeom,
+        classes: &[(Span, Span)],
+        x: &[f32],
+        w: &[f32],
+        y: &mut [f32],
+        ws: &mut [f32],
+        packed: Option<&PackedTaps>,
+    ) {
+        let chunk = images_per_chunk(g);
+        for first in (0..g.input.n).step_by(chunk) {
+            let count = chunk.min(g.input.n - first);
+            for class in classes {
+                forward(ops, g, class, classes.len() == 1, x, w, first, count, y, ws, packed);
+            }
+        }
+    }
 
     /// A run of patch columns that is also a run of weight columns: (patch offset, weight
     /// offset, length). One run when whole kernel rows are valid, else one per kernel row.
@@ -598,6 +682,7 @@ mod classes {
         count: usize,
         y: &mut [f32],
         ws: &mut [f32],
+        packed: Option<&PackedTaps>,
     ) {
         let kc = class.0.taps.len() * class.1.taps.len() * g.input.c;
         let m = count * class.0.outs.len() * class.1.outs.len();
@@ -612,13 +697,50 @@ mod classes {
         for (i, (p_off, w_off, len)) in runs(g, &class.0, &class.1).into_iter().enumerate() {
             let lhs = Mat::rows(&p[p_off..m * kc], kc);
             let rhs = Mat::rows(&w[w_off * g.cout..g.weight_len()], g.cout);
-            matmul(ops, m, g.cout, len, dst, g.cout, lhs, rhs, i > 0);
+            match packed {
+                Some(taps) => {
+                    let rows = taps.taps(w_off / g.input.c, len / g.input.c);
+                    bf16::matmul_prepacked(m, g.cout, len, dst, g.cout, lhs, rhs, &rows, i > 0);
+                }
+                None => matmul(ops, m, g.cout, len, dst, g.cout, lhs, rhs, i > 0),
+            }
         }
         if !whole {
             scatter(g, class, out, first, count, y);
         }
     }
 
+    /// Every class's gradients, chunk of images by chunk ([`backward`]), added into `dw`
+    /// and `dx` from zeros.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_all(
+        ops: Operands,
+        g: &ConvGeom,
+        classes: &[(Span, Span)],
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        mut dx: Option<&mut [f32]>,
+        dw: &mut [f32],
+        ws: &mut [f32],
+        packed_t: Option<&PackedTaps>,
+    ) {
+        dw[..g.weight_len()].fill(0.0);
+        if let Some(dx) = dx.as_deref_mut() {
+            dx[..g.input.numel()].fill(0.0);
+        }
+        let chunk = images_per_chunk(g);
+        for first in (0..g.input.n).step_by(chunk) {
+            let count = chunk.min(g.input.n - first);
+            for class in classes {
+                let (whole, dx) = (classes.len() == 1, dx.as_deref_mut());
+                backward(ops, g, class, whole, x, w, dy, dx, dw, first, count, ws, packed_t);
+            }
+        }
+    }
+
+    /// One class's share of `dw` and `dx` (added), `packed_t` the taps' transposed weights
+    /// packed before ([`with_packed_taps`]) where given.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         ops: Operands,
@@ -633,6 +755,7 @@ mod classes {
         first: usize,
         count: usize,
         ws: &mut [f32],
+        packed_t: Option<&PackedTaps>,
     ) {
         let kc = class.0.taps.len() * class.1.taps.len() * g.input.c;
         let rows_per_image = class.0.outs.len() * class.1.outs.len();
@@ -662,8 +785,19 @@ mod classes {
             );
         }
         if let Some(dx) = dx {
-            // dp[:, run] = dyc w[run, :]^T, written over the patches (no longer needed).
+            // dp[:, run] = dyc w[run, :]^T, written over the patches (no longer needed). With
+            // the taps packed before, tap by tap: columns apart, the same sums.
             for &(p_off, w_off, len) in &runs {
+                if let Some(taps) = packed_t {
+                    let c = g.input.c;
+                    for j in 0..len / c {
+                        let rhs = Mat::transposed(&w[(w_off + j * c) * g.cout..][..c * g.cout], g.cout);
+                        let dst = &mut p[p_off + j * c..m * kc];
+                        let tap = taps.tap(w_off / c + j);
+                        bf16::matmul_prepacked(m, c, g.cout, dst, kc, Mat::rows(dyc, g.cout), rhs, &tap, false);
+                    }
+                    continue;
+                }
                 let rhs = Mat::transposed(&w[w_off * g.cout..g.weight_len()], g.cout);
                 matmul(
                     ops,
@@ -824,6 +958,61 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// bf16 tap classes with their taps packed once for every class give the bits of each
+    /// class packing its own, forward and input gradient: on 2x2 and 1x1 maps, stride 1 and
+    /// 2, with few rows a class (the column split) and many (the row split).
+    #[test]
+    fn tap_classes_on_taps_packed_once_give_the_bits_of_packing_per_class() {
+        if !super::super::bf16::available() {
+            return eprintln!("skipped: this CPU has no AVX512_BF16");
+        }
+        super::super::gemm::set_operands(Operands::Bf16);
+        // (images, side, stride, cout): input channels 256, one k-block a tap.
+        for (n, side, stride, cout) in [(2, 2, 1, 128), (70, 2, 1, 32), (3, 1, 1, 128), (5, 4, 2, 64)] {
+            let g = ConvGeom {
+                input: Shape4::new(n, side, side, 256),
+                cout,
+                kh: 3,
+                kw: 3,
+                stride,
+                pad: 1,
+            };
+            let classes = tap_classes(&g);
+            assert!(use_tap_classes(&g, &classes), "{g:?}");
+            let val = |i: usize, salt: f32| ((i as f32 * 0.618 + salt).sin() * 1000.0).fract();
+            let x: Vec<f32> = (0..g.input.numel()).map(|i| val(i, 0.1)).collect();
+            let w: Vec<f32> = (0..g.weight_len()).map(|i| val(i, 0.2)).collect();
+            let mut ws = vec![0.0; workspace_len(&g)];
+            let (mut each, mut once) = (vec![f32::NAN; g.output().numel()], vec![f32::NAN; g.output().numel()]);
+            classes::forward_all(Operands::Bf16, &g, &classes, &x, &w, &mut each, &mut ws, None);
+            classes::with_packed_taps(&g, &classes, &w, false, |taps| {
+                classes::forward_all(Operands::Bf16, &g, &classes, &x, &w, &mut once, &mut ws, Some(taps))
+            });
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&once), bits(&each), "{g:?}");
+            let mut y = vec![f32::NAN; g.output().numel()];
+            forward(&g, &x, &w, &mut y, &mut ws);
+            assert_eq!(bits(&y), bits(&once), "{g:?}: forward");
+            // The input gradient on the transposed taps, packed once, tap by tap.
+            let dy: Vec<f32> = (0..g.output().numel()).map(|i| val(i, 0.3)).collect();
+            let grads = |packed: bool, ws: &mut [f32]| {
+                let (mut dx, mut dw) = (vec![f32::NAN; x.len()], vec![f32::NAN; w.len()]);
+                let mut run = |taps: Option<&classes::PackedTaps>| {
+                    let dx = Some(&mut dx[..]);
+                    classes::backward_all(Operands::Bf16, &g, &classes, &x, &w, &dy, dx, &mut dw, ws, taps)
+                };
+                if packed {
+                    classes::with_packed_taps(&g, &classes, &w, true, |taps| run(Some(taps)));
+                } else {
+                    run(None);
+                }
+                (bits(&dx), bits(&dw))
+            };
+            assert_eq!(grads(true, &mut ws), grads(false, &mut ws), "{g:?}: gradients");
+        }
+        super::super::gemm::set_operands(Operands::F32);
     }
 
     #[test]

@@ -370,6 +370,30 @@ fn matmul_with(
     })
 }
 
+/// [`matmul`] (on every thread of the pool) whose right-hand side `b` was packed before
+/// (`packed`, [`with_packed_each`]): the row split multiplies those panels; where [`matmul`]
+/// splits by columns (few rows and many columns), it does so from `b` itself. The same bits
+/// as [`matmul`] either way.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_prepacked(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    packed: &PackedB,
+    accumulate: bool,
+) {
+    let kernel = Kernel::chosen();
+    assert_eq!((packed.k, packed.n, packed.kernel), (k, n, kernel), "packed rhs");
+    if m < MC && n >= 4 * NR && rayon::current_num_threads() > 1 {
+        return matmul_by_columns(kernel, m, n, k, dst, dst_rs, a, b, accumulate);
+    }
+    matmul_packed(true, m, dst, dst_rs, Lhs::Mat(a), packed, accumulate)
+}
+
 /// Rows of a left-hand side that no matrix holds (a convolution's patches, read from the
 /// image where they lie, where im2col would write them out in f32 and the packing read them
 /// back): the packer asks for a k-block of a row at a time, into an f32 line in cache, and
@@ -402,6 +426,22 @@ pub fn matmul_lines(
         let b = PackedB::pack(true, k, n, b, bpack);
         matmul_packed(true, m, dst, dst_rs, Lhs::Lines(a), &b, accumulate)
     })
+}
+
+/// `f` on `bs` (each `k x n`) packed side by side for the chosen kernel, [`packed_len`]`(k,
+/// n)` values each. Where `k` is whole k-blocks ([`whole_blocks`]) their blocks align, so
+/// consecutive ones are one packed matrix of their rows stacked ([`PackedB::view`]), the same
+/// values that packing the stacked rows gives.
+pub fn with_packed_each<R>(k: usize, n: usize, bs: &[Mat], f: impl FnOnce(&[u32]) -> R) -> R {
+    with_buffer(&PACKED_B, bs.len() * packed_len(k, n), |out| {
+        PackedB::pack_each(Kernel::chosen(), k, n, bs, out);
+        f(out)
+    })
+}
+
+/// Whether `k` rows of a right-hand side are whole k-blocks ([`with_packed_each`]).
+pub fn whole_blocks(k: usize) -> bool {
+    k.is_multiple_of(KC)
 }
 
 /// Values of a packed right-hand side of `k x n` (for either kernel: a k-block's panel has room
