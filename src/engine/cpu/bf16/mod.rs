@@ -361,7 +361,7 @@ fn matmul_with(
     b: Mat,
     accumulate: bool,
 ) {
-    if parallel && m < MC && n >= 4 * NR && rayon::current_num_threads() > 1 {
+    if parallel && splits_by_columns(m, n) {
         return matmul_by_columns(kernel, m, n, k, dst, dst_rs, a, b, accumulate);
     }
     with_buffer(&PACKED_B, packed_len(k, n), |bpack| {
@@ -388,10 +388,16 @@ pub fn matmul_prepacked(
 ) {
     let kernel = Kernel::chosen();
     assert_eq!((packed.k, packed.n, packed.kernel), (k, n, kernel), "packed rhs");
-    if m < MC && n >= 4 * NR && rayon::current_num_threads() > 1 {
+    if splits_by_columns(m, n) {
         return matmul_by_columns(kernel, m, n, k, dst, dst_rs, a, b, accumulate);
     }
     matmul_packed(true, m, dst, dst_rs, Lhs::Mat(a), packed, accumulate)
+}
+
+/// Whether a product on every thread of the pool splits by columns ([`matmul_by_columns`]:
+/// fewer rows than a task's share, many columns) rather than by rows.
+fn splits_by_columns(m: usize, n: usize) -> bool {
+    m < MC && n >= 4 * NR && rayon::current_num_threads() > 1
 }
 
 /// Rows of a left-hand side that no matrix holds (a convolution's patches, read from the
