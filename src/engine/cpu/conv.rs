@@ -49,6 +49,12 @@ fn images_per_chunk(g: &ConvGeom) -> usize {
     (WORKSPACE_BUDGET / workspace_per_image(g).max(1)).clamp(1, g.input.n.max(1))
 }
 
+/// The batch's chunks of [`images_per_chunk`] images: (first image, images).
+fn image_chunks(g: &ConvGeom) -> impl Iterator<Item = (usize, usize)> + use<> {
+    let (n, chunk) = (g.input.n, images_per_chunk(g));
+    (0..n).step_by(chunk).map(move |first| (first, chunk.min(n - first)))
+}
+
 pub fn workspace_len(g: &ConvGeom) -> usize {
     if let Some(tiling) = winograd::tiling(g) {
         tiling.workspace_len()
@@ -292,9 +298,7 @@ pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32], ws: &mut [f32]
         let patches = Patches { g, x };
         return bf16::matmul_lines(m, g.cout, k, &mut y[..m * g.cout], g.cout, &patches, weight, false);
     }
-    let chunk = images_per_chunk(g);
-    for first in (0..g.input.n).step_by(chunk) {
-        let count = chunk.min(g.input.n - first);
+    for (first, count) in image_chunks(g) {
         let m = count * rows;
         im2col(g, x, first, count, ws);
         let out = &mut y[first * rows * g.cout..(first + count) * rows * g.cout];
@@ -415,9 +419,7 @@ pub fn backward(
     // values lie a cache line apart, and im2col's copies of runs and in-register transposes
     // read them faster.
     let gathered = ops == Operands::Bf16 && g.input.c <= GATHERED_CHANNELS;
-    let chunk = images_per_chunk(g);
-    for first in (0..g.input.n).step_by(chunk) {
-        let count = chunk.min(g.input.n - first);
+    for (first, count) in image_chunks(g) {
         let m = count * rows;
         let dy_chunk = &dy[first * rows * g.cout..(first + count) * rows * g.cout];
         if gathered {
@@ -463,7 +465,7 @@ pub fn backward(
 /// and taps. `whole` says the class is the only one, so its rows are the output's own rows in
 /// order and need no gather or scatter.
 mod classes {
-    use super::{Mat, Operands, Span, bf16, images_per_chunk, matmul};
+    use super::{Mat, Operands, Span, bf16, image_chunks, matmul};
     use crate::engine::ConvGeom;
     use rayon::prelude::*;
 
@@ -548,9 +550,7 @@ mod classes {
         ws: &mut [f32],
         packed: Option<&PackedTaps>,
     ) {
-        let chunk = images_per_chunk(g);
-        for first in (0..g.input.n).step_by(chunk) {
-            let count = chunk.min(g.input.n - first);
+        for (first, count) in image_chunks(g) {
             for class in classes {
                 forward(ops, g, class, classes.len() == 1, x, w, first, count, y, ws, packed);
             }
@@ -729,9 +729,7 @@ mod classes {
         if let Some(dx) = dx.as_deref_mut() {
             dx[..g.input.numel()].fill(0.0);
         }
-        let chunk = images_per_chunk(g);
-        for first in (0..g.input.n).step_by(chunk) {
-            let count = chunk.min(g.input.n - first);
+        for (first, count) in image_chunks(g) {
             for class in classes {
                 let (whole, dx) = (classes.len() == 1, dx.as_deref_mut());
                 backward(ops, g, class, whole, x, w, dy, dx, dw, first, count, ws, packed_t);
