@@ -70,11 +70,11 @@ fn main() -> ExitCode {
     {
         let missing = missing_cpu_features();
         if !missing.is_empty() {
-            eprintln!(
-                "error: this build of resnet-cifar needs {} (x86-64-v3), which this CPU lacks; \
+            cmd::print_error(&format!(
+                "this build of resnet-cifar needs {} (x86-64-v3), which this CPU lacks; \
                  build it with RUSTFLAGS=\"-C target-cpu=x86-64\" cargo build --release",
                 missing.join(", ")
-            );
+            ));
             return ExitCode::from(2);
         }
     }
@@ -112,7 +112,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", e.message);
+            cmd::print_error(&e.message);
             ExitCode::from(e.code)
         }
     }

@@ -38,6 +38,17 @@ pub mod predict;
 pub mod summary;
 pub mod train;
 
+/// Prints `error: <message>` on stderr in one write. `eprintln!` writes the prefix, the
+/// message and the newline as three writes, and under mpirun the ranks' streams and the
+/// launcher's own notices (MPI_Abort's banner) are merged chunk by chunk: a notice then landed
+/// inside a rank's error line (seen in CI as `error: ------...`).
+pub fn print_error(message: &str) {
+    use std::io::Write;
+    let line = format!("error: {message}\n");
+    // Nothing is left to tell the user if stderr itself fails.
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
 /// Where and how a command computes: the flags of `train`, `eval`, `bench` and `predict`.
 #[derive(Args)]
 pub struct ComputeArgs {
@@ -291,7 +302,7 @@ impl World {
             && self.size() > 1
             && e.code != 130
         {
-            eprintln!("error: {}", e.message);
+            print_error(&e.message);
             m.abort(i32::from(e.code));
         }
         result
