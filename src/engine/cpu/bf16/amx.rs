@@ -124,28 +124,6 @@ impl Tiles {
             store_block(out, c, c_rs, mr, nr, add)
         }
     }
-
-    /// `block (+)= sum over steps s of a_s b_s` on the 32 x 32 f32 block C as one run of
-    /// products (`add`: starting from the block's values, else from zeros): each step a 32-row
-    /// by 16-pair left-hand side at `a_s`, its rows `a_rs` bytes apart (any stride: rows of an
-    /// image read where they lie), and 16 pair rows of [`NR`] columns at `b_s`, `b_rs` bytes
-    /// apart.
-    ///
-    /// # Safety
-    /// Every `a_s` points at 32 rows of 64 readable bytes, `a_rs` bytes apart, and every `b_s`
-    /// at 16 rows of `NR` readable pairs, `b_rs` bytes apart.
-    pub unsafe fn sum(
-        &self,
-        steps: impl Iterator<Item = (*const u8, *const u32)>,
-        a_rs: usize,
-        b_rs: usize,
-        block: &mut Block,
-        add: bool,
-    ) {
-        let c = block.0.as_mut_ptr();
-        // SAFETY: the tiles are configured (`self`); the caller vouches for the memory.
-        unsafe { self.sum_into(steps, a_rs, 16 * a_rs, b_rs, c, c.wrapping_add(16 * NR), NR * 4, add) }
-    }
 }
 
 impl Drop for Tiles {
@@ -160,17 +138,23 @@ impl Drop for Tiles {
 pub struct Block(pub [f32; ROWS * NR]);
 
 impl Tiles {
-    /// [`Tiles::sum`] with the left-hand side's two 16-row halves `a_gap` bytes apart (the
-    /// second half's rows need not follow the first's) and the result's two halves of 16 rows
-    /// of 32 values written (or with `add`, also read) where they belong: rows `c_rs` bytes
-    /// apart from `top` and from `bottom`. tmm0: rows 0-15 x columns 0-15, tmm1: rows 0-15 x
-    /// 16-31, tmm2: rows 16-31 x 0-15, tmm3: rows 16-31 x 16-31; tmm4/5: A's two row halves,
-    /// tmm6/7: B's two column halves. The loads sit between the products: tiles are not
-    /// renamed, so a load into a tile waits for the products reading it.
+    /// `C (+)= sum over steps s of a_s b_s` on a 32 x 32 f32 block of C, as one run of
+    /// products (`add`: starting from C's values, else from zeros): each step a 32-row by
+    /// 16-pair left-hand side at `a_s`, its rows `a_rs` bytes apart (any stride: rows of an
+    /// image read where they lie) and its second 16-row half `a_gap` bytes on (it need not
+    /// follow the first), and 16 pair rows of [`NR`] columns at `b_s`, `b_rs` bytes apart. The
+    /// block's two halves of 16 rows of 32 values are written (with `add`, also read) where
+    /// they belong: rows `c_rs` bytes apart from `top` and from `bottom`. tmm0: rows 0-15 x
+    /// columns 0-15, tmm1: rows 0-15 x 16-31, tmm2: rows 16-31 x 0-15, tmm3: rows 16-31 x
+    /// 16-31; tmm4/5: A's two row halves, tmm6/7: B's two column halves. The loads sit between
+    /// the products: tiles are not renamed, so a load into a tile waits for the products
+    /// reading it.
     ///
     /// # Safety
-    /// As [`Tiles::sum`]'s, with each step's second half at `a_s + a_gap`; `top` and `bottom`
-    /// each point at 16 rows of 32 writable f32 (read too with `add`), `c_rs` bytes apart.
+    /// Every `a_s` and `a_s + a_gap` points at 16 rows of 64 readable bytes, `a_rs` bytes
+    /// apart, and every `b_s` at 16 rows of `NR` readable pairs, `b_rs` bytes apart; `top` and
+    /// `bottom` each point at 16 rows of 32 writable f32 (read too with `add`), `c_rs` bytes
+    /// apart.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn sum_into(
         &self,

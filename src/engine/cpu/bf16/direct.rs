@@ -531,26 +531,21 @@ impl Direct {
 
     /// `dw` (HWIO) = the weights' gradient from `x` (NHWC, `cin` channels) and `dy` (NHWC,
     /// `cout`): for each tap, `x` read at the tap, transposed, times `dy`, summed over every
-    /// place of every chunk. K runs over the places 32 at a time. Each task owns some 32 x 32
-    /// blocks of `dw` and sums them chunk by chunk in the tiles, so the sums run in one order
-    /// whatever the thread count.
+    /// place of every chunk. K runs over the places 32 at a time. `dw`'s rows come in groups of
+    /// 32, one a tap and block of input channels; each task owns a run of groups and sums
+    /// their 32 x 32 blocks chunk by chunk in the tiles, which load and store them where they
+    /// lie in `dw` (no buffer of sums beside it: for 512 channels that was 9.4 MB zeroed and
+    /// copied each call), so the sums run in one order whatever the thread count.
     pub fn backward_weights(&self, x: &[f32], dy: &[f32], dw: &mut [f32]) {
         let (n, h, w, cin, cout) = (self.n, self.h, self.w, self.cin, self.cout);
         assert_eq!((x.len(), dy.len()), (n * h * w * cin, n * h * w * cout), "{self:?}");
+        assert_eq!(dw.len(), 9 * cin * cout, "{self:?}");
         let one = self.stack(1);
         let chunk = self.chunk((cin + one.copies() * cout) * (h + 1) * one.pitch * 2);
         let (cb, qb) = (cin / CHANNELS, cout / NR);
-        let blocks = 9 * cb * qb;
-        // Block b of dw: its tap, first input channel and panel of output channels.
-        let block = |b: usize| (b / (cb * qb), (b / qb) % cb * CHANNELS, b % qb);
-        let tasks = rayon::current_num_threads().min(blocks);
-        let mut sums: Vec<Vec<Block>> = (0..tasks)
-            .map(|t| {
-                (blocks * t / tasks..blocks * (t + 1) / tasks)
-                    .map(|_| Block([0.0; ROWS * NR]))
-                    .collect()
-            })
-            .collect();
+        // Group g of dw's rows: tap g / cb, input channels from g % cb * 32.
+        let groups = 9 * cb;
+        let tasks = rayon::current_num_threads().min(groups);
         // A row of pixels of the transposed stack: whole blocks of 32.
         let row = self.stack(chunk).pixels().next_multiple_of(ROWS);
         let pairs_len = self.stack(chunk).places().next_multiple_of(ROWS) / 2 * cout;
@@ -568,11 +563,18 @@ impl Direct {
                         place_pairs(stack, stack.masked(-dx), dy, cout, &mut copy[..steps * ROWS / 2 * cout]);
                     }
                     let (xt, dyp) = (&*xt, &*dyp);
-                    sums.par_iter_mut().enumerate().for_each(|(task, sums)| {
+                    let mut parts = Vec::with_capacity(tasks);
+                    let mut rest = &mut dw[..];
+                    for task in 0..tasks {
+                        let mine = groups * task / tasks..groups * (task + 1) / tasks;
+                        let (part, tail) = rest.split_at_mut(mine.len() * ROWS * cout);
+                        parts.push((mine, part));
+                        rest = tail;
+                    }
+                    parts.into_par_iter().for_each(|(mine, part)| {
                         let tiles = Tiles::configure();
-                        let mine = blocks * task / tasks..blocks * (task + 1) / tasks;
-                        for (b, sum) in mine.zip(sums) {
-                            let (t, c0, q) = block(b);
+                        for (g, rows) in mine.zip(part.chunks_exact_mut(ROWS * cout)) {
+                            let (t, c0) = (g / cb, g % cb * CHANNELS);
                             let read = self.read(t).at;
                             // The taps reading to a side take the output gradient with the
                             // places zeroed whose read wraps around to another row.
@@ -581,26 +583,38 @@ impl Direct {
                             let (start, offset) = (c0 * row * 2, stack.offset(read) * 2);
                             assert!(start + 31 * row * 2 + (steps - 1) * ROWS * 2 + offset + 64 <= xt.len() * 4);
                             let a = xt.as_ptr() as *const u8;
-                            let products = (0..steps).map(|s| {
-                                let b = &dyp[s * ROWS / 2 * cout + q * NR..][..(ROWS / 2 - 1) * cout + NR];
-                                // SAFETY: within `xt` (asserted above).
-                                (unsafe { a.add(start + s * ROWS * 2 + offset) }, b.as_ptr())
-                            });
-                            // SAFETY: A rows `row * 2` bytes apart, 32 of 64 bytes each from
-                            // every start, within `xt` (asserted above); B 16 rows of NR
-                            // pairs, `cout` pairs apart, within the slice each step takes.
-                            unsafe { tiles.sum(products, row * 2, cout * 4, sum, first > 0) };
+                            for q in 0..qb {
+                                let products = (0..steps).map(|s| {
+                                    let b = &dyp[s * ROWS / 2 * cout + q * NR..][..(ROWS / 2 - 1) * cout + NR];
+                                    // SAFETY: within `xt` (asserted above).
+                                    (unsafe { a.add(start + s * ROWS * 2 + offset) }, b.as_ptr())
+                                });
+                                let top = rows[q * NR..].as_mut_ptr();
+                                let bottom = top.wrapping_add(ROWS / 2 * cout);
+                                // SAFETY: A rows `row * 2` bytes apart, 32 of 64 bytes each from
+                                // every start (the second half 16 rows on), within `xt`
+                                // (asserted above); B 16 rows of NR pairs, `cout` pairs apart,
+                                // within the slice each step takes; the sums' two halves 16 rows
+                                // of NR values, `cout` apart, in the group's 32 rows.
+                                unsafe {
+                                    let a_rs = row * 2;
+                                    tiles.sum_into(
+                                        products,
+                                        a_rs,
+                                        16 * a_rs,
+                                        cout * 4,
+                                        top,
+                                        bottom,
+                                        cout * 4,
+                                        first > 0,
+                                    )
+                                };
+                            }
                         }
                     });
                 }
             })
         });
-        for (b, sum) in sums.iter().flatten().enumerate() {
-            let (t, c0, q) = block(b);
-            for (r, line) in sum.0.chunks_exact(NR).enumerate() {
-                dw[(t * cin + c0 + r) * cout + q * NR..][..NR].copy_from_slice(line);
-            }
-        }
     }
 }
 
