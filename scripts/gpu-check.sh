@@ -51,7 +51,7 @@ fi
 
 if [ "$what" = tests ]; then
     # A test that cannot reach the GPU fails here instead of passing as skipped.
-    export CUDA_LAUNCH_BLOCKING=1 RESNET_CIFAR_REQUIRE_GPU=1
+    export CUDA_LAUNCH_BLOCKING=1 RESNET_CIFAR_REQUIRE=gpu,nvrtc
     step "golden tests (CUDA and CPU)"
     timeout 150 "$bin/golden" --nocapture --test-threads 1 2>&1 | grep -v "^$" || failed golden
     step "gradient checks on CUDA"

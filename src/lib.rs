@@ -20,4 +20,6 @@ pub mod onnx;
 pub mod optim;
 pub mod plot;
 pub mod predict;
+#[doc(hidden)]
+pub mod test_support;
 pub mod train;

@@ -85,7 +85,8 @@ fn main() -> ExitCode {
             Command::Eval(a) => Some(&a.compute),
             Command::Bench(a) => Some(&a.compute),
             Command::Predict(a) => Some(&a.compute),
-            Command::Summary(_) | Command::Plot(_) | Command::Data(_) | Command::Export(_) => None,
+            Command::Summary(a) => Some(&a.compute),
+            Command::Plot(_) | Command::Data(_) | Command::Export(_) => None,
         };
         let threads = match compute.and_then(|c| c.threads) {
             Some(0) => return Err(CliError::input("--threads must be at least 1")),

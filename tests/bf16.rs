@@ -5,8 +5,9 @@
 mod common;
 
 use common::loss_and_grads;
-use resnet_cifar::engine::cpu::{Cpu, bf16_support, set_bf16};
+use resnet_cifar::engine::cpu::{Bf16Kernel, Cpu};
 use resnet_cifar::model::{ResNet, ResNetConfig, Stem};
+use resnet_cifar::test_support::bf16_kernels;
 
 /// The first `n` images of the shared CIFAR-10 files, NHWC, scaled to about unit variance,
 /// and their labels.
@@ -63,11 +64,13 @@ fn gradient_gaps(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> (f64, (f
 /// because BatchNorm's backward pass subtracts nearly equal terms. So the bf16 step's
 /// gradients are held to the network's own sensitivity: their median difference from fp32
 /// within 3x what rounding the images alone makes (measured 1.7x and 1.5x), and above 1e-4
-/// (an fp32 product would give about 1e-6: the bf16 path is taken).
+/// (an fp32 product would give about 1e-6: the bf16 path is taken). On each bf16 kernel the
+/// CPU has.
 #[test]
 fn a_bf16_step_stays_within_bf16_rounding_of_the_fp32_step() {
-    if let Err(e) = bf16_support() {
-        return eprintln!("skipped: {e}");
+    let kernels = bf16_kernels();
+    if kernels.is_empty() {
+        return;
     }
     let (x, labels) = images(32);
     for stem in [Stem::Seed, Stem::Cifar] {
@@ -75,26 +78,44 @@ fn a_bf16_step_stays_within_bf16_rounding_of_the_fp32_step() {
             stem,
             ..ResNetConfig::default()
         };
-        set_bf16(false).unwrap();
-        let (loss32, grads32) = loss_and_grads(&mut ResNet::new(&Cpu, cfg, 3), &x, &labels);
-        let (_, grads_rounded) = loss_and_grads(&mut ResNet::new(&Cpu, cfg, 3), &rounded(&x), &labels);
-        set_bf16(true).unwrap();
-        let (loss16, grads16) = loss_and_grads(&mut ResNet::new(&Cpu, cfg, 3), &x, &labels);
-        set_bf16(false).unwrap();
-        let (median, worst) = gradient_gaps(&grads16, &grads32);
+        let fp32 = Cpu::default();
+        let (loss32, grads32) = loss_and_grads(&fp32, &mut ResNet::new(&fp32, cfg, 3), &x, &labels);
+        let (_, grads_rounded) = loss_and_grads(&fp32, &mut ResNet::new(&fp32, cfg, 3), &rounded(&x), &labels);
         let (sensitivity, _) = gradient_gaps(&grads_rounded, &grads32);
+        for &kernel in &kernels {
+            let bf16 = Cpu::bf16(kernel);
+            let (loss16, grads16) = loss_and_grads(&bf16, &mut ResNet::new(&bf16, cfg, 3), &x, &labels);
+            check_step(stem, kernel, (loss32, &grads32), (loss16, &grads16), sensitivity);
+        }
+    }
+}
+
+/// The bf16 step's loss and gradients against fp32's, the gradients against the network's
+/// own sensitivity to rounding its images (see the test above).
+fn check_step(
+    stem: Stem,
+    kernel: Bf16Kernel,
+    (loss32, grads32): (f32, &[(String, Vec<f32>)]),
+    (loss16, grads16): (f32, &[(String, Vec<f32>)]),
+    sensitivity: f64,
+) {
+    {
+        let (median, worst) = gradient_gaps(grads16, grads32);
         let loss_gap = ((loss16 - loss32) / loss32).abs();
         eprintln!(
-            "{stem:?} stem: loss {loss32} (fp32) vs {loss16} (bf16), relative gap {loss_gap:.1e}; \
+            "{stem:?} stem, {kernel:?}: loss {loss32} (fp32) vs {loss16} (bf16), relative gap {loss_gap:.1e}; \
              gradients: median relative L2 {median:.2e}, worst {:.2e} ({}); images rounded to \
              bf16 alone: median {sensitivity:.2e}",
             worst.0, worst.1
         );
-        assert!(loss_gap < 2f32.powi(-8), "{stem:?}: loss gap {loss_gap}");
-        assert!(median > 1e-4, "{stem:?}: bf16 operands changed nothing ({median})");
+        assert!(loss_gap < 2f32.powi(-8), "{stem:?} {kernel:?}: loss gap {loss_gap}");
+        assert!(
+            median > 1e-4,
+            "{stem:?} {kernel:?}: bf16 operands changed nothing ({median})"
+        );
         assert!(
             median < 3.0 * sensitivity,
-            "{stem:?}: median gradient difference {median}, against {sensitivity} from rounding the images"
+            "{stem:?} {kernel:?}: median gradient difference {median}, against {sensitivity} from rounding the images"
         );
     }
 }
@@ -124,4 +145,51 @@ fn the_command_line_refuses_bf16_where_it_cannot_run() {
     let (code, err) = cli(&[&bench[..], &["bf16", "--device", "cuda"]].concat(), false);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("CPU only"), "{err}");
+    // --cpu-kernel picks bf16's kernel: refused with fp32.
+    let (code, err) = cli(&[&bench[..], &["fp32", "--cpu-kernel", "avx512"]].concat(), false);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--cpu-kernel avx512") && err.contains("--precision bf16"),
+        "{err}"
+    );
+}
+
+/// `--cpu-kernel amx` runs where the CPU has AMX tiles and is refused in one line where it
+/// has not; `--cpu-kernel avx512` runs wherever bf16 does, and says so in the backend's name.
+#[test]
+fn the_cpu_kernel_flag_names_the_kernel_or_says_why_not() {
+    let bench = [
+        "bench",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--batch-size",
+        "2",
+        "--precision",
+        "bf16",
+    ];
+    let run = |kernel: &str| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_resnet-cifar"))
+            .args([&bench[..], &["--cpu-kernel", kernel]].concat())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+        (o.status.code(), text)
+    };
+    if bf16_kernels().is_empty() {
+        return;
+    }
+    let (code, out) = run("avx512");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("bf16 operands on AVX512_BF16"), "{out}");
+    let (code, out) = run("amx");
+    if Bf16Kernel::amx_available() {
+        assert_eq!(code, Some(0), "{out}");
+        assert!(out.contains("bf16 operands on AMX tiles"), "{out}");
+    } else {
+        assert_eq!(code, Some(2), "{out}");
+        assert_eq!(out.trim().lines().count(), 1, "{out}");
+        assert!(out.contains("--cpu-kernel amx") && out.contains("AMX"), "{out}");
+    }
 }

@@ -52,7 +52,7 @@ fn config(stem: Stem) -> ResNetConfig {
 fn cuda_trains_like_cpu() {
     let Some(gpu) = common::cuda() else { return };
     for stem in [Stem::Seed, Stem::Cifar] {
-        let (cpu_losses, cpu_logits, _) = train_steps(&Cpu, config(stem), 4);
+        let (cpu_losses, cpu_logits, _) = train_steps(&Cpu::default(), config(stem), 4);
         let (gpu_losses, gpu_logits, _) = train_steps(gpu, config(stem), 4);
         for (s, (a, b)) in cpu_losses.iter().zip(&gpu_losses).enumerate() {
             assert!(
@@ -85,18 +85,18 @@ fn checkpoints_move_between_cuda_and_cpu() {
     let Some(gpu) = common::cuda() else { return };
     let (_, gpu_logits, mut trained) = train_steps(gpu, config(Stem::Seed), 2);
     let bytes = checkpoint::to_bytes(&checkpoint::state_dict(gpu, &mut trained), None);
-    let mut on_cpu = ResNet::new(&Cpu, config(Stem::Seed), 0);
-    checkpoint::load_bytes("from-cuda", &bytes, &Cpu, &mut on_cpu).unwrap();
+    let mut on_cpu = ResNet::new(&Cpu::default(), config(Stem::Seed), 0);
+    checkpoint::load_bytes("from-cuda", &bytes, &Cpu::default(), &mut on_cpu).unwrap();
     let (host, _) = batch(8, 99);
-    on_cpu.forward(&Cpu, &host, Shape4::new(8, 32, 32, 3), false);
-    let cpu_logits = common::get(&Cpu, on_cpu.logits(), 80);
+    on_cpu.forward(&Cpu::default(), &host, Shape4::new(8, 32, 32, 3), false);
+    let cpu_logits = common::get(&Cpu::default(), on_cpu.logits(), 80);
     let err = common::max_rel_err(&gpu_logits, &cpu_logits);
     assert!(
         err < 1e-4,
         "a CUDA checkpoint evaluated on the CPU differs by {err:.2e}"
     );
     // And back: the CPU's state_dict loads on the GPU unchanged.
-    let back = checkpoint::to_bytes(&checkpoint::state_dict(&Cpu, &mut on_cpu), None);
+    let back = checkpoint::to_bytes(&checkpoint::state_dict(&Cpu::default(), &mut on_cpu), None);
     assert_eq!(back, bytes, "state_dict bytes after a CUDA -> CPU round trip");
 }
 
@@ -166,7 +166,7 @@ fn nccl_with_one_rank_reduces_and_broadcasts_in_place() {
     let host = resnet_cifar::engine::Local;
     let nccl = match resnet_cifar::engine::cuda::nccl::Nccl::new(be, &host) {
         Ok(n) => n,
-        Err(e) if e.contains("not found") => return eprintln!("NCCL test skipped: {e}"),
+        Err(e) if e.contains("not found") => return resnet_cifar::test_support::skip("nccl", "NCCL on one rank", &e),
         Err(e) => panic!("{e}"),
     };
     eprintln!("NCCL {}", resnet_cifar::engine::cuda::nccl::version().unwrap());

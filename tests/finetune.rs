@@ -46,7 +46,7 @@ fn torchvision_formula_state() -> StateDict {
         stem: Stem::Torchvision,
         ..ResNetConfig::default()
     };
-    let mut model = ResNet::new(&Cpu, cfg, 0);
+    let mut model = ResNet::new(&Cpu::default(), cfg, 0);
     let mut state = StateDict::new();
     let mut k = 0usize;
     model.visit(&mut |e| {
@@ -111,17 +111,20 @@ fn torchvision_resnet18_names_give_torchvision_logits() {
         (file.arch, file.model.stem, file.model.stages),
         (Arch::Resnet18, Stem::Torchvision, 4)
     );
-    let mut model = file.network(&Cpu).unwrap();
+    let mut model = file.network(&Cpu::default()).unwrap();
     let fixture = Golden::from_bytes(
         std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torchvision_resnet18.safetensors"))
             .unwrap(),
     );
     for side in [32, 64] {
         let s = Shape4::new(2, side, side, 3);
-        let x = common::put(&Cpu, &nchw_to_nhwc(&fixture.f32(&format!("input_{side}")), s));
+        let x = common::put(
+            &Cpu::default(),
+            &nchw_to_nhwc(&fixture.f32(&format!("input_{side}")), s),
+        );
         let want = fixture.f32(&format!("logits_{side}"));
-        model.forward(&Cpu, &x, s, false);
-        let got = common::get(&Cpu, model.logits(), 20);
+        model.forward(&Cpu::default(), &x, s, false);
+        let got = common::get(&Cpu::default(), model.logits(), 20);
         let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(
             worst < 1e-4,

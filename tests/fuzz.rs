@@ -91,11 +91,11 @@ fn checkpoint_reader_never_panics_or_loads_partly() {
         num_classes: 10,
         image_size: 32,
     };
-    let mut model = ResNet::new(&Cpu, cfg, 0);
-    let valid = checkpoint::to_bytes(&checkpoint::state_dict(&Cpu, &mut model), None);
-    let before = checkpoint::to_bytes(&checkpoint::state_dict(&Cpu, &mut model), None);
-    let mut target = ResNet::new(&Cpu, cfg, 1);
-    let untouched = checkpoint::to_bytes(&checkpoint::state_dict(&Cpu, &mut target), None);
+    let mut model = ResNet::new(&Cpu::default(), cfg, 0);
+    let valid = checkpoint::to_bytes(&checkpoint::state_dict(&Cpu::default(), &mut model), None);
+    let before = checkpoint::to_bytes(&checkpoint::state_dict(&Cpu::default(), &mut model), None);
+    let mut target = ResNet::new(&Cpu::default(), cfg, 1);
+    let untouched = checkpoint::to_bytes(&checkpoint::state_dict(&Cpu::default(), &mut target), None);
     let (mut parsed, mut loaded) = (0, 0);
     for i in 0..1000 {
         let bytes = mutate(&mut rng, &valid);
@@ -104,17 +104,17 @@ fn checkpoint_reader_never_panics_or_loads_partly() {
         }
         let ok = {
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                checkpoint::load_bytes("fuzz", &bytes, &Cpu, &mut target)
+                checkpoint::load_bytes("fuzz", &bytes, &Cpu::default(), &mut target)
             }));
             result.unwrap_or_else(|_| panic!("checkpoint load: input {i} made the loader panic"))
         };
         if ok.is_ok() {
             loaded += 1;
             // Restore the reference weights for the next input.
-            checkpoint::load_bytes("reference", &untouched, &Cpu, &mut target).unwrap();
+            checkpoint::load_bytes("reference", &untouched, &Cpu::default(), &mut target).unwrap();
         } else if i % 50 == 0 {
             // Refused inputs change nothing (checked on a sample: a full comparison is slow).
-            let now = checkpoint::to_bytes(&checkpoint::state_dict(&Cpu, &mut target), None);
+            let now = checkpoint::to_bytes(&checkpoint::state_dict(&Cpu::default(), &mut target), None);
             assert!(now == untouched, "input {i}: a refused checkpoint changed the model");
         }
     }

@@ -13,7 +13,7 @@ use common::{get, put};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use resnet_cifar::engine::cpu::Cpu;
-use resnet_cifar::engine::{Backend, ConvGeom, PoolGeom, Shape4};
+use resnet_cifar::engine::{Backend, ConvGeom, ConvOp, PoolGeom, Shape4};
 
 const H: f32 = 1e-2;
 
@@ -71,23 +71,31 @@ fn conv_case<B: Backend>(
     let x = random(&mut rng, g.input.numel());
     let wt = random(&mut rng, g.weight_len());
     let r = random(&mut rng, g.output().numel());
-    let mut ws = be.alloc(be.conv2d_workspace_len(&g));
+    let plan = be.conv2d_plan(&g);
+    let mut ws = be.alloc(be.conv2d_workspace_len(&g, &plan));
     let mut y = be.alloc(g.output().numel());
     let mut fwd = |x: &[f32], wt: &[f32]| {
-        be.conv2d_forward(&g, &put(be, x), &put(be, wt), &mut y, &mut ws);
+        let w = put(be, wt);
+        let conv = ConvOp {
+            g: &g,
+            plan: &plan,
+            w: &w,
+        };
+        be.conv2d_forward(conv, &put(be, x), &mut y, &mut ws);
         dot(&get(be, &y, g.output().numel()), &r)
     };
-    let mut ws2 = be.alloc(be.conv2d_workspace_len(&g));
+    let mut ws2 = be.alloc(be.conv2d_workspace_len(&g, &plan));
     let (xd, wd, rd) = (put(be, &x), put(be, &wt), put(be, &r));
     let (mut dxd, mut dwd) = (be.alloc(x.len()), be.alloc(wt.len()));
-    be.conv2d_backward(&g, &xd, &wd, &rd, Some(&mut dxd), &mut dwd, 0, &mut ws2);
+    let op = |w| ConvOp { g: &g, plan: &plan, w };
+    be.conv2d_backward(op(&wd), &xd, &rd, Some(&mut dxd), &mut dwd, 0, &mut ws2);
     let (dx, dw) = (get(be, &dxd, x.len()), get(be, &dwd, wt.len()));
     let what = format!("{}: conv {g:?}", be.name());
     assert_fd(&format!("{what} dx"), &x, &dx, |xp| fwd(xp, &wt));
     assert_fd(&format!("{what} dw"), &wt, &dw, |wp| fwd(&x, wp));
     // Without dx the weight gradient must be the same.
     let mut dw2 = be.alloc(wt.len());
-    be.conv2d_backward(&g, &xd, &wd, &rd, None, &mut dw2, 0, &mut ws2);
+    be.conv2d_backward(op(&wd), &xd, &rd, None, &mut dw2, 0, &mut ws2);
     assert_eq!(
         dw,
         get(be, &dw2, wt.len()),
@@ -115,7 +123,7 @@ fn conv_batch_split_into_workspace_chunks() {
     // 64x64 map, 3x3x8 patches: 64*64*72 values an image, so the 4M-value workspace
     // holds 14 images and a batch of 16 runs as two chunks. Check only dw and a sample of dx
     // against a single-image reference instead of finite differences (too many elements).
-    let be = Cpu;
+    let be = Cpu::default();
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let g = ConvGeom {
         input: Shape4::new(16, 64, 64, 8),
@@ -128,13 +136,15 @@ fn conv_batch_split_into_workspace_chunks() {
     let x = random(&mut rng, g.input.numel());
     let wt = random(&mut rng, g.weight_len());
     let dy = random(&mut rng, g.output().numel());
-    let mut ws = be.alloc(be.conv2d_workspace_len(&g));
+    let plan = be.conv2d_plan(&g);
+    let mut ws = be.alloc(be.conv2d_workspace_len(&g, &plan));
     assert!(ws.len() < g.input.n * 64 * 64 * 72, "the batch must not fit one chunk");
     let mut y = vec![0.0; g.output().numel()];
-    be.conv2d_forward(&g, &x, &wt, &mut y, &mut ws);
+    let op = |g| ConvOp { g, plan: &plan, w: &wt };
+    be.conv2d_forward(op(&g), &x, &mut y, &mut ws);
     let mut dx = vec![0.0; x.len()];
     let mut dw = vec![0.0; wt.len()];
-    be.conv2d_backward(&g, &x, &wt, &dy, Some(&mut dx), &mut dw, 0, &mut ws);
+    be.conv2d_backward(op(&g), &x, &dy, Some(&mut dx), &mut dw, 0, &mut ws);
     // Per-image reference: the same op on each image alone (one chunk each).
     let gi = ConvGeom {
         input: Shape4::new(1, 64, 64, 8),
@@ -144,14 +154,13 @@ fn conv_batch_split_into_workspace_chunks() {
     let mut dw_sum = vec![0f64; wt.len()];
     for i in 0..16 {
         let mut yi = vec![0.0; yl];
-        let mut wsi = be.alloc(be.conv2d_workspace_len(&gi));
-        be.conv2d_forward(&gi, &x[i * xl..(i + 1) * xl].to_vec(), &wt, &mut yi, &mut wsi);
+        let mut wsi = be.alloc(be.conv2d_workspace_len(&gi, &plan));
+        be.conv2d_forward(op(&gi), &x[i * xl..(i + 1) * xl].to_vec(), &mut yi, &mut wsi);
         assert_eq!(&y[i * yl..(i + 1) * yl], &yi[..], "forward of image {i}");
         let (mut dxi, mut dwi) = (vec![0.0; xl], vec![0.0; wt.len()]);
         be.conv2d_backward(
-            &gi,
+            op(&gi),
             &x[i * xl..(i + 1) * xl].to_vec(),
-            &wt,
             &dy[i * yl..(i + 1) * yl].to_vec(),
             Some(&mut dxi),
             &mut dwi,

@@ -72,7 +72,7 @@ fn golden_order(section: &str) -> Vec<(String, Vec<usize>)> {
 
 #[test]
 fn state_dict_keys_and_shapes_match_the_seed() {
-    let be = Cpu;
+    let be = Cpu::default();
     for (stem, section) in [(Stem::Seed, "seed stem"), (Stem::Cifar, "cifar stem")] {
         let mut model = ResNet::new(&be, cfg(stem), 0);
         let want = golden_order(section);
@@ -83,7 +83,7 @@ fn state_dict_keys_and_shapes_match_the_seed() {
 
 #[test]
 fn variants_build_and_produce_logits() {
-    let be = Cpu;
+    let be = Cpu::default();
     let (x, _) = batch(&be, 2, 1);
     for stem in Stem::ALL {
         for stages in [3, 4] {
@@ -121,7 +121,7 @@ fn variants_build_and_produce_logits() {
 
 #[test]
 fn torchvision_stem_differs_from_seed_only_by_relu() {
-    let be = Cpu;
+    let be = Cpu::default();
     let (x, _) = batch(&be, 2, 3);
     let mut seed = ResNet::new(&be, cfg(Stem::Seed), 5);
     let mut tv = ResNet::new(&be, cfg(Stem::Torchvision), 5);
@@ -150,7 +150,7 @@ fn scale_branch_convs(be: &Cpu, model: &mut ResNet<Cpu>) {
 
 #[test]
 fn zero_init_residual_makes_every_branch_silent() {
-    let be = Cpu;
+    let be = Cpu::default();
     let (x, _) = batch(&be, 2, 1);
     for zero in [false, true] {
         let mut a = ResNet::new(&be, cfg(Stem::Seed), 9);
@@ -172,7 +172,7 @@ fn zero_init_residual_makes_every_branch_silent() {
 
 #[test]
 fn initialisation_follows_pytorch_defaults() {
-    let be = Cpu;
+    let be = Cpu::default();
     let mut model = ResNet::new(&be, cfg(Stem::Seed), 42);
     model.visit(&mut |e| {
         let Entry::Tensor(p) = e else { return };
@@ -209,7 +209,7 @@ fn initialisation_follows_pytorch_defaults() {
 
 #[test]
 fn checkpoint_round_trip_gives_identical_logits() {
-    let be = Cpu;
+    let be = Cpu::default();
     let (x, labels) = batch(&be, 4, 2);
     let mut model = ResNet::new(&be, cfg(Stem::Seed), 1);
     // One training step so that weights, running statistics and counters are not initial.
@@ -239,7 +239,7 @@ fn checkpoint_round_trip_gives_identical_logits() {
 
 #[test]
 fn checkpoint_loading_is_strict_and_names_every_problem() {
-    let be = Cpu;
+    let be = Cpu::default();
     let mut seed = ResNet::new(&be, cfg(Stem::Seed), 1);
     let mut cifar = ResNet::new(
         &be,
@@ -292,7 +292,7 @@ fn checkpoint_loading_is_strict_and_names_every_problem() {
 fn train_steps(threads: usize, steps: usize) -> Vec<u8> {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     pool.install(|| {
-        let be = Cpu;
+        let be = Cpu::default();
         let mut model = ResNet::new(&be, cfg(Stem::Seed), 7);
         let mut adam = Adam::new(AdamConfig::default());
         for s in 0..steps {

@@ -357,7 +357,8 @@ fn gpu_ranks_without_nccl_exit_2_in_one_line() {
     if String::from_utf8_lossy(&cache).contains("libnccl.so.2")
         || cuda.iter().any(|d| Path::new(d).join("libnccl.so.2").exists())
     {
-        return eprintln!("skipped: this machine has NCCL where every process finds it");
+        let why = "this machine has NCCL where every process finds it";
+        return resnet_cifar::test_support::skip("no-nccl", "ranks on GPUs without NCCL", why);
     }
     let tmp = tempfile::tempdir().unwrap();
     let data = write_data(&tmp.path().join("data"));

@@ -15,7 +15,7 @@ impl Module<Cpu> for One {
 }
 
 fn param() -> One {
-    let be = Cpu;
+    let be = Cpu::default();
     let mut p = Builder::new(&be, 0).constant("p", &[4], 0.0, true);
     p.write(&be, &[0.5, -1.0, 2.0, 0.0]);
     One(p)
@@ -23,7 +23,7 @@ fn param() -> One {
 
 /// Three steps with g_t = sin(t + i), as the script does; returns the parameter.
 fn run(mut step: impl FnMut(&mut One, &Vec<f32>)) -> Vec<f32> {
-    let be = Cpu;
+    let be = Cpu::default();
     let mut m = param();
     let at = m.0.grad.unwrap();
     let mut grads = be.alloc(at + 4);
@@ -53,7 +53,7 @@ fn adam_with_weight_decay_matches_pytorch() {
         weight_decay: 0.05,
         decay_1d: true,
     });
-    let got = run(|m, grads| opt.step(&Cpu, m, grads, 0.1));
+    let got = run(|m, grads| opt.step(&Cpu::default(), m, grads, 0.1));
     assert_close(
         &got,
         &[2.192136198e-01, -1.158589602e+00, 2.031054735e+00, 2.866701782e-01],
@@ -91,7 +91,7 @@ fn sgd_variants_match_pytorch() {
     ];
     for (cfg, want) in cases {
         let mut opt = Sgd::new(cfg);
-        let got = run(|m, grads| opt.step(&Cpu, m, grads, 0.1));
+        let got = run(|m, grads| opt.step(&Cpu::default(), m, grads, 0.1));
         assert_close(&got, &want, &format!("{cfg:?}"));
     }
 }
@@ -109,7 +109,7 @@ impl Module<Cpu> for WeightAndScale {
 
 #[test]
 fn decay_1d_false_exempts_only_one_dimensional_parameters() {
-    let be = Cpu;
+    let be = Cpu::default();
     for decay_1d in [true, false] {
         let b = Builder::new(&be, 0);
         let mut m = WeightAndScale(

@@ -25,9 +25,9 @@ fn cifar_image(data: &Dataset, i: usize) -> image::RgbImage {
 fn predict_matches_the_model_and_handles_any_image() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut model = ResNet::new(&Cpu, ResNetConfig::default(), 5);
+    let mut model = ResNet::new(&Cpu::default(), ResNetConfig::default(), 5);
     let ckpt = d.join("model.safetensors");
-    checkpoint::save(&ckpt, &Cpu, &mut model, None).unwrap();
+    checkpoint::save(&ckpt, &Cpu::default(), &mut model, None).unwrap();
     let data = Cifar10::load(&common::shared_dir().join("data/cifar10")).unwrap();
 
     // A 32x32 PNG goes through unchanged: the probabilities are the model's own softmax.
@@ -37,8 +37,8 @@ fn predict_matches_the_model_and_handles_any_image() {
         .pixels()
         .flat_map(|p| (0..3).map(move |c| Normalization::CIFAR10.apply(p[c], c)))
         .collect();
-    model.forward(&Cpu, &x, Shape4::new(1, 32, 32, 3), false);
-    let logits = common::get(&Cpu, model.logits(), 10);
+    model.forward(&Cpu::default(), &x, Shape4::new(1, 32, 32, 3), false);
+    let logits = common::get(&Cpu::default(), model.logits(), 10);
     let max = logits.iter().fold(f32::MIN, |m, &v| m.max(v)) as f64;
     let total: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
     let best = (0..10).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap();
@@ -102,7 +102,13 @@ fn unreadable_images_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let ckpt = d.join("model.safetensors");
-    checkpoint::save(&ckpt, &Cpu, &mut ResNet::new(&Cpu, ResNetConfig::default(), 0), None).unwrap();
+    checkpoint::save(
+        &ckpt,
+        &Cpu::default(),
+        &mut ResNet::new(&Cpu::default(), ResNetConfig::default(), 0),
+        None,
+    )
+    .unwrap();
     let ck = ckpt.to_str().unwrap();
     let fake = d.join("notes.png");
     std::fs::write(&fake, "not an image").unwrap();

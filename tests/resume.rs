@@ -46,7 +46,7 @@ fn final_state(run: &Path) -> (Vec<(String, Vec<u8>)>, String) {
 fn run(cfg: &TrainConfig, splits: &Splits, dir: &Path, resume: bool, stop: bool) -> Option<Stop> {
     let r = resume.then(|| load_resume(dir).unwrap());
     train(
-        &Cpu,
+        &Cpu::default(),
         cfg,
         splits,
         dir,
@@ -156,7 +156,7 @@ fn a_diverging_loss_stops_the_run_with_its_step() {
     // Checked every step, not only at logging steps.
     cfg.log_every = 1000;
     let err = train(
-        &Cpu,
+        &Cpu::default(),
         &cfg,
         &splits,
         tmp.path(),

@@ -90,16 +90,16 @@ fn twenty_seed_steps_end_where_pytorchs_seed_code_ends() {
     if let Ok(w) = std::env::var("SEED_DYNAMICS_WINOGRAD") {
         cfg.winograd = w != "false";
     }
-    let mut start = build(&Cpu, cfg.arch, cfg.model, cfg.seed);
-    set_formula_weights(&Cpu, start.as_mut());
+    let mut start = build(&Cpu::default(), cfg.arch, cfg.model, cfg.seed);
+    set_formula_weights(&Cpu::default(), start.as_mut());
     let init = InitWeights {
         origin: "the golden formula".into(),
-        tensors: checkpoint::state_dict(&Cpu, start.as_mut()),
+        tensors: checkpoint::state_dict(&Cpu::default(), start.as_mut()),
     };
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let outcome = train(
-        &Cpu,
+        &Cpu::default(),
         &cfg,
         &splits,
         &run,

@@ -1,5 +1,7 @@
 //! `summary`: the module tree as PyTorch prints the seed's model, shapes, parameters, MACs.
 
+mod common;
+
 use resnet_cifar::engine::Shape4;
 use resnet_cifar::engine::cpu::Cpu;
 use resnet_cifar::model::{ResNet, ResNetConfig, Sequential, Stem, summarize, summarize_sequential};
@@ -10,8 +12,8 @@ fn seed_model_prints_as_pytorch_prints_it() {
     // The fixture is PyTorch 2.15's print() of the seed's ResNet18
     // (python3 scripts/pytorch_interop.py --print-model).
     let want = include_str!("fixtures/seed_model_print.txt");
-    let mut model = ResNet::new(&Cpu, ResNetConfig::default(), 0);
-    let s = summarize(&model, Shape4::new(64, 32, 32, 3));
+    let mut model = ResNet::new(&Cpu::default(), ResNetConfig::default(), 0);
+    let s = summarize(&model, Shape4::new(64, 32, 32, 3), None);
     assert_eq!(s.tree, want);
     assert_eq!(s.total_params, model.num_params());
     assert_eq!(
@@ -36,7 +38,7 @@ fn seed_model_prints_as_pytorch_prints_it() {
 #[test]
 fn variants_change_the_tree() {
     let model = ResNet::new(
-        &Cpu,
+        &Cpu::default(),
         ResNetConfig {
             stem: Stem::Cifar,
             stages: 3,
@@ -45,7 +47,7 @@ fn variants_change_the_tree() {
         },
         0,
     );
-    let s = summarize(&model, Shape4::new(2, 32, 32, 3));
+    let s = summarize(&model, Shape4::new(2, 32, 32, 3), None);
     assert!(
         s.tree
             .contains("(0): Conv2d(3, 64, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), bias=False)")
@@ -67,8 +69,8 @@ fn variants_change_the_tree() {
 fn comparison_models_print_as_pytorch_prints_them() {
     // print() of the classes in scripts/classic_models.py (PyTorch 2.15).
     let input = Shape4::new(64, 32, 32, 3);
-    let mut lenet = Sequential::lenet(&Cpu, 10, 32, 0);
-    let s = summarize_sequential(&lenet, input);
+    let mut lenet = Sequential::lenet(&Cpu::default(), 10, 32, 0);
+    let s = summarize_sequential(&lenet, input, None);
     assert_eq!(s.tree, include_str!("fixtures/lenet_print.txt"));
     let mut counted = 0;
     lenet.visit_params(&mut |p| counted += p.numel());
@@ -79,10 +81,56 @@ fn comparison_models_print_as_pytorch_prints_them() {
     assert_eq!(row(&s, "classifier.1").output, [64, 64]);
     assert_eq!(row(&s, "features.0").macs, 64 * 32 * 32 * 32 * 5 * 5 * 3);
 
-    let vgg = Sequential::vgg16(&Cpu, 10, 32, 0);
-    let s = summarize_sequential(&vgg, input);
+    let vgg = Sequential::vgg16(&Cpu::default(), 10, 32, 0);
+    let s = summarize_sequential(&vgg, input, None);
     assert_eq!(s.tree, include_str!("fixtures/vgg16_print.txt"));
     assert_eq!(s.total_params, 14_728_266, "PyTorch's count");
     assert_eq!(row(&s, "features.43").output, [64, 512, 1, 1]);
     assert_eq!(row(&s, "classifier").output, [64, 10]);
+}
+
+/// `summary --paths` prints the plan of every convolution on the backend its flags name: the
+/// seed's network in fp32 takes im2col for its stem, Winograd's 6-point tiles on the 8x8 and
+/// 4x4 maps, tap classes on 2x2 and 1x1; with `--winograd false` the 3x3s on 8x8 maps go
+/// through im2col; the JSON rows carry the same.
+#[test]
+fn summary_paths_show_each_convolutions_plan() {
+    let run = |args: &[&str]| {
+        let (code, out, err) = common::cli(&[&["summary", "--paths", "--threads", "1"], args].concat());
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let path_of = |out: &str, layer: &str| {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("{layer} ")))
+            .unwrap_or_else(|| panic!("{layer}: {out}"));
+        line.split_whitespace().skip(5).collect::<Vec<_>>().join(" ")
+    };
+    let out = run(&[]);
+    assert!(
+        out.starts_with("convolution paths on cpu (1 thread), batch 64:"),
+        "{out}"
+    );
+    assert_eq!(out.lines().count(), 2 + 20, "a line per convolution: {out}");
+    assert_eq!(path_of(&out, "conv1.0"), "im2col");
+    assert_eq!(path_of(&out, "conv2.0.layer.0"), "Winograd F(4x4, 3x3)");
+    assert_eq!(path_of(&out, "conv3.1.layer.3"), "Winograd F(4x4, 3x3)");
+    assert_eq!(path_of(&out, "conv4.1.layer.0"), "tap classes");
+    assert_eq!(path_of(&out, "conv5.1.layer.3"), "tap classes");
+    let out = run(&["--winograd", "false"]);
+    assert!(out.contains("no Winograd"), "{out}");
+    assert_eq!(path_of(&out, "conv2.0.layer.0"), "im2col");
+    let (code, json, err) = common::cli(&["summary", "--paths", "--json", "--stem", "cifar"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    let planned: Vec<_> = rows.iter().filter(|r| r.get("path").is_some()).collect();
+    assert_eq!(planned.len(), 20);
+    assert!(planned.iter().all(|r| r["layer"] == "Conv2d"));
+    assert_eq!(planned[1]["path"], "Winograd F(4x4, 3x3)", "{json}");
+    assert_eq!(planned[1]["conv"], "64x32x32 -> 64, 3x3/1", "{json}");
+    // Without --paths nothing is planned.
+    let (_, json, _) = common::cli(&["summary", "--json"]);
+    assert!(!json.contains("\"path\""));
 }

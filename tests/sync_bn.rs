@@ -125,7 +125,7 @@ fn two_ranks_equal_one_process_holding_the_whole_batch() {
     // 37 rows cut unevenly (20 + 17), as the last batch of an epoch can be.
     let (rows, cut) = (37, 20);
     let case = Case::new(rows);
-    let whole = run(&Cpu, &case, 0..rows, None);
+    let whole = run(&Cpu::default(), &case, 0..rows, None);
     let ex = Exchange {
         slots: Mutex::new([Vec::new(), Vec::new()]),
         barrier: Barrier::new(2),
@@ -136,7 +136,7 @@ fn two_ranks_equal_one_process_holding_the_whole_batch() {
                 let (ex, case) = (&ex, &case);
                 scope.spawn(move || {
                     let sum = |v: &mut [f64]| ex.sum(rank, v);
-                    run(&Cpu, case, part, Some(&sum))
+                    run(&Cpu::default(), case, part, Some(&sum))
                 })
             })
             .map(|h| h.join().unwrap())
@@ -172,7 +172,7 @@ fn two_ranks_equal_one_process_holding_the_whole_batch() {
         1e-5,
     );
     // And the statistics of one slice alone are not those of the batch (the test can fail).
-    let alone = run(&Cpu, &case, 0..cut, None);
+    let alone = run(&Cpu::default(), &case, 0..cut, None);
     assert!(
         max_rel_err(&alone.saved, &whole.saved) > 1e-3,
         "the slices differ too little"
@@ -220,7 +220,7 @@ on_backends! {
 
 /// Every gradient of one forward and backward pass of ResNet-18 (seed stem) in training mode.
 fn model_grads(model: &mut ResNet<Cpu>, x: &[f32], labels: &[u32]) -> Vec<(String, Vec<f32>)> {
-    common::loss_and_grads(model, x, labels).1
+    common::loss_and_grads(&Cpu::default(), model, x, labels).1
 }
 
 #[test]
@@ -234,7 +234,7 @@ fn two_ranks_of_resnet18_compute_the_whole_batch_gradient() {
             (x, (0..n).map(|_| rng.random_range(0..10u32)).collect())
         })
         .collect();
-    let mut whole = ResNet::new(&Cpu, cfg, 7);
+    let mut whole = ResNet::new(&Cpu::default(), cfg, 7);
     let expected: Vec<_> = batches.iter().map(|(x, l)| model_grads(&mut whole, x, l)).collect();
     let ex = Arc::new(Exchange {
         slots: Mutex::new([Vec::new(), Vec::new()]),
@@ -245,7 +245,7 @@ fn two_ranks_of_resnet18_compute_the_whole_batch_gradient() {
             .map(|(rank, part)| {
                 let (ex, batches) = (Arc::clone(&ex), &batches);
                 scope.spawn(move || {
-                    let mut model = ResNet::new(&Cpu, cfg, 7);
+                    let mut model = ResNet::new(&Cpu::default(), cfg, 7);
                     Network::sync_batch_norm(&mut model, Some(Rc::new(move |v: &mut [f64]| ex.sum(rank, v))));
                     // The weight of this slice in the global mean loss, as the trainer sets it.
                     model.set_loss_grad_scale((2 * part.len()) as f32 / n as f32);

@@ -136,7 +136,7 @@ fn a_few_hundred_steps_learn_well_above_chance() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let outcome = train(
-        &Cpu,
+        &Cpu::default(),
         &cfg,
         &splits,
         &run,
@@ -366,14 +366,16 @@ fn bad_input_exits_2_with_one_line() {
         out.contains("Recipes:") && out.contains("seed") && out.contains("lr 0.01/(epoch+1)"),
         "{out}"
     );
-    // --threads, --device and --precision belong to the commands that compute, and only to them.
+    // --threads, --device and --precision belong to the commands that compute (and to summary,
+    // whose --paths describes a backend's plans), and only to them.
     for (command, computes) in [
         ("train", true),
         ("eval", true),
         ("bench", true),
         ("predict", true),
         ("plot", false),
-        ("summary", false),
+        ("summary", true),
+        ("export", false),
     ] {
         let (code, out, err) = cli(&[command, "--help"]);
         assert_eq!(code, 0, "{command}: {err}");

@@ -16,6 +16,10 @@ pub struct BenchArgs {
     /// Untimed steps first.
     #[arg(long, default_value_t = 3)]
     warmup: u64,
+    /// Compute 3x3 convolutions on the CPU by Winograd's algorithm (false: as a run trained
+    /// with `--winograd false` computes).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    winograd: bool,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }
@@ -30,10 +34,13 @@ pub fn run(a: BenchArgs) -> Result<(), CliError> {
     };
     let world = World::from_launcher()?;
     if world.size() > 1 {
-        let result = a.compute.target_on(&world).and_then(|t| all_reduce(&world, &t, &cfg));
+        let result = a
+            .compute
+            .target_on(&world)
+            .and_then(|t| all_reduce(&world, &t.winograd(a.winograd), &cfg));
         return world.end(result);
     }
-    let target = a.compute.target()?;
+    let target = a.compute.target()?.winograd(a.winograd);
     let bar = indicatif::ProgressBar::new(2 * (cfg.steps + cfg.warmup) as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"));
     if a.net.json {

@@ -1,6 +1,6 @@
 //! `eval`: a checkpoint's loss, accuracy, per-class accuracy and confusion matrix.
 
-use super::{ComputeArgs, open_data};
+use super::{ComputeArgs, WinogradArg, open_data};
 use clap::Args;
 use resnet_cifar::cli::{CheckpointFile, CliError, limits};
 use resnet_cifar::data::{DataOptions, Splits};
@@ -42,12 +42,14 @@ pub struct EvalArgs {
     #[arg(long, default_value = "off")]
     tta: Tta,
     #[command(flatten)]
+    winograd: WinogradArg,
+    #[command(flatten)]
     pub compute: ComputeArgs,
 }
 
 pub fn run(a: EvalArgs) -> Result<(), CliError> {
-    let target = a.compute.target()?;
     let file = CheckpointFile::read(&a.checkpoint, a.stem)?;
+    let target = a.compute.target_for(&file, a.winograd.winograd)?;
     let data = open_data(
         &a.data,
         &DataOptions {

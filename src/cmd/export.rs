@@ -41,7 +41,7 @@ pub fn run(a: ExportArgs) -> Result<(), CliError> {
     }
     let file = CheckpointFile::read(&a.checkpoint, a.stem)?;
     let model = file.arch.describe(&file.model);
-    let be = &Cpu;
+    let be = &Cpu::default();
     let net = file.network(be)?;
     let bytes = export::onnx(be, net.as_ref(), &file.spec, &model, &opts);
     resnet_cifar::checkpoint::write_atomic(&a.out, &bytes)

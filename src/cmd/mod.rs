@@ -2,8 +2,9 @@
 //! command computes (`--threads`, `--device`, `--precision`) and how the data is found.
 
 use clap::Args;
-use resnet_cifar::cli::CliError;
+use resnet_cifar::cli::{CheckpointFile, CliError};
 use resnet_cifar::data::{DataOptions, Dataset, fetch};
+use resnet_cifar::engine::cpu::{CpuConfig, CpuKernel, CpuPrecision};
 use resnet_cifar::engine::cuda::Precision;
 use resnet_cifar::engine::{Backend, Collective, Local};
 use std::path::{Path, PathBuf};
@@ -13,10 +14,10 @@ use std::path::{Path, PathBuf};
 macro_rules! with_backend {
     ($target:expr, |$be:ident| $body:expr) => {
         match $target.device {
-            $crate::cmd::Device::Cpu { bf16 } => {
+            $crate::cmd::Device::Cpu(config) => {
                 // Checked when the target was made (`ComputeArgs::target`).
-                resnet_cifar::engine::cpu::set_bf16(bf16).map_err(resnet_cifar::cli::CliError::input)?;
-                let $be = &resnet_cifar::engine::cpu::Cpu;
+                let cpu = resnet_cifar::engine::cpu::Cpu::new(config).map_err(resnet_cifar::cli::CliError::input)?;
+                let $be = &cpu;
                 $body
             }
             $crate::cmd::Device::Cuda(ordinal, precision) => {
@@ -70,6 +71,19 @@ pub struct ComputeArgs {
     /// tf32 on CUDA.
     #[arg(long)]
     precision: Option<PrecisionArg>,
+    /// The CPU's bf16 products: auto (AMX tiles where the CPU has them, else AVX512_BF16),
+    /// amx or avx512 (to compare the two, or to keep to one on every machine).
+    #[arg(long, default_value = "auto")]
+    cpu_kernel: CpuKernel,
+}
+
+/// Whether this CPU can compute `--precision bf16`. `RESNET_CIFAR_NO_BF16=1` makes it answer
+/// as a CPU without the instructions would (the tests of that refusal).
+pub fn cpu_bf16_support() -> Result<(), String> {
+    if std::env::var_os("RESNET_CIFAR_NO_BF16").is_some_and(|v| v != "0") {
+        return Err("this CPU lacks AVX512_BF16 (bf16 dot products): RESNET_CIFAR_NO_BF16 is set".into());
+    }
+    resnet_cifar::engine::cpu::bf16_support()
 }
 
 /// The `--precision` flag.
@@ -95,14 +109,36 @@ impl std::str::FromStr for PrecisionArg {
 impl ComputeArgs {
     /// Where a one-process command computes (`cuda` is GPU 0).
     fn target(&self) -> Result<Target, CliError> {
-        self.target_of_rank(0)
+        self.target_of_rank(0, None)
+    }
+
+    /// Where a command that runs the model of `file` computes: the precision its run
+    /// recorded, where `--precision` does not say and the device can compute it (a bf16 run
+    /// on a CPU without bf16 is evaluated in fp32, with a note), and its Winograd choice
+    /// unless `winograd` says.
+    fn target_for(&self, file: &CheckpointFile, winograd: Option<bool>) -> Result<Target, CliError> {
+        let recorded = file.meta.get("precision").and_then(|p| p.parse::<PrecisionArg>().ok());
+        let default = match (self.device, recorded) {
+            (DeviceArg::Cpu, Some(PrecisionArg::Bf16)) => match cpu_bf16_support() {
+                Ok(()) => Some(PrecisionArg::Bf16),
+                Err(e) => {
+                    print_note(&format!("{} was trained in bf16; computing in fp32 ({e})", file.origin));
+                    None
+                }
+            },
+            (DeviceArg::Cuda(_), Some(PrecisionArg::Fp32)) => Some(PrecisionArg::Fp32),
+            _ => None,
+        };
+        let recorded_winograd = file.meta.get("winograd").and_then(|w| w.parse().ok());
+        let target = self.target_of_rank(0, default)?;
+        Ok(target.winograd(winograd.or(recorded_winograd).unwrap_or(true)))
     }
 
     /// Where this rank of `world` computes: under several ranks, `cuda` is the GPU of the
     /// rank's index on its machine (one GPU a rank, as NCCL requires), and NCCL must be
     /// there on every rank (checked before any GPU is opened).
     fn target_on(&self, world: &World) -> Result<Target, CliError> {
-        let target = self.target_of_rank(world.local_rank())?;
+        let target = self.target_of_rank(world.local_rank(), None)?;
         if world.size() > 1 && matches!(target.device, Device::Cuda(..)) {
             let host = world.collective::<resnet_cifar::engine::cpu::Cpu>();
             resnet_cifar::engine::cuda::nccl::load_on_all_ranks(&|v| host.all_reduce_host(v), world.size())
@@ -111,17 +147,32 @@ impl ComputeArgs {
         Ok(target)
     }
 
-    fn target_of_rank(&self, local_rank: usize) -> Result<Target, CliError> {
+    /// The target of the flags on the rank `local_rank` of its machine, with `default` where
+    /// `--precision` is not given.
+    fn target_of_rank(&self, local_rank: usize, default: Option<PrecisionArg>) -> Result<Target, CliError> {
         let ordinal = match self.device {
             DeviceArg::Cpu => None,
             DeviceArg::Cuda(n) => Some(n.unwrap_or(local_rank)),
         };
-        let device = match (ordinal, self.precision) {
-            (None, None | Some(PrecisionArg::Fp32)) => Device::Cpu { bf16: false },
+        if self.cpu_kernel != CpuKernel::Auto && (ordinal.is_some() || self.precision != Some(PrecisionArg::Bf16)) {
+            return Err(CliError::input(format!(
+                "--cpu-kernel {} picks the kernel of the CPU's bf16 products; it needs --device cpu --precision bf16",
+                self.cpu_kernel.name()
+            )));
+        }
+        let cpu = |precision| CpuConfig {
+            precision,
+            kernel: self.cpu_kernel,
+            ..CpuConfig::default()
+        };
+        let device = match (ordinal, self.precision.or(default)) {
+            (None, None | Some(PrecisionArg::Fp32)) => Device::Cpu(cpu(CpuPrecision::Fp32)),
             (None, Some(PrecisionArg::Bf16)) => {
-                resnet_cifar::engine::cpu::bf16_support()
-                    .map_err(|e| CliError::input(format!("--precision bf16: {e}")))?;
-                Device::Cpu { bf16: true }
+                cpu_bf16_support().map_err(|e| CliError::input(format!("--precision bf16: {e}")))?;
+                let config = cpu(CpuPrecision::Bf16);
+                resnet_cifar::engine::cpu::Cpu::new(config)
+                    .map_err(|e| CliError::input(format!("--cpu-kernel {}: {e}", self.cpu_kernel.name())))?;
+                Device::Cpu(config)
             }
             (None, Some(PrecisionArg::Tf32)) => {
                 return Err(CliError::input(
@@ -138,6 +189,23 @@ impl ComputeArgs {
         };
         Ok(Target { device })
     }
+}
+
+/// Prints `note: <message>` on stderr, in one write (as [`print_error`]).
+pub fn print_note(message: &str) {
+    use std::io::Write;
+    let line = format!("note: {message}\n");
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// `--winograd` for the commands that run a model (`train` has it among its settings).
+#[derive(Args)]
+pub struct WinogradArg {
+    /// Compute 3x3 convolutions on the CPU by Winograd's algorithm: faster, with larger
+    /// rounding errors (docs/seed-vs-pytorch.md). Default: as the checkpoint's run did
+    /// (true when it does not say)
+    #[arg(long, value_name = "BOOL")]
+    pub winograd: Option<bool>,
 }
 
 /// The `--device` flag: `cuda` without an ordinal leaves the GPU to the rank.
@@ -175,7 +243,7 @@ impl std::fmt::Display for DeviceArg {
 /// The device a command computes on, with its arithmetic.
 #[derive(Clone, Copy, Debug)]
 enum Device {
-    Cpu { bf16: bool },
+    Cpu(CpuConfig),
     Cuda(usize, Precision),
 }
 
@@ -183,6 +251,18 @@ enum Device {
 #[derive(Clone, Copy)]
 struct Target {
     device: Device,
+}
+
+impl Target {
+    /// The same target, its CPU convolutions allowed Winograd's path or not (CUDA has none).
+    fn winograd(self, on: bool) -> Self {
+        match self.device {
+            Device::Cpu(config) => Target {
+                device: Device::Cpu(CpuConfig { winograd: on, ..config }),
+            },
+            Device::Cuda(..) => self,
+        }
+    }
 }
 
 /// A progress bar for a dataset's download.

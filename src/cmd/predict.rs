@@ -1,6 +1,6 @@
 //! `predict`: the classes of image files.
 
-use super::ComputeArgs;
+use super::{ComputeArgs, WinogradArg};
 use clap::Args;
 use resnet_cifar::cli::{CheckpointFile, CliError};
 use resnet_cifar::model::Stem;
@@ -25,12 +25,14 @@ pub struct PredictArgs {
     #[arg(long)]
     stem: Option<Stem>,
     #[command(flatten)]
+    winograd: WinogradArg,
+    #[command(flatten)]
     pub compute: ComputeArgs,
 }
 
 pub fn run(a: PredictArgs) -> Result<(), CliError> {
-    let target = a.compute.target()?;
     let file = CheckpointFile::read(&a.checkpoint, a.stem)?;
+    let target = a.compute.target_for(&file, a.winograd.winograd)?;
     let images = a
         .images
         .iter()

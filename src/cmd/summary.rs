@@ -1,10 +1,11 @@
-//! `summary`: the network as PyTorch prints it, with shapes, parameters and multiply-adds; and
-//! the flags that name a network and an input batch, shared with `bench`.
+//! `summary`: the network as PyTorch prints it, with shapes, parameters and multiply-adds (and,
+//! with `--paths`, the path each convolution takes on the chosen backend); and the flags that
+//! name a network and an input batch, shared with `bench`.
 
+use super::{ComputeArgs, WinogradArg};
 use clap::Args;
 use resnet_cifar::cli::{CheckpointFile, CliError, limits};
-use resnet_cifar::engine::Shape4;
-use resnet_cifar::engine::cpu::Cpu;
+use resnet_cifar::engine::{Backend, ConvGeom, Shape4};
 use resnet_cifar::model::{Arch, ResNet, ResNetConfig, Sequential, Stem, summarize, summarize_sequential};
 
 /// The network and input size that `summary` and `bench` describe.
@@ -58,12 +59,29 @@ pub struct SummaryArgs {
     /// of the one the flags name.
     #[arg(long, value_name = "FILE")]
     checkpoint: Option<std::path::PathBuf>,
+    /// Also print each convolution's plan: the code that computes its forward and backward
+    /// passes on the backend that --device, --precision, --cpu-kernel and --winograd name
+    /// (a checkpoint's run's precision and Winograd choice by default).
+    #[arg(long)]
+    paths: bool,
+    #[command(flatten)]
+    winograd: WinogradArg,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
 }
 
 pub fn run(a: SummaryArgs) -> Result<(), CliError> {
-    let (arch, cfg) = match &a.checkpoint {
-        Some(path) => {
-            let file = CheckpointFile::read(path, None)?;
+    let file = a
+        .checkpoint
+        .as_ref()
+        .map(|path| CheckpointFile::read(path, None))
+        .transpose()?;
+    let target = match &file {
+        Some(file) => a.compute.target_for(file, a.winograd.winograd)?,
+        None => a.compute.target()?.winograd(a.winograd.winograd.unwrap_or(true)),
+    };
+    let (arch, cfg) = match &file {
+        Some(file) => {
             if !a.net.json {
                 println!(
                     "{}: {} classes ({}), {}x{} images",
@@ -81,13 +99,25 @@ pub fn run(a: SummaryArgs) -> Result<(), CliError> {
     let side = cfg.image_size;
     let input = Shape4::new(a.net.batch_size as usize, side, side, 3);
     let (classes, seed) = (cfg.num_classes, 0);
-    let s = match arch {
-        Arch::Resnet18 => summarize(&ResNet::new(&Cpu, cfg, seed), input),
-        Arch::Lenet => summarize_sequential(&Sequential::lenet(&Cpu, classes, side, seed), input),
-        Arch::Vgg16 => summarize_sequential(&Sequential::vgg16(&Cpu, classes, side, seed), input),
-    };
+    let (s, backend) = with_backend!(target, |be| {
+        let plan = |g: &ConvGeom| be.conv2d_plan(g).to_string();
+        let plan = a.paths.then_some(&plan as resnet_cifar::model::PlanOf);
+        let s = match arch {
+            Arch::Resnet18 => summarize(&ResNet::new(be, cfg, seed), input, plan),
+            Arch::Lenet => summarize_sequential(&Sequential::lenet(be, classes, side, seed), input, plan),
+            Arch::Vgg16 => summarize_sequential(&Sequential::vgg16(be, classes, side, seed), input, plan),
+        };
+        (s, be.name())
+    });
+
     if a.net.json {
         println!("{}", serde_json::to_string(&s).map_err(CliError::run)?);
+    } else if a.paths {
+        print!(
+            "convolution paths on {backend}, batch {}:\n{}",
+            input.n,
+            s.paths_table()
+        );
     } else {
         print!("{}\n{}", s.tree, s.table());
     }

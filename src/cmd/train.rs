@@ -129,6 +129,7 @@ fn run_rank(a: TrainArgs, world: &World) -> Result<(), CliError> {
         cfg.model.image_size = splits.spec.image_size;
         cfg.dataset = splits.spec.clone();
     }
+    let target = target.winograd(cfg.winograd);
     let outcome = with_backend!(target, |be| {
         console.line(&format!(
             "run {}: recipe {}, {}, {} epochs, batch {}, on {}",

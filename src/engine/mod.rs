@@ -134,14 +134,29 @@ pub struct BatchNormEval<'a, Buf> {
     pub relu: bool,
 }
 
+/// A convolution as a backend computes it: its geometry, the plan the backend chose for it
+/// once ([`Backend::conv2d_plan`]) and its weights in [`Backend::conv_weight_layout`].
+pub struct ConvOp<'a, B: Backend + ?Sized> {
+    pub g: &'a ConvGeom,
+    pub plan: &'a B::ConvPlan,
+    pub w: &'a B::Buf,
+}
+
+impl<B: Backend + ?Sized> Clone for ConvOp<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend + ?Sized> Copy for ConvOp<'_, B> {}
+
 /// A convolution and the eval-mode batch norm after it, one of the two layers of
-/// [`Backend::conv2d_bn_eval_pair_forward`]: its geometry, weights and batch norm, and room for
+/// [`Backend::conv2d_bn_eval_pair_forward`]: the convolution, its batch norm, and room for
 /// the convolution's output where the two run apart.
-pub struct ConvBnEval<'a, Buf> {
-    pub g: ConvGeom,
-    pub w: &'a Buf,
-    pub bn: BatchNormEval<'a, Buf>,
-    pub conv_out: &'a mut Buf,
+pub struct ConvBnEval<'a, B: Backend + ?Sized> {
+    pub conv: ConvOp<'a, B>,
+    pub bn: BatchNormEval<'a, B::Buf>,
+    pub conv_out: &'a mut B::Buf,
 }
 
 /// The kernels the model needs. A GPU backend implements the same trait; the model never
@@ -156,6 +171,10 @@ pub trait Backend: Send + Sync + 'static {
     type Buf: Send + Sync;
 
     fn name(&self) -> String;
+    /// The arithmetic of its convolutions and linear layer, as `--precision` names it (`fp32`,
+    /// `bf16`, `tf32`): recorded in checkpoints, so that `eval` and `predict` compute as the
+    /// run did.
+    fn precision(&self) -> &'static str;
     /// A zero-filled buffer of `len` values.
     fn alloc(&self, len: usize) -> Self::Buf;
     fn buf_len(&self, buf: &Self::Buf) -> usize;
@@ -170,34 +189,33 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
-    /// Allows (the default) or forbids convolution algorithms that trade rounding error for
-    /// speed (Winograd's on the CPU), for the convolutions this thread calls.
-    fn set_fast_convolutions(&self, _on: bool) {}
-
     /// How this backend stores conv weights (`Layout::ConvHwio` or `Layout::ConvOhwi`).
     fn conv_weight_layout(&self) -> Layout;
-    /// Scratch needed by the conv ops for this geometry (values).
-    fn conv2d_workspace_len(&self, g: &ConvGeom) -> usize;
+    /// How this backend computes a convolution layer: chosen once per layer (on its first
+    /// pass) from the backend's configuration and the geometry, the batch size aside, and
+    /// printable (`summary --paths`).
+    type ConvPlan: Copy + std::fmt::Debug + std::fmt::Display + Send + Sync;
+    /// The plan of the convolution `g`, whatever its batch size.
+    fn conv2d_plan(&self, g: &ConvGeom) -> Self::ConvPlan;
+    /// Scratch needed by the conv ops for this geometry and plan (values).
+    fn conv2d_workspace_len(&self, g: &ConvGeom, plan: &Self::ConvPlan) -> usize;
     /// y = conv(x, w).
-    fn conv2d_forward(&self, g: &ConvGeom, x: &Self::Buf, w: &Self::Buf, y: &mut Self::Buf, ws: &mut Self::Buf);
+    fn conv2d_forward(&self, conv: ConvOp<'_, Self>, x: &Self::Buf, y: &mut Self::Buf, ws: &mut Self::Buf);
     /// `y = relu?(bn(conv(x, w)) + residual?)` with `bn` in eval mode: inference's
     /// convolution and batch norm in one pass where the backend has one (the CPU's direct bf16
     /// convolutions apply the batch norm as they write their outputs, so the convolution's
     /// output never goes through memory); elsewhere the two ops, the convolution's output in
-    /// `conv_out`. Either way `y` holds what the two ops give, bit for bit.
-    #[allow(clippy::too_many_arguments)]
+    /// `layer.conv_out`. Either way `y` holds what the two ops give, bit for bit.
     fn conv2d_bn_eval_forward(
         &self,
-        g: &ConvGeom,
+        layer: ConvBnEval<'_, Self>,
         x: &Self::Buf,
-        w: &Self::Buf,
-        bn: &BatchNormEval<'_, Self::Buf>,
-        conv_out: &mut Self::Buf,
         y: &mut Self::Buf,
         ws: &mut Self::Buf,
     ) {
-        self.conv2d_forward(g, x, w, conv_out, ws);
-        let s = g.output();
+        let ConvBnEval { conv, bn, conv_out } = layer;
+        self.conv2d_forward(conv, x, conv_out, ws);
+        let s = conv.g.output();
         let (gamma, beta, mean, var) = (bn.gamma, bn.beta, bn.running_mean, bn.running_var);
         self.batch_norm_forward_eval(&s, conv_out, gamma, beta, mean, var, bn.eps, bn.residual, bn.relu, y);
     }
@@ -208,23 +226,22 @@ pub trait Backend: Send + Sync + 'static {
     /// what the two calls give, bit for bit.
     fn conv2d_bn_eval_pair_forward(
         &self,
-        first: ConvBnEval<'_, Self::Buf>,
-        second: ConvBnEval<'_, Self::Buf>,
+        first: ConvBnEval<'_, Self>,
+        second: ConvBnEval<'_, Self>,
         x: &Self::Buf,
         mid: &mut Self::Buf,
         y: &mut Self::Buf,
         ws: &mut Self::Buf,
     ) {
-        self.conv2d_bn_eval_forward(&first.g, x, first.w, &first.bn, first.conv_out, mid, ws);
-        self.conv2d_bn_eval_forward(&second.g, mid, second.w, &second.bn, second.conv_out, y, ws);
+        self.conv2d_bn_eval_forward(first, x, mid, ws);
+        self.conv2d_bn_eval_forward(second, mid, y, ws);
     }
     /// dw = dL/dw (overwritten, at `dw_at` in `grads`); dx = dL/dx (overwritten) when asked for.
     #[allow(clippy::too_many_arguments)]
     fn conv2d_backward(
         &self,
-        g: &ConvGeom,
+        conv: ConvOp<'_, Self>,
         x: &Self::Buf,
-        w: &Self::Buf,
         dy: &Self::Buf,
         dx: Option<&mut Self::Buf>,
         grads: &mut Self::Buf,

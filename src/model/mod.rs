@@ -9,4 +9,4 @@ pub mod torchvision;
 pub use network::{Arch, Network, build};
 pub use resnet::{ResNet, ResNetConfig, Stem};
 pub use sequential::Sequential;
-pub use summary::{Summary, summarize, summarize_sequential};
+pub use summary::{PlanOf, Summary, summarize, summarize_sequential};

@@ -1,9 +1,10 @@
 //! `resnet-cifar summary`: the module tree as PyTorch prints the seed's model, and a table of
-//! every layer's output shape, parameters and multiply-adds for a given input.
+//! every layer's output shape, parameters and multiply-adds for a given input; with a
+//! backend, also the plan it chose for each convolution (`summary --paths`).
 
 use super::resnet::{ResNet, Stem};
 use super::sequential::{Layer, Sequential};
-use crate::engine::{Backend, PoolGeom, Shape4};
+use crate::engine::{Backend, ConvGeom, PoolGeom, Shape4};
 use crate::nn::{BatchNorm2d, Conv2d, Linear, MaxPool2d};
 use std::fmt::Write;
 
@@ -19,7 +20,16 @@ pub struct Row {
     /// Multiply-adds for the whole input batch (convolutions and the linear layer; padding
     /// taps counted, as the usual counters do).
     pub macs: u64,
+    /// A convolution's plan, as the backend the summary was asked for chose it, and what
+    /// it plans for (`c x h x w -> cout, kxk/stride`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conv: Option<String>,
 }
+
+/// What a convolution's plan is on the backend a summary describes (`summary --paths`).
+pub type PlanOf<'a> = &'a dyn Fn(&ConvGeom) -> String;
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Summary {
@@ -56,13 +66,14 @@ fn bn_repr<B: Backend>(b: &BatchNorm2d<B>) -> String {
     )
 }
 
-struct Walk {
+struct Walk<'a> {
     tree: String,
     rows: Vec<Row>,
     depth: usize,
+    plan: Option<PlanOf<'a>>,
 }
 
-impl Walk {
+impl Walk<'_> {
     fn open(&mut self, label: &str, kind: &str) {
         let _ = writeln!(self.tree, "{}({label}): {kind}(", "  ".repeat(self.depth));
         self.depth += 1;
@@ -80,13 +91,21 @@ impl Walk {
             output,
             params,
             macs,
+            path: None,
+            conv: None,
         });
     }
     fn conv<B: Backend>(&mut self, label: &str, path: &str, c: &Conv2d<B>, input: Shape4) -> Shape4 {
-        let out = c.geom(input).output();
+        let g = c.geom(input);
+        let out = g.output();
         let macs = (out.numel() * c.cfg.cin * c.cfg.kernel * c.cfg.kernel) as u64;
         let params = c.weight.numel() + c.bias.as_ref().map_or(0, |b| b.numel());
         self.leaf(label, format!("{path}.{label}"), conv_repr(c), nchw(out), params, macs);
+        if let (Some(plan), Some(row)) = (self.plan, self.rows.last_mut()) {
+            row.path = Some(plan(&g));
+            let (i, k) = (g.input, g.kh);
+            row.conv = Some(format!("{}x{}x{} -> {}, {k}x{k}/{}", i.c, i.h, i.w, g.cout, g.stride));
+        }
         out
     }
     fn bn<B: Backend>(&mut self, label: &str, path: &str, b: &BatchNorm2d<B>, s: Shape4) {
@@ -140,12 +159,14 @@ impl Walk {
 }
 
 /// Describes a layer chain (LeNet, VGG-16) for an NHWC input of shape `input`, printed as
-/// PyTorch prints the classes in `scripts/classic_models.py`.
-pub fn summarize_sequential<B: Backend>(model: &Sequential<B>, input: Shape4) -> Summary {
+/// PyTorch prints the classes in `scripts/classic_models.py`; with `plan`, each
+/// convolution's plan.
+pub fn summarize_sequential<B: Backend>(model: &Sequential<B>, input: Shape4, plan: Option<PlanOf>) -> Summary {
     let mut w = Walk {
         tree: format!("{}(\n", model.title),
         rows: Vec::new(),
         depth: 1,
+        plan,
     };
     let mut s = input;
     let mut group: Option<&str> = None;
@@ -188,12 +209,13 @@ pub fn summarize_sequential<B: Backend>(model: &Sequential<B>, input: Shape4) ->
     w.finish(input)
 }
 
-/// Describes `model` for an NHWC input of shape `input`.
-pub fn summarize<B: Backend>(model: &ResNet<B>, input: Shape4) -> Summary {
+/// Describes `model` for an NHWC input of shape `input`; with `plan`, each convolution's plan.
+pub fn summarize<B: Backend>(model: &ResNet<B>, input: Shape4, plan: Option<PlanOf>) -> Summary {
     let mut w = Walk {
         tree: "ResNet18(\n".into(),
         rows: Vec::new(),
         depth: 1,
+        plan,
     };
     let stem = &model.stem;
     w.open("conv1", "Sequential");
@@ -252,6 +274,17 @@ pub fn summarize<B: Backend>(model: &ResNet<B>, input: Shape4) -> Summary {
 }
 
 impl Summary {
+    /// The convolutions' plans as text (`summary --paths`), one line each.
+    pub fn paths_table(&self) -> String {
+        let mut t = format!("{:<22} {:<26} {}\n", "layer", "convolution", "path");
+        for r in &self.rows {
+            if let (Some(conv), Some(path)) = (&r.conv, &r.path) {
+                let _ = writeln!(t, "{:<22} {:<26} {path}", r.name, conv);
+            }
+        }
+        t
+    }
+
     /// The per-layer table as text.
     pub fn table(&self) -> String {
         let mut t = format!(

@@ -4,7 +4,7 @@
 use super::builder::Builder;
 use super::conv2d::Conv2d;
 use super::param::{Entry, Module, Param};
-use crate::engine::{Backend, BatchNormEval, ConvBnEval, ConvGeom, Shape4, StatsSum, ensure_len};
+use crate::engine::{Backend, BatchNormEval, ConvBnEval, ConvGeom, ConvOp, Shape4, StatsSum, ensure_len};
 
 pub const MOMENTUM: f32 = 0.1;
 pub const EPS: f32 = 1e-5;
@@ -111,20 +111,36 @@ impl<B: Backend> BatchNorm2d<B> {
             self.forward(be, &conv.out, s, residual, train);
             return s;
         }
-        let g = self.prepare_after(be, conv, input, ws);
+        let (g, plan) = self.prepare_after(be, conv, input, ws);
         let (bn, y) = self.eval_parts(residual);
-        be.conv2d_bn_eval_forward(&g, x, &conv.weight.value, &bn, &mut conv.out, y, ws);
+        let layer = ConvBnEval {
+            conv: ConvOp {
+                g: &g,
+                plan: &plan,
+                w: &conv.weight.value,
+            },
+            bn,
+            conv_out: &mut conv.out,
+        };
+        be.conv2d_bn_eval_forward(layer, x, y, ws);
         g.output()
     }
 
-    /// `conv`'s geometry on `input`, its buffers and this layer's sized for it (eval mode).
-    fn prepare_after(&mut self, be: &B, conv: &mut Conv2d<B>, input: Shape4, ws: &mut B::Buf) -> ConvGeom {
-        let g = conv.prepare(be, input, ws);
+    /// `conv`'s geometry and plan on `input`, its buffers and this layer's sized for it (eval
+    /// mode).
+    fn prepare_after(
+        &mut self,
+        be: &B,
+        conv: &mut Conv2d<B>,
+        input: Shape4,
+        ws: &mut B::Buf,
+    ) -> (ConvGeom, B::ConvPlan) {
+        let (g, plan) = conv.prepare(be, input, ws);
         let s = g.output();
         assert_eq!(s.c, self.channels(), "{}: input has {} channels", self.weight.name, s.c);
         ensure_len(be, &mut self.out, s.numel());
         self.shape = s;
-        g
+        (g, plan)
     }
 
     /// This layer in eval mode, with the residual added after it, and its output buffer.
@@ -187,18 +203,24 @@ pub fn forward_pair<B: Backend>(
         let s = bn_a.forward_after(be, conv_a, x, input, None, train, ws);
         return bn_b.forward_after(be, conv_b, &bn_a.out, s, residual, train, ws);
     }
-    let ga = bn_a.prepare_after(be, conv_a, input, ws);
-    let gb = bn_b.prepare_after(be, conv_b, ga.output(), ws);
+    let (ga, plan_a) = bn_a.prepare_after(be, conv_a, input, ws);
+    let (gb, plan_b) = bn_b.prepare_after(be, conv_b, ga.output(), ws);
     let ((bn_a, mid), (bn_b, y)) = (bn_a.eval_parts(None), bn_b.eval_parts(residual));
     let first = ConvBnEval {
-        g: ga,
-        w: &conv_a.weight.value,
+        conv: ConvOp {
+            g: &ga,
+            plan: &plan_a,
+            w: &conv_a.weight.value,
+        },
         bn: bn_a,
         conv_out: &mut conv_a.out,
     };
     let second = ConvBnEval {
-        g: gb,
-        w: &conv_b.weight.value,
+        conv: ConvOp {
+            g: &gb,
+            plan: &plan_b,
+            w: &conv_b.weight.value,
+        },
         bn: bn_b,
         conv_out: &mut conv_b.out,
     };
@@ -222,16 +244,14 @@ impl<B: Backend> Module<B> for BatchNorm2d<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::cpu::{Cpu, bf16_support, set_bf16};
+    use crate::engine::cpu::Cpu;
     use crate::nn::Conv2dConfig;
+    use crate::test_support::bf16_kernels;
 
-    /// fp32, and bf16 operands where the CPU has them.
-    fn precisions() -> &'static [bool] {
-        if bf16_support().is_ok() {
-            &[false, true]
-        } else {
-            &[false]
-        }
+    /// fp32, and bf16 operands on each kernel the CPU has.
+    fn backends() -> Vec<Cpu> {
+        let bf16 = bf16_kernels().into_iter().map(Cpu::bf16);
+        std::iter::once(Cpu::default()).chain(bf16).collect()
     }
 
     /// A bias-free convolution padded by half its kernel.
@@ -267,8 +287,7 @@ mod tests {
     /// stems and 40 channels at stride 2 the patches' product and then the batch norm's pass.
     #[test]
     fn forward_after_a_conv_matches_the_two_layers() {
-        for &bf16 in precisions() {
-            set_bf16(bf16).unwrap();
+        for cpu in backends() {
             let cases = [
                 (64, 3, 1, 64),
                 (64, 3, 2, 128),
@@ -278,7 +297,7 @@ mod tests {
                 (40, 3, 2, 32),
             ];
             for (cin, kernel, stride, cout) in cases {
-                let be = &Cpu;
+                let be = &cpu;
                 let b = Builder::new(be, 7);
                 let mut conv = conv(&b, "conv", cin, cout, kernel, stride);
                 let mut bn = distinct_batch_norm(&b, "bn", cout, 0.0);
@@ -293,11 +312,10 @@ mod tests {
                 bn.forward_after(be, &mut conv, &x, s, Some(&residual), false, &mut ws);
                 assert_eq!(bn.out.len(), want.len());
                 let differ = bn.out.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
-                assert_eq!(differ, None, "bf16 {bf16}, {cin} {kernel} {stride} {cout}");
+                assert_eq!(differ, None, "{cpu:?}, {cin} {kernel} {stride} {cout}");
                 assert!(want.contains(&0.0) && want.iter().any(|&v| v > 0.0));
             }
         }
-        set_bf16(false).unwrap();
     }
 
     /// Eval mode's two convolution + batch norm pairs in one backend call ([`forward_pair`])
@@ -307,10 +325,9 @@ mod tests {
     /// on 8x8 maps and stride 2 to 4x4; 16 channels run the two calls).
     #[test]
     fn forward_pair_matches_the_four_layers() {
-        for &bf16 in precisions() {
-            set_bf16(bf16).unwrap();
+        for cpu in backends() {
             for (cin, stride, cout) in [(64, 1, 64), (32, 2, 64), (16, 1, 16)] {
-                let be = &Cpu;
+                let be = &cpu;
                 let b = Builder::new(be, 3);
                 let (mut conv_a, mut conv_b) = (conv(&b, "a", cin, cout, 3, stride), conv(&b, "b", cout, cout, 3, 1));
                 let mut bn_a = distinct_batch_norm(&b, "bn_a", cout, 0.0);
@@ -329,14 +346,9 @@ mod tests {
                 let got = forward_pair(be, a, (&mut conv_b, &mut bn_b), &x, s, Some(&residual), false, &mut ws);
                 assert_eq!(got, out);
                 let differ = bn_b.out.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
-                assert_eq!(
-                    (bn_b.out.len(), differ),
-                    (want.len(), None),
-                    "bf16 {bf16}, {cin} {stride}"
-                );
+                assert_eq!((bn_b.out.len(), differ), (want.len(), None), "{cpu:?}, {cin} {stride}");
                 assert!(want.contains(&0.0) && want.iter().any(|&v| v > 0.0));
             }
         }
-        set_bf16(false).unwrap();
     }
 }

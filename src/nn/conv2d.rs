@@ -3,7 +3,7 @@
 use super::builder::Builder;
 use super::param::{Entry, Module, Param};
 use crate::engine::Layout;
-use crate::engine::{Backend, ConvGeom, Shape4, ensure_len};
+use crate::engine::{Backend, ConvGeom, ConvOp, Shape4, ensure_len};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Conv2dConfig {
@@ -22,6 +22,9 @@ pub struct Conv2d<B: Backend> {
     /// Output of the last forward pass.
     pub out: B::Buf,
     geom: Option<ConvGeom>,
+    /// The backend's plan for this layer, made on its first pass for the input's size (a
+    /// plan does not depend on the batch size), and remade only if that size changes.
+    plan: Option<(Shape4, B::ConvPlan)>,
 }
 
 impl<B: Backend> Conv2d<B> {
@@ -42,6 +45,7 @@ impl<B: Backend> Conv2d<B> {
             bias,
             out: b.backend().alloc(0),
             geom: None,
+            plan: None,
         }
     }
 
@@ -61,24 +65,52 @@ impl<B: Backend> Conv2d<B> {
         }
     }
 
+    /// The plan of this layer on `input` ([`Backend::conv2d_plan`]), made once.
+    pub fn plan(&mut self, be: &B, input: Shape4) -> B::ConvPlan {
+        let image = Shape4 { n: 1, ..input };
+        match self.plan {
+            Some((planned, plan)) if planned == image => plan,
+            _ => {
+                let plan = be.conv2d_plan(&self.geom(image));
+                self.plan = Some((image, plan));
+                plan
+            }
+        }
+    }
+
+    /// This layer as the backend computes it on `g`, with `plan`.
+    pub fn op<'a>(&'a self, g: &'a ConvGeom, plan: &'a B::ConvPlan) -> ConvOp<'a, B> {
+        ConvOp {
+            g,
+            plan,
+            w: &self.weight.value,
+        }
+    }
+
     /// Computes `self.out` from `x`; returns the output shape.
     pub fn forward(&mut self, be: &B, x: &B::Buf, input: Shape4, ws: &mut B::Buf) -> Shape4 {
-        let g = self.prepare(be, input, ws);
-        be.conv2d_forward(&g, x, &self.weight.value, &mut self.out, ws);
+        let (g, plan) = self.prepare(be, input, ws);
+        let Self { weight, out, .. } = self;
+        let conv = ConvOp {
+            g: &g,
+            plan: &plan,
+            w: &weight.value,
+        };
+        be.conv2d_forward(conv, x, out, ws);
         if let Some(b) = &self.bias {
             be.bias_add(g.output().rows(), g.cout, &b.value, &mut self.out);
         }
         g.output()
     }
 
-    /// The geometry of a forward pass on `input`, with `self.out` and the workspace `ws`
-    /// sized for it and the geometry kept for the backward pass.
-    pub(super) fn prepare(&mut self, be: &B, input: Shape4, ws: &mut B::Buf) -> ConvGeom {
-        let g = self.geom(input);
+    /// The geometry and plan of a forward pass on `input`, with `self.out` and the workspace
+    /// `ws` sized for it and the geometry kept for the backward pass.
+    pub(super) fn prepare(&mut self, be: &B, input: Shape4, ws: &mut B::Buf) -> (ConvGeom, B::ConvPlan) {
+        let (g, plan) = (self.geom(input), self.plan(be, input));
         ensure_len(be, &mut self.out, g.output().numel());
-        ensure_len(be, ws, be.conv2d_workspace_len(&g));
+        ensure_len(be, ws, be.conv2d_workspace_len(&g, &plan));
         self.geom = Some(g);
-        g
+        (g, plan)
     }
 
     /// Writes the weight gradient (into the gradient arena `grads`) and, when `dx` is given,
@@ -93,12 +125,13 @@ impl<B: Backend> Conv2d<B> {
         ws: &mut B::Buf,
     ) {
         let g = self.geom.expect("conv backward before forward");
+        let plan = self.plan.expect("planned by the forward pass").1;
         let mut dx = dx;
         if let Some(d) = dx.as_deref_mut() {
             ensure_len(be, d, g.input.numel());
         }
         let dw = self.weight.grad.expect("conv weight is trainable");
-        be.conv2d_backward(&g, x, &self.weight.value, dy, dx, grads, dw, ws);
+        be.conv2d_backward(self.op(&g, &plan), x, dy, dx, grads, dw, ws);
         if let Some(b) = &self.bias {
             let db = b.grad.expect("conv bias is trainable");
             be.bias_grad(g.output().rows(), g.cout, dy, grads, db);

@@ -435,8 +435,14 @@ fn describe_split(train: usize, eval_on: Option<(&str, &Images)>) -> String {
     }
 }
 
-/// Metadata stored in every model checkpoint: enough to rebuild the model and know its origin.
-pub(super) fn meta(cfg: &TrainConfig, pos: &Position, accuracy: Option<f64>) -> HashMap<String, String> {
+/// Metadata stored in every model checkpoint: enough to rebuild the model, compute as its run
+/// did (`precision`, the backend's, and the Winograd choice) and know its origin.
+pub(super) fn meta(
+    cfg: &TrainConfig,
+    precision: &str,
+    pos: &Position,
+    accuracy: Option<f64>,
+) -> HashMap<String, String> {
     let mut m = HashMap::new();
     m.insert(
         "format".into(),
@@ -446,6 +452,8 @@ pub(super) fn meta(cfg: &TrainConfig, pos: &Position, accuracy: Option<f64>) -> 
     m.insert("arch".into(), cfg.arch.name().into());
     m.insert("recipe".into(), cfg.recipe.clone());
     m.insert("val_split".into(), cfg.val_split.to_string());
+    m.insert("precision".into(), precision.into());
+    m.insert("winograd".into(), cfg.winograd.to_string());
     m.insert(
         "dataset".into(),
         serde_json::to_string(&cfg.dataset).expect("serialisable"),

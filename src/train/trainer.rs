@@ -77,7 +77,6 @@ impl<'a, B: DeviceBatches> Trainer<'a, B> {
             );
         }
         check_data(cfg, splits)?;
-        be.set_fast_convolutions(cfg.winograd);
         let mut model = build(be, cfg.arch, cfg.model, cfg.seed);
         if cfg.sync_bn && ranks > 1 {
             // Every rank takes part in every batch's exchanges, so none may have an empty slice.
@@ -396,7 +395,7 @@ impl<'a, B: DeviceBatches> Trainer<'a, B> {
             .join(format!("epoch-{}.safetensors", epoch + 1));
         let bytes = checkpoint::to_bytes(
             &checkpoint::state_dict(be, self.model.as_mut()),
-            Some(meta(cfg, &self.pos, accuracy)),
+            Some(meta(cfg, be.precision(), &self.pos, accuracy)),
         );
         checkpoint::write_atomic(&epoch_path, &bytes)
             .with_context(|| format!("{}: write failed", epoch_path.display()))?;
@@ -425,7 +424,7 @@ impl<'a, B: DeviceBatches> Trainer<'a, B> {
             &root.join("last.safetensors"),
             be,
             self.model.as_mut(),
-            Some(meta(cfg, &self.pos, None)),
+            Some(meta(cfg, be.precision(), &self.pos, None)),
         )
         .context("last.safetensors: write failed")?;
         files.flush()

@@ -1,33 +1,22 @@
 //! Matrix multiply through the `gemm` crate, with bounds checked once at the boundary so the
 //! kernels above it stay safe code; or, with bf16 operands, through [`super::bf16`].
 
+use super::bf16::Kernel;
 use gemm::Parallelism;
-use std::cell::Cell;
 
 /// What the convolutions' and the linear layer's matrix multiplies take: f32 values, or
-/// values rounded to bf16 (PyTorch's CPU autocast; sums stay f32 either way).
+/// values rounded to bf16 (PyTorch's CPU autocast; sums stay f32 either way) multiplied by
+/// the given kernel. A property of the backend value ([`super::Cpu`]), handed to each product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Operands {
     F32,
-    Bf16,
+    Bf16(Kernel),
 }
 
-thread_local! {
-    /// The operands of products started from this thread (see [`set_operands`]). Read once
-    /// at each layer's entry, on the calling thread, and handed down to the products that run
-    /// on other threads of the pool.
-    static OPERANDS: Cell<Operands> = const { Cell::new(Operands::F32) };
-}
-
-/// Sets the operands of the matrix multiplies that layers called from this thread make
-/// (`--precision bf16`). Per thread, so that models trained side by side (tests) keep theirs.
-pub fn set_operands(ops: Operands) {
-    OPERANDS.with(|o| o.set(ops));
-}
-
-/// This thread's choice (f32 unless set).
-pub fn operands() -> Operands {
-    OPERANDS.with(Cell::get)
+impl Operands {
+    pub fn is_bf16(self) -> bool {
+        matches!(self, Operands::Bf16(_))
+    }
 }
 
 /// A strided, read-only matrix: element (i, j) is `data[i * rs + j * cs]`.
@@ -131,7 +120,7 @@ fn multiply(
             let parallelism = if parallel { parallelism() } else { Parallelism::None };
             f32_product(parallelism, m, n, k, dst, dst_rs, a, b, accumulate)
         }
-        Operands::Bf16 => super::bf16::matmul(parallel, m, n, k, dst, dst_rs, a, b, accumulate),
+        Operands::Bf16(kernel) => super::bf16::matmul(kernel, parallel, m, n, k, dst, dst_rs, a, b, accumulate),
     }
 }
 
@@ -222,13 +211,20 @@ impl<'a> SharedRhs<'a> {
     pub fn new(ops: Operands, count: usize, k: usize, n: usize, data: &'a [f32]) -> Self {
         let data = &data[..count * k * n];
         let mut packed = Vec::new();
-        if ops == Operands::Bf16 {
+        if let Operands::Bf16(kernel) = ops {
             use rayon::prelude::*;
             let each = super::bf16::packed_len(k, n);
             packed = SHARED_PACKED.with(|b| std::mem::take(&mut *b.borrow_mut()));
             packed.resize(count * each, 0);
             packed.par_chunks_mut(each.max(1)).enumerate().for_each(|(i, out)| {
-                super::bf16::PackedB::pack(false, k, n, Mat::rows(&data[i * k * n..(i + 1) * k * n], n), out);
+                super::bf16::PackedB::pack(
+                    kernel,
+                    false,
+                    k,
+                    n,
+                    Mat::rows(&data[i * k * n..(i + 1) * k * n], n),
+                    out,
+                );
             });
         }
         Self {
@@ -248,9 +244,9 @@ impl<'a> SharedRhs<'a> {
                 let b = Mat::rows(&self.data[i * k * n..(i + 1) * k * n], n);
                 multiply(false, Operands::F32, m, n, k, dst, dst_rs, a, b, accumulate)
             }
-            Operands::Bf16 => {
+            Operands::Bf16(kernel) => {
                 let each = super::bf16::packed_len(k, n);
-                let packed = super::bf16::PackedB::view(k, n, &self.packed[i * each..(i + 1) * each]);
+                let packed = super::bf16::PackedB::view(kernel, k, n, &self.packed[i * each..(i + 1) * each]);
                 super::bf16::matmul_packed(false, m, dst, dst_rs, super::bf16::Lhs::Mat(a), &packed, accumulate)
             }
         }

@@ -1,13 +1,14 @@
 //! Fully connected layer with bias: y = x w^T + b, weights in PyTorch's `[out, in]` layout.
 
-use super::gemm::{Mat, matmul, operands};
+use super::gemm::{Mat, Operands, matmul};
 
-pub fn forward(n: usize, din: usize, dout: usize, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+pub fn forward(ops: Operands, n: usize, din: usize, dout: usize, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
     for row in y[..n * dout].chunks_exact_mut(dout) {
         row.copy_from_slice(&b[..dout]);
     }
     matmul(
-        operands(),
+        ops,
         n,
         dout,
         din,
@@ -19,7 +20,9 @@ pub fn forward(n: usize, din: usize, dout: usize, x: &[f32], w: &[f32], b: &[f32
     );
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn backward(
+    ops: Operands,
     n: usize,
     din: usize,
     dout: usize,
@@ -31,7 +34,6 @@ pub fn backward(
     db: &mut [f32],
 ) {
     let dy = &dy[..n * dout];
-    let ops = operands();
     // dw[out, in] = dy^T[out, n] * x[n, in]
     matmul(
         ops,

@@ -12,20 +12,138 @@ mod pool;
 mod winograd;
 
 use super::{
-    AdamStep, Backend, BatchNormEval, ConvBnEval, ConvGeom, CropPlan, DeviceBatches, Layout, PoolGeom, SgdStep, Shape4,
-    SyncStats,
+    AdamStep, Backend, BatchNormEval, ConvBnEval, ConvGeom, ConvOp, CropPlan, DeviceBatches, Layout, PoolGeom, SgdStep,
+    Shape4, SyncStats,
 };
+pub use bf16::Kernel as Bf16Kernel;
+pub use conv::{ConvPath, ConvPlan};
+use gemm::Operands;
 use rayon::prelude::*;
 
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Cpu;
+/// The arithmetic of the CPU's convolutions and linear layer (`--precision`): f32, or bf16
+/// operands with f32 sums (PyTorch's CPU autocast for these layers). Batch norm, the loss and
+/// the optimizer stay f32, and so do the weights (rounded only as operands).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CpuPrecision {
+    #[default]
+    Fp32,
+    Bf16,
+}
+
+crate::named::choices!(CpuPrecision, "precision", {
+    Fp32 => "fp32",
+    Bf16 => "bf16",
+});
+
+/// Which tile products multiply bf16 operands (`--cpu-kernel`): the fastest this CPU has, or
+/// one named (to compare them, or to keep to one across machines).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CpuKernel {
+    #[default]
+    Auto,
+    Amx,
+    Avx512,
+}
+
+crate::named::choices!(CpuKernel, "CPU kernel", {
+    Auto => "auto",
+    Amx => "amx",
+    Avx512 => "avx512",
+});
+
+/// How the CPU backend computes, fixed when it is made ([`Cpu::new`]) from the command's flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuConfig {
+    pub precision: CpuPrecision,
+    /// bf16's kernel (fp32 ignores it).
+    pub kernel: CpuKernel,
+    /// Whether 3x3 convolutions may take Winograd's path (`--winograd`): faster, with larger
+    /// rounding errors, which training can amplify (docs/seed-vs-pytorch.md).
+    pub winograd: bool,
+}
+
+impl Default for CpuConfig {
+    fn default() -> Self {
+        Self {
+            precision: CpuPrecision::Fp32,
+            kernel: CpuKernel::Auto,
+            winograd: true,
+        }
+    }
+}
+
+/// The CPU backend: buffers are `Vec<f32>`; what its products take and which paths its
+/// convolutions may follow are values fixed when it is made, read by each layer's plan.
+#[derive(Clone, Copy, Debug)]
+pub struct Cpu {
+    ops: Operands,
+    winograd: bool,
+}
+
+impl Default for Cpu {
+    /// fp32, Winograd allowed: [`CpuConfig::default`].
+    fn default() -> Self {
+        Self {
+            ops: Operands::F32,
+            winograd: true,
+        }
+    }
+}
+
+impl Cpu {
+    /// The backend `config` describes, or why this CPU cannot compute it (bf16 without
+    /// AVX512_BF16, AMX asked for without the tiles).
+    pub fn new(config: CpuConfig) -> Result<Self, String> {
+        let ops = match config.precision {
+            CpuPrecision::Fp32 => Operands::F32,
+            CpuPrecision::Bf16 => {
+                bf16_support()?;
+                Operands::Bf16(match config.kernel {
+                    CpuKernel::Auto => Bf16Kernel::best_available().expect("bf16 support checked"),
+                    CpuKernel::Avx512 => Bf16Kernel::Avx512,
+                    CpuKernel::Amx if Bf16Kernel::amx_available() => Bf16Kernel::Amx,
+                    CpuKernel::Amx => return Err("this CPU (or its OS) has no AMX-BF16 tiles".into()),
+                })
+            }
+        };
+        Ok(Self {
+            ops,
+            winograd: config.winograd,
+        })
+    }
+
+    /// The backend computing with bf16 operands on `kernel` (the CPU must have it), Winograd
+    /// allowed.
+    pub fn bf16(kernel: Bf16Kernel) -> Self {
+        assert!(bf16::available(), "bf16 operands on a CPU without AVX512_BF16");
+        assert!(
+            kernel != Bf16Kernel::Amx || Bf16Kernel::amx_available(),
+            "AMX on a CPU without"
+        );
+        Self {
+            ops: Operands::Bf16(kernel),
+            winograd: true,
+        }
+    }
+
+    /// The configuration this backend computes by, its kernel resolved.
+    pub fn config(&self) -> CpuConfig {
+        let (precision, kernel) = match self.ops {
+            Operands::F32 => (CpuPrecision::Fp32, CpuKernel::Auto),
+            Operands::Bf16(Bf16Kernel::Amx) => (CpuPrecision::Bf16, CpuKernel::Amx),
+            Operands::Bf16(Bf16Kernel::Avx512) => (CpuPrecision::Bf16, CpuKernel::Avx512),
+        };
+        CpuConfig {
+            precision,
+            kernel,
+            winograd: self.winograd,
+        }
+    }
+}
 
 /// Whether this CPU can multiply bf16 operands (`--precision bf16`), or which instructions it
-/// lacks. `RESNET_CIFAR_NO_BF16=1` makes it answer as a CPU without them would (tests).
+/// lacks.
 pub fn bf16_support() -> Result<(), String> {
-    if std::env::var_os("RESNET_CIFAR_NO_BF16").is_some_and(|v| v != "0") {
-        return Err("this CPU lacks AVX512_BF16 (bf16 dot products): RESNET_CIFAR_NO_BF16 is set".into());
-    }
     let missing = bf16::missing_features();
     if missing.is_empty() {
         return Ok(());
@@ -34,20 +152,6 @@ pub fn bf16_support() -> Result<(), String> {
         "this CPU lacks {} (bf16 dot products need AVX512F, AVX512BW and AVX512_BF16: AMD Zen 4 and later, Intel Cooper Lake, Sapphire Rapids and later)",
         missing.join(", ")
     ))
-}
-
-/// Makes the convolutions and the linear layer called from this thread multiply bf16
-/// operands (f32 sums) or f32 ones: PyTorch's CPU autocast for these layers. Batch norm, the
-/// loss and the optimizer stay f32, and so do the weights (rounded only as operands). Set it
-/// before building a model: with bf16 operands the 3x3 convolutions take Winograd's smaller
-/// tiles (F(4x4, 3x3) amplifies bf16's rounding about 13x), and a model sizes its workspace
-/// for the tiles of its day.
-pub fn set_bf16(on: bool) -> Result<(), String> {
-    if on {
-        bf16_support()?;
-    }
-    gemm::set_operands(if on { gemm::Operands::Bf16 } else { gemm::Operands::F32 });
-    Ok(())
 }
 
 /// The CPU's batches are built on the loader thread, ahead of the step, so there is nothing to
@@ -66,17 +170,19 @@ impl Backend for Cpu {
     type Buf = Vec<f32>;
 
     fn name(&self) -> String {
-        let arith = match gemm::operands() {
-            gemm::Operands::F32 => "",
-            gemm::Operands::Bf16 => match bf16::Kernel::chosen() {
-                bf16::Kernel::Amx => ", bf16 operands on AMX tiles",
-                bf16::Kernel::Avx512 => ", bf16 operands on AVX512_BF16",
-            },
+        let arith = match self.ops {
+            Operands::F32 => "",
+            Operands::Bf16(Bf16Kernel::Amx) => ", bf16 operands on AMX tiles",
+            Operands::Bf16(Bf16Kernel::Avx512) => ", bf16 operands on AVX512_BF16",
         };
+        let winograd = if self.winograd { "" } else { ", no Winograd" };
         match rayon::current_num_threads() {
-            1 => format!("cpu (1 thread{arith})"),
-            n => format!("cpu ({n} threads{arith})"),
+            1 => format!("cpu (1 thread{arith}{winograd})"),
+            n => format!("cpu ({n} threads{arith}{winograd})"),
         }
+    }
+    fn precision(&self) -> &'static str {
+        self.config().precision.name()
     }
     fn alloc(&self, len: usize) -> Vec<f32> {
         vec![0.0; len]
@@ -100,54 +206,49 @@ impl Backend for Cpu {
     fn conv_weight_layout(&self) -> Layout {
         Layout::ConvHwio
     }
-    fn set_fast_convolutions(&self, on: bool) {
-        winograd::set_enabled(on)
+    type ConvPlan = ConvPlan;
+    fn conv2d_plan(&self, g: &ConvGeom) -> ConvPlan {
+        conv::plan(self.ops, self.winograd, g)
     }
-    fn conv2d_workspace_len(&self, g: &ConvGeom) -> usize {
-        conv::workspace_len(g)
+    fn conv2d_workspace_len(&self, g: &ConvGeom, plan: &ConvPlan) -> usize {
+        conv::workspace_len(plan, g)
     }
-    fn conv2d_forward(&self, g: &ConvGeom, x: &Vec<f32>, w: &Vec<f32>, y: &mut Vec<f32>, ws: &mut Vec<f32>) {
-        conv::forward(g, x, w, y, ws)
+    fn conv2d_forward(&self, c: ConvOp<'_, Self>, x: &Vec<f32>, y: &mut Vec<f32>, ws: &mut Vec<f32>) {
+        cpu_conv(c).forward(x, y, ws)
     }
-    fn conv2d_bn_eval_forward(
-        &self,
-        g: &ConvGeom,
-        x: &Vec<f32>,
-        w: &Vec<f32>,
-        bn: &BatchNormEval<'_, Vec<f32>>,
-        conv_out: &mut Vec<f32>,
-        y: &mut Vec<f32>,
-        ws: &mut Vec<f32>,
-    ) {
-        conv::forward_then(g, x, w, &eval_affine(g, bn), conv_out, y, ws)
+    fn conv2d_bn_eval_forward(&self, layer: ConvBnEval<'_, Self>, x: &Vec<f32>, y: &mut Vec<f32>, ws: &mut Vec<f32>) {
+        let affine = eval_affine(layer.conv.g, &layer.bn);
+        cpu_conv(layer.conv).forward_then(x, &affine, layer.conv_out, y, ws)
     }
     fn conv2d_bn_eval_pair_forward(
         &self,
-        first: ConvBnEval<'_, Vec<f32>>,
-        second: ConvBnEval<'_, Vec<f32>>,
+        first: ConvBnEval<'_, Self>,
+        second: ConvBnEval<'_, Self>,
         x: &Vec<f32>,
         mid: &mut Vec<f32>,
         y: &mut Vec<f32>,
         ws: &mut Vec<f32>,
     ) {
-        let (a, b) = (eval_affine(&first.g, &first.bn), eval_affine(&second.g, &second.bn));
-        let first = (&first.g, &first.w[..], &a, &mut first.conv_out[..]);
-        let second = (&second.g, &second.w[..], &b, &mut second.conv_out[..]);
+        let (a, b) = (
+            eval_affine(first.conv.g, &first.bn),
+            eval_affine(second.conv.g, &second.bn),
+        );
+        let first = (cpu_conv(first.conv), &a, &mut first.conv_out[..]);
+        let second = (cpu_conv(second.conv), &b, &mut second.conv_out[..]);
         conv::forward_pair(first, second, x, mid, y, ws)
     }
     fn conv2d_backward(
         &self,
-        g: &ConvGeom,
+        c: ConvOp<'_, Self>,
         x: &Vec<f32>,
-        w: &Vec<f32>,
         dy: &Vec<f32>,
         dx: Option<&mut Vec<f32>>,
         grads: &mut Vec<f32>,
         dw_at: usize,
         ws: &mut Vec<f32>,
     ) {
-        let dw = &mut grads[dw_at..dw_at + g.weight_len()];
-        conv::backward(g, x, w, dy, dx.map(|d| d.as_mut_slice()), dw, ws)
+        let dw = &mut grads[dw_at..dw_at + c.g.weight_len()];
+        cpu_conv(c).backward(x, dy, dx.map(|d| d.as_mut_slice()), dw, ws)
     }
 
     fn batch_norm_forward_train(
@@ -310,7 +411,7 @@ impl Backend for Cpu {
         b: &Vec<f32>,
         y: &mut Vec<f32>,
     ) {
-        linear::forward(n, din, dout, x, w, b, y)
+        linear::forward(self.ops, n, din, dout, x, w, b, y)
     }
     fn linear_backward(
         &self,
@@ -326,7 +427,7 @@ impl Backend for Cpu {
         db_at: usize,
     ) {
         let (dw, db) = windows(grads, (dw_at, din * dout), (db_at, dout));
-        linear::backward(n, din, dout, x, w, dy, dx, dw, db)
+        linear::backward(self.ops, n, din, dout, x, w, dy, dx, dw, db)
     }
     fn cross_entropy(
         &self,
@@ -371,6 +472,15 @@ impl Backend for Cpu {
         buf: &mut Vec<f32>,
     ) {
         optim::sgd(h, &mut param[..len], &grads[grad_at..grad_at + len], &mut buf[..len])
+    }
+}
+
+/// The convolution `c` as the conv module computes it.
+fn cpu_conv<'a>(c: ConvOp<'a, Cpu>) -> conv::Conv<'a> {
+    conv::Conv {
+        plan: c.plan,
+        g: c.g,
+        w: c.w,
     }
 }
 

@@ -17,10 +17,9 @@
 //! lines of whole channel vectors ("blocks"), first down the columns of the n x n grid, then
 //! along its rows.
 
-use super::gemm::{Mat, Operands, SharedRhs, matmul_serial, operands};
+use super::gemm::{Mat, Operands, SharedRhs, matmul_serial};
 use crate::engine::ConvGeom;
 use rayon::prelude::*;
-use std::cell::Cell;
 
 /// Upper bound on the transformed tiles of one chunk of images, in f32 values (4 MiB): small
 /// enough that a chunk's tiles stay in cache between the transforms and the multiplies.
@@ -165,48 +164,25 @@ enum Tiles {
     F4(Plan<6>),
 }
 
-thread_local! {
-    /// Whether 3x3 convolutions called from this thread may take this module's path (see
-    /// [`set_enabled`]). Per thread, so that models trained side by side (tests) keep their
-    /// own choice; the conv entry points read it on the calling thread, before any parallel
-    /// work, and size the workspace by the same choice.
-    static ENABLED: Cell<bool> = const { Cell::new(true) };
-}
-
-/// Turns the Winograd path on or off for convolutions called from this thread
-/// (`train --winograd`). Its rounding errors are larger than a direct convolution's, and on
-/// some batches training amplifies them (docs/seed-vs-pytorch.md).
-pub fn set_enabled(on: bool) {
-    ENABLED.with(|e| e.set(on));
-}
-
-/// The tiling of `g`, or none when this module does not compute it (or is turned off).
-pub fn tiling(g: &ConvGeom) -> Option<Tiling> {
-    if !ENABLED.with(Cell::get) {
-        return None;
-    }
+/// The tile side (4 or 6 points) Winograd's method computes `g` with, when it computes it
+/// ([`tile_points`]); the convolution plan asks only where Winograd's path is allowed
+/// (`--winograd`: its rounding errors are larger than a direct convolution's, and on some
+/// batches training amplifies them, docs/seed-vs-pytorch.md).
+pub fn points(g: &ConvGeom, ops: Operands) -> Option<usize> {
     // bf16 operands: the 4-point tiles, whose transforms (constants 0, 1, 1/2) amplify the
     // operands' rounding about 2x where the 6-point ones (up to 8 and 1/24) do 13x (measured:
     // 0.4% and 2.7% per convolution against fp32, 0.2% computed directly).
-    let bf16 = operands() == Operands::Bf16;
-    tile_points(g).map(|n| {
-        Tiling(if n == 4 || bf16 {
-            Tiles::F2(Plan::of(g))
-        } else {
-            Tiles::F4(Plan::of(g))
-        })
-    })
+    tile_points(g).map(|n| if ops.is_bf16() { 4 } else { n })
 }
 
 impl Tiling {
-    /// Points along a tile's side: 4 for F(2x2, 3x3), 6 for F(4x4, 3x3) (the path test
-    /// checks the choice).
-    #[cfg(test)]
-    pub fn points(&self) -> usize {
-        match self.0 {
-            Tiles::F2(_) => 4,
-            Tiles::F4(_) => 6,
-        }
+    /// The tiling of `g` with tiles of `points` ([`points`]) and `ops` operands.
+    pub fn new(points: usize, ops: Operands, g: &ConvGeom) -> Self {
+        Tiling(match points {
+            4 => Tiles::F2(Plan::of(g, ops)),
+            6 => Tiles::F4(Plan::of(g, ops)),
+            _ => panic!("Winograd tiles of {points} points"),
+        })
     }
 
     pub fn workspace_len(&self) -> usize {
@@ -243,7 +219,7 @@ struct Plan<const N: usize> {
     cin: usize,
     cout: usize,
     chunk: usize,
-    /// The tile products' operands, read on the calling thread (they run on others).
+    /// The tile products' operands.
     ops: Operands,
 }
 
@@ -251,7 +227,7 @@ impl<const N: usize> Plan<N> {
     const POSITIONS: usize = N * N;
     const OUT: usize = N - 2;
 
-    fn of(g: &ConvGeom) -> Self {
+    fn of(g: &ConvGeom, ops: Operands) -> Self {
         let (h, w) = (g.input.h, g.input.w);
         let (th, tw) = (h.div_ceil(Self::OUT), w.div_ceil(Self::OUT));
         let per_image = Self::POSITIONS * th * tw * (g.input.c + g.cout);
@@ -264,7 +240,7 @@ impl<const N: usize> Plan<N> {
             cin: g.input.c,
             cout: g.cout,
             chunk: (WORKSPACE_BUDGET / per_image.max(1)).clamp(1, g.input.n.max(1)),
-            ops: operands(),
+            ops,
         }
     }
 

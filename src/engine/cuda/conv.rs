@@ -10,6 +10,26 @@ use std::ffi::c_void;
 /// Largest workspace an algorithm may ask for.
 const MAX_WORKSPACE: usize = 1 << 30;
 
+/// The plan of a convolution layer on CUDA ([`crate::engine::Backend::ConvPlan`]): cuDNN
+/// with the backend's arithmetic. cuDNN's descriptors and algorithms depend on the batch size
+/// too, so the backend keeps those itself, one `ConvPlan` per whole geometry, made on
+/// first use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerPlan {
+    pub tf32: bool,
+}
+
+impl std::fmt::Display for LayerPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let math = if self.tf32 {
+            "tf32 tensor cores"
+        } else {
+            "fp32 FMA math"
+        };
+        write!(f, "cuDNN, deterministic algorithms, {math}")
+    }
+}
+
 /// A cuDNN handle bound to the backend's stream.
 pub(super) struct Dnn(pub sys::cudnnHandle_t);
 // The handle is only used from the thread holding the backend's plan lock or, for launches,

@@ -11,7 +11,10 @@ mod conv;
 mod libs;
 pub mod nccl;
 
-use super::{AdamStep, Backend, ConvGeom, CropPlan, DeviceBatches, Layout, PoolGeom, SgdStep, Shape4, SyncStats};
+use super::{
+    AdamStep, Backend, ConvGeom, ConvOp, CropPlan, DeviceBatches, Layout, PoolGeom, SgdStep, Shape4, SyncStats,
+};
+pub use conv::LayerPlan;
 use conv::{ConvPlan, Dnn};
 use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
@@ -521,6 +524,9 @@ impl Backend for Cuda {
         };
         format!("cuda:{} ({}, {p})", self.ctx.ordinal(), self.device_name)
     }
+    fn precision(&self) -> &'static str {
+        self.precision.name()
+    }
     fn alloc(&self, len: usize) -> CudaSlice<f32> {
         // Zero-length allocations are not allowed by the driver.
         self.stream
@@ -555,32 +561,32 @@ impl Backend for Cuda {
     fn conv_weight_layout(&self) -> Layout {
         Layout::ConvOhwi
     }
-    fn conv2d_workspace_len(&self, g: &ConvGeom) -> usize {
+    type ConvPlan = LayerPlan;
+    fn conv2d_plan(&self, _g: &ConvGeom) -> LayerPlan {
+        LayerPlan {
+            tf32: self.precision == Precision::Tf32,
+        }
+    }
+    fn conv2d_workspace_len(&self, g: &ConvGeom, _plan: &LayerPlan) -> usize {
         self.plan(g, |p| p.workspace_bytes.div_ceil(4))
     }
-    fn conv2d_forward(
-        &self,
-        g: &ConvGeom,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
-        ws: &mut CudaSlice<f32>,
-    ) {
+    fn conv2d_forward(&self, c: ConvOp<'_, Self>, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, ws: &mut CudaSlice<f32>) {
+        let (g, w) = (c.g, c.w);
         let (xp, wp, wsp, ws_bytes) = self.conv_operands(g, x, w, ws);
         let yp = self.ptr_n(y, g.output().numel(), "conv y");
         self.plan(g, |p| p.forward(&self.dnn, xp, wp, yp, wsp, ws_bytes));
     }
     fn conv2d_backward(
         &self,
-        g: &ConvGeom,
+        c: ConvOp<'_, Self>,
         x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
         dy: &CudaSlice<f32>,
         dx: Option<&mut CudaSlice<f32>>,
         grads: &mut CudaSlice<f32>,
         dw_at: usize,
         ws: &mut CudaSlice<f32>,
     ) {
+        let (g, w) = (c.g, c.w);
         let dwp = self.window(grads, dw_at, g.weight_len());
         let (xp, wp, wsp, ws_bytes) = self.conv_operands(g, x, w, ws);
         let dyp = self.ptr_n(dy, g.output().numel(), "conv dy");
@@ -1034,8 +1040,7 @@ mod tests {
     #[test]
     fn kernels_compile_with_nvrtc() {
         if let Err(e) = super::libs::load_nvrtc() {
-            eprintln!("skipped: {e}");
-            return;
+            return crate::test_support::skip("nvrtc", "compiling the CUDA kernels", &e);
         }
         let opts = cudarc::nvrtc::CompileOptions {
             arch: Some("compute_90"),
@@ -1060,7 +1065,7 @@ mod tests {
     #[test]
     fn kernels_compile_to_a_cubin() {
         if let Err(e) = super::libs::load_nvrtc() {
-            return eprintln!("skipped: {e}");
+            return crate::test_support::skip("nvrtc", "compiling the CUDA kernels", &e);
         }
         let code = super::compile::cubin(super::KERNELS, "sm_90").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(&code[..4], b"\x7fELF", "a CUBIN is an ELF image");

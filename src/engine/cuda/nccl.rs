@@ -218,7 +218,7 @@ mod tests {
     fn nccl_loads_without_a_gpu() {
         match super::version() {
             Ok(v) => assert!(v.starts_with("2."), "{v}"),
-            Err(e) if e.contains("not found") => eprintln!("skipped: {e}"),
+            Err(e) if e.contains("not found") => crate::test_support::skip("nccl", "loading NCCL", &e),
             Err(e) => panic!("{e}"),
         }
     }

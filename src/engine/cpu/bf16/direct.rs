@@ -287,7 +287,8 @@ impl Stack {
 }
 
 impl Direct {
-    /// The plan for `g` if this module computes it: AMX chosen, channels in multiples of 32,
+    /// The convolution `g` as this module computes it, if it can (with AMX tiles: the
+    /// convolution plan asks only then): channels in multiples of 32,
     /// output maps of at least [`MIN_PIXELS`], and a 3x3 stride-1 padding-1 convolution, or
     /// (its forward pass only: [`Direct::computes_gradients`]) a 3x3 padding-1 or 1x1
     /// padding-0 one of stride 2 on maps of even sides.
@@ -295,7 +296,7 @@ impl Direct {
         let patch = g.kh == g.kw && g.kh % 2 == 1 && g.stride == 1 && g.pad == g.kh / 2;
         if patch && g.patch_len() <= CHANNELS && !g.input.c.is_multiple_of(CHANNELS) {
             let (channels, map) = (g.cout.is_multiple_of(CHANNELS), g.input.h * g.input.w >= MIN_PIXELS);
-            return (Kernel::chosen() == Kernel::Amx && channels && map).then_some(Self {
+            return (channels && map).then_some(Self {
                 n: g.input.n,
                 h: g.input.h,
                 w: g.input.w,
@@ -315,7 +316,7 @@ impl Direct {
         let channels = g.input.c.is_multiple_of(CHANNELS) && g.cout.is_multiple_of(CHANNELS);
         let (oh, ow) = g.out_hw();
         let map = oh * ow >= MIN_PIXELS;
-        (Kernel::chosen() == Kernel::Amx && shape && channels && map).then_some(Self {
+        (shape && channels && map).then_some(Self {
             n: g.input.n,
             h: g.input.h,
             w: g.input.w,
@@ -762,6 +763,9 @@ mod tests {
         cout: usize,
         (side, stride): (usize, usize),
     ) -> Option<(ConvGeom, Direct)> {
+        if !Kernel::amx_available() {
+            return None;
+        }
         let g = ConvGeom {
             input: Shape4::new(n, h, w, cin),
             cout,
@@ -787,7 +791,7 @@ mod tests {
             (32, 32, 32, 64, 32, 3),
         ] {
             let Some((g, direct)) = plan_of(n, h, w, cin, cout, (side, 2)) else {
-                return eprintln!("skipped: no AMX tiles here");
+                return crate::test_support::skip("amx", "the direct path", "this CPU (or OS) has no AMX-BF16 tiles");
             };
             assert!(!direct.computes_gradients());
             let val = |i: usize, salt: f32| widen(round(((i as f32 * 0.618 + salt).sin() * 1000.0).fract()));
@@ -821,7 +825,7 @@ mod tests {
         ];
         for (n, h, w, cin, cout) in cases {
             let Some((g, direct)) = plan(n, h, w, cin, cout) else {
-                return eprintln!("skipped: no AMX tiles here");
+                return crate::test_support::skip("amx", "the direct path", "this CPU (or OS) has no AMX-BF16 tiles");
             };
             let val = |i: usize, salt: f32| widen(round(((i as f32 * 0.618 + salt).sin() * 1000.0).fract()));
             let x: Vec<f32> = (0..g.input.numel()).map(|i| val(i, 0.1)).collect();
@@ -863,7 +867,7 @@ mod tests {
             (32, 32, 32, 32, 32),
         ] {
             let Some((g, direct)) = plan(n, h, w, cin, cout) else {
-                return eprintln!("skipped: no AMX tiles here");
+                return crate::test_support::skip("amx", "the direct path", "this CPU (or OS) has no AMX-BF16 tiles");
             };
             let val = |i: usize, salt: f32| ((i as f32 * 0.618 + salt).sin() * 1000.0).fract();
             let x: Vec<f32> = (0..g.input.numel()).map(|i| val(i, 0.1)).collect();
@@ -912,7 +916,7 @@ mod tests {
             (4, 16, 16, 32, 64, 32, (1, 2)),
         ] {
             let Some((ga, a)) = plan_of(n, h, w, c0, c1, (side, stride)) else {
-                return eprintln!("skipped: no AMX tiles here");
+                return crate::test_support::skip("amx", "the direct path", "this CPU (or OS) has no AMX-BF16 tiles");
             };
             let mid = ga.output();
             let (gb, b) = plan(n, mid.h, mid.w, c1, c2).expect("AMX, as the first");

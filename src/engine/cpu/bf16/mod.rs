@@ -70,18 +70,14 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The kernel products use: AMX where the CPU and the OS allow it, else AVX512_BF16.
-    /// `RESNET_CIFAR_BF16_KERNEL=avx512` keeps to the latter (to compare the two).
-    pub fn chosen() -> Self {
-        static CHOSEN: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
-        *CHOSEN.get_or_init(|| {
-            let asked = std::env::var("RESNET_CIFAR_BF16_KERNEL").ok();
-            if asked.as_deref() != Some("avx512") && Self::amx_available() {
-                Kernel::Amx
-            } else {
-                Kernel::Avx512
-            }
-        })
+    /// The fastest kernel this CPU runs (AMX where the CPU and the OS allow it, else
+    /// AVX512_BF16), or none without AVX512_BF16.
+    pub fn best_available() -> Option<Self> {
+        if Self::amx_available() {
+            Some(Kernel::Amx)
+        } else {
+            available().then_some(Kernel::Avx512)
+        }
     }
 
     /// Whether AMX tiles can run here (asks the OS for them the first time).
@@ -330,26 +326,11 @@ fn pairs_across(k0: &[f32], k1: &[f32], out: &mut [u32]) -> usize {
 }
 
 /// `dst[m, n] (row stride dst_rs) = a[m, k] b[k, n] (+ dst if accumulate)` with bf16 operands
-/// and f32 sums; on every thread of the pool when `parallel`. Panics on a CPU without
-/// AVX512_BF16 (callers check [`available`] first) or on views beyond their buffers.
+/// and f32 sums, by `kernel`; on every thread of the pool when `parallel`. Panics on a CPU
+/// without the kernel's instructions (callers check [`available`] first) or on views beyond
+/// their buffers.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
-    parallel: bool,
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    a: Mat,
-    b: Mat,
-    accumulate: bool,
-) {
-    matmul_with(Kernel::chosen(), parallel, m, n, k, dst, dst_rs, a, b, accumulate)
-}
-
-/// [`matmul`] with the given kernel.
-#[allow(clippy::too_many_arguments)]
-fn matmul_with(
     kernel: Kernel,
     parallel: bool,
     m: usize,
@@ -365,15 +346,15 @@ fn matmul_with(
         return matmul_by_columns(kernel, m, n, k, dst, dst_rs, a, b, accumulate);
     }
     with_buffer(&PACKED_B, packed_len(k, n), |bpack| {
-        let b = PackedB::pack_for(kernel, parallel, k, n, b, bpack);
+        let b = PackedB::pack(kernel, parallel, k, n, b, bpack);
         matmul_packed(parallel, m, dst, dst_rs, Lhs::Mat(a), &b, accumulate)
     })
 }
 
 /// [`matmul`] (on every thread of the pool) whose right-hand side `b` was packed before
-/// (`packed`, [`with_packed_each`]): the row split multiplies those panels; where [`matmul`]
-/// splits by columns (few rows and many columns), it does so from `b` itself. The same bits
-/// as [`matmul`] either way.
+/// (`packed`, [`with_packed_each`]; its kernel multiplies): the row split multiplies those
+/// panels; where [`matmul`] splits by columns (few rows and many columns), it does so from
+/// `b` itself. The same bits as [`matmul`] either way.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_prepacked(
     m: usize,
@@ -386,8 +367,8 @@ pub fn matmul_prepacked(
     packed: &PackedB,
     accumulate: bool,
 ) {
-    let kernel = Kernel::chosen();
-    assert_eq!((packed.k, packed.n, packed.kernel), (k, n, kernel), "packed rhs");
+    let kernel = packed.kernel;
+    assert_eq!((packed.k, packed.n), (k, n), "packed rhs");
     if splits_by_columns(m, n) {
         return matmul_by_columns(kernel, m, n, k, dst, dst_rs, a, b, accumulate);
     }
@@ -419,6 +400,7 @@ pub enum Lhs<'a> {
 /// [`matmul`] with a left-hand side of [`Lines`] (`m x k`) on every thread of the pool.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_lines(
+    kernel: Kernel,
     m: usize,
     n: usize,
     k: usize,
@@ -429,18 +411,18 @@ pub fn matmul_lines(
     accumulate: bool,
 ) {
     with_buffer(&PACKED_B, packed_len(k, n), |bpack| {
-        let b = PackedB::pack(true, k, n, b, bpack);
+        let b = PackedB::pack(kernel, true, k, n, b, bpack);
         matmul_packed(true, m, dst, dst_rs, Lhs::Lines(a), &b, accumulate)
     })
 }
 
-/// `f` on `bs` (each `k x n`) packed side by side for the chosen kernel, [`packed_len`]`(k,
+/// `f` on `bs` (each `k x n`) packed side by side for `kernel`, [`packed_len`]`(k,
 /// n)` values each. Where `k` is whole k-blocks ([`whole_blocks`]) their blocks align, so
 /// consecutive ones are one packed matrix of their rows stacked ([`PackedB::view`]), the same
 /// values that packing the stacked rows gives.
-pub fn with_packed_each<R>(k: usize, n: usize, bs: &[Mat], f: impl FnOnce(&[u32]) -> R) -> R {
+pub fn with_packed_each<R>(kernel: Kernel, k: usize, n: usize, bs: &[Mat], f: impl FnOnce(&[u32]) -> R) -> R {
     with_buffer(&PACKED_B, bs.len() * packed_len(k, n), |out| {
-        PackedB::pack_each(Kernel::chosen(), k, n, bs, out);
+        PackedB::pack_each(kernel, k, n, bs, out);
         f(out)
     })
 }
@@ -466,12 +448,8 @@ pub struct PackedB<'a> {
 }
 
 impl<'a> PackedB<'a> {
-    /// Packs `b` (`k x n`) into `out` ([`packed_len`] values) for the chosen kernel.
-    pub fn pack(parallel: bool, k: usize, n: usize, b: Mat, out: &'a mut [u32]) -> Self {
-        Self::pack_for(Kernel::chosen(), parallel, k, n, b, out)
-    }
-
-    fn pack_for(kernel: Kernel, parallel: bool, k: usize, n: usize, b: Mat, out: &'a mut [u32]) -> Self {
+    /// Packs `b` (`k x n`) into `out` ([`packed_len`] values) for `kernel`.
+    pub fn pack(kernel: Kernel, parallel: bool, k: usize, n: usize, b: Mat, out: &'a mut [u32]) -> Self {
         assert!(available(), "bf16 matmul on a CPU without AVX512_BF16");
         b.check(k, n, "rhs");
         let panels = n.div_ceil(NR);
@@ -492,7 +470,7 @@ impl<'a> PackedB<'a> {
         }
     }
 
-    /// [`PackedB::pack_for`] of several right-hand sides of `k x n` into consecutive
+    /// [`PackedB::pack`] of several right-hand sides of `k x n` into consecutive
     /// [`packed_len`] runs of `out`, in one parallel pass whose tasks are k-blocks. Where B's
     /// rows are contiguous, `k` even and `n` whole panels (the direct convolutions' filters,
     /// HWIO), each pair of rows is read once, whole, and spread over the block's panels:
@@ -529,15 +507,11 @@ impl<'a> PackedB<'a> {
         &self.panels[(kb * self.n.div_ceil(NR) + q) * len..][..len]
     }
 
-    /// A `k x n` right-hand side packed before (by [`PackedB::pack`]) into `panels`.
-    pub fn view(k: usize, n: usize, panels: &'a [u32]) -> Self {
+    /// A `k x n` right-hand side packed before for `kernel` (by [`PackedB::pack`]) into
+    /// `panels`.
+    pub fn view(kernel: Kernel, k: usize, n: usize, panels: &'a [u32]) -> Self {
         assert_eq!(panels.len(), packed_len(k, n), "packed rhs of {k}x{n}");
-        Self {
-            kernel: Kernel::chosen(),
-            k,
-            n,
-            panels,
-        }
+        Self { kernel, k, n, panels }
     }
 }
 
@@ -875,18 +849,9 @@ mod tests {
         }
     }
 
-    /// The kernels this CPU runs (none without AVX512_BF16, saying so).
+    /// The kernels this CPU runs (those it lacks reported as skipped).
     fn kernels() -> Vec<Kernel> {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX512_BF16");
-            return vec![];
-        }
-        if Kernel::amx_available() {
-            vec![Kernel::Avx512, Kernel::Amx]
-        } else {
-            eprintln!("AMX part skipped: this CPU (or OS) has no AMX-BF16 tiles");
-            vec![Kernel::Avx512]
-        }
+        crate::test_support::bf16_kernels()
     }
 
     fn products_match_float64(kernel: Kernel) {
@@ -908,7 +873,7 @@ mod tests {
                 for accumulate in [false, true] {
                     for parallel in [false, true] {
                         let mut dst = start.clone();
-                        matmul_with(kernel, parallel, m, n, k, &mut dst, dst_rs, a, b, accumulate);
+                        matmul(kernel, parallel, m, n, k, &mut dst, dst_rs, a, b, accumulate);
                         for i in 0..m {
                             for j in 0..dst_rs {
                                 let got = dst[i * dst_rs + j] as f64;
@@ -944,8 +909,10 @@ mod tests {
     #[test]
     fn the_column_split_gives_the_row_split_bits() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        // Asked here: the pool's threads have no test's name to report a skip by.
+        let kernels = kernels();
         pool.install(|| {
-            for kernel in kernels() {
+            for &kernel in &kernels {
                 for &(m, n, k) in &[(9, 300, 513), (40, 200, 700), (63, 129, 257), (1, 128, 3)] {
                     for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
                         let av = rng_values(m * k, 3 + m as u32);
@@ -958,7 +925,7 @@ mod tests {
                             let mut by_columns = start.clone();
                             matmul_by_columns(kernel, m, n, k, &mut by_columns, dst_rs, a, b, accumulate);
                             let mut panels = vec![0; packed_len(k, n)];
-                            let packed = PackedB::pack_for(kernel, true, k, n, b, &mut panels);
+                            let packed = PackedB::pack(kernel, true, k, n, b, &mut panels);
                             let mut by_rows = start.clone();
                             matmul_packed(true, m, &mut by_rows, dst_rs, Lhs::Mat(a), &packed, accumulate);
                             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -984,7 +951,7 @@ mod tests {
         let rounded: f32 = a.iter().zip(&b).map(|(&x, &y)| widen(round(x)) * widen(round(y))).sum();
         for kernel in kernels() {
             let mut dst = [0f32];
-            matmul_with(
+            matmul(
                 kernel,
                 false,
                 1,
