@@ -6,6 +6,7 @@ mod common;
 
 use resnet_cifar::checkpoint;
 use resnet_cifar::engine::cpu::Cpu;
+use resnet_cifar::engine::prelude::*;
 use resnet_cifar::engine::{Backend, Shape4};
 use resnet_cifar::model::{ResNet, ResNetConfig, Stem};
 use resnet_cifar::optim::{Adam, AdamConfig};
@@ -121,7 +122,7 @@ fn without_a_gpu_the_cli_says_so_in_one_line() {
 fn augment_matches_the_host_cuda() {
     use resnet_cifar::data::transform::{BatchKey, BatchPlan};
     use resnet_cifar::data::{Augment, Images, Normalization};
-    use resnet_cifar::engine::{CropPlan, DeviceBatches};
+    use resnet_cifar::engine::CropPlan;
     let Some(be) = common::cuda() else { return };
     let other = Normalization {
         mean: [0.3, 0.5, 0.1],

@@ -13,7 +13,11 @@ use common::{get, put};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use resnet_cifar::engine::cpu::Cpu;
-use resnet_cifar::engine::{Backend, ConvGeom, ConvOp, PoolGeom, Shape4};
+use resnet_cifar::engine::prelude::*;
+use resnet_cifar::engine::{
+    Backend, BatchNormSaved, BatchNormTrain, ConvGeom, ConvOp, Epilogue, GradSlots, LinearDims, PoolGeom, Shape4,
+    Targets,
+};
 
 const H: f32 = 1e-2;
 
@@ -88,14 +92,14 @@ fn conv_case<B: Backend>(
     let (xd, wd, rd) = (put(be, &x), put(be, &wt), put(be, &r));
     let (mut dxd, mut dwd) = (be.alloc(x.len()), be.alloc(wt.len()));
     let op = |w| ConvOp { g: &g, plan: &plan, w };
-    be.conv2d_backward(op(&wd), &xd, &rd, Some(&mut dxd), &mut dwd, 0, &mut ws2);
+    be.conv2d_backward(op(&wd), &xd, &rd, Some(&mut dxd), slot(&mut dwd), &mut ws2);
     let (dx, dw) = (get(be, &dxd, x.len()), get(be, &dwd, wt.len()));
     let what = format!("{}: conv {g:?}", be.name());
     assert_fd(&format!("{what} dx"), &x, &dx, |xp| fwd(xp, &wt));
     assert_fd(&format!("{what} dw"), &wt, &dw, |wp| fwd(&x, wp));
     // Without dx the weight gradient must be the same.
     let mut dw2 = be.alloc(wt.len());
-    be.conv2d_backward(op(&wd), &xd, &rd, None, &mut dw2, 0, &mut ws2);
+    be.conv2d_backward(op(&wd), &xd, &rd, None, slot(&mut dw2), &mut ws2);
     assert_eq!(
         dw,
         get(be, &dw2, wt.len()),
@@ -144,7 +148,7 @@ fn conv_batch_split_into_workspace_chunks() {
     be.conv2d_forward(op(&g), &x, &mut y, &mut ws);
     let mut dx = vec![0.0; x.len()];
     let mut dw = vec![0.0; wt.len()];
-    be.conv2d_backward(op(&g), &x, &dy, Some(&mut dx), &mut dw, 0, &mut ws);
+    be.conv2d_backward(op(&g), &x, &dy, Some(&mut dx), slot(&mut dw), &mut ws);
     // Per-image reference: the same op on each image alone (one chunk each).
     let gi = ConvGeom {
         input: Shape4::new(1, 64, 64, 8),
@@ -163,8 +167,7 @@ fn conv_batch_split_into_workspace_chunks() {
             &x[i * xl..(i + 1) * xl].to_vec(),
             &dy[i * yl..(i + 1) * yl].to_vec(),
             Some(&mut dxi),
-            &mut dwi,
-            0,
+            slot(&mut dwi),
             &mut wsi,
         );
         assert_eq!(&dx[i * xl..(i + 1) * xl], &dxi[..], "dx of image {i}");
@@ -181,7 +184,15 @@ fn conv_batch_split_into_workspace_chunks() {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A weight gradient alone at the start of its arena.
+fn slot<Buf>(arena: &mut Buf) -> GradSlots<'_, Buf> {
+    GradSlots {
+        arena,
+        weight: 0,
+        bias: None,
+    }
+}
+
 fn bn_forward<B: Backend>(
     be: &B,
     rows: usize,
@@ -196,21 +207,22 @@ fn bn_forward<B: Backend>(
     let (mut rm, mut rv) = (put(be, running.0), put(be, running.1));
     let (mut saved, mut y) = (be.alloc(2 * c), be.alloc(rows * c));
     let res = residual.map(|r| put(be, r));
-    be.batch_norm_forward_train(
-        &Shape4::new(rows, 1, 1, c),
-        &put(be, x),
-        &put(be, gamma),
-        &put(be, beta),
-        &mut rm,
-        &mut rv,
-        0.1,
-        1e-5,
-        &mut saved,
-        res.as_ref(),
+    let (gamma, beta) = (put(be, gamma), put(be, beta));
+    let bn = BatchNormTrain {
+        gamma: &gamma,
+        beta: &beta,
+        running_mean: &mut rm,
+        running_var: &mut rv,
+        momentum: 0.1,
+        eps: 1e-5,
+        saved: &mut saved,
+        sync: None,
+    };
+    let then = Epilogue {
+        residual: res.as_ref(),
         relu,
-        &mut y,
-        None,
-    );
+    };
+    be.batch_norm_forward_train(&Shape4::new(rows, 1, 1, c), &put(be, x), bn, then, &mut y);
     (
         get(be, &y, rows * c),
         get(be, &saved, 2 * c),
@@ -248,19 +260,19 @@ fn bn_case<B: Backend>(be: &B, rows: usize, c: usize, residual: bool, relu: bool
     let (mut dx, mut grads) = (be.alloc(rows * c), be.alloc(2 * c + 24));
     let (dg_at, db_at) = (16, 16 + c + 5);
     let yd = put(be, &y);
-    be.batch_norm_backward(
-        &Shape4::new(rows, 1, 1, c),
-        &put(be, &x),
-        &put(be, &gamma),
-        &put(be, &saved),
-        relu.then_some(&yd),
-        &mut dy,
-        &mut dx,
-        &mut grads,
-        dg_at,
-        db_at,
-        None,
-    );
+    let (gamma_d, saved_d) = (put(be, &gamma), put(be, &saved));
+    let bn = BatchNormSaved {
+        gamma: &gamma_d,
+        saved: &saved_d,
+        relu_out: relu.then_some(&yd),
+        sync: None,
+    };
+    let slots = GradSlots {
+        arena: &mut grads,
+        weight: dg_at,
+        bias: Some(db_at),
+    };
+    be.batch_norm_backward(&Shape4::new(rows, 1, 1, c), &put(be, &x), bn, &mut dy, &mut dx, slots);
     let arena = get(be, &grads, 2 * c + 24);
     let (dy, dx, dg, db) = (
         get(be, &dy, rows * c),
@@ -405,26 +417,21 @@ fn linear<B: Backend>(be: &B) {
         random(&mut rng, dout),
         random(&mut rng, n * dout),
     );
+    let dims = LinearDims { n, din, dout };
     let fwd = |x: &[f32], w: &[f32], b: &[f32]| {
         let mut y = be.alloc(n * dout);
-        be.linear_forward(n, din, dout, &put(be, x), &put(be, w), &put(be, b), &mut y);
+        be.linear_forward(dims, &put(be, x), &put(be, w), &put(be, b), &mut y);
         dot(&get(be, &y, n * dout), &r)
     };
     // The bias gradient sits before the weight's in the arena, so the windows' order is free.
     let (db_at, dw_at) = (0, dout + 3);
     let (mut dx, mut grads) = (be.alloc(x.len()), be.alloc(dw_at + w.len()));
-    be.linear_backward(
-        n,
-        din,
-        dout,
-        &put(be, &x),
-        &put(be, &w),
-        &put(be, &r),
-        &mut dx,
-        &mut grads,
-        dw_at,
-        db_at,
-    );
+    let slots = GradSlots {
+        arena: &mut grads,
+        weight: dw_at,
+        bias: Some(db_at),
+    };
+    be.linear_backward(dims, &put(be, &x), &put(be, &w), &put(be, &r), &mut dx, slots);
     let arena = get(be, &grads, dw_at + w.len());
     let (dx, dw, db) = (
         get(be, &dx, x.len()),
@@ -449,7 +456,12 @@ fn cross_entropy_with<B: Backend>(be: &B, smoothing: f32) {
     let labels = [0u32, 4, 2, 2];
     let run = |z: &[f32]| {
         let (mut l, mut d) = (be.alloc(1), be.alloc(n * k));
-        be.cross_entropy(n, k, &put(be, z), &labels, smoothing, &mut l, &mut d);
+        let targets = Targets {
+            labels: &labels,
+            classes: k,
+            label_smoothing: smoothing,
+        };
+        be.cross_entropy(&put(be, z), &targets, &mut l, &mut d);
         (get(be, &l, 1)[0], get(be, &d, n * k))
     };
     let (loss, dz) = run(&z);

@@ -4,8 +4,9 @@ mod common;
 
 use common::shared_dir;
 use resnet_cifar::checkpoint;
+use resnet_cifar::engine::Shape4;
 use resnet_cifar::engine::cpu::Cpu;
-use resnet_cifar::engine::{Backend, Shape4};
+use resnet_cifar::engine::prelude::*;
 use resnet_cifar::model::{Network, ResNet, ResNetConfig, Stem};
 use resnet_cifar::nn::{Entry, Module};
 use resnet_cifar::optim::{Adam, AdamConfig};

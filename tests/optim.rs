@@ -1,8 +1,8 @@
 //! Optimizers and schedules against PyTorch's trajectories, printed by
 //! `scripts/optim_reference.py` (torch 2.15) and copied here as the oracle.
 
-use resnet_cifar::engine::Backend;
 use resnet_cifar::engine::cpu::Cpu;
+use resnet_cifar::engine::prelude::*;
 use resnet_cifar::nn::{Builder, Entry, Module, Param};
 use resnet_cifar::optim::{Adam, AdamConfig, Schedule, Sgd, SgdConfig};
 

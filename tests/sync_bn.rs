@@ -8,7 +8,7 @@ use common::{get, max_rel_err, put};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use resnet_cifar::engine::cpu::Cpu;
-use resnet_cifar::engine::{Backend, Shape4, SyncStats};
+use resnet_cifar::engine::{Backend, BatchNormSaved, BatchNormTrain, Epilogue, GradSlots, Shape4, SyncStats};
 use resnet_cifar::model::{Network, ResNet, ResNetConfig};
 use std::rc::Rc;
 use std::sync::{Arc, Barrier, Mutex};
@@ -64,24 +64,35 @@ fn run<B: Backend>(be: &B, case: &Case, rows: std::ops::Range<usize>, sync: Sync
     let (mut rm, mut rv) = (put(be, &case.running.0), put(be, &case.running.1));
     let (gamma, beta) = (put(be, &case.gamma), put(be, &case.beta));
     let (mut saved, mut y) = (be.alloc(2 * C), be.alloc(n * C));
-    be.batch_norm_forward_train(
-        &s, &x, &gamma, &beta, &mut rm, &mut rv, MOMENTUM, 1e-5, &mut saved, None, true, &mut y, sync,
-    );
+    let bn = BatchNormTrain {
+        gamma: &gamma,
+        beta: &beta,
+        running_mean: &mut rm,
+        running_var: &mut rv,
+        momentum: MOMENTUM,
+        eps: 1e-5,
+        saved: &mut saved,
+        sync,
+    };
+    let relu = Epilogue {
+        residual: None,
+        relu: true,
+    };
+    be.batch_norm_forward_train(&s, &x, bn, relu, &mut y);
     let mut dy = put(be, &case.dy[rows.start * C..rows.end * C]);
     let (mut dx, mut grads) = (be.alloc(n * C), be.alloc(2 * C));
-    be.batch_norm_backward(
-        &s,
-        &x,
-        &gamma,
-        &saved,
-        Some(&y),
-        &mut dy,
-        &mut dx,
-        &mut grads,
-        0,
-        C,
+    let bn = BatchNormSaved {
+        gamma: &gamma,
+        saved: &saved,
+        relu_out: Some(&y),
         sync,
-    );
+    };
+    let slots = GradSlots {
+        arena: &mut grads,
+        weight: 0,
+        bias: Some(C),
+    };
+    be.batch_norm_backward(&s, &x, bn, &mut dy, &mut dx, slots);
     let arena = get(be, &grads, 2 * C);
     Out {
         y: get(be, &y, n * C),

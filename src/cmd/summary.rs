@@ -5,7 +5,8 @@
 use super::{ComputeArgs, WinogradArg};
 use clap::Args;
 use resnet_cifar::cli::{CheckpointFile, CliError, limits};
-use resnet_cifar::engine::{Backend, ConvGeom, Shape4};
+use resnet_cifar::engine::prelude::*;
+use resnet_cifar::engine::{ConvGeom, Shape4};
 use resnet_cifar::model::{Arch, ResNet, ResNetConfig, Sequential, Stem, summarize, summarize_sequential};
 
 /// The network and input size that `summary` and `bench` describe.

@@ -5,7 +5,7 @@ use clap::Args;
 use resnet_cifar::checkpoint::CheckpointError;
 use resnet_cifar::cli::{CheckpointFile, CliError, read_settings_file};
 use resnet_cifar::data::{DataOptions, Splits, fetch};
-use resnet_cifar::engine::Backend;
+use resnet_cifar::engine::prelude::*;
 use resnet_cifar::model::Arch;
 use resnet_cifar::train::settings::{CHANGEABLE_ON_RESUME, flag};
 use resnet_cifar::train::{Console, InitWeights, Recipe, Settings, Start, Stop, TrainConfig, load_resume, train_ranks};

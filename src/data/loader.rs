@@ -42,7 +42,6 @@ impl EpochPlan {
 
 /// Builds batches `first..` of `plan` (`shard`'s part of each) on a background thread, a few
 /// ahead of the consumer. The thread stops when the receiver is dropped.
-#[allow(clippy::too_many_arguments)]
 pub fn spawn_loader(
     images: Arc<Images>,
     plan: EpochPlan,

@@ -210,7 +210,6 @@ impl<B: Backend> BasicBlock<B> {
 
     /// `dout` holds dL/d(block output) and is clobbered; `dx` receives dL/dx; the
     /// parameters' gradients go into the arena `grads`.
-    #[allow(clippy::too_many_arguments)]
     fn backward(
         &mut self,
         be: &B,

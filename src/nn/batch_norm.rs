@@ -4,7 +4,10 @@
 use super::builder::Builder;
 use super::conv2d::Conv2d;
 use super::param::{Entry, Module, Param};
-use crate::engine::{Backend, BatchNormEval, ConvBnEval, ConvGeom, ConvOp, Shape4, StatsSum, ensure_len};
+use crate::engine::{
+    Backend, BatchNormEval, BatchNormSaved, BatchNormTrain, ConvBnEval, ConvGeom, ConvOp, Epilogue, Shape4, StatsSum,
+    ensure_len,
+};
 
 pub const MOMENTUM: f32 = 0.1;
 pub const EPS: f32 = 1e-5;
@@ -59,43 +62,32 @@ impl<B: Backend> BatchNorm2d<B> {
         self.shape = s;
         if train {
             self.num_batches_tracked += 1;
-            be.batch_norm_forward_train(
-                &s,
-                x,
-                &self.weight.value,
-                &self.bias.value,
-                &mut self.running_mean.value,
-                &mut self.running_var.value,
-                MOMENTUM,
-                EPS,
-                &mut self.saved,
+            let bn = BatchNormTrain {
+                gamma: &self.weight.value,
+                beta: &self.bias.value,
+                running_mean: &mut self.running_mean.value,
+                running_var: &mut self.running_var.value,
+                momentum: MOMENTUM,
+                eps: EPS,
+                saved: &mut self.saved,
+                sync: self.sync.as_deref(),
+            };
+            let then = Epilogue {
                 residual,
-                self.relu,
-                &mut self.out,
-                self.sync.as_deref(),
-            );
+                relu: self.relu,
+            };
+            be.batch_norm_forward_train(&s, x, bn, then, &mut self.out);
         } else {
-            be.batch_norm_forward_eval(
-                &s,
-                x,
-                &self.weight.value,
-                &self.bias.value,
-                &self.running_mean.value,
-                &self.running_var.value,
-                EPS,
-                residual,
-                self.relu,
-                &mut self.out,
-            );
+            let (bn, y) = self.eval_parts(residual);
+            be.batch_norm_forward_eval(&s, x, &bn, y);
         }
     }
 
     /// `self.out = relu?(bn(conv(x)) + residual?)`: `conv`'s forward pass and then this
     /// layer's. Training mode (or a conv with a bias) runs them one after the other; eval mode
     /// as one backend call, which fuses them where it can
-    /// ([`Backend::conv2d_bn_eval_forward`]), so that `conv.out` need not hold the
+    /// ([`crate::engine::FusedOps::conv2d_bn_eval_forward`]), so that `conv.out` need not hold the
     /// convolution's output afterwards. Returns the output shape.
-    #[allow(clippy::too_many_arguments)]
     pub fn forward_after(
         &mut self,
         be: &B,
@@ -163,32 +155,23 @@ impl<B: Backend> BatchNorm2d<B> {
     pub fn backward(&mut self, be: &B, x: &B::Buf, dy: &mut B::Buf, dx: &mut B::Buf, grads: &mut B::Buf) {
         let s = self.shape;
         ensure_len(be, dx, s.numel());
-        let dgamma = self.weight.grad.expect("bn weight is trainable");
-        let dbeta = self.bias.grad.expect("bn bias is trainable");
-        let relu_out = self.relu.then_some(&self.out);
-        be.batch_norm_backward(
-            &s,
-            x,
-            &self.weight.value,
-            &self.saved,
-            relu_out,
-            dy,
-            dx,
-            grads,
-            dgamma,
-            dbeta,
-            self.sync.as_deref(),
-        );
+        let bn = BatchNormSaved {
+            gamma: &self.weight.value,
+            saved: &self.saved,
+            relu_out: self.relu.then_some(&self.out),
+            sync: self.sync.as_deref(),
+        };
+        let slots = self.weight.grad_slots(grads, Some(&self.bias));
+        be.batch_norm_backward(&s, x, bn, dy, dx, slots);
     }
 }
 
 /// Eval mode's two convolution + batch norm layers in a row (a residual block's inner path)
-/// as one backend call ([`Backend::conv2d_bn_eval_pair_forward`]): `second.1.out =
+/// as one backend call ([`crate::engine::FusedOps::conv2d_bn_eval_pair_forward`]): `second.1.out =
 /// relu?(bn(conv(first's output)) + residual?)`, where `first.1.out` need not hold the first
 /// pair's output afterwards (the CPU's direct bf16 convolutions hand it over as bf16). In
 /// training mode, or with a convolution's bias, the layers run one by one. Returns the
 /// output shape.
-#[allow(clippy::too_many_arguments)]
 pub fn forward_pair<B: Backend>(
     be: &B,
     (conv_a, bn_a): (&mut Conv2d<B>, &mut BatchNorm2d<B>),
@@ -245,6 +228,7 @@ impl<B: Backend> Module<B> for BatchNorm2d<B> {
 mod tests {
     use super::*;
     use crate::engine::cpu::Cpu;
+    use crate::engine::prelude::*;
     use crate::nn::Conv2dConfig;
     use crate::test_support::bf16_kernels;
 

@@ -65,7 +65,7 @@ impl<B: Backend> Conv2d<B> {
         }
     }
 
-    /// The plan of this layer on `input` ([`Backend::conv2d_plan`]), made once.
+    /// The plan of this layer on `input` ([`crate::engine::ConvOps::conv2d_plan`]), made once.
     pub fn plan(&mut self, be: &B, input: Shape4) -> B::ConvPlan {
         let image = Shape4 { n: 1, ..input };
         match self.plan {
@@ -130,8 +130,7 @@ impl<B: Backend> Conv2d<B> {
         if let Some(d) = dx.as_deref_mut() {
             ensure_len(be, d, g.input.numel());
         }
-        let dw = self.weight.grad.expect("conv weight is trainable");
-        be.conv2d_backward(self.op(&g, &plan), x, dy, dx, grads, dw, ws);
+        be.conv2d_backward(self.op(&g, &plan), x, dy, dx, self.weight.grad_slots(grads, None), ws);
         if let Some(b) = &self.bias {
             let db = b.grad.expect("conv bias is trainable");
             be.bias_grad(g.output().rows(), g.cout, dy, grads, db);

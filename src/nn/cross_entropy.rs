@@ -2,7 +2,7 @@
 //! `CrossEntropyLoss`, with its `label_smoothing`), computed together with its gradient so
 //! that every network starts its backward pass the same way.
 
-use crate::engine::{Backend, ensure_len};
+use crate::engine::{Backend, Targets, ensure_len};
 
 pub struct CrossEntropy<B: Backend> {
     /// Label smoothing (0 is plain cross-entropy).
@@ -29,15 +29,12 @@ impl<B: Backend> CrossEntropy<B> {
     pub fn forward_backward(&mut self, be: &B, logits: &B::Buf, classes: usize, labels: &[u32], dlogits: &mut B::Buf) {
         let n = labels.len();
         ensure_len(be, dlogits, n * classes);
-        be.cross_entropy(
-            n,
-            classes,
-            logits,
+        let targets = Targets {
             labels,
-            self.label_smoothing,
-            &mut self.loss,
-            dlogits,
-        );
+            classes,
+            label_smoothing: self.label_smoothing,
+        };
+        be.cross_entropy(logits, &targets, &mut self.loss, dlogits);
         if self.grad_scale != 1.0 {
             // Rare (an epoch's last batch), and only n x classes values: on the host.
             let mut host = vec![0f32; n * classes];

@@ -3,7 +3,7 @@
 use super::builder::Builder;
 use super::param::{Entry, Module, Param};
 use crate::engine::Layout;
-use crate::engine::{Backend, ensure_len};
+use crate::engine::{Backend, LinearDims, ensure_len};
 
 pub struct Linear<B: Backend> {
     pub din: usize,
@@ -38,34 +38,24 @@ impl<B: Backend> Linear<B> {
     pub fn forward(&mut self, be: &B, x: &B::Buf, n: usize) {
         ensure_len(be, &mut self.out, n * self.dout);
         self.n = n;
-        be.linear_forward(
-            n,
-            self.din,
-            self.dout,
-            x,
-            &self.weight.value,
-            &self.bias.value,
-            &mut self.out,
-        );
+        let (w, b) = (&self.weight.value, &self.bias.value);
+        be.linear_forward(self.dims(), x, w, b, &mut self.out);
     }
 
     /// Writes dx, and the weight and bias gradients into the gradient arena `grads`.
     pub fn backward(&mut self, be: &B, x: &B::Buf, dy: &B::Buf, dx: &mut B::Buf, grads: &mut B::Buf) {
         ensure_len(be, dx, self.n * self.din);
-        let dw = self.weight.grad.expect("trainable");
-        let db = self.bias.grad.expect("trainable");
-        be.linear_backward(
-            self.n,
-            self.din,
-            self.dout,
-            x,
-            &self.weight.value,
-            dy,
-            dx,
-            grads,
-            dw,
-            db,
-        );
+        let slots = self.weight.grad_slots(grads, Some(&self.bias));
+        be.linear_backward(self.dims(), x, &self.weight.value, dy, dx, slots);
+    }
+
+    /// The sizes of the last forward pass's product.
+    fn dims(&self) -> LinearDims {
+        LinearDims {
+            n: self.n,
+            din: self.din,
+            dout: self.dout,
+        }
     }
 }
 

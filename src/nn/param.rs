@@ -1,7 +1,7 @@
 //! Parameters and buffers with their PyTorch state_dict names, and the visitor that walks a
 //! module's state in state_dict order (for optimizers, checkpoints and tests alike).
 
-use crate::engine::{Backend, Layout};
+use crate::engine::{Backend, GradSlots, Layout, ParamStep};
 
 /// A float tensor of the model state: a trainable parameter (with a gradient) or a buffer
 /// such as a BatchNorm running statistic (without).
@@ -24,6 +24,26 @@ impl<B: Backend> Param<B> {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+    /// This parameter's optimizer step: its values and its gradient in the arena `grads`.
+    pub fn step<'a>(&'a mut self, grads: &'a B::Buf) -> ParamStep<'a, B::Buf> {
+        ParamStep {
+            len: self.numel(),
+            param: &mut self.value,
+            grads,
+            grad_at: self.grad.expect("a trainable parameter"),
+        }
+    }
+
+    /// Where this layer's gradients go: this parameter's slot in the arena `grads`, and the
+    /// bias's, if given.
+    pub fn grad_slots<'a>(&self, grads: &'a mut B::Buf, bias: Option<&Param<B>>) -> GradSlots<'a, B::Buf> {
+        GradSlots {
+            arena: grads,
+            weight: self.grad.expect("a trainable parameter"),
+            bias: bias.map(|b| b.grad.expect("a trainable parameter")),
+        }
+    }
+
     pub fn trainable(&self) -> bool {
         self.grad.is_some()
     }

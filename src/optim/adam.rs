@@ -70,7 +70,7 @@ impl<B: Backend> Adam<B> {
                 weight_decay: super::decay_for(p, h.weight_decay, decay_1d),
                 ..h
             };
-            be.adam_step(n, &h, &mut p.value, grads, p.grad.expect("trainable"), m, v);
+            be.adam_step(&h, p.step(grads), m, v);
             i += 1;
         });
     }

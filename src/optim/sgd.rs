@@ -72,7 +72,7 @@ impl<B: Backend> Sgd<B> {
                 weight_decay: super::decay_for(p, h.weight_decay, decay_1d),
                 ..h
             };
-            be.sgd_step(n, &h, &mut p.value, grads, p.grad.expect("trainable"), &mut state[i]);
+            be.sgd_step(&h, p.step(grads), &mut state[i]);
             i += 1;
         });
     }

@@ -17,7 +17,7 @@ use super::tensorboard::EventWriter;
 use super::trainer::{Batches, Trainer, device_pixels, rank_shard};
 use crate::checkpoint::{self, HostTensor, StateDict};
 use crate::data::{EpochPlan, Images, Splits, spawn_loader};
-use crate::engine::{Backend, Collective, DeviceBatches, Local};
+use crate::engine::{Backend, Collective, Local};
 use crate::eval::EvalResult;
 use crate::model::Network;
 use crate::nn::Entry;
@@ -302,7 +302,7 @@ impl RunFiles {
 /// model, a checkpoint's weights, or a stopped run's state (then the run continues exactly where
 /// it stopped, bit for bit). Raising `stop` ends the run
 /// after the current step, with a checkpoint.
-pub fn train<B: DeviceBatches>(
+pub fn train<B: Backend>(
     be: &B,
     cfg: &TrainConfig,
     splits: &Splits,
@@ -317,8 +317,7 @@ pub fn train<B: DeviceBatches>(
 /// As [`train`], as one of the ranks of `coll` training together (data parallel): each
 /// computes its slice of every batch, gradients are averaged before each step, and rank 0
 /// alone writes the run folder.
-#[allow(clippy::too_many_arguments)]
-pub fn train_ranks<B: DeviceBatches>(
+pub fn train_ranks<B: Backend>(
     be: &B,
     coll: &dyn Collective<B>,
     cfg: &TrainConfig,

@@ -10,7 +10,7 @@ use super::run::{Position, RunFiles, Start, check_data, load_init, load_resumed,
 use crate::checkpoint;
 use crate::data::transform::{BatchKey, BatchPlan};
 use crate::data::{Batch, EpochPlan, Images, Normalization, Shard, Splits};
-use crate::engine::{Backend, Collective, CropPlan, DeviceBatches, Shape4, ensure_len};
+use crate::engine::{Backend, Collective, CropPlan, Shape4, ensure_len};
 use crate::eval::{EvalResult, EvalTally, evaluate_shard};
 use crate::model::{Network, build};
 use crate::nn::Entry;
@@ -20,12 +20,12 @@ use std::sync::mpsc::Receiver;
 
 /// Where an epoch's batches come from: cut on the device from images kept there, or built by
 /// the host's loader thread.
-pub enum Batches<'a, B: DeviceBatches> {
+pub enum Batches<'a, B: Backend> {
     Device(&'a B::Pixels),
     Loader(Receiver<Batch>),
 }
 
-pub struct Trainer<'a, B: DeviceBatches> {
+pub struct Trainer<'a, B: Backend> {
     be: &'a B,
     /// The ranks training together (one: `Local`).
     coll: &'a dyn Collective<B>,
@@ -53,7 +53,7 @@ pub struct Trainer<'a, B: DeviceBatches> {
     pub last_eval: Option<EvalResult>,
 }
 
-impl<'a, B: DeviceBatches> Trainer<'a, B> {
+impl<'a, B: Backend> Trainer<'a, B> {
     /// The model `cfg` describes, started as `start` says (on every rank of `coll`: rank 0's
     /// weights), and its run folder `out` (created only once the model stands: a checkpoint
     /// that does not fit leaves nothing behind).
@@ -437,7 +437,7 @@ pub fn rank_shard<B: Backend>(coll: &dyn Collective<B>) -> Shard {
 }
 
 /// The backend's device-side batches, when it keeps the training images there.
-pub fn device_pixels<B: DeviceBatches>(be: &B, cfg: &TrainConfig, images: &Images) -> Option<B::Pixels> {
+pub fn device_pixels<B: Backend>(be: &B, cfg: &TrainConfig, images: &Images) -> Option<B::Pixels> {
     // Cutout's squares are cut on the host only, so a run with them takes the loader's path on
     // every backend.
     if cfg.augment.cutout == 0 {

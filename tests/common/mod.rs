@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests: the golden files and the formula-made weights.
 #![allow(dead_code)]
 
-use resnet_cifar::engine::Backend;
+use resnet_cifar::engine::prelude::*;
 use resnet_cifar::model::Network;
 use resnet_cifar::nn::{Entry, Module};
 use resnet_cifar::optim::Adam;

@@ -3,7 +3,7 @@
 //! Per-channel sums are taken over fixed blocks of rows (f32 inside a block, f64 across blocks)
 //! in parallel; block boundaries depend only on the shape, so results are deterministic.
 
-use crate::engine::SyncStats;
+use crate::engine::{BatchNormEval, BatchNormSaved, BatchNormTrain, Epilogue};
 use rayon::prelude::*;
 
 /// Values per reduction block: large enough to amortise the task, small enough to spread.
@@ -65,26 +65,19 @@ pub struct Affine<'a> {
 }
 
 impl<'a> Affine<'a> {
-    /// Eval mode's: the running statistics, `scale = gamma / sqrt(running_var + eps)`.
-    pub fn eval(
-        gamma: &[f32],
-        beta: &'a [f32],
-        running_mean: &'a [f32],
-        running_var: &[f32],
-        eps: f32,
-        residual: Option<&'a [f32]>,
-        relu: bool,
-    ) -> Self {
+    /// Eval mode's, for `c` channels and outputs of `len` values: the running statistics,
+    /// `scale = gamma / sqrt(running_var + eps)`.
+    pub fn of_eval(c: usize, len: usize, bn: &BatchNormEval<'a, Vec<f32>>) -> Self {
         Self {
-            center: running_mean,
-            scale: gamma
+            center: &bn.running_mean[..c],
+            scale: bn.gamma[..c]
                 .iter()
-                .zip(running_var)
-                .map(|(g, v)| g / (v + eps).sqrt())
+                .zip(&bn.running_var[..c])
+                .map(|(g, v)| g / (v + bn.eps).sqrt())
                 .collect(),
-            shift: beta,
-            residual,
-            relu,
+            shift: &bn.beta[..c],
+            residual: bn.residual.map(|r| &r[..len]),
+            relu: bn.relu,
         }
     }
 
@@ -129,23 +122,26 @@ impl<'a> Affine<'a> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Training mode over `rows` rows of `c` channels: the batch's statistics, the running ones
+/// updated, `y = relu?(bn(x) + residual?)`.
 pub fn forward_train(
     rows: usize,
     c: usize,
     x: &[f32],
-    gamma: &[f32],
-    beta: &[f32],
-    running_mean: &mut [f32],
-    running_var: &mut [f32],
-    momentum: f32,
-    eps: f32,
-    saved: &mut [f32],
-    residual: Option<&[f32]>,
-    relu: bool,
+    bn: BatchNormTrain<Vec<f32>>,
+    then: Epilogue<Vec<f32>>,
     y: &mut [f32],
-    sync: SyncStats<'_>,
 ) {
+    let BatchNormTrain {
+        gamma,
+        beta,
+        running_mean,
+        running_var,
+        momentum,
+        eps,
+        saved,
+        sync,
+    } = bn;
     let mut sums = column_sums(rows, c, x);
     // The count travels with the sums: ranks may hold slices of different sizes.
     let n = match sync {
@@ -176,27 +172,15 @@ pub fn forward_train(
         center: &mean,
         scale,
         shift: beta,
-        residual,
-        relu,
+        residual: then.residual.map(|r| &r[..]),
+        relu: then.relu,
     };
     affine.apply(rows, x, y);
 }
 
-pub fn forward_eval(
-    rows: usize,
-    c: usize,
-    x: &[f32],
-    gamma: &[f32],
-    beta: &[f32],
-    running_mean: &[f32],
-    running_var: &[f32],
-    eps: f32,
-    residual: Option<&[f32]>,
-    relu: bool,
-    y: &mut [f32],
-) {
-    let (gamma, beta, mean, var) = (&gamma[..c], &beta[..c], &running_mean[..c], &running_var[..c]);
-    Affine::eval(gamma, beta, mean, var, eps, residual, relu).apply(rows, x, y);
+/// Eval mode over `rows` rows of `c` channels, with the running statistics.
+pub fn forward_eval(rows: usize, c: usize, x: &[f32], bn: &BatchNormEval<Vec<f32>>, y: &mut [f32]) {
+    Affine::of_eval(c, rows * c, bn).apply(rows, x, y);
 }
 
 /// Backward of training-mode batch norm. With `relu_out` (the output of a fused ReLU), `dy`
@@ -206,15 +190,17 @@ pub fn backward(
     rows: usize,
     c: usize,
     x: &[f32],
-    gamma: &[f32],
-    saved: &[f32],
-    relu_out: Option<&[f32]>,
+    bn: BatchNormSaved<Vec<f32>>,
     dy: &mut [f32],
     dx: &mut [f32],
-    dgamma: &mut [f32],
-    dbeta: &mut [f32],
-    sync: SyncStats<'_>,
+    (dgamma, dbeta): (&mut [f32], &mut [f32]),
 ) {
+    let BatchNormSaved {
+        gamma,
+        saved,
+        relu_out,
+        sync,
+    } = bn;
     let (mean, invstd) = saved.split_at(c);
     let br = block_rows(c);
     // Pass 1: mask dy (fused ReLU) and sum dy and dy * xhat per channel, block by block.

@@ -66,7 +66,6 @@ fn parallelism() -> Parallelism {
 
 /// `dst[m, n] (row-major, row stride dst_rs) = a[m, k] * b[k, n] (+ dst if accumulate)`, on
 /// every thread of the pool, with `ops` operands.
-#[allow(clippy::too_many_arguments)]
 pub fn matmul(
     ops: Operands,
     m: usize,
@@ -82,7 +81,6 @@ pub fn matmul(
 }
 
 /// [`matmul`] on the calling thread alone: for many independent products run side by side.
-#[allow(clippy::too_many_arguments)]
 pub fn matmul_serial(
     ops: Operands,
     m: usize,
@@ -97,7 +95,6 @@ pub fn matmul_serial(
     multiply(false, ops, m, n, k, dst, dst_rs, a, b, accumulate)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn multiply(
     parallel: bool,
     ops: Operands,
@@ -151,7 +148,6 @@ pub(super) fn dst_needs_product(
 }
 
 /// The gemm crate's f32 product of views checked by the caller.
-#[allow(clippy::too_many_arguments)]
 fn f32_product(
     parallelism: Parallelism,
     m: usize,

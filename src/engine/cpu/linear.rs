@@ -1,9 +1,10 @@
 //! Fully connected layer with bias: y = x w^T + b, weights in PyTorch's `[out, in]` layout.
 
 use super::gemm::{Mat, Operands, matmul};
+use crate::engine::LinearDims;
 
-#[allow(clippy::too_many_arguments)]
-pub fn forward(ops: Operands, n: usize, din: usize, dout: usize, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
+pub fn forward(ops: Operands, d: LinearDims, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
+    let LinearDims { n, din, dout } = d;
     for row in y[..n * dout].chunks_exact_mut(dout) {
         row.copy_from_slice(&b[..dout]);
     }
@@ -20,19 +21,17 @@ pub fn forward(ops: Operands, n: usize, din: usize, dout: usize, x: &[f32], w: &
     );
 }
 
-#[allow(clippy::too_many_arguments)]
+/// dx, dw and db (all overwritten).
 pub fn backward(
     ops: Operands,
-    n: usize,
-    din: usize,
-    dout: usize,
+    d: LinearDims,
     x: &[f32],
     w: &[f32],
     dy: &[f32],
     dx: &mut [f32],
-    dw: &mut [f32],
-    db: &mut [f32],
+    (dw, db): (&mut [f32], &mut [f32]),
 ) {
+    let LinearDims { n, din, dout } = d;
     let dy = &dy[..n * dout];
     // dw[out, in] = dy^T[out, n] * x[n, in]
     matmul(

@@ -10,7 +10,7 @@ use std::ffi::c_void;
 /// Largest workspace an algorithm may ask for.
 const MAX_WORKSPACE: usize = 1 << 30;
 
-/// The plan of a convolution layer on CUDA ([`crate::engine::Backend::ConvPlan`]): cuDNN
+/// The plan of a convolution layer on CUDA ([`crate::engine::ConvOps::ConvPlan`]): cuDNN
 /// with the backend's arithmetic. cuDNN's descriptors and algorithms depend on the batch size
 /// too, so the backend keeps those itself, one `ConvPlan` per whole geometry, made on
 /// first use.

@@ -12,7 +12,9 @@ mod libs;
 pub mod nccl;
 
 use super::{
-    AdamStep, Backend, ConvGeom, ConvOp, CropPlan, DeviceBatches, Layout, PoolGeom, SgdStep, Shape4, SyncStats,
+    AdamStep, BatchNormEval, BatchNormSaved, BatchNormTrain, BatchOps, ConvGeom, ConvOp, ConvOps, CropPlan, Epilogue,
+    FusedOps, GradSlots, Layout, LinearDims, LinearOps, LossOps, Memory, NormOps, OptimOps, ParamStep, PointwiseOps,
+    PoolGeom, PoolOps, SgdStep, Shape4, Targets,
 };
 pub use conv::LayerPlan;
 use conv::{ConvPlan, Dnn};
@@ -364,7 +366,6 @@ impl Cuda {
     }
 
     /// C[m, n] (column-major) = op(A) op(B), cuBLAS's sgemm with beta 0 or 1.
-    #[allow(clippy::too_many_arguments)]
     fn sgemm(
         &self,
         ta: bool,
@@ -412,7 +413,6 @@ impl Cuda {
 
     /// y = relu?((x - mean) * scale + beta + residual?), with `stats` = (mean, invstd, false)
     /// from a training pass or (running_mean, running_var, true) for evaluation.
-    #[allow(clippy::too_many_arguments)]
     fn bn_apply(
         &self,
         s: &Shape4,
@@ -471,7 +471,7 @@ impl Cuda {
     }
 }
 
-impl DeviceBatches for Cuda {
+impl BatchOps for Cuda {
     type Pixels = CudaSlice<u8>;
     fn upload_pixels(&self, bytes: &[u8]) -> Option<CudaSlice<u8>> {
         let pixels = self
@@ -514,7 +514,7 @@ impl DeviceBatches for Cuda {
     }
 }
 
-impl Backend for Cuda {
+impl Memory for Cuda {
     type Buf = CudaSlice<f32>;
 
     fn name(&self) -> String {
@@ -557,7 +557,9 @@ impl Backend for Cuda {
         let (p, n) = (self.ptr(buf), len as i64);
         self.elementwise(&self.k.fill, len, &mut [arg(&p), arg(&n), arg(&value)]);
     }
+}
 
+impl ConvOps for Cuda {
     fn conv_weight_layout(&self) -> Layout {
         Layout::ConvOhwi
     }
@@ -582,11 +584,15 @@ impl Backend for Cuda {
         x: &CudaSlice<f32>,
         dy: &CudaSlice<f32>,
         dx: Option<&mut CudaSlice<f32>>,
-        grads: &mut CudaSlice<f32>,
-        dw_at: usize,
+        dw: GradSlots<'_, CudaSlice<f32>>,
         ws: &mut CudaSlice<f32>,
     ) {
         let (g, w) = (c.g, c.w);
+        let GradSlots {
+            arena: grads,
+            weight: dw_at,
+            ..
+        } = dw;
         let dwp = self.window(grads, dw_at, g.weight_len());
         let (xp, wp, wsp, ws_bytes) = self.conv_operands(g, x, w, ws);
         let dyp = self.ptr_n(dy, g.output().numel(), "conv dy");
@@ -598,23 +604,28 @@ impl Backend for Cuda {
             }
         });
     }
+}
 
+impl NormOps for Cuda {
     fn batch_norm_forward_train(
         &self,
         s: &Shape4,
         x: &CudaSlice<f32>,
-        gamma: &CudaSlice<f32>,
-        beta: &CudaSlice<f32>,
-        running_mean: &mut CudaSlice<f32>,
-        running_var: &mut CudaSlice<f32>,
-        momentum: f32,
-        eps: f32,
-        saved: &mut CudaSlice<f32>,
-        residual: Option<&CudaSlice<f32>>,
-        relu: bool,
+        bn: BatchNormTrain<'_, CudaSlice<f32>>,
+        then: Epilogue<'_, CudaSlice<f32>>,
         y: &mut CudaSlice<f32>,
-        sync: SyncStats<'_>,
     ) {
+        let BatchNormTrain {
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            saved,
+            sync,
+        } = bn;
+        let Epilogue { residual, relu } = then;
         let (rows, c) = (s.rows() as i64, s.c as i32);
         for (b, what) in [
             (gamma, "bn gamma"),
@@ -696,15 +707,18 @@ impl Backend for Cuda {
         &self,
         s: &Shape4,
         x: &CudaSlice<f32>,
-        gamma: &CudaSlice<f32>,
-        beta: &CudaSlice<f32>,
-        running_mean: &CudaSlice<f32>,
-        running_var: &CudaSlice<f32>,
-        eps: f32,
-        residual: Option<&CudaSlice<f32>>,
-        relu: bool,
+        bn: &BatchNormEval<'_, CudaSlice<f32>>,
         y: &mut CudaSlice<f32>,
     ) {
+        let &BatchNormEval {
+            gamma,
+            beta,
+            running_mean,
+            running_var,
+            eps,
+            residual,
+            relu,
+        } = bn;
         let stats = (self.ptr(running_mean), self.ptr(running_var), true);
         self.bn_apply(s, x, stats, eps, gamma, beta, residual, relu, y);
     }
@@ -712,16 +726,19 @@ impl Backend for Cuda {
         &self,
         s: &Shape4,
         x: &CudaSlice<f32>,
-        gamma: &CudaSlice<f32>,
-        saved: &CudaSlice<f32>,
-        relu_out: Option<&CudaSlice<f32>>,
+        bn: BatchNormSaved<'_, CudaSlice<f32>>,
         dy: &mut CudaSlice<f32>,
         dx: &mut CudaSlice<f32>,
-        grads: &mut CudaSlice<f32>,
-        dgamma_at: usize,
-        dbeta_at: usize,
-        sync: SyncStats<'_>,
+        grads: GradSlots<'_, CudaSlice<f32>>,
     ) {
+        let BatchNormSaved {
+            gamma,
+            saved,
+            relu_out,
+            sync,
+        } = bn;
+        let (dgamma_at, dbeta_at) = grads.offsets();
+        let grads = grads.arena;
         let (rows, c) = (s.rows() as i64, s.c as i32);
         let (parts, mut scratch) = self.bn_parts(s.rows(), s.c);
         let psum = self.ptr(&scratch.partials);
@@ -791,6 +808,9 @@ impl Backend for Cuda {
         );
         drop(scratch);
     }
+}
+
+impl PointwiseOps for Cuda {
     fn bias_add(&self, rows: usize, c: usize, bias: &CudaSlice<f32>, y: &mut CudaSlice<f32>) {
         let (bp, yp) = (self.ptr_n(bias, c, "bias"), self.ptr_n(y, rows * c, "bias_add y"));
         let (r, ci) = (rows as i64, c as i32);
@@ -842,7 +862,9 @@ impl Backend for Cuda {
         );
         self.elementwise(&self.k.add_assign, len, &mut [arg(&sp), arg(&dp), arg(&n)]);
     }
+}
 
+impl PoolOps for Cuda {
     fn max_pool_forward(&self, g: &PoolGeom, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) {
         let d = Self::pool_dims(g);
         let (xp, yp) = (self.ptr(x), self.ptr(y));
@@ -889,17 +911,18 @@ impl Backend for Cuda {
             &mut [arg(&dyp), arg(&n), arg(&hw), arg(&c), arg(&dxp)],
         );
     }
+}
 
+impl LinearOps for Cuda {
     fn linear_forward(
         &self,
-        n: usize,
-        din: usize,
-        dout: usize,
+        d: LinearDims,
         x: &CudaSlice<f32>,
         w: &CudaSlice<f32>,
         b: &CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
     ) {
+        let LinearDims { n, din, dout } = d;
         let (xp, wp, bp, yp) = (self.ptr(x), self.ptr(w), self.ptr(b), self.ptr(y));
         let (ni, di) = (n as i32, dout as i32);
         self.elementwise(
@@ -912,17 +935,16 @@ impl Backend for Cuda {
     }
     fn linear_backward(
         &self,
-        n: usize,
-        din: usize,
-        dout: usize,
+        d: LinearDims,
         x: &CudaSlice<f32>,
         w: &CudaSlice<f32>,
         dy: &CudaSlice<f32>,
         dx: &mut CudaSlice<f32>,
-        grads: &mut CudaSlice<f32>,
-        dw_at: usize,
-        db_at: usize,
+        grads: GradSlots<'_, CudaSlice<f32>>,
     ) {
+        let LinearDims { n, din, dout } = d;
+        let (dw_at, db_at) = grads.offsets();
+        let grads = grads.arena;
         let (xp, wp, dyp) = (self.ptr(x), self.ptr(w), self.ptr(dy));
         let (dxp, dwp, dbp) = (
             self.ptr(dx),
@@ -941,16 +963,17 @@ impl Backend for Cuda {
             &mut [arg(&dyp), arg(&ni), arg(&di), arg(&dbp)],
         );
     }
+}
+
+impl LossOps for Cuda {
     fn cross_entropy(
         &self,
-        n: usize,
-        classes: usize,
         logits: &CudaSlice<f32>,
-        labels: &[u32],
-        label_smoothing: f32,
+        t: &Targets,
         loss: &mut CudaSlice<f32>,
         dlogits: &mut CudaSlice<f32>,
     ) {
+        let (n, classes, labels, label_smoothing) = (t.labels.len(), t.classes, t.labels, t.label_smoothing);
         let mut s = self.scratch.lock().unwrap_or_else(PoisonError::into_inner);
         if s.labels.len() < n {
             s.labels = self.stream.alloc_zeros(n).expect("CUDA alloc");
@@ -981,17 +1004,22 @@ impl Backend for Cuda {
         let (lp, wp, s) = (self.ptr(loss), self.ptr(watch), step as f32);
         self.launch(&self.k.watch_loss, (1, 1), (1, 1), &mut [arg(&lp), arg(&s), arg(&wp)]);
     }
+}
 
+impl OptimOps for Cuda {
     fn adam_step(
         &self,
-        len: usize,
         h: &AdamStep,
-        param: &mut CudaSlice<f32>,
-        grads: &CudaSlice<f32>,
-        grad_at: usize,
+        p: ParamStep<'_, CudaSlice<f32>>,
         m: &mut CudaSlice<f32>,
         v: &mut CudaSlice<f32>,
     ) {
+        let ParamStep {
+            len,
+            param,
+            grads,
+            grad_at,
+        } = p;
         let bc1 = 1.0 - h.beta1.powi(h.step as i32);
         let bc2 = 1.0 - h.beta2.powi(h.step as i32);
         let k = AdamConsts {
@@ -1011,15 +1039,13 @@ impl Backend for Cuda {
             &mut [arg(&pp), arg(&gp), arg(&mp), arg(&vp), arg(&n), arg(&k)],
         );
     }
-    fn sgd_step(
-        &self,
-        len: usize,
-        h: &SgdStep,
-        param: &mut CudaSlice<f32>,
-        grads: &CudaSlice<f32>,
-        grad_at: usize,
-        buf: &mut CudaSlice<f32>,
-    ) {
+    fn sgd_step(&self, h: &SgdStep, p: ParamStep<'_, CudaSlice<f32>>, buf: &mut CudaSlice<f32>) {
+        let ParamStep {
+            len,
+            param,
+            grads,
+            grad_at,
+        } = p;
         let k = SgdConsts {
             lr: h.lr as f32,
             momentum: h.momentum as f32,
@@ -1033,6 +1059,9 @@ impl Backend for Cuda {
         self.elementwise(&self.k.sgd, len, &mut [arg(&pp), arg(&gp), arg(&bp), arg(&n), arg(&k)]);
     }
 }
+
+/// cuDNN has no fused convolution and batch norm of ours: the default bodies.
+impl FusedOps for Cuda {}
 
 #[cfg(test)]
 mod tests {

@@ -86,7 +86,6 @@ impl Tiles {
     /// # Safety
     /// `a` holds `(ROWS - 1) * stride + pairs` pairs, `b` `pairs * NR`, and `c` an `mr x nr`
     /// tile (`mr <= ROWS`, `nr <= NR`) with row stride `c_rs`.
-    #[allow(clippy::too_many_arguments)]
     pub unsafe fn product(
         &self,
         pairs: usize,
@@ -155,7 +154,6 @@ impl Tiles {
     /// apart, and every `b_s` at 16 rows of `NR` readable pairs, `b_rs` bytes apart; `top` and
     /// `bottom` each point at 16 rows of 32 writable f32 (read too with `add`), `c_rs` bytes
     /// apart.
-    #[allow(clippy::too_many_arguments)]
     pub unsafe fn sum_into(
         &self,
         steps: impl Iterator<Item = (*const u8, *const u32)>,

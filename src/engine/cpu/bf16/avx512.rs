@@ -74,7 +74,6 @@ pub const ROWS: usize = 8;
 /// The CPU has AVX512F and AVX512_BF16; `a` holds `(ROWS - 1) * stride + pairs` pairs, `b`
 /// `pairs * NR`, and `c` an `mr x nr` tile with row stride `c_rs`.
 #[target_feature(enable = "avx512f,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn tile_product(
     pairs: usize,
     stride: usize,
@@ -152,7 +151,6 @@ pub unsafe fn store_tile(
 /// `out` holds every line written, `(rows.next_multiple_of(mr) / mr) * panel_len` values with
 /// `(mr - 1) * stride + stride <= panel_len`; `stride >= kc.div_ceil(2)`.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn transposed_panels(
     src: *const f32,
     cs: usize,

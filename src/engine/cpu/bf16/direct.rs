@@ -391,7 +391,6 @@ impl Direct {
     /// zeroed first), so they never pass through memory as f32 and `b` converts nothing. The
     /// bits of the two [`Direct::forward_then`] calls one after the other: `b` rounds the
     /// same f32 values to bf16 the same way either way.
-    #[allow(clippy::too_many_arguments)]
     pub fn forward_pair(
         a: &Self,
         b: &Self,
@@ -627,7 +626,6 @@ impl Direct {
 /// the tiles store their sums straight into `dst`. Tasks are runs of blocks; each sweeps its
 /// blocks once per 32 output channels, so that those channels' filters (all taps: 9 x 32 KiB
 /// for 512 input channels) stay in cache across its blocks.
-#[allow(clippy::too_many_arguments)]
 fn products(
     stack: Stack,
     taps: &[Tap],

@@ -137,7 +137,6 @@ impl Multiplier {
     /// a panel of the kernel's rows, lines `stride` pairs apart, `b` a panel of `stride` pairs
     /// of [`NR`] columns (padding zeros included). The one place the panels and the tile are
     /// checked against their slices before a kernel reads them.
-    #[allow(clippy::too_many_arguments)]
     fn product(
         &self,
         kc: usize,
@@ -218,7 +217,6 @@ enum Order {
 /// panel holds `stride` pairs a line (at least `kc / 2` rounded up). Missing lines, an odd
 /// last k and the pairs beyond K are zeros. The two common source layouts (lines along K, or
 /// lines side by side) run as plain loops over contiguous memory.
-#[allow(clippy::too_many_arguments)]
 fn pack(
     order: Order,
     out: &mut [u32],
@@ -329,7 +327,6 @@ fn pairs_across(k0: &[f32], k1: &[f32], out: &mut [u32]) -> usize {
 /// and f32 sums, by `kernel`; on every thread of the pool when `parallel`. Panics on a CPU
 /// without the kernel's instructions (callers check [`available`] first) or on views beyond
 /// their buffers.
-#[allow(clippy::too_many_arguments)]
 pub fn matmul(
     kernel: Kernel,
     parallel: bool,
@@ -355,7 +352,6 @@ pub fn matmul(
 /// (`packed`, [`with_packed_each`]; its kernel multiplies): the row split multiplies those
 /// panels; where [`matmul`] splits by columns (few rows and many columns), it does so from
 /// `b` itself. The same bits as [`matmul`] either way.
-#[allow(clippy::too_many_arguments)]
 pub fn matmul_prepacked(
     m: usize,
     n: usize,
@@ -398,7 +394,6 @@ pub enum Lhs<'a> {
 }
 
 /// [`matmul`] with a left-hand side of [`Lines`] (`m x k`) on every thread of the pool.
-#[allow(clippy::too_many_arguments)]
 pub fn matmul_lines(
     kernel: Kernel,
     m: usize,
@@ -620,7 +615,6 @@ pub fn matmul_packed(parallel: bool, m: usize, dst: &mut [f32], dst_rs: usize, a
 /// once: 1.3-1.7x the row split for 1 to 32 rows (paired runs, 2 threads; at 64 rows it wins
 /// on 512 columns and loses on 128, so it stops below 64). Each value of C sums its k-blocks
 /// in the same order as the row split, so the two give the same bits.
-#[allow(clippy::too_many_arguments)]
 fn matmul_by_columns(
     kernel: Kernel,
     m: usize,
@@ -752,7 +746,6 @@ fn pack_rows(kernel: Kernel, apack: &mut [u32], a: Lhs, i0: usize, rows: usize, 
 
 /// [`pack_rows`] for [`Lines`]: each row's k-block written as f32 into a line on the stack,
 /// then converted to pairs; the panels' missing rows and padding pairs are zeros.
-#[allow(clippy::too_many_arguments)]
 fn pack_lines(
     lines: &dyn Lines,
     apack: &mut [u32],

@@ -133,7 +133,6 @@ pub fn with_packed_taps<R>(
 }
 
 /// Every class's outputs, chunk of images by chunk ([`forward`]).
-#[allow(clippy::too_many_arguments)]
 pub fn forward_all(
     ops: Operands,
     g: &ConvGeom,
@@ -264,7 +263,6 @@ fn col2im_add(g: &ConvGeom, (rows, cols): &(Span, Span), dp: &[f32], first: usiz
         });
 }
 
-#[allow(clippy::too_many_arguments)]
 pub fn forward(
     ops: Operands,
     g: &ConvGeom,
@@ -306,7 +304,6 @@ pub fn forward(
 
 /// Every class's gradients, chunk of images by chunk ([`backward`]), added into `dw`
 /// and `dx` from zeros.
-#[allow(clippy::too_many_arguments)]
 pub fn backward_all(
     ops: Operands,
     g: &ConvGeom,
@@ -333,7 +330,6 @@ pub fn backward_all(
 
 /// One class's share of `dw` and `dx` (added), `packed_t` the taps' transposed weights
 /// packed before ([`with_packed_taps`]) where given.
-#[allow(clippy::too_many_arguments)]
 pub fn backward(
     ops: Operands,
     g: &ConvGeom,

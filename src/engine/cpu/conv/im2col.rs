@@ -239,7 +239,6 @@ pub fn forward_lines(kernel: Kernel, g: &ConvGeom, x: &[f32], w: &[f32], y: &mut
 /// seed stem's 9.6 MB at a batch of 64 kept bf16's peak memory above fp32's). With more
 /// channels each tap's values lie a cache line apart, and im2col's copies of runs and
 /// in-register transposes read them faster.
-#[allow(clippy::too_many_arguments)]
 pub fn backward(
     ops: Operands,
     gathered: Option<Kernel>,

@@ -11,7 +11,6 @@ fn forward(plan: &ConvPlan, g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32], w
 }
 
 /// The gradients by `plan`.
-#[allow(clippy::too_many_arguments)]
 fn backward(
     plan: &ConvPlan,
     g: &ConvGeom,
