@@ -51,16 +51,12 @@ fn assert_fd(what: &str, x: &[f32], analytic: &[f32], mut loss: impl FnMut(&[f32
     }
 }
 
+/// Finite differences of a convolution on `(n, h, w, cin)` inputs with `(cout, k, stride,
+/// pad)` (square kernels).
 fn conv_case<B: Backend>(
     be: &B,
-    n: usize,
-    h: usize,
-    w: usize,
-    cin: usize,
-    cout: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
+    (n, h, w, cin): (usize, usize, usize, usize),
+    (cout, k, stride, pad): (usize, usize, usize, usize),
 ) {
     let mut rng = ChaCha8Rng::seed_from_u64((n * 1000 + h * 100 + k * 10 + stride + pad) as u64);
     let g = ConvGeom {
@@ -108,17 +104,17 @@ fn conv_case<B: Backend>(
 }
 
 on_backends! {
-    conv_3x3_stride1_pad1_cpu, conv_3x3_stride1_pad1_cuda => |be| conv_case(be, 2, 5, 4, 3, 4, 3, 1, 1);
-    conv_3x3_stride2_odd_size_cpu, conv_3x3_stride2_odd_size_cuda => |be| conv_case(be, 2, 7, 5, 3, 2, 3, 2, 1);
-    conv_7x7_stride2_pad3_cpu, conv_7x7_stride2_pad3_cuda => |be| conv_case(be, 1, 9, 8, 3, 2, 7, 2, 3);
+    conv_3x3_stride1_pad1_cpu, conv_3x3_stride1_pad1_cuda => |be| conv_case(be, (2, 5, 4, 3), (4, 3, 1, 1));
+    conv_3x3_stride2_odd_size_cpu, conv_3x3_stride2_odd_size_cuda => |be| conv_case(be, (2, 7, 5, 3), (2, 3, 2, 1));
+    conv_7x7_stride2_pad3_cpu, conv_7x7_stride2_pad3_cuda => |be| conv_case(be, (1, 9, 8, 3), (2, 7, 2, 3));
     conv_1x1_cpu, conv_1x1_cuda => |be| {
-        conv_case(be, 2, 5, 5, 4, 3, 1, 2, 0);
-        conv_case(be, 2, 3, 4, 4, 3, 1, 1, 0);
+        conv_case(be, (2, 5, 5, 4), (3, 1, 2, 0));
+        conv_case(be, (2, 3, 4, 4), (3, 1, 1, 0));
     };
     conv_tiny_maps_where_padding_dominates_cpu, conv_tiny_maps_where_padding_dominates_cuda => |be| {
-        conv_case(be, 3, 1, 1, 4, 3, 3, 1, 1);
-        conv_case(be, 3, 2, 2, 4, 3, 3, 2, 1);
-        conv_case(be, 3, 2, 2, 2, 3, 3, 1, 1);
+        conv_case(be, (3, 1, 1, 4), (3, 3, 1, 1));
+        conv_case(be, (3, 2, 2, 4), (3, 3, 2, 1));
+        conv_case(be, (3, 2, 2, 2), (3, 3, 1, 1));
     };
 }
 
@@ -193,16 +189,15 @@ fn slot<Buf>(arena: &mut Buf) -> GradSlots<'_, Buf> {
     }
 }
 
+/// A training-mode batch norm on `rows` rows of `c` channels: its output, saved statistics and
+/// running statistics after.
 fn bn_forward<B: Backend>(
     be: &B,
-    rows: usize,
-    c: usize,
+    (rows, c): (usize, usize),
     x: &[f32],
-    gamma: &[f32],
-    beta: &[f32],
+    (gamma, beta): (&[f32], &[f32]),
     running: (&[f32], &[f32]),
-    residual: Option<&[f32]>,
-    relu: bool,
+    (residual, relu): (Option<&[f32]>, bool),
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
     let (mut rm, mut rv) = (put(be, running.0), put(be, running.1));
     let (mut saved, mut y) = (be.alloc(2 * c), be.alloc(rows * c));
@@ -242,14 +237,11 @@ fn bn_case<B: Backend>(be: &B, rows: usize, c: usize, residual: bool, relu: bool
     let fwd = |x: &[f32], gamma: &[f32], beta: &[f32], res: &[f32]| {
         bn_forward(
             be,
-            rows,
-            c,
+            (rows, c),
             x,
-            gamma,
-            beta,
+            (gamma, beta),
             (&zeros, &ones),
-            residual.then_some(res),
-            relu,
+            (residual.then_some(res), relu),
         )
     };
     let (y, saved, _, _) = fwd(&x, &gamma, &beta, &res);
@@ -311,14 +303,11 @@ fn bn_running_stats<B: Backend>(be: &B) {
     let x: Vec<f32> = (0..rows * c).map(|i| (i * i) as f32 * 0.1).collect();
     let (_, _, rm, rv) = bn_forward(
         be,
-        rows,
-        c,
+        (rows, c),
         &x,
-        &vec![1.0; c],
-        &vec![0.0; c],
+        (&vec![1.0; c], &vec![0.0; c]),
         (&[0.5; 2], &[2.0; 2]),
-        None,
-        false,
+        (None, false),
     );
     for ch in 0..c {
         let col: Vec<f64> = (0..rows).map(|r| x[r * c + ch] as f64).collect();

@@ -10,11 +10,14 @@ use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, sync_channel};
 
-/// Batches of one pass over a set of images, in order or shuffled.
+/// Batches of one pass over a set of images, in order or shuffled, and the run's seed and the
+/// epoch that key each batch's randomness.
 #[derive(Clone, Debug)]
 pub struct EpochPlan {
     order: Vec<u32>,
     batch_size: usize,
+    seed: u64,
+    epoch: usize,
 }
 
 impl EpochPlan {
@@ -29,7 +32,16 @@ impl EpochPlan {
                 0x5348_5546,
             ])));
         }
-        Self { order, batch_size }
+        Self {
+            order,
+            batch_size,
+            seed,
+            epoch,
+        }
+    }
+    /// The key of batch `b`'s randomness (crops, flips): the same on every device and rank.
+    pub fn key(&self, b: usize) -> BatchKey {
+        BatchKey::new(self.seed, self.epoch, b)
     }
     pub fn num_batches(&self) -> usize {
         self.order.len().div_ceil(self.batch_size)
@@ -47,8 +59,6 @@ pub fn spawn_loader(
     plan: EpochPlan,
     first: usize,
     aug: Augment,
-    seed: u64,
-    epoch: usize,
     norm: Normalization,
     shard: Shard,
 ) -> Receiver<Batch> {
@@ -57,7 +67,7 @@ pub fn spawn_loader(
         .name("batch-loader".into())
         .spawn(move || {
             for b in first..plan.num_batches() {
-                let batch = BatchPlan::new(&images, plan.batch(b), aug, BatchKey::new(seed, epoch, b))
+                let batch = BatchPlan::new(&images, plan.batch(b), aug, plan.key(b))
                     .shard(shard)
                     .into_batch(&images, &norm);
                 if tx.send(batch).is_err() {

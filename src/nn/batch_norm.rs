@@ -87,13 +87,13 @@ impl<B: Backend> BatchNorm2d<B> {
     /// layer's. Training mode (or a conv with a bias) runs them one after the other; eval mode
     /// as one backend call, which fuses them where it can
     /// ([`crate::engine::FusedOps::conv2d_bn_eval_forward`]), so that `conv.out` need not hold the
-    /// convolution's output afterwards. Returns the output shape.
+    /// convolution's output afterwards. `(x, input)`: the input and its shape. Returns the
+    /// output shape.
     pub fn forward_after(
         &mut self,
         be: &B,
         conv: &mut Conv2d<B>,
-        x: &B::Buf,
-        input: Shape4,
+        (x, input): (&B::Buf, Shape4),
         residual: Option<&B::Buf>,
         train: bool,
         ws: &mut B::Buf,
@@ -176,15 +176,14 @@ pub fn forward_pair<B: Backend>(
     be: &B,
     (conv_a, bn_a): (&mut Conv2d<B>, &mut BatchNorm2d<B>),
     (conv_b, bn_b): (&mut Conv2d<B>, &mut BatchNorm2d<B>),
-    x: &B::Buf,
-    input: Shape4,
+    (x, input): (&B::Buf, Shape4),
     residual: Option<&B::Buf>,
     train: bool,
     ws: &mut B::Buf,
 ) -> Shape4 {
     if train || conv_a.bias.is_some() || conv_b.bias.is_some() {
-        let s = bn_a.forward_after(be, conv_a, x, input, None, train, ws);
-        return bn_b.forward_after(be, conv_b, &bn_a.out, s, residual, train, ws);
+        let s = bn_a.forward_after(be, conv_a, (x, input), None, train, ws);
+        return bn_b.forward_after(be, conv_b, (&bn_a.out, s), residual, train, ws);
     }
     let (ga, plan_a) = bn_a.prepare_after(be, conv_a, input, ws);
     let (gb, plan_b) = bn_b.prepare_after(be, conv_b, ga.output(), ws);
@@ -293,7 +292,7 @@ mod tests {
                 conv.forward(be, &x, s, &mut ws);
                 bn.forward(be, &conv.out, out, Some(&residual), false);
                 let want = std::mem::take(&mut bn.out);
-                bn.forward_after(be, &mut conv, &x, s, Some(&residual), false, &mut ws);
+                bn.forward_after(be, &mut conv, (&x, s), Some(&residual), false, &mut ws);
                 assert_eq!(bn.out.len(), want.len());
                 let differ = bn.out.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
                 assert_eq!(differ, None, "{cpu:?}, {cin} {kernel} {stride} {cout}");
@@ -327,7 +326,15 @@ mod tests {
                 bn_b.forward(be, &conv_b.out, out, Some(&residual), false);
                 let want = std::mem::take(&mut bn_b.out);
                 let a = (&mut conv_a, &mut bn_a);
-                let got = forward_pair(be, a, (&mut conv_b, &mut bn_b), &x, s, Some(&residual), false, &mut ws);
+                let got = forward_pair(
+                    be,
+                    a,
+                    (&mut conv_b, &mut bn_b),
+                    (&x, s),
+                    Some(&residual),
+                    false,
+                    &mut ws,
+                );
                 assert_eq!(got, out);
                 let differ = bn_b.out.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
                 assert_eq!((bn_b.out.len(), differ), (want.len(), None), "{cpu:?}, {cin} {stride}");

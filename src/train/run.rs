@@ -317,6 +317,7 @@ pub fn train<B: Backend>(
 /// As [`train`], as one of the ranks of `coll` training together (data parallel): each
 /// computes its slice of every batch, gradients are averaged before each step, and rank 0
 /// alone writes the run folder.
+#[allow(clippy::too_many_arguments)]
 pub fn train_ranks<B: Backend>(
     be: &B,
     coll: &dyn Collective<B>,
@@ -359,8 +360,6 @@ pub fn train_ranks<B: Backend>(
                 plan.clone(),
                 t.pos.batch,
                 cfg.augment,
-                cfg.seed,
-                epoch,
                 splits.spec.norm,
                 rank_shard(coll),
             )),
@@ -373,7 +372,7 @@ pub fn train_ranks<B: Backend>(
         let first_batch = t.pos.batch;
         while t.pos.batch < plan.num_batches() {
             let b = t.pos.batch;
-            let labels = t.load_batch(&source, &train_images, &plan, epoch, b)?;
+            let labels = t.load_batch(&source, &train_images, &plan, b)?;
             let lr = cfg.schedule.lr(epoch, b, t.steps_per_epoch, cfg.epochs);
             let msg = t.step(&labels, epoch, lr, console)?;
             let images = plan.batch(b).len() as u64; // all ranks' images

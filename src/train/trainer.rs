@@ -8,7 +8,7 @@ use super::console::Console;
 use super::optimizer::Optimizer;
 use super::run::{Position, RunFiles, Start, check_data, load_init, load_resumed, meta, save_train_state};
 use crate::checkpoint;
-use crate::data::transform::{BatchKey, BatchPlan};
+use crate::data::transform::BatchPlan;
 use crate::data::{Batch, EpochPlan, Images, Normalization, Shard, Splits};
 use crate::engine::{Backend, Collective, CropPlan, Shape4, ensure_len};
 use crate::eval::{EvalResult, EvalTally, evaluate_shard};
@@ -153,15 +153,14 @@ impl<'a, B: Backend> Trainer<'a, B> {
         source: &Batches<'_, B>,
         images: &Images,
         plan: &EpochPlan,
-        epoch: usize,
         b: usize,
     ) -> Result<Vec<u32>> {
         let (be, side) = (self.be, self.side);
         self.global_batch = plan.batch(b).len();
         match source {
             Batches::Device(pixels) => {
-                let key = BatchKey::new(self.cfg.seed, epoch, b);
-                let bp = BatchPlan::new(images, plan.batch(b), self.cfg.augment, key).shard(rank_shard(self.coll));
+                let bp =
+                    BatchPlan::new(images, plan.batch(b), self.cfg.augment, plan.key(b)).shard(rank_shard(self.coll));
                 ensure_len(be, &mut self.x, bp.items.len() * side * side * 3);
                 let crops = CropPlan {
                     items: &bp.items,

@@ -64,50 +64,43 @@ fn parallelism() -> Parallelism {
     }
 }
 
-/// `dst[m, n] (row-major, row stride dst_rs) = a[m, k] * b[k, n] (+ dst if accumulate)`, on
-/// every thread of the pool, with `ops` operands.
-pub fn matmul(
-    ops: Operands,
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    a: Mat,
-    b: Mat,
-    accumulate: bool,
-) {
-    multiply(true, ops, m, n, k, dst, dst_rs, a, b, accumulate)
+/// A product's sizes: `(m, n, k)` for `[m, k] x [k, n]`.
+pub type Dims = (usize, usize, usize);
+
+/// Where a product's `m x n` result goes: `data`'s rows, `rs` values apart, overwritten or
+/// (`add`) added to.
+pub struct Out<'a> {
+    pub data: &'a mut [f32],
+    pub rs: usize,
+    pub add: bool,
+}
+
+impl<'a> Out<'a> {
+    /// Rows `rs` apart in `data`, overwritten.
+    pub fn new(data: &'a mut [f32], rs: usize) -> Self {
+        Self { data, rs, add: false }
+    }
+
+    /// Rows `rs` apart in `data`, added to where `add`.
+    pub fn adding(data: &'a mut [f32], rs: usize, add: bool) -> Self {
+        Self { data, rs, add }
+    }
+}
+
+/// `out[m, n] = a[m, k] * b[k, n]` (`+ out` with `out.add`), on every thread of the pool,
+/// with `ops` operands.
+pub fn matmul(ops: Operands, dims: Dims, a: Mat, b: Mat, out: Out) {
+    multiply(true, ops, dims, a, b, out)
 }
 
 /// [`matmul`] on the calling thread alone: for many independent products run side by side.
-pub fn matmul_serial(
-    ops: Operands,
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    a: Mat,
-    b: Mat,
-    accumulate: bool,
-) {
-    multiply(false, ops, m, n, k, dst, dst_rs, a, b, accumulate)
+pub fn matmul_serial(ops: Operands, dims: Dims, a: Mat, b: Mat, out: Out) {
+    multiply(false, ops, dims, a, b, out)
 }
 
-fn multiply(
-    parallel: bool,
-    ops: Operands,
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    a: Mat,
-    b: Mat,
-    accumulate: bool,
-) {
-    if !dst_needs_product(m, n, k, dst, dst_rs, accumulate) {
+fn multiply(parallel: bool, ops: Operands, dims: Dims, a: Mat, b: Mat, mut out: Out) {
+    let (m, n, k) = dims;
+    if !dst_needs_product(dims, &mut out) {
         return;
     }
     a.check(m, k, "lhs");
@@ -115,30 +108,26 @@ fn multiply(
     match ops {
         Operands::F32 => {
             let parallelism = if parallel { parallelism() } else { Parallelism::None };
-            f32_product(parallelism, m, n, k, dst, dst_rs, a, b, accumulate)
+            f32_product(parallelism, dims, a, b, out)
         }
-        Operands::Bf16(kernel) => super::bf16::matmul(kernel, parallel, m, n, k, dst, dst_rs, a, b, accumulate),
+        Operands::Bf16(kernel) => super::bf16::matmul(kernel, parallel, dims, a, b, out),
     }
 }
 
-/// Checks the destination view `[m, n]` (row stride `dst_rs`) against `dst` and settles the
-/// products with nothing to sum (k = 0: zeros, unless accumulating); whether a product remains.
-pub(super) fn dst_needs_product(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    accumulate: bool,
-) -> bool {
+/// Checks the destination view `[m, n]` against its buffer and settles the products with
+/// nothing to sum (k = 0: zeros, unless adding); whether a product remains.
+pub(super) fn dst_needs_product((m, n, k): Dims, out: &mut Out) -> bool {
     if m == 0 || n == 0 {
         return false;
     }
-    assert!(n <= dst_rs || m == 1, "gemm: dst row stride smaller than its width");
-    assert!((m - 1) * dst_rs + n <= dst.len(), "gemm: dst view exceeds its buffer");
+    assert!(n <= out.rs || m == 1, "gemm: dst row stride smaller than its width");
+    assert!(
+        (m - 1) * out.rs + n <= out.data.len(),
+        "gemm: dst view exceeds its buffer"
+    );
     if k == 0 {
-        if !accumulate {
-            for row in dst.chunks_mut(dst_rs).take(m) {
+        if !out.add {
+            for row in out.data.chunks_mut(out.rs).take(m) {
                 row[..n].fill(0.0);
             }
         }
@@ -148,17 +137,12 @@ pub(super) fn dst_needs_product(
 }
 
 /// The gemm crate's f32 product of views checked by the caller.
-fn f32_product(
-    parallelism: Parallelism,
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    a: Mat,
-    b: Mat,
-    accumulate: bool,
-) {
+fn f32_product(parallelism: Parallelism, (m, n, k): Dims, a: Mat, b: Mat, out: Out) {
+    let Out {
+        data: dst,
+        rs: dst_rs,
+        add: accumulate,
+    } = out;
     // SAFETY: every view was checked against its slice by the caller; dst does not alias a or b
     // (it is a unique &mut borrow).
     unsafe {
@@ -232,18 +216,18 @@ impl<'a> SharedRhs<'a> {
         }
     }
 
-    /// `dst[m, n] = a[m, k] rhs_i[k, n]` (+ dst if accumulate), on the calling thread.
-    pub fn matmul_serial(&self, i: usize, m: usize, dst: &mut [f32], dst_rs: usize, a: Mat, accumulate: bool) {
+    /// `out[m, n] = a[m, k] rhs_i[k, n]` (`+ out` with `out.add`), on the calling thread.
+    pub fn matmul_serial(&self, i: usize, m: usize, a: Mat, out: Out) {
         let (k, n) = (self.k, self.n);
         match self.ops {
             Operands::F32 => {
                 let b = Mat::rows(&self.data[i * k * n..(i + 1) * k * n], n);
-                multiply(false, Operands::F32, m, n, k, dst, dst_rs, a, b, accumulate)
+                multiply(false, Operands::F32, (m, n, k), a, b, out)
             }
             Operands::Bf16(kernel) => {
                 let each = super::bf16::packed_len(k, n);
                 let packed = super::bf16::PackedB::view(kernel, k, n, &self.packed[i * each..(i + 1) * each]);
-                super::bf16::matmul_packed(false, m, dst, dst_rs, super::bf16::Lhs::Mat(a), &packed, accumulate)
+                super::bf16::matmul_packed(false, m, super::bf16::Lhs::Mat(a), &packed, out)
             }
         }
     }

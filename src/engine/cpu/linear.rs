@@ -1,6 +1,6 @@
 //! Fully connected layer with bias: y = x w^T + b, weights in PyTorch's `[out, in]` layout.
 
-use super::gemm::{Mat, Operands, matmul};
+use super::gemm::{Mat, Operands, Out, matmul};
 use crate::engine::LinearDims;
 
 pub fn forward(ops: Operands, d: LinearDims, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
@@ -10,14 +10,10 @@ pub fn forward(ops: Operands, d: LinearDims, x: &[f32], w: &[f32], b: &[f32], y:
     }
     matmul(
         ops,
-        n,
-        dout,
-        din,
-        y,
-        dout,
+        (n, dout, din),
         Mat::rows(&x[..n * din], din),
         Mat::transposed(&w[..dout * din], din),
-        true,
+        Out::adding(y, dout, true),
     );
 }
 
@@ -36,26 +32,18 @@ pub fn backward(
     // dw[out, in] = dy^T[out, n] * x[n, in]
     matmul(
         ops,
-        dout,
-        din,
-        n,
-        dw,
-        din,
+        (dout, din, n),
         Mat::transposed(dy, dout),
         Mat::rows(&x[..n * din], din),
-        false,
+        Out::new(dw, din),
     );
     // dx[n, in] = dy[n, out] * w[out, in]
     matmul(
         ops,
-        n,
-        din,
-        dout,
-        dx,
-        din,
+        (n, din, dout),
         Mat::rows(dy, dout),
         Mat::rows(&w[..dout * din], din),
-        false,
+        Out::new(dx, din),
     );
     db[..dout].fill(0.0);
     for row in dy.chunks_exact(dout) {

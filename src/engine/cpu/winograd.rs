@@ -17,7 +17,7 @@
 //! lines of whole channel vectors ("blocks"), first down the columns of the n x n grid, then
 //! along its rows.
 
-use super::gemm::{Mat, Operands, SharedRhs, matmul_serial};
+use super::gemm::{Mat, Operands, Out, SharedRhs, matmul_serial};
 use crate::engine::ConvGeom;
 use rayon::prelude::*;
 
@@ -300,7 +300,7 @@ impl<const N: usize> Plan<N> {
                 .for_each(|(xi, dst)| {
                     let lhs = Mat::transposed(&v[xi * cin..rows * p * cin], p * cin);
                     let rhs = Mat::rows(&dm[xi * cout..rows * p * cout], p * cout);
-                    matmul_serial(self.ops, cin, cout, rows, dst, cout, lhs, rhs, first > 0);
+                    matmul_serial(self.ops, (cin, cout, rows), lhs, rhs, Out::adding(dst, cout, first > 0));
                 });
             // Input gradient: a forward pass over dy with the rotated filters; the tiles of dy
             // (cout channels) fit where dM was, and the product (cin channels) where V was.
@@ -323,7 +323,7 @@ impl<const N: usize> Plan<N> {
             .enumerate()
             .for_each(|(xi, mx)| {
                 let lhs = Mat::rows(&v[xi * k..rows * p * k], p * k);
-                u.matmul_serial(xi, rows, mx, n, lhs, false);
+                u.matmul_serial(xi, rows, lhs, Out::new(mx, n));
             });
     }
 

@@ -365,21 +365,17 @@ impl Cuda {
         (c.div_ceil(BLOCK as usize) as u32, 1)
     }
 
-    /// C[m, n] (column-major) = op(A) op(B), cuBLAS's sgemm with beta 0 or 1.
+    /// C[m, n] (column-major) = op(A) op(B), cuBLAS's sgemm with beta 0 or 1: `(ta, tb)`
+    /// whether A and B are transposed, `(m, n, k)`, each matrix as (address, leading
+    /// dimension).
     fn sgemm(
         &self,
-        ta: bool,
-        tb: bool,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: u64,
-        lda: usize,
-        b: u64,
-        ldb: usize,
+        (ta, tb): (bool, bool),
+        (m, n, k): (usize, usize, usize),
+        (a, lda): (u64, usize),
+        (b, ldb): (u64, usize),
         beta: f32,
-        c: u64,
-        ldc: usize,
+        (c, ldc): (u64, usize),
     ) {
         self.bind();
         let op = |t: bool| {
@@ -412,19 +408,18 @@ impl Cuda {
     }
 
     /// y = relu?((x - mean) * scale + beta + residual?), with `stats` = (mean, invstd, false)
-    /// from a training pass or (running_mean, running_var, true) for evaluation.
+    /// from a training pass or (running_mean, running_var, true) for evaluation, and the
+    /// affine's `(eps, gamma, beta)`.
     fn bn_apply(
         &self,
         s: &Shape4,
         x: &CudaSlice<f32>,
         stats: (u64, u64, bool),
-        eps: f32,
-        gamma: &CudaSlice<f32>,
-        beta: &CudaSlice<f32>,
-        residual: Option<&CudaSlice<f32>>,
-        relu: bool,
+        (eps, gamma, beta): (f32, &CudaSlice<f32>, &CudaSlice<f32>),
+        then: Epilogue<'_, CudaSlice<f32>>,
         y: &mut CudaSlice<f32>,
     ) {
+        let Epilogue { residual, relu } = then;
         let (rows, c) = (s.rows() as i64, s.c as i32);
         let (mean, stat, eval) = (stats.0, stats.1, stats.2 as i32);
         let relu = relu as i32;
@@ -701,7 +696,14 @@ impl NormOps for Cuda {
         );
         drop(scratch);
         let invstd = sp + 4 * s.c as u64;
-        self.bn_apply(s, x, (sp, invstd, false), eps, gamma, beta, residual, relu, y);
+        self.bn_apply(
+            s,
+            x,
+            (sp, invstd, false),
+            (eps, gamma, beta),
+            Epilogue { residual, relu },
+            y,
+        );
     }
     fn batch_norm_forward_eval(
         &self,
@@ -720,7 +722,7 @@ impl NormOps for Cuda {
             relu,
         } = bn;
         let stats = (self.ptr(running_mean), self.ptr(running_var), true);
-        self.bn_apply(s, x, stats, eps, gamma, beta, residual, relu, y);
+        self.bn_apply(s, x, stats, (eps, gamma, beta), Epilogue { residual, relu }, y);
     }
     fn batch_norm_backward(
         &self,
@@ -931,7 +933,7 @@ impl LinearOps for Cuda {
             &mut [arg(&bp), arg(&ni), arg(&di), arg(&yp)],
         );
         // Column-major view: y^T[dout, n] += w[dout, din] x^T[din, n].
-        self.sgemm(true, false, dout, n, din, wp, din, xp, din, 1.0, yp, dout);
+        self.sgemm((true, false), (dout, n, din), (wp, din), (xp, din), 1.0, (yp, dout));
     }
     fn linear_backward(
         &self,
@@ -952,9 +954,9 @@ impl LinearOps for Cuda {
             self.window(grads, db_at, dout),
         );
         // dw^T[din, dout] = x^T[din, n] dy[n, dout]
-        self.sgemm(false, true, din, dout, n, xp, din, dyp, dout, 0.0, dwp, din);
+        self.sgemm((false, true), (din, dout, n), (xp, din), (dyp, dout), 0.0, (dwp, din));
         // dx^T[din, n] = w^T[din, dout] dy^T[dout, n]
-        self.sgemm(false, false, din, n, dout, wp, din, dyp, dout, 0.0, dxp, din);
+        self.sgemm((false, false), (din, n, dout), (wp, din), (dyp, dout), 0.0, (dxp, din));
         let (ni, di) = (n as i32, dout as i32);
         self.launch(
             &self.k.column_sums,

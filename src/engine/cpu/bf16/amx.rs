@@ -86,18 +86,15 @@ impl Tiles {
     /// # Safety
     /// `a` holds `(ROWS - 1) * stride + pairs` pairs, `b` `pairs * NR`, and `c` an `mr x nr`
     /// tile (`mr <= ROWS`, `nr <= NR`) with row stride `c_rs`.
-    pub unsafe fn product(
-        &self,
-        pairs: usize,
-        stride: usize,
-        a: *const u32,
-        b: *const u32,
-        c: *mut f32,
-        c_rs: usize,
-        mr: usize,
-        nr: usize,
-        add: bool,
-    ) {
+    pub(super) unsafe fn product(&self, panels: super::RawPanels, tile: super::RawTile) {
+        let super::RawPanels { a, b, pairs, stride } = panels;
+        let super::RawTile {
+            c,
+            rs: c_rs,
+            rows: mr,
+            cols: nr,
+            add,
+        } = tile;
         assert!(pairs.is_multiple_of(PAIRS));
         // Every value of the block is written by the tile stores before it is read.
         let mut block = std::mem::MaybeUninit::<Block>::uninit();
@@ -110,16 +107,13 @@ impl Tiles {
                 .step_by(PAIRS)
                 .map(|kp| (a.add(kp) as *const u8, b.add(kp * NR)));
             let a_rs = stride * 4;
-            self.sum_into(
-                steps,
-                a_rs,
-                16 * a_rs,
-                NR * 4,
-                out,
-                out.wrapping_add(16 * NR),
-                NR * 4,
-                false,
-            );
+            let block_out = BlockOut {
+                top: out,
+                bottom: out.wrapping_add(16 * NR),
+                rs: NR * 4,
+                add: false,
+            };
+            self.sum_into(steps, a_rs, 16 * a_rs, NR * 4, block_out);
             store_block(out, c, c_rs, mr, nr, add)
         }
     }
@@ -136,14 +130,25 @@ impl Drop for Tiles {
 #[repr(C, align(64))]
 pub struct Block(pub [f32; ROWS * NR]);
 
+/// Where [`Tiles::sum_into`] writes a 32 x 32 block of sums: its top 16 rows of 32 f32 from
+/// `top`, its bottom 16 from `bottom`, rows `rs` bytes apart; with `add`, added to what is
+/// there.
+#[derive(Clone, Copy)]
+pub struct BlockOut {
+    pub top: *mut f32,
+    pub bottom: *mut f32,
+    pub rs: usize,
+    pub add: bool,
+}
+
 impl Tiles {
     /// `C (+)= sum over steps s of a_s b_s` on a 32 x 32 f32 block of C, as one run of
     /// products (`add`: starting from C's values, else from zeros): each step a 32-row by
     /// 16-pair left-hand side at `a_s`, its rows `a_rs` bytes apart (any stride: rows of an
     /// image read where they lie) and its second 16-row half `a_gap` bytes on (it need not
     /// follow the first), and 16 pair rows of [`NR`] columns at `b_s`, `b_rs` bytes apart. The
-    /// block's two halves of 16 rows of 32 values are written (with `add`, also read) where
-    /// they belong: rows `c_rs` bytes apart from `top` and from `bottom`. tmm0: rows 0-15 x
+    /// block's two halves of 16 rows of 32 values are written (with `out.add`, also read)
+    /// where they belong ([`BlockOut`]). tmm0: rows 0-15 x
     /// columns 0-15, tmm1: rows 0-15 x 16-31, tmm2: rows 16-31 x 0-15, tmm3: rows 16-31 x
     /// 16-31; tmm4/5: A's two row halves, tmm6/7: B's two column halves. The loads sit between
     /// the products: tiles are not renamed, so a load into a tile waits for the products
@@ -151,20 +156,23 @@ impl Tiles {
     ///
     /// # Safety
     /// Every `a_s` and `a_s + a_gap` points at 16 rows of 64 readable bytes, `a_rs` bytes
-    /// apart, and every `b_s` at 16 rows of `NR` readable pairs, `b_rs` bytes apart; `top` and
-    /// `bottom` each point at 16 rows of 32 writable f32 (read too with `add`), `c_rs` bytes
-    /// apart.
+    /// apart, and every `b_s` at 16 rows of `NR` readable pairs, `b_rs` bytes apart; `out.top`
+    /// and `out.bottom` each point at 16 rows of 32 writable f32 (read too with `add`),
+    /// `out.rs` bytes apart.
     pub unsafe fn sum_into(
         &self,
         steps: impl Iterator<Item = (*const u8, *const u32)>,
         a_rs: usize,
         a_gap: usize,
         b_rs: usize,
-        top: *mut f32,
-        bottom: *mut f32,
-        c_rs: usize,
-        add: bool,
+        out: BlockOut,
     ) {
+        let BlockOut {
+            top,
+            bottom,
+            rs: c_rs,
+            add,
+        } = out;
         let (c0, c1, c2, c3) = (top, top.wrapping_add(16), bottom, bottom.wrapping_add(16));
         unsafe {
             if add {

@@ -74,17 +74,15 @@ pub const ROWS: usize = 8;
 /// The CPU has AVX512F and AVX512_BF16; `a` holds `(ROWS - 1) * stride + pairs` pairs, `b`
 /// `pairs * NR`, and `c` an `mr x nr` tile with row stride `c_rs`.
 #[target_feature(enable = "avx512f,avx512bf16")]
-pub unsafe fn tile_product(
-    pairs: usize,
-    stride: usize,
-    a: *const u32,
-    b: *const u32,
-    c: *mut f32,
-    c_rs: usize,
-    mr: usize,
-    nr: usize,
-    add: bool,
-) {
+pub(super) unsafe fn tile_product(panels: super::RawPanels, tile: super::RawTile) {
+    let super::RawPanels { a, b, pairs, stride } = panels;
+    let super::RawTile {
+        c,
+        rs: c_rs,
+        rows: mr,
+        cols: nr,
+        add,
+    } = tile;
     let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
     for p in 0..pairs {
         // SAFETY (whole function): as the caller promised.
@@ -142,7 +140,7 @@ pub unsafe fn store_tile(
 /// A panels from a view whose rows lie side by side (a transposed matrix): value (row l, k) at
 /// `src[l + k * cs]`, rows `0..rows`, K values `0..kc`. Line `l` of the packed rows (rows
 /// rounded up to `mr`; the extra lines zeros) goes to `out[(l / mr) * panel_len + (l % mr) *
-/// stride..]`: `stride` pairs, those beyond K zeros. Each block of 16 lines x 16 pairs is
+/// stride..]` (`layout`'s): `stride` pairs, those beyond K zeros. Each block of 16 lines x 16 pairs is
 /// converted as in `pairs_across` (a vector holds one pair of 16 lines) and transposed in
 /// registers into 16 line vectors.
 ///
@@ -151,16 +149,18 @@ pub unsafe fn store_tile(
 /// `out` holds every line written, `(rows.next_multiple_of(mr) / mr) * panel_len` values with
 /// `(mr - 1) * stride + stride <= panel_len`; `stride >= kc.div_ceil(2)`.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub unsafe fn transposed_panels(
+pub(super) unsafe fn transposed_panels(
     src: *const f32,
     cs: usize,
-    rows: usize,
-    kc: usize,
+    (rows, kc): (usize, usize),
     out: *mut u32,
-    mr: usize,
-    panel_len: usize,
-    stride: usize,
+    layout: super::PanelLayout,
 ) {
+    let super::PanelLayout {
+        mr,
+        stride,
+        len: panel_len,
+    } = layout;
     let pairs = kc.div_ceil(2);
     let lines = rows.next_multiple_of(mr);
     for lg in (0..lines).step_by(16) {

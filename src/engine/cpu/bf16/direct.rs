@@ -51,7 +51,7 @@
 mod fill;
 mod sink;
 
-use super::amx::{Block, ROWS, Tiles};
+use super::amx::{Block, BlockOut, ROWS, Tiles};
 use super::{KC, Kernel, NR, PackedB, packed_len, with_buffer};
 use crate::engine::ConvGeom;
 use crate::engine::cpu::batch_norm::Affine;
@@ -390,15 +390,12 @@ impl Direct {
     /// straight into the stack of the whole batch that `b` reads (its copies, their padding
     /// zeroed first), so they never pass through memory as f32 and `b` converts nothing. The
     /// bits of the two [`Direct::forward_then`] calls one after the other: `b` rounds the
-    /// same f32 values to bf16 the same way either way.
+    /// same f32 values to bf16 the same way either way. Each convolution comes with its
+    /// weights and the affine after it.
     pub fn forward_pair(
-        a: &Self,
-        b: &Self,
+        (a, wa, then_a): (&Self, &[f32], Option<&Affine>),
+        (b, wb, then_b): (&Self, &[f32], Option<&Affine>),
         x: &[f32],
-        wa: &[f32],
-        then_a: Option<&Affine>,
-        wb: &[f32],
-        then_b: Option<&Affine>,
         y: &mut [f32],
     ) {
         assert!(b.follows(a), "{a:?} then {b:?}");
@@ -591,24 +588,18 @@ impl Direct {
                                 });
                                 let top = rows[q * NR..].as_mut_ptr();
                                 let bottom = top.wrapping_add(ROWS / 2 * cout);
+                                let sums = BlockOut {
+                                    top,
+                                    bottom,
+                                    rs: cout * 4,
+                                    add: first > 0,
+                                };
                                 // SAFETY: A rows `row * 2` bytes apart, 32 of 64 bytes each from
                                 // every start (the second half 16 rows on), within `xt`
                                 // (asserted above); B 16 rows of NR pairs, `cout` pairs apart,
                                 // within the slice each step takes; the sums' two halves 16 rows
                                 // of NR values, `cout` apart, in the group's 32 rows.
-                                unsafe {
-                                    let a_rs = row * 2;
-                                    tiles.sum_into(
-                                        products,
-                                        a_rs,
-                                        16 * a_rs,
-                                        cout * 4,
-                                        top,
-                                        bottom,
-                                        cout * 4,
-                                        first > 0,
-                                    )
-                                };
+                                unsafe { tiles.sum_into(products, row * 2, 32 * row, cout * 4, sums) };
                             }
                         }
                     });
@@ -678,17 +669,29 @@ fn products(
                     let whole = |s: Segment| s.len == ROWS / 2 && row(s) + (ROWS / 2 - 1) * cd + NR <= out.len();
                     if then.is_none() && pair.len() == 2 && whole(top) && whole(bottom) {
                         let (t, b) = (out[row(top)..].as_mut_ptr(), out[row(bottom)..].as_mut_ptr());
+                        let sums = BlockOut {
+                            top: t,
+                            bottom: b,
+                            rs: cd * 4,
+                            add: false,
+                        };
                         // SAFETY: every A step reads 16 rows of 16 pairs, `cs / 2` pairs apart,
                         // from its start and `a_gap` bytes on, in its copy (asserted above);
                         // `tile_rows` returns 16 x NR pairs; each half of the sums is 16 rows
                         // of NR values, `cd` apart, in `out` (`whole`).
-                        unsafe { tiles.sum_into(steps, cs * 2, a_gap, NR * 4, t, b, cd * 4, false) };
+                        unsafe { tiles.sum_into(steps, cs * 2, a_gap, NR * 4, sums) };
                         continue;
                     }
                 }
                 let (t, b) = (block.0.as_mut_ptr(), block.0[ROWS / 2 * NR..].as_mut_ptr());
+                let sums = BlockOut {
+                    top: t,
+                    bottom: b,
+                    rs: NR * 4,
+                    add: false,
+                };
                 // SAFETY: as above for A and B; the halves are the block's.
-                unsafe { tiles.sum_into(steps, cs * 2, a_gap, NR * 4, t, b, NR * 4, false) };
+                unsafe { tiles.sum_into(steps, cs * 2, a_gap, NR * 4, sums) };
                 for (half, &s) in pair.iter().enumerate() {
                     out.rows(s, q * NR, cd, &block.0[half * ROWS / 2 * NR..], then);
                 }
@@ -951,7 +954,7 @@ mod tests {
                 // Stale values in the staged buffer, where padding must be zeros.
                 STAGED.with(|buffer| buffer.borrow_mut().fill(f32::NAN.to_bits()));
                 let mut got = vec![f32::NAN; want.len()];
-                Direct::forward_pair(&a, &b, &x, &wa, Some(&then_a), &wb, Some(&then_b), &mut got);
+                Direct::forward_pair((&a, &wa, Some(&then_a)), (&b, &wb, Some(&then_b)), &x, &mut got);
                 let differ = got.iter().zip(&want).position(|(g, w)| g.to_bits() != w.to_bits());
                 assert_eq!(differ, None, "{ga:?} then {gb:?}");
             }

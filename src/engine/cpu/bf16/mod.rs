@@ -19,7 +19,7 @@ mod avx512;
 #[cfg(target_arch = "x86_64")]
 pub mod direct;
 
-use super::gemm::Mat;
+use super::gemm::{Dims, Mat, Out};
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::thread::LocalKey;
@@ -132,23 +132,58 @@ enum Multiplier {
     Amx(amx::Tiles),
 }
 
+/// How A's panels lie in a packed buffer: `mr` lines a panel, `stride` pairs a line, panels
+/// `len` values apart.
+#[derive(Clone, Copy)]
+struct PanelLayout {
+    mr: usize,
+    stride: usize,
+    len: usize,
+}
+
+/// A tile of C that one tile product writes: `rows x cols` values from the start of `data`,
+/// rows `rs` apart, overwritten or (`add`) added to.
+struct Tile<'a> {
+    data: &'a mut [f32],
+    rs: usize,
+    rows: usize,
+    cols: usize,
+    add: bool,
+}
+
+/// [`Tile`] as the kernels take it, checked: `rows x cols` f32 at `c`, rows `rs` apart.
+#[derive(Clone, Copy)]
+struct RawTile {
+    c: *mut f32,
+    rs: usize,
+    rows: usize,
+    cols: usize,
+    add: bool,
+}
+
+/// The packed operands of one tile product as the kernels take them, checked: `pairs` k-pairs
+/// of A's lines (at `a`, `stride` pairs apart) and of B's panel (at `b`, [`NR`] columns).
+#[derive(Clone, Copy)]
+struct RawPanels {
+    a: *const u32,
+    b: *const u32,
+    pairs: usize,
+    stride: usize,
+}
+
 impl Multiplier {
     /// One tile product: `c[mr, nr] (+)= a b` over the k-pairs of a k-block of `kc` values; `a`
     /// a panel of the kernel's rows, lines `stride` pairs apart, `b` a panel of `stride` pairs
     /// of [`NR`] columns (padding zeros included). The one place the panels and the tile are
     /// checked against their slices before a kernel reads them.
-    fn product(
-        &self,
-        kc: usize,
-        stride: usize,
-        a: &[u32],
-        b: &[u32],
-        c: &mut [f32],
-        c_rs: usize,
-        mr: usize,
-        nr: usize,
-        add: bool,
-    ) {
+    fn product(&self, kc: usize, stride: usize, (a, b): (&[u32], &[u32]), tile: Tile) {
+        let Tile {
+            data: c,
+            rs: c_rs,
+            rows: mr,
+            cols: nr,
+            add,
+        } = tile;
         #[cfg(target_arch = "x86_64")]
         {
             // Pairs the kernel reads: AMX whole tile rows, padding included.
@@ -159,12 +194,20 @@ impl Multiplier {
             assert!(pairs <= stride && a.len() >= (rows - 1) * stride + pairs && b.len() >= pairs * NR);
             assert!(mr <= rows && nr <= NR && (mr - 1) * c_rs + nr <= c.len());
             let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+            let panels = RawPanels { a, b, pairs, stride };
+            let tile = RawTile {
+                c,
+                rs: c_rs,
+                rows: mr,
+                cols: nr,
+                add,
+            };
             // SAFETY: the CPU has AVX512F and AVX512_BF16 (checked by `matmul`; AMX by
             // `Kernel::start`), and the panels and the tile were checked above.
             unsafe {
                 match self {
-                    Multiplier::Avx512 => avx512::tile_product(pairs, stride, a, b, c, c_rs, mr, nr, add),
-                    Multiplier::Amx(tiles) => tiles.product(pairs, stride, a, b, c, c_rs, mr, nr, add),
+                    Multiplier::Avx512 => avx512::tile_product(panels, tile),
+                    Multiplier::Amx(tiles) => tiles.product(panels, tile),
                 }
             }
         }
@@ -212,23 +255,13 @@ enum Order {
     PairMajor,
 }
 
-/// Packs `lines` of a `width`-line panel (rows of A, or columns of B) over `kc` values of K
-/// from `at`: element (line l, k) of the source is `data[at + l * ls + k * ks]`, and the
-/// panel holds `stride` pairs a line (at least `kc / 2` rounded up). Missing lines, an odd
-/// last k and the pairs beyond K are zeros. The two common source layouts (lines along K, or
-/// lines side by side) run as plain loops over contiguous memory.
-fn pack(
-    order: Order,
-    out: &mut [u32],
-    width: usize,
-    stride: usize,
-    data: &[f32],
-    at: usize,
-    ls: usize,
-    ks: usize,
-    lines: usize,
-    kc: usize,
-) {
+/// Packs `lines` of a `width`-line panel (rows of A, or columns of B) over `kc` values of K:
+/// element (line l, k) of the source is `src`'s (l, k), and the panel holds `stride` pairs a
+/// line (at least `kc / 2` rounded up). Missing lines, an odd last k and the pairs beyond K
+/// are zeros. The two common source layouts (lines along K, or lines side by side) run as
+/// plain loops over contiguous memory.
+fn pack(order: Order, out: &mut [u32], width: usize, stride: usize, src: Mat, lines: usize, kc: usize) {
+    let (data, at, ls, ks) = (src.data, 0, src.rs, src.cs);
     let pairs = kc.div_ceil(2);
     assert!(stride >= pairs);
     let out = &mut out[..stride * width];
@@ -327,24 +360,13 @@ fn pairs_across(k0: &[f32], k1: &[f32], out: &mut [u32]) -> usize {
 /// and f32 sums, by `kernel`; on every thread of the pool when `parallel`. Panics on a CPU
 /// without the kernel's instructions (callers check [`available`] first) or on views beyond
 /// their buffers.
-pub fn matmul(
-    kernel: Kernel,
-    parallel: bool,
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    a: Mat,
-    b: Mat,
-    accumulate: bool,
-) {
+pub fn matmul(kernel: Kernel, parallel: bool, (m, n, k): Dims, a: Mat, b: Mat, out: Out) {
     if parallel && splits_by_columns(m, n) {
-        return matmul_by_columns(kernel, m, n, k, dst, dst_rs, a, b, accumulate);
+        return matmul_by_columns(kernel, (m, n, k), a, b, out);
     }
     with_buffer(&PACKED_B, packed_len(k, n), |bpack| {
         let b = PackedB::pack(kernel, parallel, k, n, b, bpack);
-        matmul_packed(parallel, m, dst, dst_rs, Lhs::Mat(a), &b, accumulate)
+        matmul_packed(parallel, m, Lhs::Mat(a), &b, out)
     })
 }
 
@@ -352,23 +374,13 @@ pub fn matmul(
 /// (`packed`, [`with_packed_each`]; its kernel multiplies): the row split multiplies those
 /// panels; where [`matmul`] splits by columns (few rows and many columns), it does so from
 /// `b` itself. The same bits as [`matmul`] either way.
-pub fn matmul_prepacked(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    a: Mat,
-    b: Mat,
-    packed: &PackedB,
-    accumulate: bool,
-) {
+pub fn matmul_prepacked((m, n, k): Dims, a: Mat, b: Mat, packed: &PackedB, out: Out) {
     let kernel = packed.kernel;
     assert_eq!((packed.k, packed.n), (k, n), "packed rhs");
     if splits_by_columns(m, n) {
-        return matmul_by_columns(kernel, m, n, k, dst, dst_rs, a, b, accumulate);
+        return matmul_by_columns(kernel, (m, n, k), a, b, out);
     }
-    matmul_packed(true, m, dst, dst_rs, Lhs::Mat(a), packed, accumulate)
+    matmul_packed(true, m, Lhs::Mat(a), packed, out)
 }
 
 /// Whether a product on every thread of the pool splits by columns ([`matmul_by_columns`]:
@@ -394,20 +406,10 @@ pub enum Lhs<'a> {
 }
 
 /// [`matmul`] with a left-hand side of [`Lines`] (`m x k`) on every thread of the pool.
-pub fn matmul_lines(
-    kernel: Kernel,
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    a: &dyn Lines,
-    b: Mat,
-    accumulate: bool,
-) {
+pub fn matmul_lines(kernel: Kernel, (m, n, k): Dims, a: &dyn Lines, b: Mat, out: Out) {
     with_buffer(&PACKED_B, packed_len(k, n), |bpack| {
         let b = PackedB::pack(kernel, true, k, n, b, bpack);
-        matmul_packed(true, m, dst, dst_rs, Lhs::Lines(a), &b, accumulate)
+        matmul_packed(true, m, Lhs::Lines(a), &b, out)
     })
 }
 
@@ -514,18 +516,13 @@ impl<'a> PackedB<'a> {
 /// (missing columns, an odd last k and the kernel's padding are zeros).
 fn b_panel(kernel: Kernel, out: &mut [u32], b: Mat, k: usize, n: usize, p0: usize, j: usize) {
     let kc = KC.min(k - p0);
-    pack(
-        Order::PairMajor,
-        out,
-        NR,
-        kernel.stride(kc),
-        b.data,
-        p0 * b.rs + j * b.cs,
-        b.cs,
-        b.rs,
-        NR.min(n - j),
-        kc,
-    );
+    // Line l of the panel is column j + l of B.
+    let src = Mat {
+        data: &b.data[p0 * b.rs + j * b.cs..],
+        rs: b.cs,
+        cs: b.rs,
+    };
+    pack(Order::PairMajor, out, NR, kernel.stride(kc), src, NR.min(n - j), kc);
 }
 
 /// Every panel of the k-block from K value `p0` of `b` (`k x n`, rows contiguous, `k` even
@@ -552,11 +549,16 @@ fn k_block_by_rows(kernel: Kernel, out: &mut [u32], b: Mat, k: usize, n: usize, 
 }
 
 /// [`matmul`] with a right-hand side packed before.
-pub fn matmul_packed(parallel: bool, m: usize, dst: &mut [f32], dst_rs: usize, a: Lhs, b: &PackedB, accumulate: bool) {
+pub fn matmul_packed(parallel: bool, m: usize, a: Lhs, b: &PackedB, mut out: Out) {
     let (kernel, n, k) = (b.kernel, b.n, b.k);
-    if !super::gemm::dst_needs_product(m, n, k, dst, dst_rs, accumulate) {
+    if !super::gemm::dst_needs_product((m, n, k), &mut out) {
         return;
     }
+    let Out {
+        data: dst,
+        rs: dst_rs,
+        add: accumulate,
+    } = out;
     if let Lhs::Mat(a) = a {
         a.check(m, k, "lhs");
     }
@@ -583,17 +585,14 @@ pub fn matmul_packed(parallel: bool, m: usize, dst: &mut [f32], dst_rs: usize, a
                         for ir in (0..rows).step_by(mr) {
                             let ap = &apack[ir * KC / 2..][..mr * stride];
                             let tile = &mut c[ir * dst_rs + j..];
-                            multiplier.product(
-                                kc,
-                                stride,
-                                ap,
-                                panel,
-                                tile,
-                                dst_rs,
-                                mr.min(rows - ir),
-                                NR.min(n - j),
+                            let tile = Tile {
+                                data: tile,
+                                rs: dst_rs,
+                                rows: mr.min(rows - ir),
+                                cols: NR.min(n - j),
                                 add,
-                            );
+                            };
+                            multiplier.product(kc, stride, (ap, panel), tile);
                         }
                     }
                 }
@@ -615,21 +614,16 @@ pub fn matmul_packed(parallel: bool, m: usize, dst: &mut [f32], dst_rs: usize, a
 /// once: 1.3-1.7x the row split for 1 to 32 rows (paired runs, 2 threads; at 64 rows it wins
 /// on 512 columns and loses on 128, so it stops below 64). Each value of C sums its k-blocks
 /// in the same order as the row split, so the two give the same bits.
-fn matmul_by_columns(
-    kernel: Kernel,
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    a: Mat,
-    b: Mat,
-    accumulate: bool,
-) {
+fn matmul_by_columns(kernel: Kernel, (m, n, k): Dims, a: Mat, b: Mat, mut out: Out) {
     assert!(available(), "bf16 matmul on a CPU without AVX512_BF16");
-    if !super::gemm::dst_needs_product(m, n, k, dst, dst_rs, accumulate) {
+    if !super::gemm::dst_needs_product((m, n, k), &mut out) {
         return;
     }
+    let Out {
+        data: dst,
+        rs: dst_rs,
+        add: accumulate,
+    } = out;
     a.check(m, k, "lhs");
     b.check(k, n, "rhs");
     let mr = kernel.rows();
@@ -673,7 +667,14 @@ fn matmul_by_columns(
                             for ir in (0..m).step_by(mr) {
                                 let ap = &apack[kb * block + ir * KC / 2..][..mr * stride];
                                 let tile = &mut c[ir * cols + q * NR..];
-                                multiplier.product(kc, stride, ap, bpanel, tile, cols, mr.min(m - ir), width, add);
+                                let tile = Tile {
+                                    data: tile,
+                                    rs: cols,
+                                    rows: mr.min(m - ir),
+                                    cols: width,
+                                    add,
+                                };
+                                multiplier.product(kc, stride, (ap, bpanel), tile);
                             }
                         }
                     }
@@ -697,9 +698,14 @@ fn matmul_by_columns(
 fn pack_rows(kernel: Kernel, apack: &mut [u32], a: Lhs, i0: usize, rows: usize, p0: usize, kc: usize) {
     let (mr, stride) = (kernel.rows(), kernel.stride(kc));
     let panel_len = mr * KC / 2;
+    let layout = PanelLayout {
+        mr,
+        stride,
+        len: panel_len,
+    };
     let a = match a {
         Lhs::Mat(a) => a,
-        Lhs::Lines(lines) => return pack_lines(lines, apack, mr, stride, i0, rows, p0, kc),
+        Lhs::Lines(lines) => return pack_lines(lines, apack, layout, (i0, rows), (p0, kc)),
     };
     if a.cs != 1 && a.rs == 1 {
         let at = i0 + p0 * a.cs;
@@ -711,16 +717,7 @@ fn pack_rows(kernel: Kernel, apack: &mut [u32], a: Lhs, i0: usize, rows: usize, 
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `matmul` checked the CPU; the source and the panels were checked above.
         unsafe {
-            avx512::transposed_panels(
-                a.data[at..].as_ptr(),
-                a.cs,
-                rows,
-                kc,
-                apack.as_mut_ptr(),
-                mr,
-                panel_len,
-                stride,
-            )
+            avx512::transposed_panels(a.data[at..].as_ptr(), a.cs, (rows, kc), apack.as_mut_ptr(), layout)
         };
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("bf16 matmul needs x86-64 with AVX512_BF16");
@@ -728,38 +725,30 @@ fn pack_rows(kernel: Kernel, apack: &mut [u32], a: Lhs, i0: usize, rows: usize, 
         for ir in (0..rows).step_by(mr) {
             let i = i0 + ir;
             let ap = &mut apack[ir * KC / 2..][..mr * stride];
-            pack(
-                Order::LineMajor,
-                ap,
-                mr,
-                stride,
-                a.data,
-                i * a.rs + p0 * a.cs,
-                a.rs,
-                a.cs,
-                mr.min(rows - ir),
-                kc,
-            );
+            let src = Mat {
+                data: &a.data[i * a.rs + p0 * a.cs..],
+                ..a
+            };
+            pack(Order::LineMajor, ap, mr, stride, src, mr.min(rows - ir), kc);
         }
     }
 }
 
-/// [`pack_rows`] for [`Lines`]: each row's k-block written as f32 into a line on the stack,
-/// then converted to pairs; the panels' missing rows and padding pairs are zeros.
+/// [`pack_rows`] for [`Lines`]: rows `i0..i0 + rows` over K values `p0..p0 + kc`, each row's
+/// k-block written as f32 into a line on the stack, then converted to pairs; the panels'
+/// missing rows and padding pairs are zeros.
 fn pack_lines(
     lines: &dyn Lines,
     apack: &mut [u32],
-    mr: usize,
-    stride: usize,
-    i0: usize,
-    rows: usize,
-    p0: usize,
-    kc: usize,
+    layout: PanelLayout,
+    (i0, rows): (usize, usize),
+    (p0, kc): (usize, usize),
 ) {
+    let (mr, stride) = (layout.mr, layout.stride);
     let mut line = [0f32; KC];
     let pairs = kc.div_ceil(2);
     for ir in (0..rows).step_by(mr) {
-        let panel = &mut apack[ir * KC / 2..][..mr * stride];
+        let panel = &mut apack[ir / mr * layout.len..][..mr * stride];
         for (l, out) in panel.chunks_exact_mut(stride).enumerate() {
             if ir + l < rows {
                 lines.line(i0 + ir + l, p0, &mut line[..kc]);
@@ -866,7 +855,14 @@ mod tests {
                 for accumulate in [false, true] {
                     for parallel in [false, true] {
                         let mut dst = start.clone();
-                        matmul(kernel, parallel, m, n, k, &mut dst, dst_rs, a, b, accumulate);
+                        matmul(
+                            kernel,
+                            parallel,
+                            (m, n, k),
+                            a,
+                            b,
+                            Out::adding(&mut dst, dst_rs, accumulate),
+                        );
                         for i in 0..m {
                             for j in 0..dst_rs {
                                 let got = dst[i * dst_rs + j] as f64;
@@ -916,11 +912,23 @@ mod tests {
                         let start = rng_values(m * dst_rs, 11);
                         for accumulate in [false, true] {
                             let mut by_columns = start.clone();
-                            matmul_by_columns(kernel, m, n, k, &mut by_columns, dst_rs, a, b, accumulate);
+                            matmul_by_columns(
+                                kernel,
+                                (m, n, k),
+                                a,
+                                b,
+                                Out::adding(&mut by_columns, dst_rs, accumulate),
+                            );
                             let mut panels = vec![0; packed_len(k, n)];
                             let packed = PackedB::pack(kernel, true, k, n, b, &mut panels);
                             let mut by_rows = start.clone();
-                            matmul_packed(true, m, &mut by_rows, dst_rs, Lhs::Mat(a), &packed, accumulate);
+                            matmul_packed(
+                                true,
+                                m,
+                                Lhs::Mat(a),
+                                &packed,
+                                Out::adding(&mut by_rows, dst_rs, accumulate),
+                            );
                             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                             assert_eq!(
                                 bits(&by_columns),
@@ -947,14 +955,10 @@ mod tests {
             matmul(
                 kernel,
                 false,
-                1,
-                1,
-                2,
-                &mut dst,
-                1,
+                (1, 1, 2),
                 Mat::rows(&a, 2),
                 Mat::rows(&b, 1),
-                false,
+                Out::new(&mut dst, 1),
             );
             assert_eq!(dst[0], rounded, "{kernel:?}");
             assert_ne!(dst[0], a[0] * b[0] + a[1] * b[1], "{kernel:?}");

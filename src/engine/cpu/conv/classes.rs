@@ -9,7 +9,7 @@
 use super::im2col::image_chunks;
 use crate::engine::ConvGeom;
 use crate::engine::cpu::bf16::{self, Kernel};
-use crate::engine::cpu::gemm::{Mat, Operands, matmul};
+use crate::engine::cpu::gemm::{Mat, Operands, Out, matmul};
 use rayon::prelude::*;
 /// Output coordinates along one axis that see the same range of valid kernel taps.
 #[derive(Clone, Debug, PartialEq)]
@@ -132,22 +132,16 @@ pub fn with_packed_taps<R>(
     })
 }
 
-/// Every class's outputs, chunk of images by chunk ([`forward`]).
-pub fn forward_all(
-    ops: Operands,
-    g: &ConvGeom,
-    classes: &[(Span, Span)],
-    x: &[f32],
-    w: &[f32],
-    y: &mut [f32],
-    ws: &mut [f32],
-    packed: Option<&PackedTaps>,
-) {
-    for (first, count) in image_chunks(g) {
-        for class in classes {
-            forward(ops, g, class, classes.len() == 1, x, w, first, count, y, ws, packed);
-        }
-    }
+/// A convolution computed on its tap classes: its operands, geometry, classes and weights
+/// and, with bf16 operands, its taps packed once ([`with_packed_taps`]: for the forward pass
+/// as they are, for the input gradient transposed) where given.
+#[derive(Clone, Copy)]
+pub struct Classes<'a> {
+    pub ops: Operands,
+    pub g: &'a ConvGeom,
+    pub classes: &'a [(Span, Span)],
+    pub w: &'a [f32],
+    pub packed: Option<&'a PackedTaps<'a>>,
 }
 
 /// A run of patch columns that is also a run of weight columns: (patch offset, weight
@@ -263,142 +257,123 @@ fn col2im_add(g: &ConvGeom, (rows, cols): &(Span, Span), dp: &[f32], first: usiz
         });
 }
 
-pub fn forward(
-    ops: Operands,
-    g: &ConvGeom,
-    class: &(Span, Span),
-    whole: bool,
-    x: &[f32],
-    w: &[f32],
-    first: usize,
-    count: usize,
-    y: &mut [f32],
-    ws: &mut [f32],
-    packed: Option<&PackedTaps>,
-) {
-    let kc = class.0.taps.len() * class.1.taps.len() * g.input.c;
-    let m = count * class.0.outs.len() * class.1.outs.len();
-    let (p, out) = ws.split_at_mut(m * kc);
-    im2col(g, class, x, first, count, p);
-    let rows_per_image = class.0.outs.len() * class.1.outs.len();
-    let dst = if whole {
-        &mut y[first * rows_per_image * g.cout..]
-    } else {
-        &mut out[..]
-    };
-    for (i, (p_off, w_off, len)) in runs(g, &class.0, &class.1).into_iter().enumerate() {
-        let lhs = Mat::rows(&p[p_off..m * kc], kc);
-        let rhs = Mat::rows(&w[w_off * g.cout..g.weight_len()], g.cout);
-        match packed {
-            Some(taps) => {
-                let rows = taps.taps(w_off / g.input.c, len / g.input.c);
-                bf16::matmul_prepacked(m, g.cout, len, dst, g.cout, lhs, rhs, &rows, i > 0);
+impl Classes<'_> {
+    /// Whether the one class is the whole output (its rows are the output's own, in order).
+    fn whole(&self) -> bool {
+        self.classes.len() == 1
+    }
+
+    /// Every class's outputs, chunk of images by chunk.
+    pub fn forward_all(&self, x: &[f32], y: &mut [f32], ws: &mut [f32]) {
+        for chunk in image_chunks(self.g) {
+            for class in self.classes {
+                self.forward(class, chunk, x, y, ws);
             }
-            None => matmul(ops, m, g.cout, len, dst, g.cout, lhs, rhs, i > 0),
         }
     }
-    if !whole {
-        scatter(g, class, out, first, count, y);
-    }
-}
 
-/// Every class's gradients, chunk of images by chunk ([`backward`]), added into `dw`
-/// and `dx` from zeros.
-pub fn backward_all(
-    ops: Operands,
-    g: &ConvGeom,
-    classes: &[(Span, Span)],
-    x: &[f32],
-    w: &[f32],
-    dy: &[f32],
-    mut dx: Option<&mut [f32]>,
-    dw: &mut [f32],
-    ws: &mut [f32],
-    packed_t: Option<&PackedTaps>,
-) {
-    dw[..g.weight_len()].fill(0.0);
-    if let Some(dx) = dx.as_deref_mut() {
-        dx[..g.input.numel()].fill(0.0);
-    }
-    for (first, count) in image_chunks(g) {
-        for class in classes {
-            let (whole, dx) = (classes.len() == 1, dx.as_deref_mut());
-            backward(ops, g, class, whole, x, w, dy, dx, dw, first, count, ws, packed_t);
-        }
-    }
-}
-
-/// One class's share of `dw` and `dx` (added), `packed_t` the taps' transposed weights
-/// packed before ([`with_packed_taps`]) where given.
-pub fn backward(
-    ops: Operands,
-    g: &ConvGeom,
-    class: &(Span, Span),
-    whole: bool,
-    x: &[f32],
-    w: &[f32],
-    dy: &[f32],
-    dx: Option<&mut [f32]>,
-    dw: &mut [f32],
-    first: usize,
-    count: usize,
-    ws: &mut [f32],
-    packed_t: Option<&PackedTaps>,
-) {
-    let kc = class.0.taps.len() * class.1.taps.len() * g.input.c;
-    let rows_per_image = class.0.outs.len() * class.1.outs.len();
-    let m = count * rows_per_image;
-    let (p, dyc_buf) = ws.split_at_mut(m * kc);
-    im2col(g, class, x, first, count, p);
-    let dyc: &[f32] = if whole {
-        &dy[first * rows_per_image * g.cout..(first + count) * rows_per_image * g.cout]
-    } else {
-        gather(g, class, dy, first, count, dyc_buf);
-        &dyc_buf[..m * g.cout]
-    };
-    let runs = runs(g, &class.0, &class.1);
-    // dw[run, :] += p[:, run]^T dyc
-    for &(p_off, w_off, len) in &runs {
-        let lhs = Mat::transposed(&p[p_off..m * kc], kc);
-        matmul(
-            ops,
-            len,
-            g.cout,
-            m,
-            &mut dw[w_off * g.cout..g.weight_len()],
-            g.cout,
-            lhs,
-            Mat::rows(dyc, g.cout),
-            true,
-        );
-    }
-    if let Some(dx) = dx {
-        // dp[:, run] = dyc w[run, :]^T, written over the patches (no longer needed). With
-        // the taps packed before, tap by tap: columns apart, the same sums.
-        for &(p_off, w_off, len) in &runs {
-            if let Some(taps) = packed_t {
-                let c = g.input.c;
-                for j in 0..len / c {
-                    let rhs = Mat::transposed(&w[(w_off + j * c) * g.cout..][..c * g.cout], g.cout);
-                    let dst = &mut p[p_off + j * c..m * kc];
-                    let tap = taps.tap(w_off / c + j);
-                    bf16::matmul_prepacked(m, c, g.cout, dst, kc, Mat::rows(dyc, g.cout), rhs, &tap, false);
+    /// One class's outputs for the images `first..first + count`.
+    fn forward(&self, class: &(Span, Span), (first, count): (usize, usize), x: &[f32], y: &mut [f32], ws: &mut [f32]) {
+        let (ops, g, w, whole) = (self.ops, self.g, self.w, self.whole());
+        let kc = class.0.taps.len() * class.1.taps.len() * g.input.c;
+        let m = count * class.0.outs.len() * class.1.outs.len();
+        let (p, out) = ws.split_at_mut(m * kc);
+        im2col(g, class, x, first, count, p);
+        let rows_per_image = class.0.outs.len() * class.1.outs.len();
+        let dst = if whole {
+            &mut y[first * rows_per_image * g.cout..]
+        } else {
+            &mut out[..]
+        };
+        for (i, (p_off, w_off, len)) in runs(g, &class.0, &class.1).into_iter().enumerate() {
+            let lhs = Mat::rows(&p[p_off..m * kc], kc);
+            let rhs = Mat::rows(&w[w_off * g.cout..g.weight_len()], g.cout);
+            match self.packed {
+                Some(taps) => {
+                    let rows = taps.taps(w_off / g.input.c, len / g.input.c);
+                    bf16::matmul_prepacked((m, g.cout, len), lhs, rhs, &rows, Out::adding(dst, g.cout, i > 0));
                 }
-                continue;
+                None => matmul(ops, (m, g.cout, len), lhs, rhs, Out::adding(dst, g.cout, i > 0)),
             }
-            let rhs = Mat::transposed(&w[w_off * g.cout..g.weight_len()], g.cout);
+        }
+        if !whole {
+            scatter(g, class, out, first, count, y);
+        }
+    }
+
+    /// Every class's gradients, chunk of images by chunk, added into `dw` and `dx` from
+    /// zeros; the packed taps, where given, are the transposed ones.
+    pub fn backward_all(&self, x: &[f32], dy: &[f32], mut dx: Option<&mut [f32]>, dw: &mut [f32], ws: &mut [f32]) {
+        let g = self.g;
+        dw[..g.weight_len()].fill(0.0);
+        if let Some(dx) = dx.as_deref_mut() {
+            dx[..g.input.numel()].fill(0.0);
+        }
+        for chunk in image_chunks(g) {
+            for class in self.classes {
+                self.backward(class, chunk, x, dy, (dx.as_deref_mut(), &mut *dw), ws);
+            }
+        }
+    }
+
+    /// One class's share of `dw` and `dx` (added) for the images `first..first + count`.
+    fn backward(
+        &self,
+        class: &(Span, Span),
+        (first, count): (usize, usize),
+        x: &[f32],
+        dy: &[f32],
+        (dx, dw): (Option<&mut [f32]>, &mut [f32]),
+        ws: &mut [f32],
+    ) {
+        let (ops, g, w, whole, packed_t) = (self.ops, self.g, self.w, self.whole(), self.packed);
+        let kc = class.0.taps.len() * class.1.taps.len() * g.input.c;
+        let rows_per_image = class.0.outs.len() * class.1.outs.len();
+        let m = count * rows_per_image;
+        let (p, dyc_buf) = ws.split_at_mut(m * kc);
+        im2col(g, class, x, first, count, p);
+        let dyc: &[f32] = if whole {
+            &dy[first * rows_per_image * g.cout..(first + count) * rows_per_image * g.cout]
+        } else {
+            gather(g, class, dy, first, count, dyc_buf);
+            &dyc_buf[..m * g.cout]
+        };
+        let runs = runs(g, &class.0, &class.1);
+        // dw[run, :] += p[:, run]^T dyc
+        for &(p_off, w_off, len) in &runs {
+            let lhs = Mat::transposed(&p[p_off..m * kc], kc);
             matmul(
                 ops,
-                m,
-                len,
-                g.cout,
-                &mut p[p_off..m * kc],
-                kc,
+                (len, g.cout, m),
+                lhs,
                 Mat::rows(dyc, g.cout),
-                rhs,
-                false,
+                Out::adding(&mut dw[w_off * g.cout..g.weight_len()], g.cout, true),
             );
         }
-        col2im_add(g, class, p, first, count, dx);
+        if let Some(dx) = dx {
+            // dp[:, run] = dyc w[run, :]^T, written over the patches (no longer needed). With
+            // the taps packed before, tap by tap: columns apart, the same sums.
+            for &(p_off, w_off, len) in &runs {
+                if let Some(taps) = packed_t {
+                    let c = g.input.c;
+                    for j in 0..len / c {
+                        let rhs = Mat::transposed(&w[(w_off + j * c) * g.cout..][..c * g.cout], g.cout);
+                        let dst = &mut p[p_off + j * c..m * kc];
+                        let tap = taps.tap(w_off / c + j);
+                        bf16::matmul_prepacked((m, c, g.cout), Mat::rows(dyc, g.cout), rhs, &tap, Out::new(dst, kc));
+                    }
+                    continue;
+                }
+                let rhs = Mat::transposed(&w[w_off * g.cout..g.weight_len()], g.cout);
+                matmul(
+                    ops,
+                    (m, len, g.cout),
+                    Mat::rows(dyc, g.cout),
+                    rhs,
+                    Out::new(&mut p[p_off..m * kc], kc),
+                );
+            }
+            col2im_add(g, class, p, first, count, dx);
+        }
     }
 }

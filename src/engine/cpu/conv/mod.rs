@@ -22,10 +22,10 @@ mod tests;
 
 use super::batch_norm::Affine;
 use super::bf16;
-use super::gemm::{Mat, Operands, matmul};
+use super::gemm::{Mat, Operands, Out, matmul};
 use super::winograd::{self, Tiling};
 use crate::engine::ConvGeom;
-use classes::{tap_classes, use_tap_classes};
+use classes::{Classes, tap_classes, use_tap_classes};
 
 /// The code that computes one pass of a convolution on the CPU (the table above).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,25 +167,42 @@ impl Conv<'_> {
             ConvPath::Pointwise => {
                 let (m, k) = (g.input.n * im2col::rows_per_image(g), g.patch_len());
                 let weight = Mat::rows(&w[..g.weight_len()], g.cout);
-                matmul(ops, m, g.cout, k, y, g.cout, Mat::rows(&x[..m * k], k), weight, false);
+                matmul(
+                    ops,
+                    (m, g.cout, k),
+                    Mat::rows(&x[..m * k], k),
+                    weight,
+                    Out::new(y, g.cout),
+                );
             }
             ConvPath::TapClasses => {
                 let classes = tap_classes(g);
+                let base = Classes {
+                    ops,
+                    g,
+                    classes: &classes,
+                    w,
+                    packed: None,
+                };
                 match ops {
                     // A class's run of taps is one packed matrix where a tap's rows are whole k-blocks.
                     Operands::Bf16(kernel) if bf16::whole_blocks(g.input.c) => {
                         classes::with_packed_taps(kernel, g, &classes, w, false, |taps| {
-                            classes::forward_all(ops, g, &classes, x, w, y, ws, Some(taps))
+                            Classes {
+                                packed: Some(taps),
+                                ..base
+                            }
+                            .forward_all(x, y, ws)
                         })
                     }
-                    _ => classes::forward_all(ops, g, &classes, x, w, y, ws, None),
+                    _ => base.forward_all(x, y, ws),
                 }
             }
             ConvPath::PatchLines => match ops {
                 Operands::Bf16(kernel) => im2col::forward_lines(kernel, g, x, w, y),
                 Operands::F32 => unreachable!("patch lines are planned for bf16 operands"),
             },
-            ConvPath::Im2col => im2col::forward(ops, g, x, w, y, ws),
+            ConvPath::Im2col => im2col::forward(self, x, y, ws),
         }
     }
 
@@ -226,29 +243,40 @@ impl Conv<'_> {
                 let dy = &dy[..m * g.cout];
                 // dw[k, cout] = x^T[k, m] dy[m, cout]
                 let (x_t, dy_rows) = (Mat::transposed(&x[..m * k], k), Mat::rows(dy, g.cout));
-                matmul(ops, k, g.cout, m, dw, g.cout, x_t, dy_rows, false);
+                matmul(ops, (k, g.cout, m), x_t, dy_rows, Out::new(dw, g.cout));
                 if let Some(dx) = dx {
                     // dx[m, k] = dy[m, cout] w^T[cout, k]
                     let weight_t = Mat::transposed(&w[..g.weight_len()], g.cout);
-                    matmul(ops, m, k, g.cout, dx, k, dy_rows, weight_t, false);
+                    matmul(ops, (m, k, g.cout), dy_rows, weight_t, Out::new(dx, k));
                 }
             }
             ConvPath::TapClasses => {
                 let classes = tap_classes(g);
+                let base = Classes {
+                    ops,
+                    g,
+                    classes: &classes,
+                    w,
+                    packed: None,
+                };
                 match ops {
                     Operands::Bf16(kernel) if dx.is_some() => {
                         classes::with_packed_taps(kernel, g, &classes, w, true, |taps| {
-                            classes::backward_all(ops, g, &classes, x, w, dy, dx, dw, ws, Some(taps))
+                            Classes {
+                                packed: Some(taps),
+                                ..base
+                            }
+                            .backward_all(x, dy, dx, dw, ws)
                         })
                     }
-                    _ => classes::backward_all(ops, g, &classes, x, w, dy, dx, dw, ws, None),
+                    _ => base.backward_all(x, dy, dx, dw, ws),
                 }
             }
             ConvPath::PatchLines => match ops {
-                Operands::Bf16(kernel) => im2col::backward(ops, Some(kernel), g, x, w, dy, dx, dw, ws),
+                Operands::Bf16(kernel) => im2col::backward(self, Some(kernel), x, dy, (dx, dw), ws),
                 Operands::F32 => unreachable!("patch lines are planned for bf16 operands"),
             },
-            ConvPath::Im2col => im2col::backward(ops, None, g, x, w, dy, dx, dw, ws),
+            ConvPath::Im2col => im2col::backward(self, None, x, dy, (dx, dw), ws),
         }
     }
 }
@@ -268,7 +296,7 @@ pub fn forward_pair(a: ThenAffine, b: ThenAffine, x: &[f32], mid: &mut [f32], y:
         let (da, db) = (direct(a.g), direct(b.g));
         if db.follows(&da) {
             let (x, y) = (&x[..a.g.input.numel()], &mut y[..b.g.output().numel()]);
-            return bf16::direct::Direct::forward_pair(&da, &db, x, a.w, Some(then_a), b.w, Some(then_b), y);
+            return bf16::direct::Direct::forward_pair((&da, a.w, Some(then_a)), (&db, b.w, Some(then_b)), x, y);
         }
     }
     a.forward_then(x, then_a, out_a, mid, ws);

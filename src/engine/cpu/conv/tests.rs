@@ -10,20 +10,6 @@ fn forward(plan: &ConvPlan, g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32], w
     Conv { plan, g, w }.forward(x, y, ws)
 }
 
-/// The gradients by `plan`.
-fn backward(
-    plan: &ConvPlan,
-    g: &ConvGeom,
-    x: &[f32],
-    w: &[f32],
-    dy: &[f32],
-    dx: Option<&mut [f32]>,
-    dw: &mut [f32],
-    ws: &mut [f32],
-) {
-    Conv { plan, g, w }.backward(x, dy, dx, dw, ws)
-}
-
 #[test]
 fn spans_group_outputs_by_valid_taps() {
     // 3x3, pad 1, stride 1 on 4: first sees taps 1..3, last 0..2, the middle all.
@@ -189,9 +175,20 @@ fn tap_classes_on_taps_packed_once_give_the_bits_of_packing_per_class() {
         assert_eq!(plan.forward, ConvPath::TapClasses, "{g:?}");
         let mut ws = vec![0.0; workspace_len(&plan, &g)];
         let (mut each, mut once) = (vec![f32::NAN; g.output().numel()], vec![f32::NAN; g.output().numel()]);
-        classes::forward_all(ops, &g, &classes, &x, &w, &mut each, &mut ws, None);
+        let base = Classes {
+            ops,
+            g: &g,
+            classes: &classes,
+            w: &w,
+            packed: None,
+        };
+        base.forward_all(&x, &mut each, &mut ws);
         classes::with_packed_taps(kernel, &g, &classes, &w, false, |taps| {
-            classes::forward_all(ops, &g, &classes, &x, &w, &mut once, &mut ws, Some(taps))
+            Classes {
+                packed: Some(taps),
+                ..base
+            }
+            .forward_all(&x, &mut once, &mut ws)
         });
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&once), bits(&each), "{g:?}");
@@ -204,7 +201,7 @@ fn tap_classes_on_taps_packed_once_give_the_bits_of_packing_per_class() {
             let (mut dx, mut dw) = (vec![f32::NAN; x.len()], vec![f32::NAN; w.len()]);
             let mut run = |taps: Option<&classes::PackedTaps>| {
                 let dx = Some(&mut dx[..]);
-                classes::backward_all(ops, &g, &classes, &x, &w, &dy, dx, &mut dw, ws, taps)
+                Classes { packed: taps, ..base }.backward_all(&x, &dy, dx, &mut dw, ws)
             };
             if packed {
                 classes::with_packed_taps(kernel, &g, &classes, &w, true, |taps| run(Some(taps)));
@@ -310,7 +307,12 @@ fn check_every_path(ops: Operands) {
         let mut y = vec![f32::NAN; g.output().numel()];
         forward(&plan, &g, &x, &w, &mut y, &mut ws);
         let (mut dx, mut dw) = (vec![f32::NAN; x.len()], vec![f32::NAN; w.len()]);
-        backward(&plan, &g, &x, &w, &dy, Some(&mut dx), &mut dw, &mut ws);
+        Conv {
+            plan: &plan,
+            g: &g,
+            w: &w,
+        }
+        .backward(&x, &dy, Some(&mut dx), &mut dw, &mut ws);
         for (what, got, want) in [("y", &y, &ry), ("dx", &dx, &rdx), ("dw", &dw, &rdw)] {
             if ops.is_bf16() {
                 let diff: f64 = got.iter().zip(want.iter()).map(|(a, b)| (*a as f64 - b).powi(2)).sum();
