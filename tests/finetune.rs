@@ -6,9 +6,9 @@ mod common;
 
 use common::{Golden, cli, write_folder};
 use resnet_cifar::checkpoint::{self, HostTensor, StateDict};
-use resnet_cifar::cli::CheckpointFile;
 use resnet_cifar::engine::cpu::Cpu;
 use resnet_cifar::engine::{Shape4, nchw_to_nhwc};
+use resnet_cifar::model::CheckpointFile;
 use resnet_cifar::model::torchvision::to_seed_name;
 use resnet_cifar::model::{Arch, ResNet, ResNetConfig, Stem};
 use resnet_cifar::nn::{Entry, Module};

@@ -6,7 +6,7 @@ mod common;
 use resnet_cifar::checkpoint;
 use resnet_cifar::data::{Cifar10, Splits};
 use resnet_cifar::engine::cpu::Cpu;
-use resnet_cifar::train::{Console, Recipe, Start, Stop, TrainConfig, load_resume, train};
+use resnet_cifar::train::{Console, Recipe, RunPlan, Start, Stop, TrainConfig, load_resume, train};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
@@ -47,11 +47,13 @@ fn run(cfg: &TrainConfig, splits: &Splits, dir: &Path, resume: bool, stop: bool)
     let r = resume.then(|| load_resume(dir).unwrap());
     train(
         &Cpu::default(),
-        cfg,
+        RunPlan {
+            cfg: cfg.clone(),
+            start: r.into(),
+            out: dir.to_path_buf(),
+        },
         splits,
-        dir,
         &mut Console::quiet(),
-        r.into(),
         &AtomicBool::new(stop),
     )
     .unwrap()
@@ -157,11 +159,13 @@ fn a_diverging_loss_stops_the_run_with_its_step() {
     cfg.log_every = 1000;
     let err = train(
         &Cpu::default(),
-        &cfg,
+        RunPlan {
+            cfg: cfg.clone(),
+            start: Start::Fresh,
+            out: tmp.path().to_path_buf(),
+        },
         &splits,
-        tmp.path(),
         &mut Console::quiet(),
-        Start::Fresh,
         &AtomicBool::new(false),
     )
     .unwrap_err();

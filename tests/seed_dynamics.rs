@@ -15,7 +15,7 @@ use resnet_cifar::data::transform::Augment;
 use resnet_cifar::data::{Cifar10, Splits};
 use resnet_cifar::engine::cpu::Cpu;
 use resnet_cifar::model::build;
-use resnet_cifar::train::{Console, InitWeights, Recipe, Start, train};
+use resnet_cifar::train::{Console, InitWeights, Recipe, RunPlan, Start, train};
 use std::sync::atomic::AtomicBool;
 
 /// How far our run ends from PyTorch's, per quantity.
@@ -100,11 +100,13 @@ fn twenty_seed_steps_end_where_pytorchs_seed_code_ends() {
     let run = dir.path().join("run");
     let outcome = train(
         &Cpu::default(),
-        &cfg,
+        RunPlan {
+            cfg: cfg.clone(),
+            start: Start::Init(init),
+            out: run.to_path_buf(),
+        },
         &splits,
-        &run,
         &mut Console::quiet(),
-        Start::Init(init),
         &AtomicBool::new(false),
     )
     .unwrap();

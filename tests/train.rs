@@ -8,7 +8,7 @@ use common::cli;
 
 use resnet_cifar::data::{Cifar10, Splits};
 use resnet_cifar::engine::cpu::Cpu;
-use resnet_cifar::train::{Console, Recipe, Start, train};
+use resnet_cifar::train::{Console, Recipe, RunPlan, Start, train};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
@@ -137,11 +137,13 @@ fn a_few_hundred_steps_learn_well_above_chance() {
     let run = dir.path().join("run");
     let outcome = train(
         &Cpu::default(),
-        &cfg,
+        RunPlan {
+            cfg: cfg.clone(),
+            start: Start::Fresh,
+            out: run.to_path_buf(),
+        },
         &splits,
-        &run,
         &mut Console::quiet(),
-        Start::Fresh,
         &AtomicBool::new(false),
     )
     .unwrap();

@@ -2,9 +2,10 @@
 
 use super::{ComputeArgs, WinogradArg, open_data};
 use clap::Args;
-use resnet_cifar::cli::{CheckpointFile, CliError, limits};
+use resnet_cifar::cli::{CliError, limits};
 use resnet_cifar::data::{DataOptions, Splits};
 use resnet_cifar::eval::{Tta, evaluate};
+use resnet_cifar::model::CheckpointFile;
 use resnet_cifar::model::Stem;
 use std::path::PathBuf;
 
@@ -48,7 +49,7 @@ pub struct EvalArgs {
 }
 
 pub fn run(a: EvalArgs) -> Result<(), CliError> {
-    let file = CheckpointFile::read(&a.checkpoint, a.stem)?;
+    let file = CheckpointFile::read(&a.checkpoint, a.stem).map_err(CliError::input)?;
     let target = a.compute.target_for(&file, a.winograd.winograd)?;
     let data = open_data(
         &a.data,
@@ -85,7 +86,7 @@ pub fn run(a: EvalArgs) -> Result<(), CliError> {
             _ => &splits.train,
         };
     let r = with_backend!(target, |be| {
-        let mut model = file.network(be)?;
+        let mut model = file.network(be).map_err(CliError::input)?;
         evaluate(
             be,
             model.as_mut(),

@@ -1,9 +1,10 @@
 //! `export`: a checkpoint as an ONNX model file.
 
 use clap::Args;
-use resnet_cifar::cli::{CheckpointFile, CliError};
+use resnet_cifar::cli::CliError;
 use resnet_cifar::engine::cpu::Cpu;
 use resnet_cifar::export::{self, DEFAULT_OPSET, OnnxOptions};
+use resnet_cifar::model::CheckpointFile;
 use resnet_cifar::model::Stem;
 use std::path::PathBuf;
 
@@ -39,10 +40,10 @@ pub fn run(a: ExportArgs) -> Result<(), CliError> {
             a.out.display()
         )));
     }
-    let file = CheckpointFile::read(&a.checkpoint, a.stem)?;
+    let file = CheckpointFile::read(&a.checkpoint, a.stem).map_err(CliError::input)?;
     let model = file.arch.describe(&file.model);
     let be = &Cpu::default();
-    let net = file.network(be)?;
+    let net = file.network(be).map_err(CliError::input)?;
     let bytes = export::onnx(be, net.as_ref(), &file.spec, &model, &opts);
     resnet_cifar::checkpoint::write_atomic(&a.out, &bytes)
         .map_err(|e| CliError::input(format!("{}: cannot write: {e}", a.out.display())))?;

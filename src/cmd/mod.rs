@@ -2,11 +2,12 @@
 //! command computes (`--threads`, `--device`, `--precision`) and how the data is found.
 
 use clap::Args;
-use resnet_cifar::cli::{CheckpointFile, CliError};
+use resnet_cifar::cli::CliError;
 use resnet_cifar::data::{DataOptions, Dataset, fetch};
 use resnet_cifar::engine::cpu::{CpuConfig, CpuKernel, CpuPrecision};
 use resnet_cifar::engine::cuda::Precision;
 use resnet_cifar::engine::{Backend, Collective, Local};
+use resnet_cifar::model::CheckpointFile;
 use std::path::{Path, PathBuf};
 
 /// Runs `$body` with `$be` bound to the backend `$target` names.

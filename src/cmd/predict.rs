@@ -2,7 +2,8 @@
 
 use super::{ComputeArgs, WinogradArg};
 use clap::Args;
-use resnet_cifar::cli::{CheckpointFile, CliError};
+use resnet_cifar::cli::CliError;
+use resnet_cifar::model::CheckpointFile;
 use resnet_cifar::model::Stem;
 use resnet_cifar::predict;
 use std::path::PathBuf;
@@ -31,7 +32,7 @@ pub struct PredictArgs {
 }
 
 pub fn run(a: PredictArgs) -> Result<(), CliError> {
-    let file = CheckpointFile::read(&a.checkpoint, a.stem)?;
+    let file = CheckpointFile::read(&a.checkpoint, a.stem).map_err(CliError::input)?;
     let target = a.compute.target_for(&file, a.winograd.winograd)?;
     let images = a
         .images
@@ -40,7 +41,7 @@ pub fn run(a: PredictArgs) -> Result<(), CliError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(CliError::input)?;
     let guesses = with_backend!(target, |be| {
-        let mut model = file.network(be)?;
+        let mut model = file.network(be).map_err(CliError::input)?;
         predict::predict(be, model.as_mut(), &images, &file.spec, a.top_k as usize)
     });
     if a.json {

@@ -4,9 +4,10 @@
 
 use super::{ComputeArgs, WinogradArg};
 use clap::Args;
-use resnet_cifar::cli::{CheckpointFile, CliError, limits};
+use resnet_cifar::cli::{CliError, limits};
 use resnet_cifar::engine::prelude::*;
 use resnet_cifar::engine::{ConvGeom, Shape4};
+use resnet_cifar::model::CheckpointFile;
 use resnet_cifar::model::{Arch, ResNet, ResNetConfig, Sequential, Stem, summarize, summarize_sequential};
 
 /// The network and input size that `summary` and `bench` describe.
@@ -76,7 +77,8 @@ pub fn run(a: SummaryArgs) -> Result<(), CliError> {
         .checkpoint
         .as_ref()
         .map(|path| CheckpointFile::read(path, None))
-        .transpose()?;
+        .transpose()
+        .map_err(CliError::input)?;
     let target = match &file {
         Some(file) => a.compute.target_for(file, a.winograd.winograd)?,
         None => a.compute.target()?.winograd(a.winograd.winograd.unwrap_or(true)),

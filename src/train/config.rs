@@ -225,6 +225,15 @@ impl OptimizerConfig {
 }
 
 impl TrainConfig {
+    /// The run in a few words: "recipe fast, ResNet-18 (...), 10 epochs, batch 128".
+    pub fn describe(&self) -> String {
+        let model = self.arch.describe(&self.model);
+        format!(
+            "recipe {}, {model}, {} epochs, batch {}",
+            self.recipe, self.epochs, self.batch_size
+        )
+    }
+
     fn named(mut self, recipe: Recipe) -> Self {
         self.recipe = recipe.name().to_string();
         self

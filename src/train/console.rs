@@ -1,6 +1,9 @@
 //! What a run prints: plain lines, plus a progress bar with images per second and time left
-//! while an epoch runs when stdout is a terminal.
+//! while an epoch runs when stdout is a terminal. The console is one of a run's observers.
 
+use super::observer::{EpochEnd, Observer, RunState, StepLog};
+use crate::engine::Backend;
+use anyhow::Result;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 
@@ -65,6 +68,44 @@ impl Console {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
+    }
+}
+
+/// The seed's lines: the loss every `--log-every` steps, and after each epoch the evaluation
+/// (the test loss as the seed computes it, the sum of per-batch mean losses) with the epoch's
+/// time and the time left.
+impl<B: Backend> Observer<B> for Console {
+    fn note(&mut self, line: &str) {
+        self.line(line);
+    }
+
+    fn epoch_started(&mut self, label: &str, images: u64) {
+        self.start_epoch(label, images);
+    }
+
+    fn batch_trained(&mut self, images: u64, loss: Option<f32>) {
+        self.advance(images, &loss.map_or(String::new(), |l| format!("loss {l:.4}")));
+    }
+
+    fn step_logged(&mut self, s: &StepLog) -> Result<()> {
+        self.line(&format!("step {}, loss {}", s.step, s.loss));
+        Ok(())
+    }
+
+    fn epoch_trained(&mut self) {
+        self.finish_epoch();
+    }
+
+    fn epoch_ended(&mut self, end: &EpochEnd, _state: &mut RunState<'_, B>) -> Result<()> {
+        let (epoch, epochs, pace) = (end.epoch + 1, end.epochs, &end.pace);
+        self.line(&match end.eval {
+            Some((split, r)) => format!(
+                "epoch {epoch}/{epochs}: {split} loss {:.4} (sum of batch means; {:.4} per image), accuracy {:.4} ({}/{}); {pace}",
+                r.loss_sum_of_batch_means, r.loss, r.accuracy, r.correct, r.images,
+            ),
+            None => format!("epoch {epoch}/{epochs}: {pace}"),
+        });
+        Ok(())
     }
 }
 

@@ -1,13 +1,13 @@
-//! A training run in progress: the model, its optimizer, where it is, and the run folder it
-//! writes. The loop in [`super::run::train`] drives it one step, one epoch end, one save at a
-//! time; a data-parallel run adds its all-reduce between the backward pass and the optimizer
-//! step, in [`Trainer::step`].
+//! A training run in progress: the model, its optimizer and where it is. The loop in
+//! [`super::run::train`] drives it one step and one epoch end at a time, and hands its state
+//! to the observers that save it; a data-parallel run adds its all-reduce between the
+//! backward pass and the optimizer step, in [`Trainer::step`].
 
 use super::config::TrainConfig;
-use super::console::Console;
+use super::observer::{RunState, StepLog};
 use super::optimizer::Optimizer;
-use super::run::{Position, RunFiles, Start, check_data, load_init, load_resumed, meta, save_train_state};
-use crate::checkpoint;
+use super::state::{InitWeights, Position, Resume, Start, Stop, TrainOutcome};
+use crate::checkpoint::{self, HostTensor};
 use crate::data::transform::BatchPlan;
 use crate::data::{Batch, EpochPlan, Images, Normalization, Shard, Splits};
 use crate::engine::{Backend, Collective, CropPlan, Shape4, ensure_len};
@@ -15,6 +15,7 @@ use crate::eval::{EvalResult, EvalTally, evaluate_shard};
 use crate::model::{Network, build};
 use crate::nn::Entry;
 use anyhow::{Context, Result, bail};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::mpsc::Receiver;
 
@@ -26,15 +27,13 @@ pub enum Batches<'a, B: Backend> {
 }
 
 pub struct Trainer<'a, B: Backend> {
-    be: &'a B,
+    pub(super) be: &'a B,
     /// The ranks training together (one: `Local`).
     coll: &'a dyn Collective<B>,
-    cfg: &'a TrainConfig,
+    pub(super) cfg: &'a TrainConfig,
     model: Box<dyn Network<B>>,
     opt: Optimizer<B>,
     pub pos: Position,
-    /// The run folder's writers: rank 0's alone.
-    files: Option<RunFiles>,
     side: usize,
     norm: Normalization,
     /// The current batch, NHWC on the device.
@@ -55,16 +54,14 @@ pub struct Trainer<'a, B: Backend> {
 
 impl<'a, B: Backend> Trainer<'a, B> {
     /// The model `cfg` describes, started as `start` says (on every rank of `coll`: rank 0's
-    /// weights), and its run folder `out` (created only once the model stands: a checkpoint
-    /// that does not fit leaves nothing behind).
+    /// weights) for the run folder `out`; `note` hears what it started from.
     pub fn new(
         be: &'a B,
-        coll: &'a dyn Collective<B>,
-        cfg: &'a TrainConfig,
+        (coll, cfg): (&'a dyn Collective<B>, &'a TrainConfig),
         splits: &Splits,
         out: &Path,
-        console: &Console,
         start: Start,
+        note: &mut dyn FnMut(&str),
     ) -> Result<Self> {
         if cfg.batch_size == 0 || cfg.eval_batch_size == 0 {
             bail!("batch size must be at least 1");
@@ -96,18 +93,25 @@ impl<'a, B: Backend> Trainer<'a, B> {
         if cfg.freeze_backbone {
             let head = model.head();
             model.freeze_all_but(&head);
-            console.line(&format!("training only the classifier ({head}); the rest is frozen"));
+            note(&format!("training only the classifier ({head}); the rest is frozen"));
         }
         let mut opt = Optimizer::new(&cfg.optimizer);
         let pos = match start {
             Start::Fresh => Position::default(),
             Start::Init(w) => {
-                load_init(be, model.as_mut(), &w, console)?;
+                note(&load_init(be, model.as_mut(), &w)?);
                 Position::default()
             }
             Start::Resume(r) => {
                 r.check_ranks(ranks, out).map_err(anyhow::Error::msg)?;
-                load_resumed(be, model.as_mut(), &mut opt, *r, out, console)?
+                let pos = load_resumed(be, model.as_mut(), &mut opt, *r, out)?;
+                note(&format!(
+                    "resuming at epoch {}, batch {} (step {})",
+                    pos.epoch + 1,
+                    pos.batch,
+                    pos.step
+                ));
+                pos
             }
         };
         if ranks > 1 {
@@ -118,11 +122,6 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 }
             });
         }
-        let files = if coll.rank() == 0 {
-            Some(RunFiles::create(out, cfg)?)
-        } else {
-            None
-        };
         let mut watch = be.alloc(2);
         be.fill(&mut watch, 2, 0.0);
         Ok(Self {
@@ -132,7 +131,6 @@ impl<'a, B: Backend> Trainer<'a, B> {
             model,
             opt,
             pos,
-            files,
             side: splits.spec.image_size,
             norm: splits.spec.norm,
             x: be.alloc(0),
@@ -182,9 +180,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
     }
 
     /// One optimizer step on the batch in the input buffer (this rank's part of it), at
-    /// learning rate `lr`; logs the loss every `log_every` steps. Returns the progress bar's
-    /// message.
-    pub fn step(&mut self, labels: &[u32], epoch: usize, lr: f64, console: &Console) -> Result<String> {
+    /// learning rate `lr`; every `log_every` steps, the whole batch's mean loss to log.
+    pub fn step(&mut self, labels: &[u32], epoch: usize, lr: f64) -> Result<Option<StepLog>> {
         let (be, side, n) = (self.be, self.side, labels.len());
         let ranks = self.coll.size();
         if ranks > 1 {
@@ -219,7 +216,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         // at and its NaN weights never reach a checkpoint.
         be.watch_loss(self.model.loss(), step, &mut self.watch);
         if !step.is_multiple_of(self.cfg.log_every) {
-            return Ok(String::new());
+            return Ok(None);
         }
         self.check_watch()?;
         let mut loss = [0f32];
@@ -232,12 +229,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
             self.coll.all_reduce_host(&mut sum);
             loss[0] = sum[0] as f32;
         }
-        console.line(&format!("step {step}, loss {}", loss[0]));
-        if let Some(files) = &mut self.files {
-            files.scalar("train_loss", loss[0], step as usize)?;
-            files.log(serde_json::json!({"kind": "train", "step": step, "epoch": epoch, "loss": loss[0], "lr": lr}))?;
-        }
-        Ok(format!("loss {:.4}", loss[0]))
+        Ok(Some(StepLog {
+            step,
+            epoch,
+            loss: loss[0],
+            lr,
+        }))
     }
 
     /// Whether the ranks stop now: true on every rank when any rank's `local` is (one
@@ -311,123 +308,165 @@ impl<'a, B: Backend> Trainer<'a, B> {
         Ok(())
     }
 
-    /// After the last batch of `epoch`: evaluates on `eval_on` (when there is such a split),
-    /// logs, and saves the epoch's checkpoint, `last`, `best` and the resume state. `pace` is
-    /// the time line the epoch's message ends with.
-    pub fn end_epoch(
-        &mut self,
-        epoch: usize,
-        eval_on: Option<(&str, &Images)>,
-        epoch_seconds: f64,
-        pace: &str,
-        console: &Console,
-    ) -> Result<()> {
-        self.check_watch()?;
+    /// After the last batch of `epoch`: moves to the next epoch and evaluates on `eval_on`
+    /// (when there is such a split), the ranks' weights checked equal and their running
+    /// statistics shared first: the epoch's figures, for the observers to log and save.
+    pub fn end_epoch(&mut self, epoch: usize, eval_on: Option<(&str, &Images)>) -> Result<EpochFigures> {
+        self.prepare_save()?;
         let (be, cfg) = (self.be, self.cfg);
         self.pos.epoch += 1;
         self.pos.batch = 0;
         self.pos.epochs_completed = self.pos.epoch;
-
         let lr = cfg.schedule.lr(epoch, 0, self.steps_per_epoch, cfg.epochs);
-        self.check_ranks_agree()?;
-        if let Some(files) = &mut self.files {
-            files.scalar("lr", lr as f32, epoch)?;
-        }
-        self.share_running_stats();
-        let mut accuracy = None;
-        if let Some((split, images)) = eval_on {
-            let classes = self.model.num_classes();
-            let tally = evaluate_shard(
-                be,
-                self.model.as_mut(),
-                images,
-                &self.norm,
-                cfg.eval_batch_size,
-                cfg.tta,
-                rank_shard(self.coll),
-            );
-            let mut sums = tally.to_sums();
-            self.coll.all_reduce_host(&mut sums);
-            let r = EvalTally::from_sums(&sums, classes).result();
-            console.line(&format!(
-                "epoch {}/{}: {split} loss {:.4} (sum of batch means; {:.4} per image), accuracy {:.4} ({}/{}); {pace}",
-                epoch + 1,
-                cfg.epochs,
-                r.loss_sum_of_batch_means,
-                r.loss,
-                r.accuracy,
-                r.correct,
-                r.images,
-            ));
-            if let Some(files) = &mut self.files {
-                files.scalar("test_loss", r.loss_sum_of_batch_means as f32, epoch)?;
-                files.scalar("test_accuracy", r.accuracy as f32, epoch)?;
-                files.log(serde_json::json!({
-                    "kind": "eval", "split": split, "epoch": epoch, "step": self.pos.step,
-                    "loss_sum_of_batch_means": r.loss_sum_of_batch_means, "loss": r.loss, "accuracy": r.accuracy, "lr": lr,
-                    "train_seconds": epoch_seconds,
-                }))?;
-            }
-            accuracy = Some(r.accuracy);
-            if self.pos.best.is_none_or(|(_, a)| r.accuracy > a) {
-                self.pos.best = Some((epoch + 1, r.accuracy));
-            }
-            self.last_eval = Some(r);
-        } else {
-            console.line(&format!("epoch {}/{}: {pace}", epoch + 1, cfg.epochs));
-            if let Some(files) = &mut self.files {
-                files.log(serde_json::json!({
-                    "kind": "epoch", "epoch": epoch, "step": self.pos.step, "lr": lr, "train_seconds": epoch_seconds,
-                }))?;
-            }
-        }
-
-        // Checkpoints (rank 0's): this epoch's, then last (and best when it is), then the
-        // resume state.
-        let ranks = self.coll.size();
-        let Some(files) = &mut self.files else {
-            return Ok(());
+        let Some((split, images)) = eval_on else {
+            return Ok(EpochFigures {
+                lr,
+                eval: None,
+                best: false,
+            });
         };
-        let root = files.root.clone();
-        let epoch_path = root
-            .join("checkpoints")
-            .join(format!("epoch-{}.safetensors", epoch + 1));
-        let bytes = checkpoint::to_bytes(
-            &checkpoint::state_dict(be, self.model.as_mut()),
-            Some(meta(cfg, be.precision(), &self.pos, accuracy)),
+        let classes = self.model.num_classes();
+        let tally = evaluate_shard(
+            be,
+            self.model.as_mut(),
+            images,
+            &self.norm,
+            cfg.eval_batch_size,
+            cfg.tta,
+            rank_shard(self.coll),
         );
-        checkpoint::write_atomic(&epoch_path, &bytes)
-            .with_context(|| format!("{}: write failed", epoch_path.display()))?;
-        checkpoint::write_atomic(&root.join("last.safetensors"), &bytes).context("last.safetensors: write failed")?;
-        if self.pos.best.is_some_and(|(e, _)| e == epoch + 1) {
-            checkpoint::write_atomic(&root.join("best.safetensors"), &bytes)
-                .context("best.safetensors: write failed")?;
+        let mut sums = tally.to_sums();
+        self.coll.all_reduce_host(&mut sums);
+        let r = EvalTally::from_sums(&sums, classes).result();
+        let best = self.pos.best.is_none_or(|(_, a)| r.accuracy > a);
+        if best {
+            self.pos.best = Some((epoch + 1, r.accuracy));
         }
-        save_train_state(be, &root, cfg, self.model.as_mut(), &self.opt, &self.pos, ranks)?;
-        files.flush()
+        self.last_eval = Some(r.clone());
+        Ok(EpochFigures {
+            lr,
+            eval: Some((split.to_string(), r)),
+            best,
+        })
     }
 
-    /// Saves a run stopped mid-epoch: the resume state and `last.safetensors`.
-    pub fn save_stopped(&mut self) -> Result<()> {
+    /// Makes the run ready to be saved, on every rank: no diverged loss, the ranks' weights
+    /// equal, rank 0's running statistics everywhere.
+    pub fn prepare_save(&mut self) -> Result<()> {
         self.check_watch()?;
         self.check_ranks_agree()?;
         self.share_running_stats();
-        let ranks = self.coll.size();
-        let (be, cfg) = (self.be, self.cfg);
-        let Some(files) = &mut self.files else {
-            return Ok(());
-        };
-        let root = files.root.clone();
-        save_train_state(be, &root, cfg, self.model.as_mut(), &self.opt, &self.pos, ranks)?;
-        checkpoint::save(
-            &root.join("last.safetensors"),
-            be,
-            self.model.as_mut(),
-            Some(meta(cfg, be.precision(), &self.pos, None)),
-        )
-        .context("last.safetensors: write failed")?;
-        files.flush()
+        Ok(())
     }
+
+    /// How the run ended: `stopped` early or not, after `images` images and `seconds` of
+    /// training in this launch.
+    pub fn outcome(&self, stopped: Option<Stop>, images: u64, seconds: f64) -> TrainOutcome {
+        TrainOutcome {
+            steps: self.pos.step,
+            epochs_completed: self.pos.epochs_completed,
+            stopped,
+            last_eval: self.last_eval.clone(),
+            best: self.pos.best,
+            train_images: images,
+            train_seconds: seconds,
+            ranks_agree_on: self.ranks_agree_on,
+            reduce_seconds: self.reduce_seconds,
+            reduced_steps: self.reduced_steps,
+        }
+    }
+
+    /// The run's state for the observers that save it.
+    pub fn state(&mut self) -> RunState<'_, B> {
+        RunState {
+            be: self.be,
+            cfg: self.cfg,
+            model: self.model.as_mut(),
+            opt: &self.opt,
+            pos: &self.pos,
+            ranks: self.coll.size(),
+        }
+    }
+}
+
+/// An epoch's figures ([`Trainer::end_epoch`]): the learning rate at its start and, with
+/// held-out images, the split and its evaluation, and whether it is the best so far.
+pub struct EpochFigures {
+    pub lr: f64,
+    pub eval: Option<(String, EvalResult)>,
+    pub best: bool,
+}
+
+/// Loads `w` into `model`, all of it but a classifier of another shape; what it did.
+fn load_init<B: Backend>(be: &B, model: &mut dyn Network<B>, w: &InitWeights) -> Result<String> {
+    let head = model.head();
+    let prefix = format!("{head}.");
+    let mut head_shapes = Vec::new();
+    model.visit(&mut |e| {
+        if let Entry::Tensor(p) = e
+            && p.name.starts_with(&prefix)
+        {
+            head_shapes.push((p.name.clone(), p.shape.clone()));
+        }
+    });
+    let fresh_head = head_shapes
+        .iter()
+        .any(|(name, shape)| w.tensors.get(name).is_some_and(|t| t.shape != *shape));
+    checkpoint::load_tensors_except(&w.origin, &w.tensors, be, model, &|n| {
+        fresh_head && n.starts_with(&prefix)
+    })?;
+    let classes = |shapes: &[usize]| shapes.first().copied().unwrap_or(0);
+    let file_classes = w.tensors.get(&format!("{head}.bias")).map_or(0, |t| classes(&t.shape));
+    Ok(format!(
+        "weights from {}{}",
+        w.origin,
+        if fresh_head {
+            format!(
+                "; its classifier ({head}) has {file_classes} classes, this data {}: {head} starts afresh",
+                model.num_classes()
+            )
+        } else {
+            String::new()
+        }
+    ))
+}
+
+/// Refuses data that is not what the configuration (and its model) was made for.
+fn check_data(cfg: &TrainConfig, splits: &Splits) -> Result<()> {
+    let spec = &splits.spec;
+    if *spec != cfg.dataset || cfg.model.num_classes != spec.classes.len() || cfg.model.image_size != spec.image_size {
+        bail!(
+            "the data ({} classes, {}x{1} images) is not what the run's configuration was made for ({} classes, {}x{3}; model: {} classes, {}x{5})",
+            spec.classes.len(),
+            spec.image_size,
+            cfg.dataset.classes.len(),
+            cfg.dataset.image_size,
+            cfg.model.num_classes,
+            cfg.model.image_size
+        );
+    }
+    Ok(())
+}
+
+/// Restores the model, the optimizer and the position of a resumed run (`r`, read from `out`).
+fn load_resumed<B: Backend>(
+    be: &B,
+    model: &mut dyn Network<B>,
+    opt: &mut Optimizer<B>,
+    r: Resume,
+    out: &Path,
+) -> Result<Position> {
+    let (model_state, optim_state): (BTreeMap<_, _>, BTreeMap<_, _>) =
+        r.tensors.into_iter().partition(|(k, _)| k.starts_with("model."));
+    let model_state: BTreeMap<String, HostTensor> = model_state
+        .into_iter()
+        .map(|(k, v)| (k["model.".len()..].to_string(), v))
+        .collect();
+    let origin = out.join("train_state.safetensors").display().to_string();
+    checkpoint::load_tensors(&origin, &model_state, be, &mut *model)?;
+    opt.load_state(be, &mut *model, &optim_state, r.position.step)
+        .map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+    Ok(r.position)
 }
 
 /// The part of each batch (and of the evaluation batches) that this rank of `coll` computes.
