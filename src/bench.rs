@@ -2,6 +2,7 @@
 //! batches of the configured image size (CIFAR's 32x32 by default), as `resnet-cifar bench`
 //! reports it.
 
+use crate::data::CHANNELS;
 use crate::engine::{Backend, Collective, Shape4};
 use crate::model::{Arch, ResNetConfig, build};
 use crate::optim::{Adam, AdamConfig};
@@ -45,7 +46,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 pub fn run<B: Backend>(be: &B, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> BenchReport {
     let n = cfg.batch_size;
     let side = cfg.model.image_size;
-    let input = Shape4::new(n, side, side, 3);
+    let input = Shape4::new(n, side, side, CHANNELS);
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let host: Vec<f32> = (0..input.numel()).map(|_| rng.random_range(-2.0f32..2.0)).collect();
     let labels: Vec<u32> = (0..n)

@@ -1,7 +1,7 @@
 //! Evaluation: loss, accuracy, per-class accuracy and the confusion matrix of a model on a set
 //! of images, in eval mode (running BatchNorm statistics), as the seed's test loop computes them.
 
-use crate::data::{Images, Normalization, Shard, eval_batches};
+use crate::data::{CHANNELS, Images, Normalization, Shard, eval_batches};
 use crate::engine::{Backend, Shape4};
 use crate::model::Network;
 
@@ -98,18 +98,18 @@ impl Tta {
 /// Shifts every image of a normalised NHWC batch by (dx, dy) pixels; uncovered pixels get
 /// `fill` (a black pixel, normalised, as the training crops' zero padding).
 pub fn shift_image(x: &[f32], n: usize, side: usize, dx: isize, dy: isize, fill: [f32; 3]) -> Vec<f32> {
-    let mut out = vec![0.0; n * side * side * 3];
+    let mut out = vec![0.0; n * side * side * CHANNELS];
     for (src, dst) in x
-        .chunks_exact(side * side * 3)
-        .zip(out.chunks_exact_mut(side * side * 3))
+        .chunks_exact(side * side * CHANNELS)
+        .zip(out.chunks_exact_mut(side * side * CHANNELS))
         .take(n)
     {
         for y in 0..side {
             for xx in 0..side {
                 let (sy, sx) = (y as isize - dy, xx as isize - dx);
-                let px = &mut dst[(y * side + xx) * 3..(y * side + xx + 1) * 3];
+                let px = &mut dst[(y * side + xx) * CHANNELS..(y * side + xx + 1) * CHANNELS];
                 if (0..side as isize).contains(&sy) && (0..side as isize).contains(&sx) {
-                    let at = (sy as usize * side + sx as usize) * 3;
+                    let at = (sy as usize * side + sx as usize) * CHANNELS;
                     px.copy_from_slice(&src[at..at + 3]);
                 } else {
                     px.copy_from_slice(&fill);
@@ -225,7 +225,7 @@ pub fn evaluate_shard<B: Backend>(
     let (mut logits, mut view_logits) = (Vec::new(), Vec::new());
     for batch in eval_batches(images, batch_size, norm, shard) {
         let n = batch.len();
-        let shape = Shape4::new(n, side, side, 3);
+        let shape = Shape4::new(n, side, side, CHANNELS);
         crate::engine::ensure_len(be, &mut x, batch.x.len());
         logits.clear();
         logits.resize(n * classes, 0.0);
@@ -233,7 +233,7 @@ pub fn evaluate_shard<B: Backend>(
             // The batch itself is uploaded as it is; only other views are built.
             let mut view = std::borrow::Cow::Borrowed(&batch.x[..]);
             if flip {
-                view = flip_horizontal(&view, n, side, side, 3).into();
+                view = flip_horizontal(&view, n, side, side, CHANNELS).into();
             }
             if (dx, dy) != (0, 0) {
                 view = shift_image(&view, n, side, dx, dy, fill).into();

@@ -55,7 +55,10 @@ fn metadata(spec: &DataSpec, model: &str) -> Vec<(String, String)> {
         ("image_size".into(), side.to_string()),
         (
             "input".into(),
-            format!("float32 NCHW [batch, 3, {side}, {side}], RGB: pixel / 255 - mean, over std, per channel"),
+            format!(
+                "float32 NCHW [batch, {}, {side}, {side}], RGB: pixel / 255 - mean, over std, per channel",
+                crate::data::CHANNELS
+            ),
         ),
         ("model".into(), model.to_string()),
     ]

@@ -5,10 +5,10 @@
 //! an antialiasing filter (Lanczos3), exactly as an image folder's training images are, then
 //! normalised as the model's training images were.
 
-use crate::data::DataSpec;
 use crate::data::folder;
 use crate::data::transform::{Crop, write_image};
-use crate::engine::{Backend, Shape4};
+use crate::data::{CHANNELS, DataSpec};
+use crate::engine::Backend;
 use crate::model::Network;
 use std::path::Path;
 
@@ -20,11 +20,11 @@ pub struct Guess {
     pub probability: f64,
 }
 
-/// Loads `path` as a normalised NHWC image of the size `spec` gives (`[size * size * 3]`).
+/// Loads `path` as a normalised NHWC image of the size `spec` gives (`[size * size * CHANNELS]`).
 pub fn load_image(path: &Path, spec: &DataSpec) -> Result<Vec<f32>, String> {
     let img = folder::decode(path).map_err(|e| format!("{}: not a readable image: {e}", path.display()))?;
     let side = spec.image_size;
-    let mut x = vec![0.0; 3 * side * side];
+    let mut x = vec![0.0; CHANNELS * side * side];
     let whole = Crop {
         side,
         pad: 0,
@@ -44,10 +44,11 @@ pub fn predict<B: Backend>(
     spec: &DataSpec,
     k: usize,
 ) -> Vec<Vec<Guess>> {
-    let (n, side, classes) = (images.len(), spec.image_size, &spec.classes);
-    let mut x = be.alloc(n * side * side * 3);
+    let (n, classes) = (images.len(), &spec.classes);
+    let input = model.input(n);
+    let mut x = be.alloc(input.numel());
     be.upload(&images.concat(), &mut x);
-    model.forward(be, &x, Shape4::new(n, side, side, 3), false);
+    model.forward(be, &x, input, false);
     let nc = model.num_classes();
     let mut logits = vec![0f32; n * nc];
     be.download(model.logits(), &mut logits);

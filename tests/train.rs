@@ -446,7 +446,7 @@ fn a_toml_config_file_sets_a_run_and_flags_override_it() {
         ("epochs = [\n", "run.toml"),
         ("crop_pad = 20\n", "crop_pad must be 0 to 16, got 20"),
         ("stages = 5\n", "stages must be 3 to 4"),
-        ("cutout = 33\n", "cutout must be 0 to 32"),
+        ("cutout = 257\n", "cutout must be 0 to 256"),
         ("max_steps = 0\n", "max_steps must be at least 1"),
         ("zero_init_residual = \"yes\"\n", "zero_init_residual"),
         ("image_size = 8\n", "image_size must be 16 to 256, got 8"),
@@ -671,4 +671,43 @@ fn several_ranks_need_the_mpi_build() {
         err.contains("built without MPI") && err.contains("--features mpi"),
         "{err}"
     );
+}
+
+/// Cutout's bound follows the image size: a square larger than the run's images is refused
+/// naming their size, and one larger than CIFAR's 32 pixels trains on larger images.
+#[test]
+fn cutout_is_bounded_by_the_images_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::shared_dir().join("data/cifar10");
+    let run = |cutout: &str, size: &str, out: &str| {
+        let out = dir.path().join(out);
+        cli(&[
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--val-split",
+            "49900",
+            "--model",
+            "lenet",
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--cutout",
+            cutout,
+            "--image-size",
+            size,
+            "--threads",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let (code, _, err) = run("40", "32", "small");
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(err.trim(), "error: --cutout 40 is larger than the images (32x32)");
+    assert!(!dir.path().join("small").exists(), "nothing written");
+    let (code, out, err) = run("40", "64", "large");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("stopped after 1 steps"), "{out}");
 }

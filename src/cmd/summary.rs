@@ -26,7 +26,7 @@ pub struct NetArgs {
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(limits::POSITIVE.0..))]
     pub batch_size: u64,
     /// Side of the square input images (CIFAR's 32 by default).
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(limits::flag_range(limits::IMAGE_SIZE)))]
+    #[arg(long, default_value_t = resnet_cifar::data::cifar::SIDE as u16, value_parser = clap::value_parser!(u16).range(limits::flag_range(limits::IMAGE_SIZE)))]
     pub image_size: u16,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -38,7 +38,7 @@ impl NetArgs {
         ResNetConfig {
             stem: self.stem,
             stages: self.stages as usize,
-            num_classes: 10,
+            num_classes: ResNetConfig::default().num_classes,
             image_size: self.image_size as usize,
         }
     }
@@ -100,7 +100,7 @@ pub fn run(a: SummaryArgs) -> Result<(), CliError> {
         None => (a.net.model, a.net.checked_config()?),
     };
     let side = cfg.image_size;
-    let input = Shape4::new(a.net.batch_size as usize, side, side, 3);
+    let input = Shape4::new(a.net.batch_size as usize, side, side, resnet_cifar::data::CHANNELS);
     let (classes, seed) = (cfg.num_classes, 0);
     let (s, backend) = with_backend!(target, |be| {
         let plan = |g: &ConvGeom| be.conv2d_plan(g).to_string();

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 /// CIFAR images are 32x32.
 pub const SIDE: usize = 32;
-pub const IMAGE_BYTES: usize = 3 * SIDE * SIDE;
+pub const IMAGE_BYTES: usize = super::images::CHANNELS * SIDE * SIDE;
 pub const RECORD_BYTES: usize = 1 + IMAGE_BYTES;
 pub const RECORDS_PER_FILE: usize = 10_000;
 pub const NUM_CLASSES: usize = 10;

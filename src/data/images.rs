@@ -1,7 +1,10 @@
 //! Labelled square RGB images as stored: bytes in planes (`[n, 3, side, side]`, the CIFAR
 //! binary layout), one label each. Every dataset format is read into this one shape.
 
-/// Labelled images, pixels as stored (`[n, 3, side, side]` bytes).
+/// Colour channels of every image the readers produce (RGB): the one place the tool says it.
+pub const CHANNELS: usize = 3;
+
+/// Labelled images, pixels as stored (`[n, CHANNELS, side, side]` bytes).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Images {
     pub pixels: Vec<u8>,
@@ -21,7 +24,7 @@ impl Images {
     }
     /// Bytes of one image: `3 * side * side`.
     pub fn image_bytes(&self) -> usize {
-        3 * self.side * self.side
+        CHANNELS * self.side * self.side
     }
     pub fn len(&self) -> usize {
         self.labels.len()

@@ -14,7 +14,7 @@ pub mod transform;
 
 pub use cifar::{CLASS_NAMES, Cifar10, Cifar100, DataError};
 pub use dataset::{DataOptions, DataSpec, Dataset, Format, LabelSet, Splits, open};
-pub use images::{Images, Normalization};
+pub use images::{CHANNELS, Images, Normalization};
 pub use loader::{EpochPlan, eval_batches, spawn_loader};
 pub use shard::Shard;
 pub use transform::{Augment, Batch, BatchKey};

@@ -3,11 +3,14 @@
 //! (`Module`) for optimizers and checkpoints.
 
 use super::{ResNet, ResNetConfig, Sequential};
+use crate::data::CHANNELS;
 use crate::engine::{Backend, Shape4, StatsSum};
 use crate::nn::Module;
 use crate::onnx::Graph;
 
 pub trait Network<B: Backend>: Module<B> {
+    /// The NHWC shape of a batch of `n` of the images the model takes.
+    fn input(&self, n: usize) -> Shape4;
     /// Forward pass of an NHWC batch; the logits are left in [`Network::logits`].
     fn forward(&mut self, be: &B, x: &B::Buf, input: Shape4, train: bool);
     /// Cross-entropy of the last forward pass against `labels`, then every gradient.
@@ -107,6 +110,10 @@ pub fn build<B: Backend>(be: &B, arch: Arch, cfg: ResNetConfig, seed: u64) -> Bo
 }
 
 impl<B: Backend> Network<B> for ResNet<B> {
+    fn input(&self, n: usize) -> Shape4 {
+        let side = self.cfg.image_size;
+        Shape4::new(n, side, side, CHANNELS)
+    }
     fn forward(&mut self, be: &B, x: &B::Buf, input: Shape4, train: bool) {
         ResNet::forward(self, be, x, input, train)
     }

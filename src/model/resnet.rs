@@ -5,6 +5,7 @@
 //! and `fc`. Every buffer a step needs is owned by a layer or by the model and allocated on the
 //! first pass (or when the batch grows), so a training step does not allocate activations.
 
+use crate::data::CHANNELS;
 use crate::engine::{Backend, Shape4, ensure_len};
 use crate::nn::{
     BatchNorm2d, Builder, Conv2d, Conv2dConfig, CrossEntropy, Entry, GlobalAvgPool, Linear, MaxPool2d, Module,
@@ -40,7 +41,7 @@ impl Stem {
             Stem::Cifar => (3, 1, 1),
         };
         Conv2dConfig {
-            cin: 3,
+            cin: CHANNELS,
             cout: 64,
             kernel,
             stride,
@@ -72,7 +73,7 @@ pub struct ResNetConfig {
 
 /// CIFAR's 32x32: what a model configuration without an image size was made for.
 fn default_image_size() -> usize {
-    32
+    crate::data::cifar::SIDE
 }
 
 impl Default for ResNetConfig {
@@ -80,7 +81,7 @@ impl Default for ResNetConfig {
         Self {
             stem: Stem::Seed,
             stages: 4,
-            num_classes: 10,
+            num_classes: crate::data::cifar::NUM_CLASSES,
             image_size: default_image_size(),
         }
     }
@@ -317,7 +318,7 @@ impl<B: Backend> ResNet<B> {
     /// (`[n, classes]`) are left in [`Self::logits`]. `train` selects batch statistics (and
     /// updates the running ones) or running statistics.
     pub fn forward(&mut self, be: &B, x: &B::Buf, input: Shape4, train: bool) {
-        assert_eq!(input.c, 3, "input must have 3 channels");
+        assert_eq!(input.c, CHANNELS, "input must have {CHANNELS} channels");
         let ws = &mut self.ws;
         let stem = &mut self.stem;
         let mut s = stem.bn.forward_after(be, &mut stem.conv, (x, input), None, train, ws);

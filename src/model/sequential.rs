@@ -3,6 +3,7 @@
 //! (`features.N.*`, `classifier.N.*`), so checkpoints move between the two.
 
 use super::network::Network;
+use crate::data::CHANNELS;
 use crate::engine::{Backend, Layout, Shape4, StatsSum, ensure_len};
 use crate::nn::{BatchNorm2d, Builder, Conv2d, Conv2dConfig, CrossEntropy, Entry, Linear, MaxPool2d, Module, Relu};
 use crate::onnx::Graph;
@@ -37,6 +38,8 @@ pub struct Sequential<B: Backend> {
     /// (`classifier`, None) is a top-level `classifier`.
     pub labels: Vec<(&'static str, Option<usize>)>,
     classes: usize,
+    /// Width and height of the input images.
+    side: usize,
     /// Input shape of each layer in the last forward pass.
     shapes: Vec<Shape4>,
     grad: [B::Buf; 2],
@@ -65,7 +68,7 @@ impl<B: Backend> Sequential<B> {
         be: &B,
         title: &'static str,
         layers: Vec<(&'static str, Option<usize>, Layer<B>)>,
-        classes: usize,
+        (classes, side): (usize, usize),
         grad_len: usize,
     ) -> Self {
         let (labels, layers) = layers.into_iter().map(|(g, i, l)| ((g, i), l)).unzip();
@@ -74,6 +77,7 @@ impl<B: Backend> Sequential<B> {
             labels,
             layers,
             classes,
+            side,
             shapes: Vec::new(),
             grad: [be.alloc(0), be.alloc(0)],
             ws: be.alloc(0),
@@ -89,7 +93,7 @@ impl<B: Backend> Sequential<B> {
         let root = Builder::new(be, seed);
         let (f, c) = (root.pp("features"), root.pp("classifier"));
         let mut layers = Vec::new();
-        for (i, (cin, cout)) in [(3, 32), (32, 32), (32, 64)].into_iter().enumerate() {
+        for (i, (cin, cout)) in [(CHANNELS, 32), (32, 32), (32, 64)].into_iter().enumerate() {
             layers.push(("features", Some(3 * i), conv(&f.pp(3 * i), cin, cout, 5, 2)));
             layers.push(("features", Some(3 * i + 1), Layer::Relu(Relu::new(be))));
             let pool = Layer::MaxPool(MaxPool2d::new(be, 2, 2, 0));
@@ -102,7 +106,7 @@ impl<B: Backend> Sequential<B> {
         layers.push(("classifier", Some(1), Layer::Relu(Relu::new(be))));
         let fc2 = Linear::new(&c.pp(2), 64, classes);
         layers.push(("classifier", Some(2), Layer::Linear(fc2)));
-        Self::new(be, "LeNet", layers, classes, root.grad_len())
+        Self::new(be, "LeNet", layers, (classes, side), root.grad_len())
     }
 
     /// VGG-16 with batch norm: 13 3x3 convs (64, 64, M, 128, 128, M, 256 x3, M, 512 x3, M,
@@ -114,7 +118,7 @@ impl<B: Backend> Sequential<B> {
         ];
         let root = Builder::new(be, seed);
         let f = root.pp("features");
-        let (mut layers, mut cin, mut idx) = (Vec::new(), 3, 0);
+        let (mut layers, mut cin, mut idx) = (Vec::new(), CHANNELS, 0);
         for cout in PLAN {
             if cout == 0 {
                 layers.push(("features", Some(idx), Layer::MaxPool(MaxPool2d::new(be, 2, 2, 0))));
@@ -134,11 +138,14 @@ impl<B: Backend> Sequential<B> {
             Linear::with_layout(&root.pp("classifier"), s * s * 512, classes, flat)
         };
         layers.push(("classifier", None, Layer::Linear(fc)));
-        Self::new(be, "VGG16", layers, classes, root.grad_len())
+        Self::new(be, "VGG16", layers, (classes, side), root.grad_len())
     }
 }
 
 impl<B: Backend> Network<B> for Sequential<B> {
+    fn input(&self, n: usize) -> Shape4 {
+        Shape4::new(n, self.side, self.side, CHANNELS)
+    }
     fn forward(&mut self, be: &B, x: &B::Buf, input: Shape4, train: bool) {
         self.shapes.clear();
         let mut s = input;

@@ -82,9 +82,16 @@ impl Resolved {
         }
         splits.spec.norm.mean = settings.mean.unwrap_or(splits.spec.norm.mean);
         splits.spec.norm.std = settings.std.unwrap_or(splits.spec.norm.std);
+        let side = splits.spec.image_size;
         cfg.arch
-            .check_image_size(splits.spec.image_size)
+            .check_image_size(side)
             .map_err(|e| format!("--model {}: {e}", cfg.arch.name()))?;
+        if cfg.augment.cutout > side {
+            return Err(format!(
+                "--cutout {} is larger than the images ({side}x{side})",
+                cfg.augment.cutout
+            ));
+        }
         cfg.model.num_classes = splits.spec.classes.len();
         cfg.model.image_size = splits.spec.image_size;
         cfg.dataset = splits.spec.clone();

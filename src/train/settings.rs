@@ -16,8 +16,9 @@ pub mod limits {
     pub const POSITIVE: (u64, u64) = (1, u64::MAX);
     /// Padding beyond 16 would let a 32x32 crop miss the image entirely.
     pub const CROP_PAD: (u64, u64) = (0, 16);
-    /// A cutout square as large as the image.
-    pub const CUTOUT: (u64, u64) = (0, 32);
+    /// A cutout square as large as the largest image (checked against the run's own image
+    /// size once the data is read).
+    pub const CUTOUT: (u64, u64) = (0, crate::data::dataset::IMAGE_SIZES.1 as u64);
     /// The seed's four residual stages, or three (its proposal to drop `conv5`).
     pub const STAGES: (u64, u64) = (3, 4);
     /// `--image-size`: see `data::dataset::IMAGE_SIZES`.
@@ -136,8 +137,8 @@ pub struct Settings {
     pub alternate_flip: Option<bool>,
     /// Cutout: zero a SIDE x SIDE square at a random centre of each training image, after the
     /// crop and flip (clipped at the edges; 0: none).
-    #[arg(long, value_name = "SIDE", value_parser = clap::value_parser!(u8).range(limits::flag_range(limits::CUTOUT)))]
-    pub cutout: Option<u8>,
+    #[arg(long, value_name = "SIDE", value_parser = clap::value_parser!(u16).range(limits::flag_range(limits::CUTOUT)))]
+    pub cutout: Option<u16>,
     /// Compute 3x3 convolutions on the CPU by Winograd's algorithm (default: true): faster (20%
     /// of the seed stem's training speed), with larger rounding errors, which training can
     /// amplify (docs/seed-vs-pytorch.md); false computes every convolution directly.

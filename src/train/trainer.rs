@@ -10,7 +10,7 @@ use super::state::{InitWeights, Position, Resume, Start, Stop, TrainOutcome};
 use crate::checkpoint::{self, HostTensor};
 use crate::data::transform::BatchPlan;
 use crate::data::{Batch, EpochPlan, Images, Normalization, Shard, Splits};
-use crate::engine::{Backend, Collective, CropPlan, Shape4, ensure_len};
+use crate::engine::{Backend, Collective, CropPlan, ensure_len};
 use crate::eval::{EvalResult, EvalTally, evaluate_shard};
 use crate::model::{Network, build};
 use crate::nn::Entry;
@@ -159,7 +159,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             Batches::Device(pixels) => {
                 let bp =
                     BatchPlan::new(images, plan.batch(b), self.cfg.augment, plan.key(b)).shard(rank_shard(self.coll));
-                ensure_len(be, &mut self.x, bp.items.len() * side * side * 3);
+                ensure_len(be, &mut self.x, self.model.input(bp.items.len()).numel());
                 let crops = CropPlan {
                     items: &bp.items,
                     side,
@@ -182,7 +182,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// One optimizer step on the batch in the input buffer (this rank's part of it), at
     /// learning rate `lr`; every `log_every` steps, the whole batch's mean loss to log.
     pub fn step(&mut self, labels: &[u32], epoch: usize, lr: f64) -> Result<Option<StepLog>> {
-        let (be, side, n) = (self.be, self.side, labels.len());
+        let (be, n) = (self.be, labels.len());
         let ranks = self.coll.size();
         if ranks > 1 {
             // Each rank's gradient is the mean over its slice and the step needs the mean over
@@ -192,7 +192,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 .set_loss_grad_scale((ranks * n) as f32 / self.global_batch as f32);
         }
         if n > 0 {
-            self.model.forward(be, &self.x, Shape4::new(n, side, side, 3), true);
+            let input = self.model.input(n);
+            self.model.forward(be, &self.x, input, true);
             self.model.backward(be, &self.x, labels);
         }
         if ranks > 1 {

@@ -490,7 +490,7 @@ impl BatchOps for Cuda {
         let (m, sd) = (plan.mean, plan.std);
         self.elementwise(
             &self.k.augment,
-            n * plan.side * plan.side * 3,
+            n * plan.side * plan.side * crate::data::CHANNELS,
             &mut [
                 arg(&pp),
                 arg(&ip),
