@@ -3,7 +3,7 @@
 //! reports it.
 
 use crate::data::CHANNELS;
-use crate::engine::{Backend, Collective, Shape4};
+use crate::engine::{Backend, Collective, ConvGeom, ConvOp, GradSlots, Shape4};
 use crate::model::{Arch, ResNetConfig, build};
 use crate::optim::{Adam, AdamConfig};
 use rand::{RngExt, SeedableRng};
@@ -128,4 +128,96 @@ pub fn gradient_len<B: Backend>(be: &B, cfg: &BenchConfig) -> usize {
     let mut model = build(be, cfg.arch, cfg.model, 0);
     let (_, grads) = model.state_and_grads();
     be.buf_len(grads)
+}
+
+/// One convolution layer's time a call ([`time_layers`]).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LayerTime {
+    /// Module path, as in the state_dict.
+    pub name: String,
+    /// `c x h x w -> cout, kxk/stride`.
+    pub conv: String,
+    /// The backend's plan for it.
+    pub path: String,
+    pub forward_ms: f64,
+    /// The weight gradient, and the input gradient but for the first layer (training
+    /// computes none there).
+    pub backward_ms: f64,
+}
+
+/// Each convolution of the network `cfg` describes, timed alone on random values of its
+/// batch's shape, with the plan the backend makes for it: where a step's convolution time
+/// goes, layer by layer. Median over `cfg.steps` calls each, after `cfg.warmup`.
+pub fn time_layers<B: Backend>(be: &B, cfg: &BenchConfig) -> Vec<LayerTime> {
+    let side = cfg.model.image_size;
+    let input = Shape4::new(cfg.batch_size, side, side, CHANNELS);
+    let geoms = std::cell::RefCell::new(Vec::new());
+    let plan = |g: &ConvGeom| {
+        geoms.borrow_mut().push(*g);
+        be.conv2d_plan(g).to_string()
+    };
+    let summary = crate::model::summarize_arch(be, (cfg.arch, cfg.model), input, Some(&plan));
+    let rows = summary.rows.iter().filter(|r| r.path.is_some());
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut random = |len: usize| {
+        let host: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let mut buf = be.alloc(len);
+        be.upload(&host, &mut buf);
+        buf
+    };
+    let geoms = geoms.into_inner();
+    let mut times = Vec::new();
+    for (i, (row, g)) in rows.zip(&geoms).enumerate() {
+        let plan = be.conv2d_plan(g);
+        let (x, w, dy) = (
+            random(g.input.numel()),
+            random(g.weight_len()),
+            random(g.output().numel()),
+        );
+        let (mut y, mut dx, mut dw) = (
+            be.alloc(g.output().numel()),
+            be.alloc(g.input.numel()),
+            be.alloc(g.weight_len()),
+        );
+        let mut ws = be.alloc(be.conv2d_workspace_len(g, &plan));
+        let conv = ConvOp { g, plan: &plan, w: &w };
+        // Each call reads a value of its output back, so that a GPU's queued work is done.
+        let mut one = [0f32];
+        let forward_ms = median_ms(cfg, || {
+            be.conv2d_forward(conv, &x, &mut y, &mut ws);
+            be.download(&y, &mut one);
+        });
+        let backward_ms = median_ms(cfg, || {
+            let dx = (i > 0).then_some(&mut dx);
+            let slot = GradSlots {
+                arena: &mut dw,
+                weight: 0,
+                bias: None,
+            };
+            be.conv2d_backward(conv, &x, &dy, dx, slot, &mut ws);
+            be.download(&dw, &mut one);
+        });
+        times.push(LayerTime {
+            name: row.name.clone(),
+            conv: row.conv.clone().unwrap_or_default(),
+            path: row.path.clone().unwrap_or_default(),
+            forward_ms,
+            backward_ms,
+        });
+    }
+    times
+}
+
+/// The median of `cfg.steps` timed calls of `f` (after `cfg.warmup`), in milliseconds.
+fn median_ms(cfg: &BenchConfig, mut f: impl FnMut()) -> f64 {
+    let mut times = Vec::with_capacity(cfg.steps);
+    for i in 0..cfg.warmup + cfg.steps.max(1) {
+        let t0 = Instant::now();
+        f();
+        if i >= cfg.warmup {
+            times.push(1e3 * t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
 }

@@ -134,3 +134,42 @@ fn summary_paths_show_each_convolutions_plan() {
     let (_, json, _) = common::cli(&["summary", "--json"]);
     assert!(!json.contains("\"path\""));
 }
+
+/// `bench --layers` times every convolution alone, with its plan: one entry a convolution,
+/// in the network's order, with positive times and the paths `summary --paths` prints.
+#[test]
+fn bench_layers_times_each_convolution_with_its_path() {
+    let args = [
+        "--batch-size",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        "--json",
+    ];
+    let (code, json, err) = common::cli(&[&["bench", "--layers"], &args[..]].concat());
+    assert_eq!(code, 0, "{err}");
+    let times: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    let (code, paths, err) = common::cli(&["summary", "--paths", "--json", "--batch-size", "2"]);
+    assert_eq!(code, 0, "{err}");
+    let summary: serde_json::Value = serde_json::from_str(&paths).unwrap();
+    let planned: Vec<&serde_json::Value> = summary["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r.get("path").is_some())
+        .collect();
+    assert_eq!(times.len(), planned.len(), "{json}");
+    for (t, row) in times.iter().zip(planned) {
+        assert_eq!(
+            (&t["name"], &t["path"], &t["conv"]),
+            (&row["name"], &row["path"], &row["conv"])
+        );
+        for key in ["forward_ms", "backward_ms"] {
+            assert!(t[key].as_f64().is_some_and(|ms| ms > 0.0), "{key}: {t}");
+        }
+    }
+}

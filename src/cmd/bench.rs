@@ -5,6 +5,7 @@ use super::{ComputeArgs, World};
 use clap::Args;
 use resnet_cifar::bench::{self, BenchConfig};
 use resnet_cifar::cli::{CliError, limits};
+use resnet_cifar::engine::prelude::*;
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -20,6 +21,10 @@ pub struct BenchArgs {
     /// with `--winograd false` computes).
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     winograd: bool,
+    /// Time each convolution alone instead (forward and backward, the median of --steps
+    /// calls), with the path its plan takes: where a step's convolution time goes.
+    #[arg(long)]
+    layers: bool,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }
@@ -41,6 +46,9 @@ pub fn run(a: BenchArgs) -> Result<(), CliError> {
         return world.end(result);
     }
     let target = a.compute.target()?.winograd(a.winograd);
+    if a.layers {
+        return layers(&target, &cfg, a.net.json);
+    }
     let bar = indicatif::ProgressBar::new(2 * (cfg.steps + cfg.warmup) as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"));
     if a.net.json {
@@ -79,6 +87,35 @@ pub fn run(a: BenchArgs) -> Result<(), CliError> {
         println!("peak memory: {:.1} MiB", b as f64 / (1024.0 * 1024.0));
     }
     println!("final loss: {:.4}", r.final_loss);
+    Ok(())
+}
+
+/// `bench --layers`: each convolution's time a call, as a table or one JSON array.
+fn layers(target: &super::Target, cfg: &BenchConfig, json: bool) -> Result<(), CliError> {
+    let (times, backend) = with_backend!(*target, |be| (bench::time_layers(be, cfg), be.name()));
+    if json {
+        println!("{}", serde_json::to_string(&times).map_err(CliError::run)?);
+        return Ok(());
+    }
+    println!(
+        "convolutions on {backend}, batch {}, ms a call (median of {}):",
+        cfg.batch_size, cfg.steps
+    );
+    println!(
+        "{:<20} {:<26} {:<38} {:>8} {:>9}",
+        "layer", "convolution", "path", "forward", "backward"
+    );
+    for t in &times {
+        println!(
+            "{:<20} {:<26} {:<38} {:>8.2} {:>9.2}",
+            t.name, t.conv, t.path, t.forward_ms, t.backward_ms
+        );
+    }
+    let (f, b): (f64, f64) = (
+        times.iter().map(|t| t.forward_ms).sum(),
+        times.iter().map(|t| t.backward_ms).sum(),
+    );
+    println!("{:<86} {f:>8.2} {b:>9.2}", "total");
     Ok(())
 }
 

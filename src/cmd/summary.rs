@@ -8,7 +8,7 @@ use resnet_cifar::cli::{CliError, limits};
 use resnet_cifar::engine::prelude::*;
 use resnet_cifar::engine::{ConvGeom, Shape4};
 use resnet_cifar::model::CheckpointFile;
-use resnet_cifar::model::{Arch, ResNet, ResNetConfig, Sequential, Stem, summarize, summarize_sequential};
+use resnet_cifar::model::{Arch, ResNetConfig, Stem, summarize_arch};
 
 /// The network and input size that `summary` and `bench` describe.
 #[derive(Args)]
@@ -101,16 +101,10 @@ pub fn run(a: SummaryArgs) -> Result<(), CliError> {
     };
     let side = cfg.image_size;
     let input = Shape4::new(a.net.batch_size as usize, side, side, resnet_cifar::data::CHANNELS);
-    let (classes, seed) = (cfg.num_classes, 0);
     let (s, backend) = with_backend!(target, |be| {
         let plan = |g: &ConvGeom| be.conv2d_plan(g).to_string();
         let plan = a.paths.then_some(&plan as resnet_cifar::model::PlanOf);
-        let s = match arch {
-            Arch::Resnet18 => summarize(&ResNet::new(be, cfg, seed), input, plan),
-            Arch::Lenet => summarize_sequential(&Sequential::lenet(be, classes, side, seed), input, plan),
-            Arch::Vgg16 => summarize_sequential(&Sequential::vgg16(be, classes, side, seed), input, plan),
-        };
-        (s, be.name())
+        (summarize_arch(be, (arch, cfg), input, plan), be.name())
     });
 
     if a.net.json {

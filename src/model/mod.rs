@@ -11,4 +11,4 @@ pub use file::CheckpointFile;
 pub use network::{Arch, Network, build};
 pub use resnet::{ResNet, ResNetConfig, Stem};
 pub use sequential::Sequential;
-pub use summary::{PlanOf, Summary, summarize, summarize_sequential};
+pub use summary::{PlanOf, Summary, summarize, summarize_arch, summarize_sequential};

@@ -2,7 +2,8 @@
 //! every layer's output shape, parameters and multiply-adds for a given input; with a
 //! backend, also the plan it chose for each convolution (`summary --paths`).
 
-use super::resnet::{ResNet, Stem};
+use super::network::Arch;
+use super::resnet::{ResNet, ResNetConfig, Stem};
 use super::sequential::{Layer, Sequential};
 use crate::engine::{Backend, ConvGeom, PoolGeom, Shape4};
 use crate::nn::{BatchNorm2d, Conv2d, Linear, MaxPool2d};
@@ -155,6 +156,22 @@ impl Walk<'_> {
             total_params,
             total_macs,
         }
+    }
+}
+
+/// Describes the network `arch` and `cfg` name (its weights fresh), for an NHWC input of shape
+/// `input`; with `plan`, each convolution's plan.
+pub fn summarize_arch<B: Backend>(
+    be: &B,
+    (arch, cfg): (Arch, ResNetConfig),
+    input: Shape4,
+    plan: Option<PlanOf>,
+) -> Summary {
+    let (classes, side, seed) = (cfg.num_classes, cfg.image_size, 0);
+    match arch {
+        Arch::Resnet18 => summarize(&ResNet::new(be, cfg, seed), input, plan),
+        Arch::Lenet => summarize_sequential(&Sequential::lenet(be, classes, side, seed), input, plan),
+        Arch::Vgg16 => summarize_sequential(&Sequential::vgg16(be, classes, side, seed), input, plan),
     }
 }
 
