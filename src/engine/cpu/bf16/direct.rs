@@ -44,7 +44,7 @@
 //! three copies, the taps reading to a side take a copy of the output gradient whose places
 //! that read across a row's end are zeros.
 //!
-//! Measured on a 2-core Xeon with AMX (docs/bf16-cpu.md), cifar stem, ms a call forward /
+//! Measured on a 2-core Xeon with AMX (docs/results/bf16-cpu-log.md), cifar stem, ms a call forward /
 //! backward, against Winograd's 4-point tiles before: 32x32x64 4.7-4.9 / 9.9-10.7 against
 //! 14.7 / 30; 4x4x512 (tap classes before) 4.3-4.5 / 11.3-12.0 against 6.7 / 14.2.
 

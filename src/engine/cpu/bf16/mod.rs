@@ -10,7 +10,7 @@
 //!
 //! Two kernels multiply the packed panels: `vdpbf16ps` register tiles ([`avx512`]) and, where
 //! the CPU has them, AMX tiles ([`amx`]: 4-5x the former's rate on a 2-core Xeon, measured in
-//! docs/bf16-cpu.md). [`Kernel`] says which; the packing is the same but for the panels' sizes.
+//! docs/results/bf16-cpu-log.md). [`Kernel`] says which; the packing is the same but for the panels' sizes.
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
