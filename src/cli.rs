@@ -50,6 +50,9 @@ pub fn read_settings_file(path: &Path) -> Result<Settings, CliError> {
             .join("; ");
         CliError::input(format!("{}: {msg}", path.display()))
     })?;
+    if let Some((key, what)) = file.bad_value() {
+        return Err(CliError::input(format!("{}: {key} {what}", path.display())));
+    }
     for (key, value, (min, max)) in file.bounded() {
         if let Some(v) = value.filter(|v| !(min..=max).contains(v)) {
             let allowed = match max {

@@ -65,7 +65,31 @@ fn missing_cpu_features() -> Vec<&'static str> {
     missing
 }
 
+/// The most worker threads `--threads` may ask for: far beyond any machine's cores, short of
+/// the thousands of threads that made a mistyped count hang the machine.
+const MAX_THREADS: usize = 1024;
+
+/// Ends the program quietly, as ripgrep does, when what it prints goes to a pipe whose reader
+/// has gone (`resnet-cifar summary | head -1`): `println!` panics on that, and the panic would
+/// otherwise print a backtrace hint and exit 101. Any other panic is reported as before.
+fn quiet_on_closed_stdout() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        report(info)
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     #[cfg(target_arch = "x86_64")]
     {
         let missing = missing_cpu_features();
@@ -90,6 +114,11 @@ fn main() -> ExitCode {
         };
         let threads = match compute.and_then(|c| c.threads) {
             Some(0) => return Err(CliError::input("--threads must be at least 1")),
+            Some(t) if t > MAX_THREADS => {
+                return Err(CliError::input(format!(
+                    "--threads must be at most {MAX_THREADS}, got {t}"
+                )));
+            }
             Some(t) => t,
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };

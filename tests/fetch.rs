@@ -184,3 +184,21 @@ fn a_wrong_archive_or_a_broken_connection_leaves_nothing_extracted() {
     );
     assert!(!work.path().join("data/cifar-10-batches-bin").exists());
 }
+
+/// A server that sends more than the archive's known size is cut off there: the download
+/// fails naming the size, and no `.part` file is left (one that never stopped sending filled
+/// 2.26 GB in 8 s before the limit).
+#[test]
+fn a_download_stops_at_the_archives_known_size() {
+    let body = vec![7u8; 200_000];
+    let spec = Archive {
+        md5: md5_hex(&body[..1000]),
+        bytes: 1000,
+        ..fetch::CIFAR100
+    };
+    let url = serve(vec![(body.clone(), body.len())]);
+    let dir = tempfile::tempdir().unwrap();
+    let err = fetch::download(dir.path(), &spec, Some(&format!("{url}/big.tar.gz")), |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("more than the archive's 1000 bytes"), "{err}");
+    assert_eq!(files_in(dir.path()), Vec::<String>::new(), "nothing left behind");
+}

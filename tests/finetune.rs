@@ -263,3 +263,60 @@ fn init_fine_tunes_across_class_counts_and_freezes_the_backbone() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--stem differs from the network in"), "{stderr}");
 }
+
+/// A classifier for the same class count must fit like every other tensor: `fc.weight` of
+/// `[10, 7]` for 10 classes is refused by name (it was taken for "a classifier for another
+/// class count" and started afresh), while one for 20 classes starts afresh.
+#[test]
+fn init_names_a_classifier_tensor_that_does_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = ResNet::new(&Cpu::default(), ResNetConfig::default(), 0);
+    let mut state = checkpoint::state_dict(&Cpu::default(), &mut model);
+    let narrow = |rows: usize, cols: usize| HostTensor {
+        dtype: safetensors::Dtype::F32,
+        shape: vec![rows, cols],
+        bytes: vec![0u8; 4 * rows * cols],
+    };
+    state.insert("fc.weight".into(), narrow(10, 7));
+    let bad = dir.path().join("bad.safetensors");
+    std::fs::write(&bad, checkpoint::to_bytes(&state, None)).unwrap();
+    let data = common::shared_dir().join("data/cifar10");
+    let args = |init: &Path, out: &str| {
+        let out = dir.path().join(out);
+        common::cli(&[
+            "train",
+            "--init",
+            init.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--val-split",
+            "49900",
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--threads",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let (code, _, err) = args(&bad, "bad");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("fc.weight") && err.contains("bad.safetensors"), "{err}");
+    // Another class count: the classifier starts afresh.
+    state.insert("fc.weight".into(), narrow(20, 512));
+    state.insert(
+        "fc.bias".into(),
+        HostTensor {
+            dtype: safetensors::Dtype::F32,
+            shape: vec![20],
+            bytes: vec![0u8; 80],
+        },
+    );
+    let other = dir.path().join("other.safetensors");
+    std::fs::write(&other, checkpoint::to_bytes(&state, None)).unwrap();
+    let (code, out, err) = args(&other, "other");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("has 20 classes, this data 10: fc starts afresh"), "{out}");
+}

@@ -451,6 +451,15 @@ fn a_toml_config_file_sets_a_run_and_flags_override_it() {
         ("zero_init_residual = \"yes\"\n", "zero_init_residual"),
         ("image_size = 8\n", "image_size must be 16 to 256, got 8"),
         ("mean = [0.5, 0.5]\n", "mean"),
+        // Values TOML has and JSON does not (the merge once dropped them silently, or
+        // panicked on an array), and bad values, named by the file and the key.
+        ("lr = nan\n", "lr must be a positive number, got NaN"),
+        ("lr = inf\n", "lr must be a positive number, got inf"),
+        ("label_smoothing = nan\n", "label_smoothing must be in [0, 1), got NaN"),
+        ("weight_decay = nan\n", "weight_decay must be 0 or more, got NaN"),
+        ("mean = [nan, 0.5, 0.5]\n", "mean values must be finite, got NaN"),
+        ("std = [0.2, 0.0, 0.2]\n", "std values must be positive, got 0"),
+        ("lr = -1\n", "lr must be a positive number, got -1"),
         ("labels = \"medium\"\n", "unknown label set 'medium'"),
     ] {
         std::fs::write(&file, text).unwrap();
@@ -710,4 +719,25 @@ fn cutout_is_bounded_by_the_images_size() {
     let (code, out, err) = run("40", "64", "large");
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("stopped after 1 steps"), "{out}");
+}
+
+/// A closed stdout ends the program quietly (`resnet-cifar summary | head -1`), exit 0, no
+/// panic message; and `--threads` has an upper bound, refused in one line.
+#[test]
+fn a_closed_pipe_ends_quietly_and_threads_are_bounded() {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_resnet-cifar"))
+        .args(["summary", "--model", "vgg16"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader goes before the model is built and printed.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.is_empty(), "{err}");
+    let (code, _, err) = cli(&["bench", "--threads", "99999999999"]);
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(err.trim(), "error: --threads must be at most 1024, got 99999999999");
 }

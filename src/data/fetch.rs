@@ -164,7 +164,8 @@ pub fn ensure(
 
 /// Downloads the archive into `dir` (kept as its file name once verified). While it downloads
 /// it is `NAME.part`; a broken connection leaves that file (the next attempt starts it again),
-/// a wrong MD5 removes it.
+/// a wrong MD5, a failed write (a full disk) or a server sending more than the archive's known
+/// size removes it.
 pub fn download(
     dir: &Path,
     archive: &Archive,
@@ -189,17 +190,28 @@ pub fn download(
     let mut hasher = Md5::new();
     let mut buf = vec![0u8; 1 << 16];
     let mut done = 0u64;
+    let discard = |e: FetchError| {
+        let _ = std::fs::remove_file(&part);
+        e
+    };
     loop {
         let n = reader.read(&mut buf).map_err(|e| failed(e.to_string()))?;
         if n == 0 {
             break;
         }
+        if done + n as u64 > archive.bytes {
+            let why = format!(
+                "the server sent more than the archive's {} bytes; stopped",
+                archive.bytes
+            );
+            return Err(discard(failed(why)));
+        }
         hasher.update(&buf[..n]);
-        file.write_all(&buf[..n]).map_err(io(&part))?;
+        file.write_all(&buf[..n]).map_err(|e| discard(io(&part)(e)))?;
         done += n as u64;
         progress(done, total);
     }
-    file.sync_all().map_err(io(&part))?;
+    file.sync_all().map_err(|e| discard(io(&part)(e)))?;
     let got = hex(&hasher.finalize());
     if got != archive.md5 {
         let _ = std::fs::remove_file(&part);

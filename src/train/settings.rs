@@ -217,6 +217,28 @@ impl Settings {
         ]
     }
 
+    /// The first value given that no run can take, as (key, what is wrong): the checks of the
+    /// values that are not integers with bounds ([`Settings::bounded`]), for the flags and a
+    /// TOML file alike (a file's NaN would otherwise vanish in the merge, NaN having no JSON).
+    pub fn bad_value(&self) -> Option<(&'static str, String)> {
+        if let Some(lr) = self.lr.filter(|lr| !(lr.is_finite() && *lr > 0.0)) {
+            return Some(("lr", format!("must be a positive number, got {lr}")));
+        }
+        if let Some(s) = self.label_smoothing.filter(|s| !(0.0..1.0).contains(s)) {
+            return Some(("label_smoothing", format!("must be in [0, 1), got {s}")));
+        }
+        if let Some(wd) = self.weight_decay.filter(|wd| !(wd.is_finite() && *wd >= 0.0)) {
+            return Some(("weight_decay", format!("must be 0 or more, got {wd}")));
+        }
+        if let Some(bad) = self.mean.iter().flatten().find(|m| !m.is_finite()) {
+            return Some(("mean", format!("values must be finite, got {bad}")));
+        }
+        if let Some(bad) = self.std.iter().flatten().find(|s| !(s.is_finite() && **s > 0.0)) {
+            return Some(("std", format!("values must be positive, got {bad}")));
+        }
+        None
+    }
+
     /// The recipe with these settings applied. Errors name the flag. The data-dependent parts
     /// (classes, image size, normalisation) are filled in when the data is read.
     pub fn resolve(&self) -> Result<TrainConfig, String> {
@@ -237,6 +259,9 @@ impl Settings {
 
     /// Changes in `cfg` what these settings give; what they do not give stays.
     pub fn apply_to(&self, cfg: &mut TrainConfig) -> Result<(), String> {
+        if let Some((key, what)) = self.bad_value() {
+            return Err(format!("{} {what}", flag(key)));
+        }
         if let Some(e) = self.epochs {
             cfg.epochs = e as usize;
         }
@@ -244,9 +269,6 @@ impl Settings {
             cfg.batch_size = b as usize;
         }
         if let Some(lr) = self.lr {
-            if !(lr.is_finite() && lr > 0.0) {
-                return Err(format!("--lr must be a positive number, got {lr}"));
-            }
             cfg.schedule = cfg.schedule.with_lr(lr);
         }
         cfg.max_steps = self.max_steps.or(cfg.max_steps);
@@ -256,17 +278,9 @@ impl Settings {
         cfg.seed = self.seed.unwrap_or(cfg.seed);
         cfg.sync_bn = self.sync_bn.unwrap_or(cfg.sync_bn);
         cfg.winograd = self.winograd.unwrap_or(cfg.winograd);
-        if let Some(s) = self.label_smoothing {
-            if !(0.0..1.0).contains(&s) {
-                return Err(format!("--label-smoothing must be in [0, 1), got {s}"));
-            }
-            cfg.label_smoothing = s;
-        }
+        cfg.label_smoothing = self.label_smoothing.unwrap_or(cfg.label_smoothing);
         cfg.tta = self.tta.unwrap_or(cfg.tta);
         if let Some(wd) = self.weight_decay {
-            if !(wd.is_finite() && wd >= 0.0) {
-                return Err(format!("--weight-decay must be 0 or more, got {wd}"));
-            }
             cfg.optimizer = cfg.optimizer.with_weight_decay(wd);
         }
         if let Some(d) = self.decay_1d {
@@ -290,9 +304,6 @@ impl Settings {
             cfg.arch
                 .check_image_size(size)
                 .map_err(|e| format!("--model {}: {e}", cfg.arch.name()))?;
-        }
-        if let Some(bad) = self.std.iter().flatten().find(|s| **s <= 0.0) {
-            return Err(format!("--std values must be positive, got {bad}"));
         }
         Ok(())
     }

@@ -398,26 +398,17 @@ pub struct EpochFigures {
     pub best: bool,
 }
 
-/// Loads `w` into `model`, all of it but a classifier of another shape; what it did.
+/// Loads `w` into `model`, all of it but a classifier for another class count (which starts
+/// afresh); what it did. A classifier for the same count must fit like every other tensor.
 fn load_init<B: Backend>(be: &B, model: &mut dyn Network<B>, w: &InitWeights) -> Result<String> {
     let head = model.head();
     let prefix = format!("{head}.");
-    let mut head_shapes = Vec::new();
-    model.visit(&mut |e| {
-        if let Entry::Tensor(p) = e
-            && p.name.starts_with(&prefix)
-        {
-            head_shapes.push((p.name.clone(), p.shape.clone()));
-        }
-    });
-    let fresh_head = head_shapes
-        .iter()
-        .any(|(name, shape)| w.tensors.get(name).is_some_and(|t| t.shape != *shape));
+    let classes = |shapes: &[usize]| shapes.first().copied().unwrap_or(0);
+    let file_classes = w.tensors.get(&format!("{head}.bias")).map_or(0, |t| classes(&t.shape));
+    let fresh_head = file_classes != model.num_classes();
     checkpoint::load_tensors_except(&w.origin, &w.tensors, be, model, &|n| {
         fresh_head && n.starts_with(&prefix)
     })?;
-    let classes = |shapes: &[usize]| shapes.first().copied().unwrap_or(0);
-    let file_classes = w.tensors.get(&format!("{head}.bias")).map_or(0, |t| classes(&t.shape));
     Ok(format!(
         "weights from {}{}",
         w.origin,
