@@ -29,6 +29,7 @@ pub enum CheckpointError {
 pub type StateDict = BTreeMap<String, HostTensor>;
 
 /// One tensor of a state dict on the host, in PyTorch's layout.
+#[derive(Clone, Debug)]
 pub struct HostTensor {
     pub dtype: Dtype,
     pub shape: Vec<usize>,

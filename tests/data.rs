@@ -47,7 +47,7 @@ fn reads_the_shared_training_set() {
         counts.iter().all(|&c| c == 5000),
         "CIFAR-10 has 5,000 images of each class: {counts:?}"
     );
-    let splits = Splits::new(data, 5000).unwrap();
+    let splits = Splits::new(data, 5000, None).unwrap();
     assert_eq!((splits.train.len(), splits.val.as_ref().unwrap().len()), (45_000, 5000));
 }
 

@@ -442,3 +442,136 @@ fn cifar_images_resize_to_the_asked_size() {
     assert_eq!(small.train.image(123), want.image(0));
     assert!(small.summary().contains("16x16 images"), "{}", small.summary());
 }
+
+/// Every class's count among `labels`.
+fn per_class(labels: &[u32]) -> Vec<usize> {
+    (0..CLASSES.len() as u32)
+        .map(|c| labels.iter().filter(|&&l| l == c).count())
+        .collect()
+}
+
+/// An image folder's `--val-split N` takes every class in proportion (an image folder lists
+/// its files class by class, so the last N would be one class), the same images every time
+/// and whatever the seed; CIFAR's stays the last N. The run records how it split, and says so.
+#[test]
+fn an_image_folders_validation_split_takes_every_class() {
+    use resnet_cifar::data::{Splits, ValSplit};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_folder(d, 20, false);
+    // No test images: the validation split stands in.
+    std::fs::remove_dir_all(d.join("test")).unwrap();
+    let data = open(d, &DataOptions::default(), &no_progress).unwrap();
+    // 21 crimson (a grayscale image besides), 20 forest, 21 navy.
+    assert_eq!(per_class(&data.train.labels), [21, 20, 21]);
+    for (n, want) in [(3, [1, 1, 1]), (6, [2, 2, 2]), (30, [10, 10, 10]), (40, [14, 13, 13])] {
+        let s = Splits::new(data.clone(), n, None).unwrap();
+        assert_eq!(s.val_method, ValSplit::Stratified);
+        let val = s.val.as_ref().unwrap();
+        assert_eq!(per_class(&val.labels), want, "--val-split {n}");
+        assert_eq!(s.train.len() + val.len(), data.train.len());
+        let again = Splits::new(data.clone(), n, None).unwrap();
+        assert_eq!(again.val.unwrap().pixels, val.pixels, "the same images every time");
+        // Every held-out image is an image of the training set, and none stays in it.
+        let image = |set: &Images, i: usize| set.image(i).to_vec();
+        let all: Vec<Vec<u8>> = (0..data.train.len()).map(|i| image(&data.train, i)).collect();
+        let kept: Vec<Vec<u8>> = (0..s.train.len()).map(|i| image(&s.train, i)).collect();
+        for i in 0..val.len() {
+            assert!(all.contains(&image(val, i)) && !kept.contains(&image(val, i)));
+        }
+    }
+    // Fewer than one per class: in proportion, the largest classes first.
+    let two = Splits::new(data.clone(), 2, None).unwrap();
+    assert_eq!(per_class(&two.val.unwrap().labels), [1, 0, 1]);
+    // As a resumed run or a checkpoint recorded: the last N.
+    let last = Splits::new(data.clone(), 5, Some(ValSplit::Last)).unwrap();
+    assert_eq!(last.val.unwrap().labels, data.train.labels[57..]);
+
+    let out = d.join("run");
+    let (code, stdout, stderr) = cli(&[
+        "train",
+        "--data",
+        d.to_str().unwrap(),
+        "--val-split",
+        "6",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--model",
+        "lenet",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("evaluating on the val set (6 images, stratified by class)"),
+        "{stdout}"
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["val_split_method"], "stratified");
+    let ckpt = out.join("last.safetensors");
+    let (code, stdout, stderr) = cli(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--data",
+        d.to_str().unwrap(),
+        "--split",
+        "val",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("6 images"), "{stdout}");
+}
+
+/// Class folders read as torchvision's ImageFolder reads them: images in sub-folders belong to
+/// the class, files without an image extension are skipped with a note, a link that loops is a
+/// bad image (named, or skipped with --skip-bad-images); a folder of one class is refused.
+#[test]
+fn class_folders_read_as_torchvisions_image_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_folder(d, 4, false);
+    let base = open(d, &DataOptions::default(), &no_progress).unwrap().train.len();
+    let nested = d.join("train/forest/more/deeper");
+    std::fs::create_dir_all(&nested).unwrap();
+    drawn(1, 32, 32, 77).save(nested.join("x.PNG")).unwrap();
+    drawn(1, 32, 32, 78).save(d.join("train/forest/more/y.gif")).unwrap();
+    std::fs::write(d.join("train/navy/README.txt"), "about these images").unwrap();
+    // A link to the class folder itself: walked once.
+    std::os::unix::fs::symlink(d.join("train/forest"), d.join("train/forest/more/again")).unwrap();
+    let data = open(d, &DataOptions::default(), &no_progress).unwrap();
+    assert_eq!(data.train.len(), base + 2);
+    assert_eq!(per_class(&data.train.labels)[1], 4 + 2);
+    assert!(
+        data.notes
+            .iter()
+            .any(|n| n.contains("skipped 1 file(s) without an image extension") && n.contains("README.txt")),
+        "{:?}",
+        data.notes
+    );
+
+    std::os::unix::fs::symlink("loop.png", d.join("train/navy/loop.png")).unwrap();
+    let err = open(d, &DataOptions::default(), &no_progress).unwrap_err().to_string();
+    assert!(
+        err.contains("train/navy/loop.png") && err.contains("--skip-bad-images"),
+        "{err}"
+    );
+    let skip = DataOptions {
+        skip_bad_images: true,
+        ..DataOptions::default()
+    };
+    assert_eq!(open(d, &skip, &no_progress).unwrap().train.len(), base + 2);
+
+    let one = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(one.path().join("train/cats")).unwrap();
+    drawn(0, 32, 32, 1).save(one.path().join("train/cats/a.png")).unwrap();
+    let err = open(one.path(), &DataOptions::default(), &no_progress)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("one class folder (cats); a classifier needs two classes or more"),
+        "{err}"
+    );
+}

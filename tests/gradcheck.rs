@@ -481,3 +481,51 @@ on_backends! {
     linear_cpu, linear_cuda => linear;
     cross_entropy_cpu, cross_entropy_cuda => cross_entropy;
 }
+
+/// NaN and infinities pass through as in PyTorch, so that a diverged run's loss says so:
+/// ReLU keeps NaN (its gradient flows there, as `threshold_backward`'s), max-pool picks it,
+/// and a batch norm's NaN input makes its channel NaN in training and eval mode alike.
+fn nan_propagates<B: Backend>(be: &B) {
+    let x = [f32::NAN, -1.0, 2.0, f32::INFINITY, f32::NEG_INFINITY, -0.0];
+    let mut y = be.alloc(x.len());
+    be.relu_forward(x.len(), &put(be, &x), &mut y);
+    let y = get(be, &y, x.len());
+    assert!(y[0].is_nan(), "{y:?}");
+    assert_eq!(&y[1..], [0.0, 2.0, f32::INFINITY, 0.0, 0.0]);
+    assert!(y[5].is_sign_positive(), "-0 becomes +0");
+    let mut dx = be.alloc(x.len());
+    be.relu_backward(x.len(), &put(be, &y), &put(be, &[1.0; 6]), &mut dx);
+    assert_eq!(get(be, &dx, x.len()), [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]);
+
+    let pooled = max_pool(be, &one_window_pool(), &[1.0, f32::NAN, 3.0, 2.0]);
+    assert!(pooled[0].is_nan(), "max-pool picks NaN: {pooled:?}");
+
+    // Two channels; channel 0 holds one NaN, channel 1 none.
+    let (rows, c) = (4, 2);
+    let x = [0.5, 1.0, f32::NAN, -1.0, 0.25, 2.0, -0.5, 0.0];
+    let ones = [1.0; 2];
+    let (y, _, rm, rv) = bn_forward(be, (rows, c), &x, (&ones, &[0.0; 2]), (&[0.0; 2], &ones), (None, true));
+    assert!((0..rows).all(|r| y[r * c].is_nan()), "channel 0: {y:?}");
+    assert!((0..rows).all(|r| y[r * c + 1].is_finite()), "channel 1: {y:?}");
+    assert!(rm[0].is_nan() && rv[0].is_nan() && rm[1].is_finite() && rv[1].is_finite());
+    let (gamma, beta, mean, var) = (put(be, &ones), put(be, &[0.0; 2]), put(be, &[0.0; 2]), put(be, &ones));
+    let bn = resnet_cifar::engine::BatchNormEval {
+        gamma: &gamma,
+        beta: &beta,
+        running_mean: &mean,
+        running_var: &var,
+        eps: 1e-5,
+        residual: None,
+        relu: true,
+    };
+    let mut out = be.alloc(x.len());
+    be.batch_norm_forward_eval(&Shape4::new(rows, 1, 1, c), &put(be, &x), &bn, &mut out);
+    let out = get(be, &out, x.len());
+    assert!(out[2].is_nan(), "eval mode keeps NaN: {out:?}");
+    assert_eq!(out.iter().filter(|v| v.is_nan()).count(), 1, "{out:?}");
+    assert!(be.all_finite(&put(be, &out[3..]), 5) && !be.all_finite(&put(be, &out), 8));
+}
+
+on_backends! {
+    nan_propagates_as_in_pytorch_cpu, nan_propagates_as_in_pytorch_cuda => nan_propagates;
+}

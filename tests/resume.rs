@@ -14,10 +14,11 @@ use std::sync::atomic::AtomicBool;
 /// 640 training images (10 steps an epoch at batch 64), 128 for validation.
 fn small_splits() -> Splits {
     let data = Cifar10::load(&common::shared_dir().join("data/cifar10")).unwrap();
-    let all = Splits::new(data, 128).unwrap();
+    let all = Splits::new(data, 128, None).unwrap();
     Splits {
         train: std::sync::Arc::new(all.train.slice(0..640)),
         val: all.val.clone(),
+        val_method: all.val_method,
         test: None,
         spec: all.spec.clone(),
     }
@@ -51,6 +52,7 @@ fn run(cfg: &TrainConfig, splits: &Splits, dir: &Path, resume: bool, stop: bool)
             cfg: cfg.clone(),
             start: r.into(),
             out: dir.to_path_buf(),
+            overwrite: false,
         },
         splits,
         &mut Console::quiet(),
@@ -163,6 +165,7 @@ fn a_diverging_loss_stops_the_run_with_its_step() {
             cfg: cfg.clone(),
             start: Start::Fresh,
             out: tmp.path().to_path_buf(),
+            overwrite: false,
         },
         &splits,
         &mut Console::quiet(),

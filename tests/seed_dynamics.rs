@@ -74,10 +74,11 @@ fn gap(ours: &Golden, ours_losses: &[f32], torch: &Golden) -> Gap {
 #[test]
 fn twenty_seed_steps_end_where_pytorchs_seed_code_ends() {
     let data = Cifar10::load(&common::shared_dir().join("data/cifar10")).unwrap();
-    let all = Splits::new(data, 0).unwrap();
+    let all = Splits::new(data, 0, None).unwrap();
     let splits = Splits {
         train: std::sync::Arc::new(all.train.slice(0..640)),
         val: None,
+        val_method: all.val_method,
         test: None,
         spec: all.spec.clone(),
     };
@@ -104,6 +105,7 @@ fn twenty_seed_steps_end_where_pytorchs_seed_code_ends() {
             cfg: cfg.clone(),
             start: Start::Init(init),
             out: run.to_path_buf(),
+            overwrite: false,
         },
         &splits,
         &mut Console::quiet(),

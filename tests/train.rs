@@ -123,10 +123,11 @@ fn a_few_hundred_steps_learn_well_above_chance() {
     // 10,000 training images (157 steps an epoch), two epochs of the seed recipe; the last
     // 2,000 of the 50,000 images for validation.
     let data = Cifar10::load(&common::shared_dir().join("data/cifar10")).unwrap();
-    let all = Splits::new(data, 2000).unwrap();
+    let all = Splits::new(data, 2000, None).unwrap();
     let splits = Splits {
         train: std::sync::Arc::new(all.train.slice(0..10_000)),
         val: all.val.clone(),
+        val_method: all.val_method,
         test: None,
         spec: all.spec.clone(),
     };
@@ -141,6 +142,7 @@ fn a_few_hundred_steps_learn_well_above_chance() {
             cfg: cfg.clone(),
             start: Start::Fresh,
             out: run.to_path_buf(),
+            overwrite: false,
         },
         &splits,
         &mut Console::quiet(),
@@ -385,6 +387,16 @@ fn bad_input_exits_2_with_one_line() {
             assert_eq!(out.contains(flag), computes, "{command} --help and {flag}: {out}");
         }
     }
+    // Every format the decoder reads.
+    let (_, out, _) = cli(&["predict", "--help"]);
+    for format in resnet_cifar::data::folder::IMAGE_EXTENSIONS {
+        let named = match format {
+            "jpg" | "jpeg" => "JPEG".to_string(),
+            "webp" => "WebP".to_string(),
+            other => other.to_uppercase(),
+        };
+        assert!(out.contains(&named), "predict --help names {named}: {out}");
+    }
     let (code, _, err) = cli(&["bench", "--precision", "fp16"]);
     assert_eq!(code, 2);
     assert!(
@@ -505,12 +517,17 @@ fn disk_full_and_unwritable_output_say_what_happened() {
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     assert!(err.contains("plain-file/run") && err.contains("cannot create"), "{err}");
 
-    // Disk full: the metrics log goes to /dev/full, which refuses every write (ENOSPC).
+    // Disk full: the metrics log of a resumed run goes to /dev/full, which refuses every
+    // write (ENOSPC).
     if Path::new("/dev/full").exists() {
         let out = d.join("full");
-        std::fs::create_dir_all(&out).unwrap();
+        let mut first = args(out.to_str().unwrap());
+        first[8] = "1".into(); // --max-steps 1
+        let (code, _, err) = cli(&first.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(code, 0, "{err}");
+        std::fs::remove_file(out.join("metrics.jsonl")).unwrap();
         std::os::unix::fs::symlink("/dev/full", out.join("metrics.jsonl")).unwrap();
-        let (code, _, err) = run(out.to_str().unwrap());
+        let (code, _, err) = cli(&["train", "--resume", out.to_str().unwrap(), "--max-steps", "101"]);
         assert_eq!(code, 1, "{err}");
         assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
         assert!(
@@ -593,6 +610,7 @@ fn settings_are_flags_and_toml_keys_alike() {
         mean = [0.5, 0.4, 0.3]
         std = [0.2, 0.2, 0.2]
         out = "o"
+        overwrite = true
         init = "i.safetensors"
         freeze_backbone = true
         epochs = 3
@@ -740,4 +758,317 @@ fn a_closed_pipe_ends_quietly_and_threads_are_bounded() {
     let (code, _, err) = cli(&["bench", "--threads", "99999999999"]);
     assert_eq!(code, 2, "{err}");
     assert_eq!(err.trim(), "error: --threads must be at most 1024, got 99999999999");
+}
+
+/// `--max-steps` counts from the run's start and a resume takes it only when given again: a
+/// run stopped at step 4 resumes to its end, or to a later `--max-steps`; one not beyond the
+/// run's step is refused (a resume used to take the old count and train one more step, every
+/// time).
+#[test]
+fn max_steps_counts_from_the_start_and_a_resume_goes_on_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::shared_dir().join("data/cifar10");
+    let out = dir.path().join("run");
+    let (out_s, data_s) = (out.to_str().unwrap(), data.to_str().unwrap());
+    let train = |extra: &[&str]| {
+        let base = [
+            "--model",
+            "lenet",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "100",
+            "--threads",
+            "1",
+        ];
+        cli(&[
+            &["train", "--data", data_s, "--val-split", "49000", "--out", out_s],
+            &base[..],
+            extra,
+        ]
+        .concat())
+    };
+    let (code, stdout, err) = train(&["--max-steps", "4"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("stopped after 4 steps"), "{stdout}");
+    let resume = |extra: &[&str]| cli(&[&["train", "--resume", out_s], extra].concat());
+    let (code, _, err) = resume(&["--max-steps", "3"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--max-steps 3 counts from the run's start") && err.contains("at step 4"),
+        "{err}"
+    );
+    let (code, stdout, err) = resume(&["--max-steps", "6"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("stopped after 6 steps"), "{stdout}");
+    // Without --max-steps: to the end of the epoch, 10 steps of 100 images.
+    let (code, stdout, err) = resume(&[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("done: 10 steps"), "{stdout}");
+}
+
+/// Nothing a killed run wrote is lost or left over: every logged loss reaches metrics.jsonl at
+/// once (a SIGKILL after step 5 leaves five train records), and the temporary files of a
+/// write it interrupted are removed when a run starts or resumes in the folder.
+#[test]
+fn a_killed_run_keeps_its_log_and_leaves_no_temporary_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::shared_dir().join("data/cifar10");
+    let out = dir.path().join("run");
+    let (out_s, data_s) = (out.to_str().unwrap(), data.to_str().unwrap());
+    let base = [
+        "train",
+        "--data",
+        data_s,
+        "--val-split",
+        "49000",
+        "--out",
+        out_s,
+        "--model",
+        "lenet",
+        "--batch-size",
+        "10",
+        "--threads",
+        "1",
+        "--log-every",
+        "1",
+    ];
+    let mut child = common::spawn_until(&base, "step 5,");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let trained = metrics.lines().filter(|l| l.contains("\"kind\":\"train\"")).count();
+    assert!(trained >= 5, "{metrics}");
+    // A write interrupted by a kill (a process id no system gives), in the folder and below.
+    let stale = [
+        out.join(".train_state.safetensors.tmp3999999999"),
+        out.join("checkpoints").join(".epoch-1.safetensors.tmp3999999999"),
+    ];
+    for f in &stale {
+        std::fs::write(f, b"half").unwrap();
+    }
+    let (code, _, err) = cli(&[&base[..], &["--max-steps", "1", "--overwrite"]].concat());
+    assert_eq!(code, 0, "{err}");
+    for f in &stale {
+        assert!(!f.exists(), "{} left behind", f.display());
+    }
+}
+
+/// Every `*.safetensors` file under `dir`.
+fn safetensors_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(safetensors_under(&path));
+        } else if path.extension().is_some_and(|e| e == "safetensors") {
+            found.push(path);
+        }
+    }
+    found
+}
+
+/// A run that diverges stops at once with exit 1 and the step, and saves nothing: a huge
+/// learning rate makes the loss NaN (NaN passes ReLU as in PyTorch, so the loss watch sees
+/// it), and a tiny --std overflows a batch norm's running variance while the loss stays
+/// finite (the weights are checked at every log step and before every save).
+#[test]
+fn a_diverged_run_stops_with_its_step_and_saves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::shared_dir().join("data/cifar10");
+    for (i, (flag, value, says)) in [
+        ("--lr", "1e30", "the loss became NaN at step "),
+        (
+            "--std",
+            "1e-30,1,1",
+            "the weights diverged by step 1: conv1.1.running_var holds NaN or infinity",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = dir.path().join(format!("run{i}"));
+        let (code, _, err) = cli(&[
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--val-split",
+            "100",
+            "--batch-size",
+            "8",
+            "--threads",
+            "1",
+            "--log-every",
+            "1",
+            "--max-steps",
+            "5",
+            flag,
+            value,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 1, "{flag} {value}: {err}");
+        assert!(err.contains(says), "{flag} {value}: {err}");
+        assert_eq!(
+            safetensors_under(&out),
+            Vec::<std::path::PathBuf>::new(),
+            "{flag} {value}"
+        );
+    }
+}
+
+/// `--out` takes a new or empty folder; a folder holding anything (a user's file, another
+/// run) is refused in one line (exit 2) unless `--overwrite`, which replaces a previous run's
+/// files and nothing else; a file is refused; a run folder is locked while a run writes it.
+#[test]
+fn out_takes_a_new_or_empty_folder_and_a_run_folder_is_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::shared_dir().join("data/cifar10");
+    let out = dir.path().join("run");
+    let out_s = out.to_str().unwrap();
+    let train = |extra: &[&str]| {
+        let base = [
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--val-split",
+            "49000",
+            "--model",
+            "lenet",
+            "--threads",
+            "1",
+            "--max-steps",
+            "2",
+            "--log-every",
+            "1",
+            "--out",
+            out_s,
+        ];
+        cli(&[&base[..], extra].concat())
+    };
+    std::fs::create_dir(&out).unwrap();
+    let (code, _, err) = train(&[]);
+    assert_eq!(code, 0, "an empty folder: {err}");
+    let (code, _, err) = train(&[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("the folder is not empty") && err.contains("--resume") && err.contains("--overwrite"),
+        "{err}"
+    );
+    let mine = out.join("notes.txt");
+    std::fs::write(&mine, "the user's").unwrap();
+    std::fs::write(out.join("checkpoints/epoch-7.safetensors"), "an older run's").unwrap();
+    let (code, _, err) = train(&["--overwrite"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read_to_string(&mine).unwrap(), "the user's");
+    assert!(
+        !out.join("checkpoints/epoch-7.safetensors").exists(),
+        "the older run's checkpoint is gone"
+    );
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        metrics.lines().filter(|l| l.ends_with("\"step\":1}")).count(),
+        1,
+        "one run's log: {metrics}"
+    );
+    let (code, _, err) = cli(&["train", "--out", mine.to_str().unwrap(), "--max-steps", "1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("notes.txt: not a folder"), "{err}");
+
+    // A run resumed in the folder holds its lock; a second resume is refused while it runs.
+    let resume = ["train", "--resume", out_s, "--max-steps", "100000", "--log-every", "1"];
+    let mut first = common::spawn_until(&resume, "step 3,");
+    let (code, _, err) = cli(&["train", "--resume", out_s, "--max-steps", "100000"]);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("another run (process {}) is writing this folder", first.id())),
+        "{err}"
+    );
+}
+
+/// A batch whose activations cannot fit in the memory available is refused in one line
+/// (exit 2) before anything is allocated or written, and names a batch size that fits.
+#[test]
+fn a_batch_too_large_for_memory_is_refused() {
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?.to_string();
+        line.split_whitespace().nth(1)?.parse::<u64>().ok()
+    });
+    // The cifar stem's ResNet-18 keeps about 6.7 MB an image: 50,000 images, 334 GB.
+    match available {
+        Some(kib) if kib < 300 << 20 => {}
+        other => {
+            let why = format!("MemAvailable is {other:?} KiB");
+            return resnet_cifar::test_support::skip("memory-under-300g", "the refusal", &why);
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let data = common::shared_dir().join("data/cifar10");
+    let (code, _, err) = cli(&[
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--stem",
+        "cifar",
+        "--batch-size",
+        "100000000",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--batch-size 100000000: a batch of 50000 images needs about")
+            && err.contains("give a --batch-size of at most"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing written");
+}
+
+/// A resume state copied in from another run (LeNet's into a ResNet-18 run's folder) is refused:
+/// the folder's config.json and its train_state.safetensors describe different models.
+#[test]
+fn a_resume_state_from_another_run_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::shared_dir().join("data/cifar10");
+    let run = |name: &str, model: &str| {
+        let out = dir.path().join(name);
+        let (code, _, err) = cli(&[
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--val-split",
+            "49900",
+            "--model",
+            model,
+            "--stages",
+            "3",
+            "--batch-size",
+            "4",
+            "--threads",
+            "1",
+            "--max-steps",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let (lenet, resnet) = (run("lenet", "lenet"), run("resnet", "resnet18"));
+    let (code, _, err) = cli(&["train", "--resume", resnet.to_str().unwrap(), "--max-steps", "2"]);
+    assert_eq!(code, 0, "its own state resumes: {err}");
+    std::fs::copy(
+        lenet.join("train_state.safetensors"),
+        resnet.join("train_state.safetensors"),
+    )
+    .unwrap();
+    let (code, _, err) = cli(&["train", "--resume", resnet.to_str().unwrap(), "--max-steps", "3"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("its train_state.safetensors is another run's (lenet"),
+        "{err}"
+    );
 }

@@ -3,7 +3,7 @@
 use super::{ComputeArgs, WinogradArg, open_data};
 use clap::Args;
 use resnet_cifar::cli::{CliError, limits};
-use resnet_cifar::data::{DataOptions, Splits};
+use resnet_cifar::data::{DataOptions, Splits, ValSplit};
 use resnet_cifar::eval::{Tta, evaluate};
 use resnet_cifar::model::CheckpointFile;
 use resnet_cifar::model::Stem;
@@ -72,7 +72,13 @@ pub fn run(a: EvalArgs) -> Result<(), CliError> {
         .val_split
         .or_else(|| file.meta.get("val_split").and_then(|v| v.parse().ok()))
         .unwrap_or(0);
-    let mut splits = Splits::new(data, if a.split == "val" { val_split } else { 0 }).map_err(CliError::input)?;
+    // Checkpoints that do not record how the run chose its validation images held out the last.
+    let method = file.meta.get("val_split_method").map_or(Ok(ValSplit::Last), |m| {
+        serde_json::from_str(m)
+            .map_err(|_| CliError::input(format!("{}: bad 'val_split_method' metadata: {m}", file.origin)))
+    })?;
+    let held = if a.split == "val" { val_split } else { 0 };
+    let mut splits = Splits::new(data, held, Some(method)).map_err(CliError::input)?;
     // The model's inputs are normalised as in its training, whatever this data's own statistics.
     splits.spec.norm = file.spec.norm;
     let images =

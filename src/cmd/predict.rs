@@ -13,7 +13,7 @@ pub struct PredictArgs {
     /// A state_dict in safetensors (ours or one saved from the seed's PyTorch model).
     #[arg(long)]
     checkpoint: PathBuf,
-    /// Image files (PNG, JPEG, BMP, WebP, of any size).
+    /// Image files (PNG, JPEG, BMP, WebP, GIF, of any size).
     #[arg(required = true, value_name = "IMAGE")]
     images: Vec<PathBuf>,
     /// How many classes to list for each image.

@@ -2,13 +2,13 @@
 //! the settings resolved into a plan (`train::plan`), the data read, the run trained
 //! (`train::run`), how it ended printed.
 
-use super::{ComputeArgs, World, fetch_data, open_data};
+use super::{ComputeArgs, Device, World, fetch_data, open_data};
 use clap::Args;
 use resnet_cifar::checkpoint::CheckpointError;
 use resnet_cifar::cli::{CliError, read_settings_file};
 use resnet_cifar::data::{Splits, fetch};
 use resnet_cifar::engine::prelude::*;
-use resnet_cifar::train::plan::Resolved;
+use resnet_cifar::train::plan::{Resolved, check_memory};
 use resnet_cifar::train::{Console, Recipe, Settings, Stop, TrainOutcome, train_ranks};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,6 +37,15 @@ fn recipes_help() -> String {
         .map(|r| format!("  {:<8} {}", r.name(), r.describe()))
         .collect();
     format!("Recipes:\n{}\n", lines.join("\n"))
+}
+
+/// The memory the system can give this process without swapping (Linux's MemAvailable), in
+/// bytes; none where that is not known.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Raised by SIGINT/SIGTERM: the run finishes its step, saves, and exits.
@@ -83,10 +92,14 @@ fn run_rank(a: TrainArgs, world: &World) -> Result<(), CliError> {
     let data = open_data(&data_dir, &resolved.data_options())?;
     console.line(&data.summary());
     data.notes.iter().for_each(|note| console.line(note));
-    let mut splits = Splits::new(data, resolved.plan.cfg.val_split).map_err(CliError::input)?;
+    let mut splits =
+        Splits::new(data, resolved.plan.cfg.val_split, resolved.val_split_method()).map_err(CliError::input)?;
     let plan = resolved
         .fit(&settings, &data_dir, &mut splits)
         .map_err(CliError::input)?;
+    if let (Device::Cpu(_), Some(available)) = (&target.device, available_memory()) {
+        check_memory(&plan.cfg, splits.train.len(), world.size(), available).map_err(CliError::input)?;
+    }
     let (cfg, out) = (plan.cfg.clone(), plan.out.clone());
     let outcome = with_backend!(target.winograd(cfg.winograd), |be| {
         console.line(&format!("run {}: {}, on {}", out.display(), cfg.describe(), be.name()));

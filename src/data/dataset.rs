@@ -33,6 +33,14 @@ pub enum Format {
 }
 
 impl Format {
+    /// How `--val-split` holds images out of this format's training set.
+    pub fn val_split_method(self) -> ValSplit {
+        match self {
+            Format::Cifar10 | Format::Cifar100(_) => ValSplit::Last,
+            Format::ImageFolder => ValSplit::Stratified,
+        }
+    }
+
     pub fn describe(self) -> String {
         match self {
             Format::Cifar10 => "CIFAR-10 (binary)".into(),
@@ -101,6 +109,28 @@ impl Default for DataSpec {
             image_size: cifar::SIDE,
             norm: Normalization::CIFAR10,
         }
+    }
+}
+
+impl DataSpec {
+    /// Refuses a description no model can be trained or run with (read from a file: a
+    /// checkpoint's metadata, the image cache): no classes, an image size outside
+    /// [`IMAGE_SIZES`], a normalisation that is not finite or divides by zero.
+    pub fn check(&self) -> Result<(), String> {
+        let (lo, hi) = IMAGE_SIZES;
+        if self.classes.is_empty() {
+            return Err("no classes".into());
+        }
+        if !(lo..=hi).contains(&self.image_size) {
+            return Err(format!("image size {} is outside {lo}-{hi}", self.image_size));
+        }
+        let Normalization { mean, std } = self.norm;
+        if mean.iter().chain(&std).any(|v| !v.is_finite()) || std.iter().any(|s| *s <= 0.0) {
+            return Err(format!(
+                "normalisation mean {mean:?}, std {std:?}: not finite, or a std not positive"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -204,20 +234,113 @@ pub fn open(dir: &Path, opts: &DataOptions, progress: &(dyn Fn(u64, u64) + Sync)
     Ok(data)
 }
 
+/// How `--val-split N` chooses the N held-out training images.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValSplit {
+    /// The last N: CIFAR's files are in random order already, and the seed's figures (and
+    /// every result recorded here) hold out the last N.
+    #[default]
+    Last,
+    /// Every class in proportion to its size (largest remainders; at least one image of each
+    /// class while N allows), the images of a class drawn with a fixed seed: an image folder
+    /// lists its files class by class, so its last N would be one class. The same folder
+    /// always gives the same split, whatever the run's `--seed`, so that `eval --split val`
+    /// finds it again from N alone.
+    Stratified,
+}
+
+impl std::fmt::Display for ValSplit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ValSplit::Last => "the last images",
+            ValSplit::Stratified => "stratified by class",
+        })
+    }
+}
+
+/// The key of [`ValSplit::Stratified`]'s draws (with the class index).
+const VAL_SPLIT_SEED: u64 = 0x7661_6c5f_7370_6c74;
+
+impl ValSplit {
+    /// Which of `labels` (of `classes` classes) are held out, `count` of them, in ascending order.
+    pub fn held_out(self, labels: &[u32], classes: usize, count: usize) -> Vec<usize> {
+        let n = labels.len();
+        match self {
+            ValSplit::Last => (n - count..n).collect(),
+            ValSplit::Stratified => {
+                let mut members = vec![Vec::new(); classes];
+                for (i, &l) in labels.iter().enumerate() {
+                    members[l as usize].push(i);
+                }
+                let sizes: Vec<usize> = members.iter().map(Vec::len).collect();
+                let mut chosen = Vec::with_capacity(count);
+                for (c, (mut m, take)) in members.into_iter().zip(quotas(&sizes, count)).enumerate() {
+                    use rand::SeedableRng;
+                    use rand::seq::SliceRandom;
+                    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(VAL_SPLIT_SEED ^ c as u64);
+                    m.shuffle(&mut rng);
+                    chosen.extend_from_slice(&m[..take]);
+                }
+                chosen.sort_unstable();
+                chosen
+            }
+        }
+    }
+}
+
+/// How many of each class's `sizes` images `count` takes: in proportion (largest remainders,
+/// ties to the lower class), then a class left out takes one from the largest share while
+/// `count` allows every class one.
+fn quotas(sizes: &[usize], count: usize) -> Vec<usize> {
+    let total: usize = sizes.iter().sum();
+    let mut take: Vec<usize> = sizes.iter().map(|&s| s * count / total.max(1)).collect();
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    // Largest remainder of s * count / total first.
+    order.sort_by_key(|&c| std::cmp::Reverse(sizes[c] * count % total.max(1)));
+    let mut left = count - take.iter().sum::<usize>();
+    for &c in order.iter().cycle() {
+        if left == 0 {
+            break;
+        }
+        if take[c] < sizes[c] {
+            take[c] += 1;
+            left -= 1;
+        }
+    }
+    let nonempty = sizes.iter().filter(|&&s| s > 0).count();
+    if count >= nonempty {
+        while let Some(c) = (0..sizes.len()).find(|&c| take[c] == 0 && sizes[c] > 0) {
+            let donor = (0..sizes.len())
+                .max_by_key(|&d| (take[d], std::cmp::Reverse(d)))
+                .expect("a class");
+            if take[donor] <= 1 {
+                break;
+            }
+            take[donor] -= 1;
+            take[c] = 1;
+        }
+    }
+    take
+}
+
 /// The data a run trains and evaluates on.
 #[derive(Clone, Debug)]
 pub struct Splits {
     /// Shared with the background loader thread.
     pub train: Arc<Images>,
-    /// The last `val_split` training images, held out.
+    /// The `val_split` training images held out, chosen as `val_method` says.
     pub val: Option<Images>,
+    pub val_method: ValSplit,
     pub test: Option<Images>,
     pub spec: DataSpec,
 }
 
 impl Splits {
-    /// Holds out the last `val_split` training images as a validation set.
-    pub fn new(data: Dataset, val_split: usize) -> Result<Self, String> {
+    /// Holds out `val_split` training images as a validation set, chosen by `method` (a
+    /// resumed run's, a checkpoint's) or as the data's format says
+    /// ([`Format::val_split_method`]).
+    pub fn new(data: Dataset, val_split: usize, method: Option<ValSplit>) -> Result<Self, String> {
         let n = data.train.len();
         if val_split >= n {
             return Err(format!(
@@ -225,11 +348,19 @@ impl Splits {
             ));
         }
         let spec = data.spec();
-        let mut train = data.train;
-        let val = (val_split > 0).then(|| train.split_off(n - val_split));
+        let val_method = method.unwrap_or(data.format.val_split_method());
+        let (train, val) = match val_split {
+            0 => (data.train, None),
+            count => {
+                let held = val_method.held_out(&data.train.labels, spec.classes.len(), count);
+                let (train, val) = data.train.partition(&held);
+                (train, Some(val))
+            }
+        };
         Ok(Self {
             train: Arc::new(train),
             val,
+            val_method,
             test: data.test,
             spec,
         })

@@ -1,6 +1,9 @@
 //! Image folders in torchvision's ImageFolder layout: `DIR/train/CLASS/IMAGE` and, when present,
 //! `DIR/test/CLASS/IMAGE` (or `DIR/val/CLASS/IMAGE`). Classes are the sorted names of the class
-//! folders of `train/` (torchvision's order, so label indices agree with PyTorch code).
+//! folders of `train/` (torchvision's order, so label indices agree with PyTorch code). As in
+//! torchvision, a class's images are the files with an image extension ([`IMAGE_EXTENSIONS`])
+//! anywhere under its folder, sub-folders included (in sorted order); other files (a
+//! `README.txt`) are skipped with a note, hidden ones (`.name`) silently.
 //!
 //! Each image, whatever its format, size and colour type, becomes RGB, is cut to its centred
 //! square and resized to the run's image size (Lanczos3; an image already of that size is taken
@@ -9,7 +12,7 @@
 //! and modification times are unchanged, and rebuilt otherwise.
 
 use super::cifar::DataError;
-use super::dataset::{Dataset, Format};
+use super::dataset::{DataSpec, Dataset, Format};
 use super::images::{Images, Normalization};
 use image::imageops::FilterType;
 use rayon::prelude::*;
@@ -26,6 +29,16 @@ pub const TEST_DIRS: [&str; 2] = ["test", "val"];
 pub const CACHE_DIR: &str = ".resnet-cifar-cache";
 /// Bumped when the cache's content changes meaning.
 const CACHE_VERSION: &str = "1";
+
+/// The extensions (any case) of the files a class folder's images are read from: the formats
+/// the decoder reads.
+pub const IMAGE_EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "bmp", "webp", "gif"];
+
+fn has_image_extension(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct FolderOptions {
@@ -117,9 +130,39 @@ struct FileEntry {
     stamp: String,
 }
 
-/// The files of one split folder (`train/` or `test/`), labelled by `classes`.
-fn list_split(root: &Path, split: &Path, classes: &[String]) -> Result<Vec<FileEntry>, DataError> {
+/// What a class folder holds: its image files, sub-folders walked (in sorted order; a folder
+/// reached twice through links is walked once), and the other files.
+#[derive(Default)]
+struct ClassFiles {
+    images: Vec<PathBuf>,
+    others: Vec<PathBuf>,
+}
+
+fn walk_class(dir: &Path, seen: &mut Vec<PathBuf>, found: &mut ClassFiles) -> Result<(), DataError> {
+    if let Ok(real) = std::fs::canonicalize(dir) {
+        if seen.contains(&real) {
+            return Ok(());
+        }
+        seen.push(real);
+    }
+    for (_, path) in entries(dir, true)? {
+        walk_class(&path, seen, found)?;
+    }
+    for (_, path) in entries(dir, false)? {
+        if has_image_extension(&path) {
+            found.images.push(path);
+        } else {
+            found.others.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// The image files of one split folder (`train/` or `test/`), labelled by `classes`, and the
+/// files there that are not images.
+fn list_split(root: &Path, split: &Path, classes: &[String]) -> Result<(Vec<FileEntry>, Vec<PathBuf>), DataError> {
     let mut files = Vec::new();
+    let mut others = Vec::new();
     for (name, class_dir) in entries(split, true)? {
         let Some(label) = classes.iter().position(|c| *c == name) else {
             return Err(DataError::Other(format!(
@@ -129,29 +172,36 @@ fn list_split(root: &Path, split: &Path, classes: &[String]) -> Result<Vec<FileE
                 classes.join(", ")
             )));
         };
-        let images = entries(&class_dir, false)?;
-        if images.is_empty() {
+        let mut found = ClassFiles::default();
+        walk_class(&class_dir, &mut Vec::new(), &mut found)?;
+        if found.images.is_empty() {
             return Err(DataError::Other(format!(
-                "{}: the class folder is empty",
-                class_dir.display()
+                "{}: the class folder is empty (no files ending in .{})",
+                class_dir.display(),
+                IMAGE_EXTENSIONS.join(", .")
             )));
         }
-        for (_, path) in images {
-            let meta = std::fs::metadata(&path).map_err(DataError::io(&path))?;
-            let mtime = meta
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_nanos());
+        others.extend(found.others);
+        for path in found.images {
+            // A file that cannot be read (a broken or looping link) is stamped as such: it
+            // fails to decode, and --skip-bad-images skips it like any bad image.
+            let (len, mtime) = std::fs::metadata(&path).map_or((0, 0), |meta| {
+                let mtime = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                (meta.len(), mtime)
+            });
             let rel = path.strip_prefix(root).unwrap_or(&path).display().to_string();
             files.push(FileEntry {
-                stamp: format!("{rel}\t{}\t{mtime}", meta.len()),
+                stamp: format!("{rel}\t{len}\t{mtime}"),
                 path,
                 label: label as u32,
             });
         }
     }
-    Ok(files)
+    Ok((files, others))
 }
 
 /// What decoding one split gave: the images, and the files that could not be decoded.
@@ -199,10 +249,20 @@ pub fn load(dir: &Path, opts: &FolderOptions, progress: &(dyn Fn(u64, u64) + Syn
             train_dir.display()
         )));
     }
-    let train_files = list_split(dir, &train_dir, &classes)?;
+    if let [only] = classes.as_slice() {
+        return Err(DataError::Other(format!(
+            "{}: one class folder ({only}); a classifier needs two classes or more",
+            train_dir.display()
+        )));
+    }
+    let (train_files, mut others) = list_split(dir, &train_dir, &classes)?;
     let test_dir = TEST_DIRS.iter().map(|t| dir.join(t)).find(|p| p.is_dir());
     let test_files = match &test_dir {
-        Some(t) => Some(list_split(dir, t, &classes)?),
+        Some(t) => {
+            let (files, more) = list_split(dir, t, &classes)?;
+            others.extend(more);
+            Some(files)
+        }
         None => None,
     };
     let size = opts.image_size;
@@ -215,7 +275,24 @@ pub fn load(dir: &Path, opts: &FolderOptions, progress: &(dyn Fn(u64, u64) + Syn
     let cache = dir.join(CACHE_DIR).join(format!("images-{size}.safetensors"));
 
     let mut notes = Vec::new();
-    let cached = read_cache(&cache, &fingerprint);
+    if let Some(first) = others.first() {
+        notes.push(format!(
+            "skipped {} file(s) without an image extension (.{}), such as {}",
+            others.len(),
+            IMAGE_EXTENSIONS.join(", ."),
+            first.display()
+        ));
+    }
+    let mut cached = read_cache(&cache, &fingerprint);
+    // The cache is input like any other: one that says what its files cannot (labels beyond
+    // the classes, another size, a normalisation that divides by zero) is decoded again.
+    if let Some(problem) = cached.as_ref().and_then(|c| c.problem(classes.len(), size)) {
+        notes.push(format!(
+            "the cache {} is not valid ({problem}): decoding again",
+            cache.display()
+        ));
+        cached = None;
+    }
     let (train, test, bad, norm) = match cached {
         Some(c) => {
             notes.push(format!("decoded images read from the cache {}", cache.display()));
@@ -295,6 +372,28 @@ struct Cached {
     test: Option<Images>,
     bad: Vec<String>,
     norm: Normalization,
+}
+
+impl Cached {
+    /// What makes these images unusable for `classes` classes of `size` pixels, if anything.
+    fn problem(&self, classes: usize, size: usize) -> Option<String> {
+        let splits = std::iter::once(&self.train).chain(&self.test);
+        if let Some(images) = splits.clone().find(|i| i.side != size) {
+            return Some(format!(
+                "images of {0}x{0} where {size}x{size} were asked for",
+                images.side
+            ));
+        }
+        if let Some(&label) = splits.flat_map(|i| &i.labels).find(|&&l| l as usize >= classes) {
+            return Some(format!("label {label} for {classes} classes"));
+        }
+        let spec = DataSpec {
+            classes: vec![String::new(); classes],
+            image_size: size,
+            norm: self.norm,
+        };
+        spec.check().err()
+    }
 }
 
 fn write_cache(path: &Path, fingerprint: &str, c: &Cached) -> std::io::Result<()> {

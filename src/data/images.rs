@@ -57,6 +57,27 @@ impl Images {
         }
     }
 
+    /// The images at `held` (ascending indices) as a second set, the rest kept in order: the
+    /// last ones without a copy of the kept part.
+    pub fn partition(mut self, held: &[usize]) -> (Images, Images) {
+        let n = self.len();
+        if held.iter().copied().eq(n - held.len()..n) {
+            let tail = self.split_off(n - held.len());
+            return (self, tail);
+        }
+        let (mut kept, mut out) = (Images::new(self.side), Images::new(self.side));
+        let mut next = held.iter().peekable();
+        for i in 0..n {
+            let to = if next.next_if_eq(&&i).is_some() {
+                &mut out
+            } else {
+                &mut kept
+            };
+            to.push(self.image(i), self.labels[i]);
+        }
+        (kept, out)
+    }
+
     /// Images `range` as a new set.
     pub fn slice(&self, range: std::ops::Range<usize>) -> Images {
         let b = self.image_bytes();

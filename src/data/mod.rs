@@ -13,7 +13,7 @@ pub mod shard;
 pub mod transform;
 
 pub use cifar::{CLASS_NAMES, Cifar10, Cifar100, DataError};
-pub use dataset::{DataOptions, DataSpec, Dataset, Format, LabelSet, Splits, open};
+pub use dataset::{DataOptions, DataSpec, Dataset, Format, LabelSet, Splits, ValSplit, open};
 pub use images::{CHANNELS, Images, Normalization};
 pub use loader::{EpochPlan, eval_batches, spawn_loader};
 pub use shard::Shard;

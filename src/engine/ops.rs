@@ -30,6 +30,13 @@ pub trait Memory: Send + Sync + 'static {
     /// Copies the first `dst.len()` values of `src` to the host.
     fn download(&self, src: &Self::Buf, dst: &mut [f32]);
     fn fill(&self, buf: &mut Self::Buf, len: usize, value: f32);
+    /// Whether the first `len` values of `buf` are all finite (no NaN, no infinity): how a
+    /// run checks its weights before it saves them.
+    fn all_finite(&self, buf: &Self::Buf, len: usize) -> bool {
+        let mut host = vec![0.0; len];
+        self.download(buf, &mut host);
+        host.iter().all(|v| v.is_finite())
+    }
     /// The buffer itself when it is host memory (the CPU backend's), so that host-side code
     /// (an MPI exchange) can work on it without copies; `None` on a device.
     fn host_mut<'b>(&self, _buf: &'b mut Self::Buf) -> Option<&'b mut [f32]> {

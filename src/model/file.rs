@@ -64,7 +64,20 @@ impl CheckpointFile {
                 ..DataSpec::default()
             },
         };
+        spec.check()
+            .map_err(|e| format!("{origin}: bad 'dataset' metadata: {e}"))?;
         model.image_size = spec.image_size;
+        if !(3..=4).contains(&model.stages) || model.num_classes == 0 {
+            return Err(format!(
+                "{origin}: bad 'model' metadata: {} stages, {} classes",
+                model.stages, model.num_classes
+            ));
+        }
+        if let Some(name) = non_finite(&tensors) {
+            return Err(format!(
+                "{origin}: '{name}' holds values that are not finite (NaN or infinity): the weights of a run that diverged?"
+            ));
+        }
         if spec.classes.len() != model.num_classes {
             return Err(format!(
                 "{origin}: names {} classes but its classifier has {}",
@@ -167,4 +180,17 @@ pub fn model_config_of(
             ..ResNetConfig::default()
         },
     ))
+}
+
+/// The first f32 tensor of `tensors` holding a NaN or an infinity.
+fn non_finite(tensors: &StateDict) -> Option<&str> {
+    tensors
+        .iter()
+        .filter(|(_, t)| t.dtype == safetensors::Dtype::F32)
+        .find(|(_, t)| {
+            t.bytes
+                .chunks_exact(4)
+                .any(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite())
+        })
+        .map(|(name, _)| name.as_str())
 }

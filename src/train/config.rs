@@ -1,7 +1,7 @@
 //! Run configuration: named recipes, resolved with command-line overrides into one
 //! `TrainConfig` that is written into the run folder.
 
-use crate::data::{Augment, DataSpec, LabelSet};
+use crate::data::{Augment, DataSpec, LabelSet, ValSplit};
 use crate::eval::Tta;
 use crate::model::{Arch, ResNetConfig, Stem};
 use crate::optim::{AdamConfig, Schedule, SgdConfig};
@@ -29,8 +29,12 @@ pub struct TrainConfig {
     pub shuffle: bool,
     pub augment: Augment,
     pub seed: u64,
-    /// Hold out the last N training images for validation.
+    /// Hold out N training images for validation.
     pub val_split: usize,
+    /// How they were chosen (from the data's format; runs that did not record it held out the
+    /// last N).
+    #[serde(default)]
+    pub val_split_method: ValSplit,
     /// Stop (with a checkpoint) after this many optimizer steps in all.
     pub max_steps: Option<u64>,
     /// Print and log the training loss every this many steps.
@@ -130,6 +134,7 @@ impl Recipe {
                 augment: Augment::SEED,
                 seed: 0,
                 val_split: 0,
+                val_split_method: ValSplit::Last,
                 max_steps: None,
                 log_every: 100,
                 data: None,

@@ -7,7 +7,11 @@
 //! RUN/checkpoints/epoch-N.safetensors  model state_dict after epoch N (1-based), PyTorch keys
 //! RUN/last.safetensors, RUN/best.safetensors   the latest and the most accurate of those
 //! RUN/train_state.safetensors        optimizer state and position, for resuming
+//! RUN/.lock                          held (an OS file lock) while a run writes the folder
 //! ```
+//!
+//! A new run takes a missing or empty folder, or with `--overwrite` one holding anything (a
+//! previous run's files are removed first, nothing else is); a resumed run, its own folder.
 //!
 //! Two observers write it: [`MetricsLog`] (metrics.jsonl and the TensorBoard events) and
 //! [`Checkpointer`] (the checkpoints and the resume state). Every file is written whole or not
@@ -15,7 +19,7 @@
 
 use super::config::TrainConfig;
 use super::observer::{EpochEnd, Observer, RunState, StepLog};
-use super::state::{Position, Resume};
+use super::state::{Position, Resume, Start};
 use super::tensorboard::EventWriter;
 use crate::checkpoint::{self, HostTensor};
 use crate::engine::Backend;
@@ -24,11 +28,140 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// How a run may use its folder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FolderUse {
+    /// A new run: the folder must be missing or empty.
+    New,
+    /// A new run with `--overwrite`: a previous run's files there are removed first.
+    Overwrite,
+    /// A resumed run, in its own folder.
+    Resume,
+}
+
+impl FolderUse {
+    pub fn of(start: &Start, overwrite: bool) -> Self {
+        match (start, overwrite) {
+            (Start::Resume(_), _) => Self::Resume,
+            (_, true) => Self::Overwrite,
+            (_, false) => Self::New,
+        }
+    }
+}
+
+/// The run's lock file: held while a run writes the folder, released when the process ends
+/// however it ends.
+const LOCK: &str = ".lock";
+
+/// The files a run writes at the folder's top; with `checkpoints/epoch-*.safetensors` and
+/// `tensorboard/events.out.tfevents.*`, what `--overwrite` removes.
+const RUN_FILES: [&str; 5] = [
+    "config.json",
+    "metrics.jsonl",
+    "last.safetensors",
+    "best.safetensors",
+    "train_state.safetensors",
+];
+
+/// Refuses a folder `how` may not write: a file, or for a new run a folder that holds
+/// anything (a user's files, another run), so that nothing is overwritten unasked.
+pub fn check(root: &Path, how: FolderUse) -> Result<(), String> {
+    let shown = root.display();
+    match std::fs::metadata(root) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("{shown}: cannot create the run folder: {e}")),
+        Ok(m) if !m.is_dir() => return Err(format!("{shown}: not a folder (--out names the run's folder)")),
+        Ok(_) if how != FolderUse::New => return Ok(()),
+        Ok(_) => {}
+    }
+    let mut names: Vec<String> = std::fs::read_dir(root)
+        .map_err(|e| format!("{shown}: cannot list: {e}"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != LOCK)
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    names.sort();
+    let held = match names.len() {
+        1..=3 => names.join(", "),
+        n => format!("{} and {} more", names[..3].join(", "), n - 3),
+    };
+    let resume = if root.join("train_state.safetensors").exists() {
+        format!("--resume {shown} to continue the run there, ")
+    } else {
+        String::new()
+    };
+    Err(format!(
+        "{shown}: the folder is not empty (it holds {held}); give a new or empty folder, {resume}or --overwrite to replace a run's files there"
+    ))
+}
+
+/// The folder's lock, taken: no other run writes the folder while it is held.
+struct FolderLock(#[allow(dead_code)] std::fs::File);
+
+fn lock(root: &Path) -> Result<FolderLock> {
+    let path = root.join(LOCK);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("{}: cannot open", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {
+            // Who holds it, for the message of a run that finds it taken.
+            let _ = file.set_len(0).and_then(|()| write!(file, "{}", std::process::id()));
+            Ok(FolderLock(file))
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            anyhow::bail!(
+                "{}: another run (process {}) is writing this folder; wait for it to end or give another --out",
+                root.display(),
+                holder.trim()
+            )
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("{}: cannot lock", path.display())),
+    }
+}
+
+/// Removes a previous run's files from `root` (`--overwrite`), and nothing else.
+fn remove_run_files(root: &Path) -> Result<()> {
+    let mut doomed: Vec<PathBuf> = RUN_FILES.iter().map(|n| root.join(n)).collect();
+    let matching = |dir: &str, keep: &dyn Fn(&str) -> bool| -> Vec<PathBuf> {
+        let entries = std::fs::read_dir(root.join(dir)).into_iter().flatten().flatten();
+        entries
+            .filter(|e| e.file_name().to_str().is_some_and(keep))
+            .map(|e| e.path())
+            .collect()
+    };
+    doomed.extend(matching("checkpoints", &|n| {
+        n.starts_with("epoch-") && n.ends_with(".safetensors")
+    }));
+    doomed.extend(matching("tensorboard", &|n| n.starts_with("events.out.tfevents.")));
+    for path in doomed.iter().filter(|p| p.is_file()) {
+        std::fs::remove_file(path).with_context(|| format!("{}: cannot remove (--overwrite)", path.display()))?;
+    }
+    Ok(())
+}
+
 /// Creates the run folder `root` with its `config.json`, and the two observers that write the
-/// rest.
-pub fn create(root: &Path, cfg: &TrainConfig) -> Result<(MetricsLog, Checkpointer)> {
+/// rest, the folder locked while they live. The folder is checked (again, under the lock)
+/// for `how`. Temporary files a killed run left (written whole or not at all, so never
+/// needed) are removed.
+pub fn create(root: &Path, cfg: &TrainConfig, how: FolderUse) -> Result<(MetricsLog, Checkpointer)> {
+    std::fs::create_dir_all(root).with_context(|| format!("{}: cannot create the run folder", root.display()))?;
+    let lock = lock(root)?;
+    check(root, how).map_err(anyhow::Error::msg)?;
+    if how == FolderUse::Overwrite {
+        remove_run_files(root)?;
+    }
     for dir in [root.to_path_buf(), root.join("checkpoints"), root.join("tensorboard")] {
         std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create the run folder", dir.display()))?;
+        crate::atomic_file::remove_stale(&dir);
     }
     let config = serde_json::to_string_pretty(cfg)? + "\n";
     checkpoint::write_atomic(&root.join("config.json"), config.as_bytes())
@@ -49,6 +182,7 @@ pub fn create(root: &Path, cfg: &TrainConfig) -> Result<(MetricsLog, Checkpointe
         log,
         Checkpointer {
             root: root.to_path_buf(),
+            _lock: lock,
         },
     ))
 }
@@ -106,9 +240,11 @@ impl MetricsLog {
 }
 
 impl<B: Backend> Observer<B> for MetricsLog {
+    /// Every log line reaches the disk at once: a run killed later keeps the losses it printed.
     fn step_logged(&mut self, s: &StepLog) -> Result<()> {
         self.scalar("train_loss", s.loss, s.step as usize)?;
-        self.log(serde_json::json!({"kind": "train", "step": s.step, "epoch": s.epoch, "loss": s.loss, "lr": s.lr}))
+        self.log(serde_json::json!({"kind": "train", "step": s.step, "epoch": s.epoch, "loss": s.loss, "lr": s.lr}))?;
+        self.flush()
     }
 
     fn epoch_ended(&mut self, end: &EpochEnd, _state: &mut RunState<'_, B>) -> Result<()> {
@@ -139,6 +275,7 @@ impl<B: Backend> Observer<B> for MetricsLog {
 /// The checkpoints (`checkpoints/epoch-N`, `last`, `best`) and the resume state.
 pub struct Checkpointer {
     root: PathBuf,
+    _lock: FolderLock,
 }
 
 impl<B: Backend> Observer<B> for Checkpointer {
@@ -182,6 +319,10 @@ fn meta(cfg: &TrainConfig, precision: &str, pos: &Position, accuracy: Option<f64
     m.insert("arch".into(), cfg.arch.name().into());
     m.insert("recipe".into(), cfg.recipe.clone());
     m.insert("val_split".into(), cfg.val_split.to_string());
+    m.insert(
+        "val_split_method".into(),
+        serde_json::to_string(&cfg.val_split_method).expect("serialisable"),
+    );
     m.insert("precision".into(), precision.into());
     m.insert("winograd".into(), cfg.winograd.to_string());
     m.insert(

@@ -5,10 +5,10 @@
 //! names the flag, file or folder at fault.
 
 use super::config::TrainConfig;
-use super::folder::load_resume;
+use super::folder::{self, FolderUse, load_resume};
 use super::settings::{CHANGEABLE_ON_RESUME, Settings, flag};
 use super::state::{InitWeights, RunPlan, Start};
-use crate::data::{DataOptions, Splits};
+use crate::data::{DataOptions, Splits, ValSplit};
 use crate::model::{Arch, CheckpointFile};
 use std::path::{Path, PathBuf};
 
@@ -28,7 +28,19 @@ impl Resolved {
             None => {
                 let (cfg, start) = fresh(settings)?;
                 let out = settings.out.clone().unwrap_or_else(|| default_run_dir(&cfg.recipe));
-                RunPlan { cfg, start, out }
+                let overwrite = settings.overwrite.unwrap_or(false);
+                let how = if overwrite {
+                    FolderUse::Overwrite
+                } else {
+                    FolderUse::New
+                };
+                folder::check(&out, how)?;
+                RunPlan {
+                    cfg,
+                    start,
+                    out,
+                    overwrite,
+                }
             }
         };
         let data = settings
@@ -44,6 +56,12 @@ impl Resolved {
             Start::Resume(r) => r.check_ranks(ranks, &self.plan.out),
             _ => Ok(()),
         }
+    }
+
+    /// How the validation images are chosen: as the resumed run chose them, or (None) as the
+    /// data's format says.
+    pub fn val_split_method(&self) -> Option<ValSplit> {
+        matches!(self.plan.start, Start::Resume(_)).then_some(self.plan.cfg.val_split_method)
     }
 
     /// How the data is to be read.
@@ -92,6 +110,7 @@ impl Resolved {
                 cfg.augment.cutout
             ));
         }
+        cfg.val_split_method = splits.val_method;
         cfg.model.num_classes = splits.spec.classes.len();
         cfg.model.image_size = splits.spec.image_size;
         cfg.dataset = splits.spec.clone();
@@ -175,11 +194,68 @@ fn resumed(s: &Settings, dir: &Path) -> Result<RunPlan, String> {
         ));
     }
     let r = load_resume(dir).map_err(|e| format!("{e:#}"))?;
+    check_same_run(dir, &r.config)?;
+    if let Some(max) = s.max_steps.filter(|&m| m <= r.position.step) {
+        return Err(format!(
+            "--max-steps {max} counts from the run's start, and the run in {} is at step {} already",
+            dir.display(),
+            r.position.step
+        ));
+    }
     let mut cfg = r.config.clone();
     s.apply_on_resume(&mut cfg);
     Ok(RunPlan {
         cfg,
         start: Start::Resume(Box::new(r)),
         out: dir.to_path_buf(),
+        overwrite: false,
     })
+}
+
+/// Refuses a run whose batch cannot fit in memory: `available` bytes against the activations
+/// of a batch of `cfg.batch_size` (at most `train_images`) over `ranks`, estimated from the
+/// model's layer outputs (1.0x to 1.4x what a step takes: see
+/// [`crate::model::Summary::activation_values_per_image`]), so that a huge `--batch-size`
+/// fails in one line instead of being killed by the system.
+pub fn check_memory(cfg: &TrainConfig, train_images: usize, ranks: usize, available: u64) -> Result<(), String> {
+    let be = crate::engine::cpu::Cpu::default();
+    let input = crate::engine::Shape4::new(1, cfg.model.image_size, cfg.model.image_size, crate::data::CHANNELS);
+    let per_image =
+        4 * crate::model::summarize_arch(&be, (cfg.arch, cfg.model), input, None).activation_values_per_image() as u64;
+    let batch = cfg.batch_size.min(train_images).div_ceil(ranks.max(1)) as u64;
+    let need = per_image * batch;
+    if need <= available {
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    Err(format!(
+        "--batch-size {}: a batch of {batch} images needs about {:.1} GiB for its activations ({:.2} MiB an image), and this machine has {:.1} GiB available; give a --batch-size of at most {}",
+        cfg.batch_size,
+        gib(need),
+        per_image as f64 / (1u64 << 20) as f64,
+        gib(available),
+        (available / per_image.max(1)).max(1) * ranks.max(1) as u64
+    ))
+}
+
+/// Refuses a folder whose `config.json` describes another model than its resume state (a
+/// `train_state.safetensors` copied in from another run).
+fn check_same_run(dir: &Path, state: &TrainConfig) -> Result<(), String> {
+    let path = dir.join("config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let config: TrainConfig =
+        serde_json::from_str(&text).map_err(|e| format!("{}: not a run's configuration ({e})", path.display()))?;
+    if (config.arch, config.model) != (state.arch, state.model) {
+        return Err(format!(
+            "{}: its train_state.safetensors is another run's ({} {:?}) than its config.json's ({} {:?}); the folder holds two runs' files",
+            dir.display(),
+            state.arch.name(),
+            state.model,
+            config.arch.name(),
+            config.model
+        ));
+    }
+    Ok(())
 }

@@ -7,7 +7,7 @@ use super::folder;
 use super::observer::{EpochEnd, Observer};
 use super::state::{RunPlan, Stop, TrainOutcome};
 use super::trainer::{Batches, Trainer, device_pixels, rank_shard};
-use crate::data::{EpochPlan, Images, Splits, spawn_loader};
+use crate::data::{EpochPlan, Images, Splits, ValSplit, spawn_loader};
 use crate::engine::{Backend, Collective, Local};
 use anyhow::Result;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,21 +37,29 @@ pub fn train_ranks<B: Backend>(
     console: &mut Console,
     stop: &AtomicBool,
 ) -> Result<TrainOutcome> {
-    let RunPlan { cfg, start, out } = plan;
+    let RunPlan {
+        cfg,
+        start,
+        out,
+        overwrite,
+    } = plan;
+    let how = folder::FolderUse::of(&start, overwrite);
     let t = Trainer::new(be, (coll, &cfg), splits, &out, start, &mut |l| console.line(l))?;
     // The folder is created once the model stands: a checkpoint that does not fit leaves
     // nothing behind.
     let folder = if coll.rank() == 0 {
-        Some(folder::create(&out, &cfg)?)
+        Some(folder::create(&out, &cfg, how)?)
     } else {
         None
     };
-    let mut observers: Vec<&mut dyn Observer<B>> = vec![console];
+    // The files first, the console last: a line on the screen is already on the disk.
+    let mut observers: Vec<&mut dyn Observer<B>> = Vec::new();
     let mut folder = folder;
     if let Some((log, checkpoints)) = &mut folder {
         observers.push(checkpoints);
         observers.push(log);
     }
+    observers.push(console);
     run(t, coll, splits, &mut observers, stop)
 }
 
@@ -82,7 +90,7 @@ pub fn run<B: Backend>(
     let cfg = t.cfg;
     let train_images = splits.train.clone();
     let eval_on = eval_split(splits);
-    observers.tell(|o| o.note(&describe_split(train_images.len(), eval_on)));
+    observers.tell(|o| o.note(&describe_split(train_images.len(), eval_on, splits.val_method)));
     let (mut trained_images, mut train_seconds) = (0u64, 0f64);
 
     // On a GPU the training images go to the device once and each batch is cut there from a
@@ -176,15 +184,15 @@ pub fn eval_split(splits: &Splits) -> Option<(&'static str, &Images)> {
 }
 
 /// The run's line about its images: how many it trains on, and what it evaluates on.
-fn describe_split(train: usize, eval_on: Option<(&str, &Images)>) -> String {
+fn describe_split(train: usize, eval_on: Option<(&str, &Images)>, val_method: ValSplit) -> String {
     match eval_on {
         Some((name, images)) => format!(
-            "training on {train} images, evaluating on the {name} set ({} images){}",
+            "training on {train} images, evaluating on the {name} set ({} images{}",
             images.len(),
             if name == "val" {
-                ": the data has no test images, so the held-out validation split stands in"
+                format!(", {val_method}): the data has no test images, so the held-out validation split stands in")
             } else {
-                ""
+                ")".into()
             }
         ),
         None => format!("training on {train} images; no test images and no --val-split, so no evaluation"),

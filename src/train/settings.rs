@@ -67,9 +67,15 @@ pub struct Settings {
     /// Per-channel standard deviation of the normalisation, "R,G,B".
     #[arg(long, value_name = "R,G,B", value_parser = parse_triple)]
     pub std: Option<[f32; 3]>,
-    /// Run folder (default: runs/RECIPE-UNIXTIME).
+    /// Run folder (default: runs/RECIPE-UNIXTIME): a new or empty folder (--resume continues
+    /// a run in its own).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Let --out name a folder that holds files: a previous run's files there are replaced
+    /// (config.json, metrics.jsonl, *.safetensors, checkpoints/epoch-*, tensorboard/events*),
+    /// nothing else is touched.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub overwrite: Option<bool>,
     /// Start from this checkpoint's weights (fine-tuning): ours, a PyTorch state_dict of the
     /// seed's model, or torchvision's ResNet-18 (converted by scripts/torchvision_to_safetensors.py).
     /// The model follows the checkpoint; a classifier for another class count starts afresh.
@@ -248,12 +254,14 @@ impl Settings {
     }
 
     /// Changes in a resumed run's `cfg` the settings given of those a resume may change
-    /// ([`CHANGEABLE_ON_RESUME`]; the data is read by the caller).
+    /// ([`CHANGEABLE_ON_RESUME`]; the data is read by the caller). `--max-steps` is a step
+    /// count from the run's start, and a resume takes it only when given again: without it the
+    /// run goes on to its last epoch.
     pub fn apply_on_resume(&self, cfg: &mut TrainConfig) {
         if let Some(e) = self.epochs {
             cfg.epochs = e as usize;
         }
-        cfg.max_steps = self.max_steps.or(cfg.max_steps);
+        cfg.max_steps = self.max_steps;
         cfg.log_every = self.log_every.unwrap_or(cfg.log_every);
     }
 

@@ -12,6 +12,9 @@ pub struct RunPlan {
     pub cfg: TrainConfig,
     pub start: Start,
     pub out: PathBuf,
+    /// A new run may replace a previous run's files in `out` (`--overwrite`); without it
+    /// `out` must be missing or empty.
+    pub overwrite: bool,
 }
 
 /// Why a run ended before its last epoch.

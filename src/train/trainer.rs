@@ -220,6 +220,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             return Ok(None);
         }
         self.check_watch()?;
+        self.check_weights()?;
         let mut loss = [0f32];
         if n > 0 {
             be.download(self.model.loss(), &mut loss);
@@ -309,6 +310,28 @@ impl<'a, B: Backend> Trainer<'a, B> {
         Ok(())
     }
 
+    /// Fails, naming the first tensor, when a weight or running statistic is no longer finite:
+    /// a loss can stay finite while the weights diverge (a huge learning rate), and nothing
+    /// diverged may be saved.
+    pub fn check_weights(&mut self) -> Result<()> {
+        let (be, step) = (self.be, self.pos.step);
+        let mut bad = None;
+        self.model.visit(&mut |e| {
+            if let Entry::Tensor(p) = e
+                && bad.is_none()
+                && !be.all_finite(&p.value, p.numel())
+            {
+                bad = Some(p.name.clone());
+            }
+        });
+        match bad {
+            Some(name) => bail!(
+                "the weights diverged by step {step}: {name} holds NaN or infinity; stopping (nothing diverged is saved, the last checkpoint is kept)"
+            ),
+            None => Ok(()),
+        }
+    }
+
     /// After the last batch of `epoch`: moves to the next epoch and evaluates on `eval_on`
     /// (when there is such a split), the ranks' weights checked equal and their running
     /// statistics shared first: the epoch's figures, for the observers to log and save.
@@ -355,6 +378,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// equal, rank 0's running statistics everywhere.
     pub fn prepare_save(&mut self) -> Result<()> {
         self.check_watch()?;
+        self.check_weights()?;
         self.check_ranks_agree()?;
         self.share_running_stats();
         Ok(())

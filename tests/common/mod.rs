@@ -157,6 +157,24 @@ pub fn cli(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Starts the binary with `args` and returns once it has printed a line starting with `prefix`
+/// (or ended): a run to kill, or to hold while another tries the same folder.
+pub fn spawn_until(args: &[&str], prefix: &str) -> std::process::Child {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_resnet-cifar"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufReader::new(child.stdout.as_mut().unwrap()).lines();
+    for line in lines {
+        if line.unwrap().starts_with(prefix) {
+            break;
+        }
+    }
+    child
+}
+
 /// An image of `class` (a colour) with a drawn shape, `w x h` pixels, varied by `i`.
 pub fn drawn(class: usize, w: u32, h: u32, i: u32) -> image::RgbImage {
     let base = [[200u8, 40, 40], [40, 190, 60], [50, 60, 210]][class];

@@ -49,6 +49,20 @@ pub(super) fn column_sums(rows: usize, c: usize, x: &[f32]) -> Vec<f64> {
     channel_sums(rows, c, x, &vec![0.0; c], |v, _| v)
 }
 
+/// PyTorch's ReLU: NaN stays NaN (as in PyTorch, so that a diverged run's loss says so),
+/// -0 becomes +0 (as `f32::max` and the AVX-512 code's `vmaxps(v, 0)` do, bit for bit).
+#[inline(always)]
+pub fn relu(v: f32) -> f32 {
+    if v <= 0.0 { 0.0 } else { v }
+}
+
+/// The gradient through a ReLU whose output is `y`: `dy` where `y` is positive or NaN (as
+/// PyTorch's `threshold_backward`), 0 elsewhere.
+#[inline(always)]
+pub fn relu_mask(y: f32, dy: f32) -> f32 {
+    if y <= 0.0 { 0.0 } else { dy }
+}
+
 /// Batch norm's output step, `y = relu?((x - center[c]) * scale[c] + shift[c] + residual?)`
 /// per channel: run over a whole activation by [`Affine::apply`], or by a convolution on its
 /// outputs as it writes them ([`Affine::row`]: eval mode, where the statistics are known
@@ -93,8 +107,6 @@ impl<'a> Affine<'a> {
         // One pass, the channels' loop free of branches (the same steps in the same order as
         // three passes, so the same bits).
         let affine = |i: usize| (x[i] - center[i]) * scale[i] + shift[i];
-        // vmaxps(v, 0)'s: NaN and -0 to +0, so that AVX-512 code can match it bit for bit.
-        let relu = |v: f32| if v > 0.0 { v } else { 0.0 };
         match (self.residual, self.relu) {
             (Some(r), true) => {
                 let r = &r[row * self.channels() + c0..][..n];
@@ -212,7 +224,7 @@ pub fn backward(
             let xb = &x[start..start + len];
             if let Some(y) = relu_out {
                 for (d, &yv) in db.iter_mut().zip(&y[start..start + len]) {
-                    *d = if yv > 0.0 { *d } else { 0.0 };
+                    *d = relu_mask(yv, *d);
                 }
             }
             let (mut sum, mut dot) = (vec![0f32; c], vec![0f32; c]);

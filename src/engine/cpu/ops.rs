@@ -8,6 +8,7 @@ use crate::engine::{
     Epilogue, FusedOps, GradSlots, Layout, LinearDims, LinearOps, LossOps, Memory, NormOps, OptimOps, ParamStep,
     PointwiseOps, PoolGeom, PoolOps, SgdStep, Shape4, Targets,
 };
+use batch_norm::{relu, relu_mask};
 use rayon::prelude::*;
 
 impl Memory for Cpu {
@@ -45,6 +46,9 @@ impl Memory for Cpu {
     }
     fn host_mut<'b>(&self, buf: &'b mut Vec<f32>) -> Option<&'b mut [f32]> {
         Some(buf)
+    }
+    fn all_finite(&self, buf: &Vec<f32>, len: usize) -> bool {
+        buf[..len].par_chunks(1 << 16).all(|c| c.iter().all(|v| v.is_finite()))
     }
 }
 
@@ -128,7 +132,7 @@ impl PointwiseOps for Cpu {
             .zip(x[..len].par_chunks(1 << 14))
             .for_each(|(y, x)| {
                 for (y, &x) in y.iter_mut().zip(x) {
-                    *y = x.max(0.0);
+                    *y = relu(x);
                 }
             });
     }
@@ -138,7 +142,7 @@ impl PointwiseOps for Cpu {
             .zip(y[..len].par_chunks(1 << 14).zip(dy[..len].par_chunks(1 << 14)))
             .for_each(|(dx, (y, dy))| {
                 for ((d, &y), &g) in dx.iter_mut().zip(y).zip(dy) {
-                    *d = if y > 0.0 { g } else { 0.0 };
+                    *d = relu_mask(y, g);
                 }
             });
     }

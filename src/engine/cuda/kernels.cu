@@ -102,7 +102,7 @@ extern "C" __global__ void bn_apply(const float* x, i64 rows, int c, const float
         float scale = eval ? gamma[ch] / sqrtf(stat[ch] + eps) : gamma[ch] * stat[ch];
         float v = (x[i] - mean[ch]) * scale + beta[ch];
         if (residual) v += residual[i];
-        if (relu) v = fmaxf(v, 0.0f);
+        if (relu && v <= 0.0f) v = 0.0f;  // NaN stays NaN, as PyTorch's ReLU
         y[i] = v;
     }
 }
@@ -118,7 +118,7 @@ extern "C" __global__ void bn_backward_sums(const float* x, float* dy, const flo
             i64 i = r * c + ch;
             float d = dy[i];
             if (relu_out) {
-                d = relu_out[i] > 0.0f ? d : 0.0f;
+                d = relu_out[i] <= 0.0f ? 0.0f : d;
                 dy[i] = d;
             }
             sum += (double)d;
@@ -173,11 +173,11 @@ extern "C" __global__ void bias_add(const float* bias, i64 rows, int c, float* y
 }
 
 extern "C" __global__ void relu_forward(const float* x, i64 n, float* y) {
-    GRID_STRIDE(i, n) y[i] = fmaxf(x[i], 0.0f);
+    GRID_STRIDE(i, n) y[i] = x[i] <= 0.0f ? 0.0f : x[i];  // NaN stays NaN, as PyTorch's ReLU
 }
 
 extern "C" __global__ void relu_backward(const float* y, const float* dy, i64 n, float* dx) {
-    GRID_STRIDE(i, n) dx[i] = y[i] > 0.0f ? dy[i] : 0.0f;
+    GRID_STRIDE(i, n) dx[i] = y[i] <= 0.0f ? 0.0f : dy[i];
 }
 
 // ---- pooling ---------------------------------------------------------------------------------

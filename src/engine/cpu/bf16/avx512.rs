@@ -297,7 +297,9 @@ pub unsafe fn affine_rows(
                 v = (_mm512_add_ps(v.0, r.0), _mm512_add_ps(v.1, r.1));
             }
             if relu {
-                v = (_mm512_max_ps(v.0, zero), _mm512_max_ps(v.1, zero));
+                // vmaxps(v, 0) turns NaN into 0; PyTorch's ReLU keeps it (see `relu`).
+                let keep = |v| _mm512_mask_mov_ps(_mm512_max_ps(v, zero), _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v), v);
+                v = (keep(v.0), keep(v.1));
             }
             match out {
                 RowsOut::Values(p, rs) => {
@@ -309,6 +311,56 @@ pub unsafe fn affine_rows(
                     _mm512_storeu_si512(p.add(i * rs) as *mut __m512i, pairs);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::cpu::batch_norm::Affine;
+
+    /// The fused batch norm's AVX-512 step gives the scalar step's bits, NaN, infinities and
+    /// signed zeros included: NaN passes the ReLU (as in PyTorch), -0 leaves it as +0.
+    #[test]
+    fn affine_rows_match_the_scalar_step_nan_and_zeros_included() {
+        if let Err(e) = crate::engine::cpu::bf16_support() {
+            return crate::test_support::skip("bf16", "the AVX-512 batch-norm step", &e);
+        }
+        let special = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 0.0, -1.5, 2.5];
+        let rows = 3;
+        let sums: Vec<f32> = (0..32 * rows).map(|i| special[i % special.len()]).collect();
+        let center: Vec<f32> = (0..32)
+            .map(|c| if c % 5 == 0 { 0.0 } else { 0.25 * c as f32 })
+            .collect();
+        let scale: Vec<f32> = (0..32).map(|c| 1.0 + c as f32 / 8.0).collect();
+        let shift: Vec<f32> = (0..32).map(|c| if c % 5 == 0 { 0.0 } else { -0.5 }).collect();
+        let residual: Vec<f32> = (0..32 * rows).map(|i| special[(i + 3) % special.len()]).collect();
+        for (with_residual, relu) in [(false, true), (true, true), (false, false)] {
+            let affine = Affine {
+                center: &center,
+                scale: scale.clone(),
+                shift: &shift,
+                residual: with_residual.then_some(&residual[..]),
+                relu,
+            };
+            let mut want = vec![0f32; sums.len()];
+            affine.apply(rows, &sums, &mut want);
+            let mut got = vec![1f32; sums.len()];
+            // SAFETY: the CPU has the instructions (checked above); every row holds 32 values.
+            unsafe {
+                affine_rows(
+                    sums.as_ptr(),
+                    rows,
+                    [center.as_ptr(), affine.scale.as_ptr(), shift.as_ptr()],
+                    with_residual.then_some((residual.as_ptr(), 32)),
+                    relu,
+                    RowsOut::Values(got.as_mut_ptr(), 32),
+                )
+            };
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "residual {with_residual} relu {relu}");
+            assert!(want.iter().any(|v| v.is_nan()), "NaN passes");
         }
     }
 }
