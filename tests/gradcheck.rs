@@ -111,6 +111,11 @@ on_backends! {
         conv_case(be, (2, 5, 5, 4), (3, 1, 2, 0));
         conv_case(be, (2, 3, 4, 4), (3, 1, 1, 0));
     };
+    // airbench's first layer: 2x2 without padding, on 32x32 and odd sizes.
+    conv_2x2_unpadded_cpu, conv_2x2_unpadded_cuda => |be| {
+        conv_case(be, (2, 5, 5, 3), (4, 2, 1, 0));
+        conv_case(be, (1, 6, 7, 3), (3, 2, 2, 0));
+    };
     conv_tiny_maps_where_padding_dominates_cpu, conv_tiny_maps_where_padding_dominates_cuda => |be| {
         conv_case(be, (3, 1, 1, 4), (3, 3, 1, 1));
         conv_case(be, (3, 2, 2, 4), (3, 3, 2, 1));
@@ -339,14 +344,18 @@ fn max_pool<B: Backend>(be: &B, g: &PoolGeom, x: &[f32]) -> Vec<f32> {
 }
 
 fn pool_case<B: Backend>(be: &B, n: usize, h: usize, w: usize, c: usize) {
-    let mut rng = ChaCha8Rng::seed_from_u64((h * 10 + w) as u64);
-    let g = PoolGeom {
-        input: Shape4::new(n, h, w, c),
-        k: 3,
-        stride: 2,
-        pad: 1,
-    };
-    let x = random(&mut rng, g.input.numel());
+    pool_case_with(be, Shape4::new(n, h, w, c), (3, 2, 1));
+}
+
+/// A max-pool of window `k`, `stride` and `pad` on `input`, against finite differences: the
+/// inputs distinct values 4H apart in a random order, so that no step of H changes which
+/// value is a window's maximum.
+fn pool_case_with<B: Backend>(be: &B, input: Shape4, (k, stride, pad): (usize, usize, usize)) {
+    use rand::seq::SliceRandom;
+    let mut rng = ChaCha8Rng::seed_from_u64((input.h * 10 + input.w + k) as u64);
+    let g = PoolGeom { input, k, stride, pad };
+    let mut x: Vec<f32> = (0..g.input.numel()).map(|i| 4.0 * H * i as f32 - 1.0).collect();
+    x.shuffle(&mut rng);
     let r = random(&mut rng, g.output().numel());
     let y = max_pool(be, &g, &x);
     let mut dx = be.alloc(x.len());
@@ -475,6 +484,13 @@ on_backends! {
         pool_case(be, 1, 4, 6, 2);
         pool_case(be, 2, 1, 1, 2);
     };
+    // PyTorch's MaxPool2d(2) and MaxPool2d(3) (stride = window, no padding; a 3-window on 4x4
+    // maps covers the first 3 rows and columns: airbench's head).
+    max_pool_unpadded_windows_cpu, max_pool_unpadded_windows_cuda => |be| {
+        pool_case_with(be, Shape4::new(2, 6, 4, 3), (2, 2, 0));
+        pool_case_with(be, Shape4::new(2, 4, 4, 3), (3, 3, 0));
+        pool_case_with(be, Shape4::new(1, 7, 9, 2), (3, 3, 0));
+    };
     max_pool_padding_never_wins_cpu, max_pool_padding_never_wins_cuda => pool_padding_never_wins;
     max_pool_ties_send_the_gradient_to_the_first_maximum_cpu, max_pool_ties_cuda => pool_ties;
     global_avg_pool_cpu, global_avg_pool_cuda => global_avg_pool;
@@ -528,4 +544,42 @@ fn nan_propagates<B: Backend>(be: &B) {
 
 on_backends! {
     nan_propagates_as_in_pytorch_cpu, nan_propagates_as_in_pytorch_cuda => nan_propagates;
+}
+
+/// GELU (PyTorch's exact form) forward against its f64 values, backward against finite
+/// differences; NaN passes.
+fn gelu<B: Backend>(be: &B) {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut x: Vec<f32> = random(&mut rng, 40).iter().map(|v| 4.0 * v).collect();
+    x.push(f32::NAN);
+    let n = x.len();
+    let forward = |xs: &[f32]| {
+        let mut y = be.alloc(n);
+        be.gelu_forward(n, &put(be, xs), &mut y);
+        get(be, &y, n)
+    };
+    let y = forward(&x);
+    for (&xi, &yi) in x.iter().zip(&y).take(n - 1) {
+        let want = 0.5 * xi as f64 * (1.0 + libm::erf(xi as f64 / std::f64::consts::SQRT_2));
+        assert!(
+            (yi as f64 - want).abs() <= 1e-6 * want.abs().max(1.0),
+            "gelu({xi}) = {yi}, not {want}"
+        );
+    }
+    assert!(y[n - 1].is_nan(), "NaN passes GELU");
+    let x = &x[..n - 1];
+    let n = x.len();
+    let r = random(&mut rng, n);
+    let mut dx = be.alloc(n);
+    be.gelu_backward(n, &put(be, x), &put(be, &r), &mut dx);
+    let dx = get(be, &dx, n);
+    assert_fd(&format!("{}: gelu", be.name()), x, &dx, |xp| {
+        let mut y = be.alloc(n);
+        be.gelu_forward(n, &put(be, xp), &mut y);
+        dot(&get(be, &y, n), &r)
+    });
+}
+
+on_backends! {
+    gelu_matches_pytorchs_exact_form_cpu, gelu_matches_pytorchs_exact_form_cuda => gelu;
 }

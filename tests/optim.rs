@@ -203,3 +203,33 @@ fn warmup_cosine_rises_then_decays_to_min() {
     assert!(lrs[10..].windows(2).all(|w| w[1] <= w[0]), "then decays");
     assert!((lrs[39] - 0.001).abs() < 1e-3 * 0.1, "ends near min_lr: {}", lrs[39]);
 }
+
+/// airbench94's triangle against its own `get_lr` (a per-step `LambdaLR` factor), evaluated in
+/// Python for its 476 steps (48 batches of 1,024 for 9.9 epochs): 0.2 up to 1 at step
+/// int(0.23 * 476) = 109, down to 0.07 at the end.
+#[test]
+fn the_triangle_follows_airbenchs_get_lr() {
+    let s = Schedule::Triangle {
+        lr: 2.0,
+        start: 0.2,
+        peak_at: 0.23,
+        end: 0.07,
+    };
+    for (t, factor) in [
+        (0, 0.2),
+        (1, 0.20733944954128442),
+        (54, 0.5963302752293578),
+        (108, 0.9926605504587156),
+        (109, 1.0),
+        (110, 0.9974659400544958),
+        (300, 0.5159945504087193),
+        (475, 0.07253405994550413),
+    ] {
+        let got = s.lr(t / 119, t % 119, 119, 4);
+        assert!(
+            (got - 2.0 * factor).abs() < 1e-12,
+            "step {t}: {got} vs {}",
+            2.0 * factor
+        );
+    }
+}

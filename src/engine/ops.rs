@@ -188,6 +188,11 @@ pub trait PointwiseOps: Memory {
     fn relu_forward(&self, len: usize, x: &Self::Buf, y: &mut Self::Buf);
     /// dx = dy where the forward output `y` is positive, else 0.
     fn relu_backward(&self, len: usize, y: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf);
+    /// PyTorch's GELU (its default, the erf form): `y = x * Phi(x)` over `len` values, Phi the
+    /// standard normal's distribution function.
+    fn gelu_forward(&self, len: usize, x: &Self::Buf, y: &mut Self::Buf);
+    /// dx = dy * (Phi(x) + x * phi(x)), from the forward input `x`.
+    fn gelu_backward(&self, len: usize, x: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf);
     /// dst += src.
     fn add_assign(&self, len: usize, src: &Self::Buf, dst: &mut Self::Buf);
 }

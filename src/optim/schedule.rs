@@ -22,6 +22,15 @@ pub enum Schedule {
     /// Linear warm-up over `warmup_epochs` (reaching `lr` on its last step), then cosine
     /// decay reaching `min_lr` on the last step of training.
     WarmupCosine { lr: f64, warmup_epochs: f64, min_lr: f64 },
+    /// airbench's triangle: `lr` times a factor that goes linearly from `start` to 1 over the
+    /// first `floor(peak_at * total)` steps, then linearly to `end` at the last step's end
+    /// (airbench94: 0.2, 0.23, 0.07; its `get_lr` under a per-step `LambdaLR`).
+    Triangle {
+        lr: f64,
+        start: f64,
+        peak_at: f64,
+        end: f64,
+    },
 }
 
 impl Schedule {
@@ -48,6 +57,21 @@ impl Schedule {
                     cos(initial, max_lr, t / up_end)
                 } else {
                     cos(max_lr, min, (t - up_end) / (total - 1.0 - up_end).max(1.0))
+                }
+            }
+            Schedule::Triangle {
+                lr,
+                start,
+                peak_at,
+                end,
+            } => {
+                let warm = (peak_at * total).floor();
+                lr * if t < warm {
+                    let frac = t / warm;
+                    start * (1.0 - frac) + frac
+                } else {
+                    let frac = (t - warm) / (total - warm).max(1.0);
+                    (1.0 - frac) + end * frac
                 }
             }
             Schedule::WarmupCosine {

@@ -269,6 +269,14 @@ impl Schedule {
                 warmup_epochs,
                 min_lr,
             },
+            Schedule::Triangle {
+                start, peak_at, end, ..
+            } => Schedule::Triangle {
+                lr,
+                start,
+                peak_at,
+                end,
+            },
         }
     }
 }

@@ -4,6 +4,7 @@
 mod batch_norm;
 mod bf16;
 mod conv;
+mod gelu;
 mod gemm;
 mod linear;
 mod loss;

@@ -1,6 +1,7 @@
 //! The CPU backend's op traits ([`crate::engine::ops`]): each a thin call into the kernel
 //! module of its kind, slices cut to the shapes given.
 
+use super::gelu;
 use super::gemm::Operands;
 use super::{Bf16Kernel, ConvPlan, Cpu, batch_norm, conv, linear, loss, optim, pool};
 use crate::engine::{
@@ -143,6 +144,22 @@ impl PointwiseOps for Cpu {
             .for_each(|(dx, (y, dy))| {
                 for ((d, &y), &g) in dx.iter_mut().zip(y).zip(dy) {
                     *d = relu_mask(y, g);
+                }
+            });
+    }
+    fn gelu_forward(&self, len: usize, x: &Vec<f32>, y: &mut Vec<f32>) {
+        y[..len]
+            .par_chunks_mut(1 << 14)
+            .zip(x[..len].par_chunks(1 << 14))
+            .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, &x)| *y = gelu::forward(x)));
+    }
+    fn gelu_backward(&self, len: usize, x: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>) {
+        dx[..len]
+            .par_chunks_mut(1 << 14)
+            .zip(x[..len].par_chunks(1 << 14).zip(dy[..len].par_chunks(1 << 14)))
+            .for_each(|(dx, (x, dy))| {
+                for ((d, &x), &g) in dx.iter_mut().zip(x).zip(dy) {
+                    *d = g * gelu::slope(x);
                 }
             });
     }

@@ -180,6 +180,21 @@ extern "C" __global__ void relu_backward(const float* y, const float* dy, i64 n,
     GRID_STRIDE(i, n) dx[i] = y[i] <= 0.0f ? 0.0f : dy[i];
 }
 
+// PyTorch's GELU, exact (erf) form, and its gradient from the forward input.
+extern "C" __global__ void gelu_forward(const float* x, i64 n, float* y) {
+    // erfc(-x / sqrt 2) / 2 is Phi(x) without 1 + erf's cancellation for negative x.
+    GRID_STRIDE(i, n) y[i] = 0.5f * x[i] * erfcf(-x[i] * 0.70710678118654752f);
+}
+
+extern "C" __global__ void gelu_backward(const float* x, const float* dy, i64 n, float* dx) {
+    GRID_STRIDE(i, n) {
+        float v = x[i];
+        float cdf = 0.5f * erfcf(-v * 0.70710678118654752f);
+        float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
+        dx[i] = dy[i] * (cdf + v * pdf);
+    }
+}
+
 // ---- pooling ---------------------------------------------------------------------------------
 
 struct PoolDims {

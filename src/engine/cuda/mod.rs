@@ -84,6 +84,8 @@ kernels! {
     bias_add = "bias_add",
     relu_forward = "relu_forward",
     relu_backward = "relu_backward",
+    gelu_forward = "gelu_forward",
+    gelu_backward = "gelu_backward",
     column_sums = "column_sums",
     cross_entropy = "cross_entropy",
     watch_loss = "watch_loss",
@@ -854,6 +856,19 @@ impl PointwiseOps for Cuda {
             &self.k.relu_backward,
             len,
             &mut [arg(&yp), arg(&dyp), arg(&n), arg(&dxp)],
+        );
+    }
+    fn gelu_forward(&self, len: usize, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) {
+        let (xp, yp, n) = (self.ptr_n(x, len, "gelu x"), self.ptr_n(y, len, "gelu y"), len as i64);
+        self.elementwise(&self.k.gelu_forward, len, &mut [arg(&xp), arg(&n), arg(&yp)]);
+    }
+    fn gelu_backward(&self, len: usize, x: &CudaSlice<f32>, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>) {
+        let (xp, dyp) = (self.ptr_n(x, len, "gelu x"), self.ptr_n(dy, len, "gelu dy"));
+        let (dxp, n) = (self.ptr_n(dx, len, "gelu dx"), len as i64);
+        self.elementwise(
+            &self.k.gelu_backward,
+            len,
+            &mut [arg(&xp), arg(&dyp), arg(&n), arg(&dxp)],
         );
     }
     fn add_assign(&self, len: usize, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>) {
