@@ -407,6 +407,13 @@ fn global_avg_pool<B: Backend>(be: &B) {
 }
 
 fn linear<B: Backend>(be: &B) {
+    linear_case(be, true);
+    linear_case(be, false);
+}
+
+/// A linear layer with a bias, or without (`bias=False`: nothing added, no bias gradient
+/// written where one would go).
+fn linear_case<B: Backend>(be: &B, with_bias: bool) {
     let (n, din, dout) = (3, 5, 4);
     let mut rng = ChaCha8Rng::seed_from_u64(4);
     let (x, w, b, r) = (
@@ -418,16 +425,17 @@ fn linear<B: Backend>(be: &B) {
     let dims = LinearDims { n, din, dout };
     let fwd = |x: &[f32], w: &[f32], b: &[f32]| {
         let mut y = be.alloc(n * dout);
-        be.linear_forward(dims, &put(be, x), &put(be, w), &put(be, b), &mut y);
+        let bias = put(be, b);
+        be.linear_forward(dims, &put(be, x), &put(be, w), with_bias.then_some(&bias), &mut y);
         dot(&get(be, &y, n * dout), &r)
     };
     // The bias gradient sits before the weight's in the arena, so the windows' order is free.
     let (db_at, dw_at) = (0, dout + 3);
-    let (mut dx, mut grads) = (be.alloc(x.len()), be.alloc(dw_at + w.len()));
+    let (mut dx, mut grads) = (be.alloc(x.len()), put(be, &vec![7.0; dw_at + w.len()]));
     let slots = GradSlots {
         arena: &mut grads,
         weight: dw_at,
-        bias: Some(db_at),
+        bias: with_bias.then_some(db_at),
     };
     be.linear_backward(dims, &put(be, &x), &put(be, &w), &put(be, &r), &mut dx, slots);
     let arena = get(be, &grads, dw_at + w.len());
@@ -438,7 +446,13 @@ fn linear<B: Backend>(be: &B) {
     );
     assert_fd("linear dx", &x, &dx, |p| fwd(p, &w, &b));
     assert_fd("linear dw", &w, &dw, |p| fwd(&x, p, &b));
-    assert_fd("linear db", &b, &db, |p| fwd(&x, &w, p));
+    if with_bias {
+        assert_fd("linear db", &b, &db, |p| fwd(&x, &w, p));
+    } else {
+        assert_eq!(db, [7.0; 4], "no bias gradient written");
+        let zero = [0.0; 4];
+        assert_eq!(fwd(&x, &w, &b), fwd(&x, &w, &zero), "no bias added");
+    }
 }
 
 fn cross_entropy<B: Backend>(be: &B) {

@@ -219,8 +219,10 @@ pub struct LinearDims {
 /// Fully connected layers, weights `[out, in]` (PyTorch's layout).
 pub trait LinearOps: Memory {
     /// y[n, out] = x[n, in] * w[out, in]^T + b.
-    fn linear_forward(&self, d: LinearDims, x: &Self::Buf, w: &Self::Buf, b: &Self::Buf, y: &mut Self::Buf);
-    /// dx, and dw and db at `grads.weight` and `grads.bias` in the arena (all overwritten).
+    /// `y = x w^T + b`, `b` the bias of a layer that has one.
+    fn linear_forward(&self, d: LinearDims, x: &Self::Buf, w: &Self::Buf, b: Option<&Self::Buf>, y: &mut Self::Buf);
+    /// dx, and dw and db at `grads.weight` and `grads.bias` in the arena (all overwritten; no
+    /// db without `grads.bias`).
     fn linear_backward(
         &self,
         d: LinearDims,

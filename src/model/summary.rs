@@ -154,7 +154,7 @@ impl Walk<'_> {
     }
     fn linear(&mut self, label: &str, name: String, l: &Linear<impl Backend>, n: usize) {
         let repr = format!("Linear(in_features={}, out_features={}, bias=True)", l.din, l.dout);
-        let params = l.weight.numel() + l.bias.numel();
+        let params = l.weight.numel() + l.bias.as_ref().map_or(0, |b| b.numel());
         self.leaf(label, name, repr, vec![n, l.dout], params, (n * l.din * l.dout) as u64);
     }
     fn finish(mut self, input: Shape4) -> Summary {

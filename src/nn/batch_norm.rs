@@ -1,5 +1,6 @@
-//! BatchNorm2d with PyTorch's semantics (momentum 0.1, eps 1e-5, unbiased running variance),
-//! optionally fused with the residual add and ReLU that follow it in a ResNet block.
+//! BatchNorm2d with PyTorch's semantics (momentum 0.1 and eps 1e-5 unless set otherwise,
+//! unbiased running variance), optionally fused with the residual add and ReLU that follow it
+//! in a ResNet block.
 
 use super::builder::Builder;
 use super::conv2d::Conv2d;
@@ -19,6 +20,9 @@ pub struct BatchNorm2d<B: Backend> {
     pub running_var: Param<B>,
     pub num_batches_tracked: i64,
     tracked_name: String,
+    /// PyTorch's `eps` and `momentum` (the running statistics move this far to the batch's).
+    pub eps: f32,
+    pub momentum: f32,
     /// Apply ReLU after the (residual-added) normalisation.
     pub relu: bool,
     /// Output of the last forward pass.
@@ -41,12 +45,19 @@ impl<B: Backend> BatchNorm2d<B> {
             running_var: b.constant("running_var", &[channels], 1.0, false),
             num_batches_tracked: 0,
             tracked_name: b.path("num_batches_tracked"),
+            eps: EPS,
+            momentum: MOMENTUM,
             relu,
             out: be.alloc(0),
             saved: be.alloc(2 * channels),
             shape: Shape4::default(),
             sync: None,
         }
+    }
+
+    /// The same layer with PyTorch's `eps` and `momentum` set (airbench's: 1e-12 and 0.4).
+    pub fn with_eps_momentum(self, eps: f32, momentum: f32) -> Self {
+        Self { eps, momentum, ..self }
     }
 
     pub fn channels(&self) -> usize {
@@ -67,8 +78,8 @@ impl<B: Backend> BatchNorm2d<B> {
                 beta: &self.bias.value,
                 running_mean: &mut self.running_mean.value,
                 running_var: &mut self.running_var.value,
-                momentum: MOMENTUM,
-                eps: EPS,
+                momentum: self.momentum,
+                eps: self.eps,
                 saved: &mut self.saved,
                 sync: self.sync.as_deref(),
             };
@@ -142,7 +153,7 @@ impl<B: Backend> BatchNorm2d<B> {
             beta: &self.bias.value,
             running_mean: &self.running_mean.value,
             running_var: &self.running_var.value,
-            eps: EPS,
+            eps: self.eps,
             residual,
             relu: self.relu,
         };
@@ -341,5 +352,32 @@ mod tests {
                 assert!(want.contains(&0.0) && want.iter().any(|&v| v > 0.0));
             }
         }
+    }
+
+    /// A layer's own `eps` and `momentum` are what training and eval use (airbench's 1e-12 and
+    /// 0.4): the running statistics move 0.4 of the way to the batch's (mean, unbiased
+    /// variance), and a channel of variance 1e-6 normalises with eps 1e-12, not 1e-5.
+    #[test]
+    fn eps_and_momentum_are_the_layers_own() {
+        let be = Cpu::default();
+        let b = Builder::new(&be, 0);
+        let mut bn = BatchNorm2d::new(&b.pp("norm"), 1, false).with_eps_momentum(1e-12, 0.4);
+        // Four values of mean 0.5 and biased variance 1e-6: 0.5 -+ 0.001.
+        let x = vec![0.499, 0.501, 0.499, 0.501];
+        bn.forward(&be, &x, Shape4::new(4, 1, 1, 1), None, true);
+        let y = &bn.out[..4];
+        assert!((y[1] - 1.0).abs() < 1e-3, "normalised with eps 1e-12: {y:?}");
+        let unbiased = 1e-6 * 4.0 / 3.0;
+        assert!((bn.running_mean.value[0] - 0.4 * 0.5).abs() < 1e-6);
+        assert!((bn.running_var.value[0] - (0.6 + 0.4 * unbiased)).abs() < 1e-6);
+        bn.forward(&be, &x, Shape4::new(4, 1, 1, 1), None, false);
+        let expect = (0.501 - 0.2) / (0.6f32 + 0.4 * unbiased + 1e-12).sqrt();
+        assert!((bn.out[1] - expect).abs() < 1e-5, "eval: {} vs {expect}", bn.out[1]);
+        let plain = BatchNorm2d::new(&b.pp("plain"), 1, false);
+        assert_eq!(
+            (plain.eps, plain.momentum),
+            (EPS, MOMENTUM),
+            "PyTorch's defaults otherwise"
+        );
     }
 }

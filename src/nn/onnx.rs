@@ -3,7 +3,6 @@
 //! ONNX's). A node is named after its layer's state_dict path (`conv2.0.layer.1`), so the
 //! graph reads like the checkpoint.
 
-use super::batch_norm::EPS;
 use super::{BatchNorm2d, Conv2d, GlobalAvgPool, Linear, MaxPool2d, Param, Relu};
 use crate::engine::Backend;
 use crate::onnx::Graph;
@@ -42,7 +41,12 @@ impl<B: Backend> BatchNorm2d<B> {
         let path = layer_path(&self.weight).to_string();
         let params = [&self.weight, &self.bias, &self.running_mean, &self.running_var].map(|p| weight(be, g, p));
         let inputs = [x, &params[0], &params[1], &params[2], &params[3]];
-        let mut y = g.node("BatchNormalization", &path, &inputs, vec![Graph::float("epsilon", EPS)]);
+        let mut y = g.node(
+            "BatchNormalization",
+            &path,
+            &inputs,
+            vec![Graph::float("epsilon", self.eps)],
+        );
         if let Some(r) = residual {
             y = g.node("Add", &format!("{path}.add"), &[&y, r], vec![]);
         }
@@ -94,7 +98,13 @@ impl<B: Backend> Linear<B> {
         } else {
             x.to_string()
         };
-        let (w, b) = (weight(be, g, &self.weight), weight(be, g, &self.bias));
-        g.node("Gemm", &path, &[&x, &w, &b], vec![Graph::int("transB", 1)])
+        let w = weight(be, g, &self.weight);
+        match &self.bias {
+            Some(b) => {
+                let b = weight(be, g, b);
+                g.node("Gemm", &path, &[&x, &w, &b], vec![Graph::int("transB", 1)])
+            }
+            None => g.node("Gemm", &path, &[&x, &w], vec![Graph::int("transB", 1)]),
+        }
     }
 }

@@ -1,12 +1,15 @@
-//! Fully connected layer with bias: y = x w^T + b, weights in PyTorch's `[out, in]` layout.
+//! Fully connected layer: y = x w^T (+ b), weights in PyTorch's `[out, in]` layout.
 
 use super::gemm::{Mat, Operands, Out, matmul};
 use crate::engine::LinearDims;
 
-pub fn forward(ops: Operands, d: LinearDims, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
+pub fn forward(ops: Operands, d: LinearDims, x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32]) {
     let LinearDims { n, din, dout } = d;
     for row in y[..n * dout].chunks_exact_mut(dout) {
-        row.copy_from_slice(&b[..dout]);
+        match b {
+            Some(b) => row.copy_from_slice(&b[..dout]),
+            None => row.fill(0.0),
+        }
     }
     matmul(
         ops,
@@ -17,7 +20,7 @@ pub fn forward(ops: Operands, d: LinearDims, x: &[f32], w: &[f32], b: &[f32], y:
     );
 }
 
-/// dx, dw and db (all overwritten).
+/// dx, dw and db, if there is a bias (all overwritten).
 pub fn backward(
     ops: Operands,
     d: LinearDims,
@@ -25,7 +28,7 @@ pub fn backward(
     w: &[f32],
     dy: &[f32],
     dx: &mut [f32],
-    (dw, db): (&mut [f32], &mut [f32]),
+    (dw, db): (&mut [f32], Option<&mut [f32]>),
 ) {
     let LinearDims { n, din, dout } = d;
     let dy = &dy[..n * dout];
@@ -45,10 +48,12 @@ pub fn backward(
         Mat::rows(&w[..dout * din], din),
         Out::new(dx, din),
     );
-    db[..dout].fill(0.0);
-    for row in dy.chunks_exact(dout) {
-        for (d, g) in db.iter_mut().zip(row) {
-            *d += g;
+    if let Some(db) = db {
+        db[..dout].fill(0.0);
+        for row in dy.chunks_exact(dout) {
+            for (d, g) in db.iter_mut().zip(row) {
+                *d += g;
+            }
         }
     }
 }

@@ -191,8 +191,8 @@ impl PoolOps for Cpu {
 }
 
 impl LinearOps for Cpu {
-    fn linear_forward(&self, d: LinearDims, x: &Vec<f32>, w: &Vec<f32>, b: &Vec<f32>, y: &mut Vec<f32>) {
-        linear::forward(self.ops, d, x, w, b, y)
+    fn linear_forward(&self, d: LinearDims, x: &Vec<f32>, w: &Vec<f32>, b: Option<&Vec<f32>>, y: &mut Vec<f32>) {
+        linear::forward(self.ops, d, x, w, b.map(|b| &b[..]), y)
     }
     fn linear_backward(
         &self,
@@ -203,7 +203,14 @@ impl LinearOps for Cpu {
         dx: &mut Vec<f32>,
         grads: GradSlots<'_, Vec<f32>>,
     ) {
-        linear::backward(self.ops, d, x, w, dy, dx, grads.windows(d.din * d.dout, d.dout))
+        let grads = match grads.bias {
+            Some(_) => {
+                let (dw, db) = grads.windows(d.din * d.dout, d.dout);
+                (dw, Some(db))
+            }
+            None => (&mut grads.arena[grads.weight..][..d.din * d.dout], None),
+        };
+        linear::backward(self.ops, d, x, w, dy, dx, grads)
     }
 }
 

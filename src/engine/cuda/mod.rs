@@ -936,17 +936,23 @@ impl LinearOps for Cuda {
         d: LinearDims,
         x: &CudaSlice<f32>,
         w: &CudaSlice<f32>,
-        b: &CudaSlice<f32>,
+        b: Option<&CudaSlice<f32>>,
         y: &mut CudaSlice<f32>,
     ) {
         let LinearDims { n, din, dout } = d;
-        let (xp, wp, bp, yp) = (self.ptr(x), self.ptr(w), self.ptr(b), self.ptr(y));
-        let (ni, di) = (n as i32, dout as i32);
-        self.elementwise(
-            &self.k.broadcast_rows,
-            n * dout,
-            &mut [arg(&bp), arg(&ni), arg(&di), arg(&yp)],
-        );
+        match b {
+            Some(b) => {
+                let (bp, yp) = (self.ptr(b), self.ptr(y));
+                let (ni, di) = (n as i32, dout as i32);
+                self.elementwise(
+                    &self.k.broadcast_rows,
+                    n * dout,
+                    &mut [arg(&bp), arg(&ni), arg(&di), arg(&yp)],
+                );
+            }
+            None => self.fill(y, n * dout, 0.0),
+        }
+        let (xp, wp, yp) = (self.ptr(x), self.ptr(w), self.ptr(y));
         // Column-major view: y^T[dout, n] += w[dout, din] x^T[din, n].
         self.sgemm((true, false), (dout, n, din), (wp, din), (xp, din), 1.0, (yp, dout));
     }
@@ -960,25 +966,24 @@ impl LinearOps for Cuda {
         grads: GradSlots<'_, CudaSlice<f32>>,
     ) {
         let LinearDims { n, din, dout } = d;
-        let (dw_at, db_at) = grads.offsets();
+        let (dw_at, db_at) = (grads.weight, grads.bias);
         let grads = grads.arena;
         let (xp, wp, dyp) = (self.ptr(x), self.ptr(w), self.ptr(dy));
-        let (dxp, dwp, dbp) = (
-            self.ptr(dx),
-            self.window(grads, dw_at, din * dout),
-            self.window(grads, db_at, dout),
-        );
+        let (dxp, dwp) = (self.ptr(dx), self.window(grads, dw_at, din * dout));
         // dw^T[din, dout] = x^T[din, n] dy[n, dout]
         self.sgemm((false, true), (din, dout, n), (xp, din), (dyp, dout), 0.0, (dwp, din));
         // dx^T[din, n] = w^T[din, dout] dy^T[dout, n]
         self.sgemm((false, false), (din, n, dout), (wp, din), (dyp, dout), 0.0, (dxp, din));
-        let (ni, di) = (n as i32, dout as i32);
-        self.launch(
-            &self.k.column_sums,
-            Self::channel_grid(dout),
-            (BLOCK, 1),
-            &mut [arg(&dyp), arg(&ni), arg(&di), arg(&dbp)],
-        );
+        if let Some(db_at) = db_at {
+            let dbp = self.window(grads, db_at, dout);
+            let (ni, di) = (n as i32, dout as i32);
+            self.launch(
+                &self.k.column_sums,
+                Self::channel_grid(dout),
+                (BLOCK, 1),
+                &mut [arg(&dyp), arg(&ni), arg(&di), arg(&dbp)],
+            );
+        }
     }
 }
 
