@@ -10,6 +10,7 @@ pub mod onnx;
 pub mod param;
 pub mod pool;
 pub mod relu;
+pub mod whiten;
 
 pub use crate::engine::Layout;
 pub use batch_norm::{BatchNorm2d, forward_pair};
