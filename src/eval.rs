@@ -65,6 +65,28 @@ pub enum Tta {
     /// As `FlipShift` with shifts of 1 pixel: for networks trained on crops padded by 1,
     /// which shifts of 2 take out of what they saw in training.
     FlipShift1,
+    /// airbench's `tta_level=2`: half the image and its mirror image, half those shifted one
+    /// pixel down-right and up-left over reflect padding (6 views, weighted 1/4, 1/4 and 1/8).
+    MirrorTranslate,
+}
+
+/// One view of the images under test-time augmentation: mirrored first (when `mirrored`),
+/// then shifted by (`dx`, `dy`) pixels; its logits are divided by `share` and summed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct View {
+    pub dx: isize,
+    pub dy: isize,
+    pub mirrored: bool,
+    pub share: f32,
+}
+
+/// What a shifted image shows where the original has no pixels.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Padding {
+    /// This pixel (a black one, normalised, as the training crops' zero padding).
+    Fill([f32; 3]),
+    /// The image reflected at its border, the edge not repeated (PyTorch's `reflect`).
+    Reflect,
 }
 
 crate::named::choices!(Tta, "test-time augmentation", {
@@ -72,32 +94,78 @@ crate::named::choices!(Tta, "test-time augmentation", {
     Flip => "flip",
     FlipShift => "flip-shift",
     FlipShift1 => "flip-shift1",
+    MirrorTranslate => "mirror-translate",
 });
 
 impl Tta {
-    /// (dx, dy, mirrored) of each view.
-    pub fn views(self) -> Vec<(isize, isize, bool)> {
+    /// The views whose logits make each image's.
+    pub fn views(self) -> Vec<View> {
+        if self == Tta::MirrorTranslate {
+            // airbench mirrors the translated image: flip(shift(dx, dy)) is shift(-dx, dy)
+            // of the mirror image.
+            let view = |dx, dy, mirrored, share| View {
+                dx,
+                dy,
+                mirrored,
+                share,
+            };
+            return vec![
+                view(0, 0, false, 4.0),
+                view(0, 0, true, 4.0),
+                view(1, 1, false, 8.0),
+                view(-1, 1, true, 8.0),
+                view(-1, -1, false, 8.0),
+                view(1, -1, true, 8.0),
+            ];
+        }
         let flips: &[bool] = if self == Tta::Off { &[false] } else { &[false, true] };
         let d = match self {
             Tta::Off | Tta::Flip => 0,
             Tta::FlipShift => 2,
-            Tta::FlipShift1 => 1,
+            Tta::FlipShift1 | Tta::MirrorTranslate => 1,
         };
         let shifts: &[(isize, isize)] = if d == 0 {
             &[(0, 0)]
         } else {
             &[(0, 0), (d, 0), (-d, 0), (0, d), (0, -d)]
         };
+        let share = (flips.len() * shifts.len()) as f32;
         flips
             .iter()
-            .flat_map(|&f| shifts.iter().map(move |&(dx, dy)| (dx, dy, f)))
+            .flat_map(|&mirrored| {
+                shifts.iter().map(move |&(dx, dy)| View {
+                    dx,
+                    dy,
+                    mirrored,
+                    share,
+                })
+            })
             .collect()
+    }
+
+    /// What the shifted views show beyond the image: the training crops' padding (black),
+    /// or for airbench's views, the reflected image.
+    pub fn padding(self, black: [f32; 3]) -> Padding {
+        match self {
+            Tta::MirrorTranslate => Padding::Reflect,
+            _ => Padding::Fill(black),
+        }
     }
 }
 
-/// Shifts every image of a normalised NHWC batch by (dx, dy) pixels; uncovered pixels get
-/// `fill` (a black pixel, normalised, as the training crops' zero padding).
-pub fn shift_image(x: &[f32], n: usize, side: usize, dx: isize, dy: isize, fill: [f32; 3]) -> Vec<f32> {
+/// Shifts every image of a normalised NHWC batch by (dx, dy) pixels; uncovered pixels show
+/// `padding`.
+pub fn shift_image(x: &[f32], n: usize, side: usize, dx: isize, dy: isize, padding: Padding) -> Vec<f32> {
+    let last = side as isize - 1;
+    let reflect = |i: isize| {
+        if i < 0 {
+            -i
+        } else if i > last {
+            2 * last - i
+        } else {
+            i
+        }
+    };
     let mut out = vec![0.0; n * side * side * CHANNELS];
     for (src, dst) in x
         .chunks_exact(side * side * CHANNELS)
@@ -106,14 +174,19 @@ pub fn shift_image(x: &[f32], n: usize, side: usize, dx: isize, dy: isize, fill:
     {
         for y in 0..side {
             for xx in 0..side {
-                let (sy, sx) = (y as isize - dy, xx as isize - dx);
+                let (mut sy, mut sx) = (y as isize - dy, xx as isize - dx);
                 let px = &mut dst[(y * side + xx) * CHANNELS..(y * side + xx + 1) * CHANNELS];
-                if (0..side as isize).contains(&sy) && (0..side as isize).contains(&sx) {
-                    let at = (sy as usize * side + sx as usize) * CHANNELS;
-                    px.copy_from_slice(&src[at..at + 3]);
-                } else {
-                    px.copy_from_slice(&fill);
+                let inside = (0..side as isize).contains(&sy) && (0..side as isize).contains(&sx);
+                match padding {
+                    Padding::Fill(fill) if !inside => {
+                        px.copy_from_slice(&fill);
+                        continue;
+                    }
+                    Padding::Reflect if !inside => (sy, sx) = (reflect(sy), reflect(sx)),
+                    _ => {}
                 }
+                let at = (sy as usize * side + sx as usize) * CHANNELS;
+                px.copy_from_slice(&src[at..at + 3]);
             }
         }
     }
@@ -212,7 +285,7 @@ pub fn evaluate_shard<B: Backend>(
 ) -> EvalTally {
     let views = tta.views();
     let side = images.side;
-    let fill = [0, 1, 2].map(|c| norm.apply(0, c));
+    let padding = tta.padding([0, 1, 2].map(|c| norm.apply(0, c)));
     let classes = model.num_classes();
     let mut t = EvalTally {
         images: 0,
@@ -229,21 +302,27 @@ pub fn evaluate_shard<B: Backend>(
         crate::engine::ensure_len(be, &mut x, batch.x.len());
         logits.clear();
         logits.resize(n * classes, 0.0);
-        for &(dx, dy, flip) in &views {
+        for &View {
+            dx,
+            dy,
+            mirrored,
+            share,
+        } in &views
+        {
             // The batch itself is uploaded as it is; only other views are built.
             let mut view = std::borrow::Cow::Borrowed(&batch.x[..]);
-            if flip {
+            if mirrored {
                 view = flip_horizontal(&view, n, side, side, CHANNELS).into();
             }
             if (dx, dy) != (0, 0) {
-                view = shift_image(&view, n, side, dx, dy, fill).into();
+                view = shift_image(&view, n, side, dx, dy, padding).into();
             }
             be.upload(&view, &mut x);
             model.forward(be, &x, shape, false);
             view_logits.resize(n * classes, 0.0);
             be.download(model.logits(), &mut view_logits);
             for (a, b) in logits.iter_mut().zip(&view_logits) {
-                *a += b / views.len() as f32;
+                *a += b / share;
             }
         }
         let (mean, c) = score_logits(&logits, &batch.labels, classes, &mut t.confusion);

@@ -500,40 +500,95 @@ fn flip_tta_mirrors_each_row() {
 
 #[test]
 fn tta_shift_moves_pixels_and_fills_with_black() {
-    use resnet_cifar::eval::shift_image;
+    use resnet_cifar::eval::{Padding, Tta, shift_image};
     // One 4x4 image, pixel (x, y) = [10y + x, 100 + 10y + x, 200 + 10y + x].
     let side = 4;
     let x: Vec<f32> = (0..side * side)
         .flat_map(|p| (0..3).map(move |c| (100 * c + 10 * (p / side) + p % side) as f32))
         .collect();
     let fill = [-1.0, -2.0, -3.0];
-    let s = shift_image(&x, 1, side, 2, 0, fill);
+    let s = shift_image(&x, 1, side, 2, 0, Padding::Fill(fill));
     let px = |v: &[f32], x: usize, y: usize| v[(y * side + x) * 3..(y * side + x + 1) * 3].to_vec();
     assert_eq!(px(&s, 2, 1), px(&x, 0, 1), "content moves 2 pixels right");
     assert_eq!(px(&s, 1, 3), fill.to_vec(), "uncovered pixels are the fill");
-    let s = shift_image(&x, 1, side, 0, -2, fill);
+    let s = shift_image(&x, 1, side, 0, -2, Padding::Fill(fill));
     assert_eq!(px(&s, 3, 0), px(&x, 3, 2), "content moves 2 pixels up");
     assert_eq!(px(&s, 0, 2), fill.to_vec());
-    assert_eq!(shift_image(&x, 1, side, 0, 0, fill), x);
-    assert_eq!(
-        "flip-shift".parse::<resnet_cifar::eval::Tta>().unwrap().name(),
-        "flip-shift"
-    );
-    assert!("mirror".parse::<resnet_cifar::eval::Tta>().is_err());
+    assert_eq!(shift_image(&x, 1, side, 0, 0, Padding::Fill(fill)), x);
+    let s = shift_image(&x, 1, side, 1, 0, Padding::Reflect);
+    assert_eq!(px(&s, 0, 2), px(&x, 1, 2), "reflected, the edge not repeated");
+    assert_eq!("flip-shift".parse::<Tta>().unwrap().name(), "flip-shift");
+    assert!("mirror".parse::<Tta>().is_err());
     // The views: each shift comes with and without the mirror, shifted 2 or 1 pixels.
-    use resnet_cifar::eval::Tta;
-    assert_eq!(Tta::Off.views(), [(0, 0, false)]);
-    assert_eq!(Tta::Flip.views(), [(0, 0, false), (0, 0, true)]);
+    let plain = |v: Vec<resnet_cifar::eval::View>| v.iter().map(|v| (v.dx, v.dy, v.mirrored)).collect::<Vec<_>>();
+    assert_eq!(plain(Tta::Off.views()), [(0, 0, false)]);
+    assert_eq!(plain(Tta::Flip.views()), [(0, 0, false), (0, 0, true)]);
     for (tta, d) in [(Tta::FlipShift, 2), (Tta::FlipShift1, 1)] {
-        let v = tta.views();
+        let v = plain(tta.views());
         assert_eq!(v.len(), 10, "{tta:?}");
         for (dx, dy, _) in &v {
             assert!([0, d].contains(&(dx.abs() + dy.abs())), "{tta:?}: {v:?}");
         }
         assert_eq!(v.iter().filter(|x| x.2).count(), 5, "{tta:?}");
         assert_eq!(v.iter().filter(|x| x.0 == -d && x.1 == 0).count(), 2, "{tta:?}");
+        assert!(tta.views().iter().all(|v| v.share == 10.0), "equal shares");
     }
     assert_eq!("flip-shift1".parse::<Tta>(), Ok(Tta::FlipShift1));
+}
+
+/// airbench's `tta_level=2` (`infer_mirror_translate`), written out as its code does it: the
+/// mirror pair of the image, and the mirror pairs of `F.pad(x, 1, 'reflect')[0:side, 0:side]`
+/// and `[2:side+2, 2:side+2]`, weighted 1/2 and 1/4 + 1/4 of 1/2. Ours builds each view by
+/// mirroring and then shifting over reflect padding: the same six images, the same weights.
+#[test]
+fn mirror_translate_views_are_airbenchs() {
+    use resnet_cifar::eval::{Tta, flip_horizontal, shift_image};
+    let (n, side) = (2, 5);
+    let x: Vec<f32> = (0..n * side * side * 3).map(|i| ((i * 37) % 101) as f32).collect();
+    let at = |img: &[f32], b: usize, y: usize, xx: usize| {
+        let o = ((b * side + y) * side + xx) * 3;
+        img[o..o + 3].to_vec()
+    };
+    // F.pad(x, (1, 1, 1, 1), 'reflect'), then the window at (top, left).
+    let reflect = |i: isize| if i < 0 { -i } else if i >= side as isize { 2 * (side as isize - 1) - i } else { i } as usize;
+    let window = |img: &[f32], top: isize, left: isize| -> Vec<f32> {
+        let mut out = Vec::new();
+        for b in 0..n {
+            for y in 0..side {
+                for xx in 0..side {
+                    out.extend(at(
+                        img,
+                        b,
+                        reflect(y as isize + top - 1),
+                        reflect(xx as isize + left - 1),
+                    ));
+                }
+            }
+        }
+        out
+    };
+    let mirror = |img: &[f32]| flip_horizontal(img, n, side, side, 3);
+    let (down_right, up_left) = (window(&x, 0, 0), window(&x, 2, 2));
+    let reference = [
+        (x.clone(), 0.25),
+        (mirror(&x), 0.25),
+        (down_right.clone(), 0.125),
+        (mirror(&down_right), 0.125),
+        (up_left.clone(), 0.125),
+        (mirror(&up_left), 0.125),
+    ];
+    let tta = Tta::MirrorTranslate;
+    let views = tta.views();
+    assert_eq!(views.len(), reference.len());
+    for (v, (want, weight)) in views.iter().zip(&reference) {
+        let mut img = if v.mirrored { mirror(&x) } else { x.clone() };
+        if (v.dx, v.dy) != (0, 0) {
+            img = shift_image(&img, n, side, v.dx, v.dy, tta.padding([0.0; 3]));
+        }
+        assert_eq!(&img, want, "{v:?}");
+        assert_eq!(1.0 / v.share, *weight, "{v:?}");
+    }
+    assert_eq!("mirror-translate".parse::<Tta>(), Ok(Tta::MirrorTranslate));
 }
 
 #[test]

@@ -38,8 +38,10 @@ pub struct EvalArgs {
     #[arg(long)]
     stem: Option<Stem>,
     /// Test-time augmentation: off, flip (mean logits of each image and its mirror),
-    /// flip-shift (also shifted by 2 pixels in 4 directions: 10 views) or flip-shift1 (shifts
-    /// of 1 pixel, for networks trained on crops padded by 1).
+    /// flip-shift (also shifted by 2 pixels in 4 directions: 10 views), flip-shift1 (shifts
+    /// of 1 pixel, for networks trained on crops padded by 1) or mirror-translate (airbench's
+    /// level 2: the mirror pair, and the mirror pairs shifted a pixel down-right and up-left
+    /// over reflect padding, weighted 1/4, 1/4, 1/8 each).
     #[arg(long, default_value = "off")]
     tta: Tta,
     #[command(flatten)]

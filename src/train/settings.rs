@@ -120,7 +120,8 @@ pub struct Settings {
     /// L2 weight decay of the recipe's optimizer.
     #[arg(long)]
     pub weight_decay: Option<f64>,
-    /// Test-time augmentation of the evaluations: off, flip, flip-shift or flip-shift1.
+    /// Test-time augmentation of the evaluations: off, flip, flip-shift, flip-shift1 or
+    /// mirror-translate (airbench's).
     #[arg(long)]
     pub tta: Option<Tta>,
     /// Weight decay on 1-D parameters (BatchNorm scales and shifts, biases) too: true is
