@@ -100,30 +100,30 @@ crate::named::choices!(Tta, "test-time augmentation", {
 impl Tta {
     /// The views whose logits make each image's.
     pub fn views(self) -> Vec<View> {
-        if self == Tta::MirrorTranslate {
-            // airbench mirrors the translated image: flip(shift(dx, dy)) is shift(-dx, dy)
-            // of the mirror image.
-            let view = |dx, dy, mirrored, share| View {
-                dx,
-                dy,
-                mirrored,
-                share,
-            };
-            return vec![
-                view(0, 0, false, 4.0),
-                view(0, 0, true, 4.0),
-                view(1, 1, false, 8.0),
-                view(-1, 1, true, 8.0),
-                view(-1, -1, false, 8.0),
-                view(1, -1, true, 8.0),
-            ];
-        }
-        let flips: &[bool] = if self == Tta::Off { &[false] } else { &[false, true] };
+        let view = |dx, dy, mirrored, share| View {
+            dx,
+            dy,
+            mirrored,
+            share,
+        };
         let d = match self {
             Tta::Off | Tta::Flip => 0,
             Tta::FlipShift => 2,
-            Tta::FlipShift1 | Tta::MirrorTranslate => 1,
+            Tta::FlipShift1 => 1,
+            // airbench mirrors the translated image: flip(shift(dx, dy)) is shift(-dx, dy)
+            // of the mirror image.
+            Tta::MirrorTranslate => {
+                return vec![
+                    view(0, 0, false, 4.0),
+                    view(0, 0, true, 4.0),
+                    view(1, 1, false, 8.0),
+                    view(-1, 1, true, 8.0),
+                    view(-1, -1, false, 8.0),
+                    view(1, -1, true, 8.0),
+                ];
+            }
         };
+        let flips: &[bool] = if self == Tta::Off { &[false] } else { &[false, true] };
         let shifts: &[(isize, isize)] = if d == 0 {
             &[(0, 0)]
         } else {
@@ -132,14 +132,7 @@ impl Tta {
         let share = (flips.len() * shifts.len()) as f32;
         flips
             .iter()
-            .flat_map(|&mirrored| {
-                shifts.iter().map(move |&(dx, dy)| View {
-                    dx,
-                    dy,
-                    mirrored,
-                    share,
-                })
-            })
+            .flat_map(|&mirrored| shifts.iter().map(move |&(dx, dy)| view(dx, dy, mirrored, share)))
             .collect()
     }
 

@@ -992,15 +992,11 @@ fn out_takes_a_new_or_empty_folder_and_a_run_folder_is_locked() {
 /// (exit 2) before anything is allocated or written, and names a batch size that fits.
 #[test]
 fn a_batch_too_large_for_memory_is_refused() {
-    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?.to_string();
-        line.split_whitespace().nth(1)?.parse::<u64>().ok()
-    });
     // The cifar stem's ResNet-18 keeps about 6.7 MB an image: 50,000 images, 334 GB.
-    match available {
-        Some(kib) if kib < 300 << 20 => {}
+    match resnet_cifar::train::plan::available_memory() {
+        Some(bytes) if bytes < 300 << 30 => {}
         other => {
-            let why = format!("MemAvailable is {other:?} KiB");
+            let why = format!("MemAvailable is {other:?} bytes");
             return resnet_cifar::test_support::skip("memory-under-300g", "the refusal", &why);
         }
     }

@@ -8,7 +8,7 @@ use resnet_cifar::checkpoint::CheckpointError;
 use resnet_cifar::cli::{CliError, read_settings_file};
 use resnet_cifar::data::{Splits, fetch};
 use resnet_cifar::engine::prelude::*;
-use resnet_cifar::train::plan::{Resolved, check_memory};
+use resnet_cifar::train::plan::{Resolved, available_memory, check_memory};
 use resnet_cifar::train::{Console, Recipe, Settings, Stop, TrainOutcome, train_ranks};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,15 +37,6 @@ fn recipes_help() -> String {
         .map(|r| format!("  {:<8} {}", r.name(), r.describe()))
         .collect();
     format!("Recipes:\n{}\n", lines.join("\n"))
-}
-
-/// The memory the system can give this process without swapping (Linux's MemAvailable), in
-/// bytes; none where that is not known.
-fn available_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// Raised by SIGINT/SIGTERM: the run finishes its step, saves, and exits.

@@ -105,21 +105,28 @@ pub fn resize_all(images: &Images, size: usize) -> Images {
     out
 }
 
-/// Visible entries of `dir`, sorted by name: sub-folders or files.
-fn entries(dir: &Path, folders: bool) -> Result<Vec<(String, PathBuf)>, DataError> {
+/// A folder's visible entries (`name`, path), each list sorted by name.
+struct Listing {
+    folders: Vec<(String, PathBuf)>,
+    files: Vec<(String, PathBuf)>,
+}
+
+/// Lists `dir` once, its sub-folders apart from its files.
+fn entries(dir: &Path) -> Result<Listing, DataError> {
     let rd = std::fs::read_dir(dir).map_err(DataError::io(dir))?;
-    let mut out = Vec::new();
+    let (mut folders, mut files) = (Vec::new(), Vec::new());
     for e in rd {
         let e = e.map_err(DataError::io(dir))?;
         let name = e.file_name().to_string_lossy().into_owned();
         let path = e.path();
-        if name.starts_with('.') || path.is_dir() != folders {
+        if name.starts_with('.') {
             continue;
         }
-        out.push((name, path));
+        if path.is_dir() { &mut folders } else { &mut files }.push((name, path));
     }
-    out.sort();
-    Ok(out)
+    folders.sort();
+    files.sort();
+    Ok(Listing { folders, files })
 }
 
 /// One image file to read: where it is, its label, and what identifies its version.
@@ -145,10 +152,11 @@ fn walk_class(dir: &Path, seen: &mut Vec<PathBuf>, found: &mut ClassFiles) -> Re
         }
         seen.push(real);
     }
-    for (_, path) in entries(dir, true)? {
+    let Listing { folders, files } = entries(dir)?;
+    for (_, path) in folders {
         walk_class(&path, seen, found)?;
     }
-    for (_, path) in entries(dir, false)? {
+    for (_, path) in files {
         if has_image_extension(&path) {
             found.images.push(path);
         } else {
@@ -163,7 +171,7 @@ fn walk_class(dir: &Path, seen: &mut Vec<PathBuf>, found: &mut ClassFiles) -> Re
 fn list_split(root: &Path, split: &Path, classes: &[String]) -> Result<(Vec<FileEntry>, Vec<PathBuf>), DataError> {
     let mut files = Vec::new();
     let mut others = Vec::new();
-    for (name, class_dir) in entries(split, true)? {
+    for (name, class_dir) in entries(split)?.folders {
         let Some(label) = classes.iter().position(|c| *c == name) else {
             return Err(DataError::Other(format!(
                 "{}: class '{name}' is not among the classes of {} ({})",
@@ -241,7 +249,7 @@ fn decode_split(
 /// Reads the image folder `dir` (see the module's documentation).
 pub fn load(dir: &Path, opts: &FolderOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Dataset, DataError> {
     let train_dir = dir.join(TRAIN_DIR);
-    let classes: Vec<String> = entries(&train_dir, true)?.into_iter().map(|(n, _)| n).collect();
+    let classes: Vec<String> = entries(&train_dir)?.folders.into_iter().map(|(n, _)| n).collect();
     if classes.is_empty() {
         return Err(DataError::Other(format!(
             "{}: no class folders (expected {}/CLASS/IMAGE)",

@@ -14,3 +14,11 @@ pub struct CropPlan<'a> {
     pub mean: [f32; 3],
     pub std: [f32; 3],
 }
+
+impl CropPlan<'_> {
+    /// How many values the batch it cuts holds: every image's pixels, a value for each
+    /// channel the plan normalises.
+    pub fn output_len(&self) -> usize {
+        self.items.len() * self.side * self.side * self.mean.len()
+    }
+}

@@ -29,12 +29,7 @@ impl Resolved {
                 let (cfg, start) = fresh(settings)?;
                 let out = settings.out.clone().unwrap_or_else(|| default_run_dir(&cfg.recipe));
                 let overwrite = settings.overwrite.unwrap_or(false);
-                let how = if overwrite {
-                    FolderUse::Overwrite
-                } else {
-                    FolderUse::New
-                };
-                folder::check(&out, how)?;
+                folder::check(&out, FolderUse::of(&start, overwrite))?;
                 RunPlan {
                     cfg,
                     start,
@@ -210,6 +205,15 @@ fn resumed(s: &Settings, dir: &Path) -> Result<RunPlan, String> {
         out: dir.to_path_buf(),
         overwrite: false,
     })
+}
+
+/// The memory the system can give this process without swapping (Linux's MemAvailable), in
+/// bytes; none where that is not known.
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Refuses a run whose batch cannot fit in memory: `available` bytes against the activations

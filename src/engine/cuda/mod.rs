@@ -492,7 +492,7 @@ impl BatchOps for Cuda {
         let (m, sd) = (plan.mean, plan.std);
         self.elementwise(
             &self.k.augment,
-            n * plan.side * plan.side * crate::data::CHANNELS,
+            plan.output_len(),
             &mut [
                 arg(&pp),
                 arg(&ip),
