@@ -19,9 +19,9 @@ CIFAR_STD = torch.tensor((0.2470, 0.2435, 0.2616))
 N = 500
 
 
-def get_patches(x, patch_shape):
+def get_patches(x, patch_shape, dtype=torch.float64):
     c, (h, w) = x.shape[1], patch_shape
-    return x.unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c, h, w).double()
+    return x.unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c, h, w).to(dtype)
 
 
 def get_whitening_parameters(patches):
@@ -32,8 +32,9 @@ def get_whitening_parameters(patches):
     return eigenvalues.flip(0).view(-1, 1, 1, 1), eigenvectors.T.reshape(c * h * w, c, h, w).flip(0)
 
 
-def init_whitening_conv(weight, train_set, eps=5e-4):
-    patches = get_patches(train_set, patch_shape=weight.shape[2:])
+def init_whitening_conv(weight, train_set, eps=5e-4, dtype=torch.float64):
+    """airbench's, on the weight tensor; its patches in `dtype` (airbench's own: float32)."""
+    patches = get_patches(train_set, patch_shape=weight.shape[2:], dtype=dtype)
     eigenvalues, eigenvectors = get_whitening_parameters(patches)
     eigenvectors_scaled = eigenvectors / torch.sqrt(eigenvalues + eps)
     weight[:] = torch.cat((eigenvectors_scaled, -eigenvectors_scaled))

@@ -28,6 +28,7 @@ pub fn load_image(path: &Path, spec: &DataSpec) -> Result<Vec<f32>, String> {
     let whole = Crop {
         side,
         pad: 0,
+        reflect: false,
         top: 0,
         left: 0,
         flip: false,

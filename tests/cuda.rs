@@ -137,13 +137,25 @@ fn augment_matches_the_host_cuda() {
         };
         let pixels = be.upload_pixels(&images.pixels).expect("a GPU keeps the images");
         let indices: Vec<u32> = (0..40).rev().step_by(3).collect();
-        for (aug, seed) in [(Augment::SEED, 3), (Augment::NONE, 0), (Augment::SEED, 11)] {
+        let airbench = Augment {
+            crop_pad: 2,
+            reflect: true,
+            alternate_flip: true,
+            ..Augment::SEED
+        };
+        for (aug, seed) in [
+            (Augment::SEED, 3),
+            (Augment::NONE, 0),
+            (Augment::SEED, 11),
+            (airbench, 5),
+        ] {
             let plan = BatchPlan::new(&images, &indices, aug, BatchKey::new(seed, 1, 0));
             let mut x = be.alloc(indices.len() * per);
             let crops = CropPlan {
                 items: &plan.items,
                 side,
                 pad: plan.pad,
+                reflect: plan.reflect,
                 mean: norm.mean,
                 std: norm.std,
             };

@@ -218,10 +218,9 @@ fn alternating_flips_mirror_each_image_every_other_epoch() {
         img.labels.push(0);
     }
     let alternate = Augment {
-        crop_pad: 0,
         flip: true,
         alternate_flip: true,
-        cutout: 0,
+        ..Augment::NONE
     };
     let idx: Vec<u32> = (0..n as u32).collect();
     let rev: Vec<u32> = idx.iter().rev().copied().collect();
@@ -258,6 +257,53 @@ fn alternating_flips_mirror_each_image_every_other_epoch() {
         (400..600).contains(&same),
         "coin flips are independent across epochs: {same}"
     );
+}
+
+/// airbench's translation: `F.pad(images, (2,) * 4, 'reflect')` then a crop of the image's
+/// size; numpy's and PyTorch's `reflect` do not repeat the edge pixel, so the row
+/// `[a b c d]` padded by 2 reads `[c b a b c d c b]`.
+#[test]
+fn reflect_padding_mirrors_the_image_without_its_edge() {
+    use resnet_cifar::data::transform::{Crop, write_image};
+    let side = 4;
+    // Channel c, row y, column x holds 10 * y + x + 100 * c.
+    let src: Vec<u8> = (0..3 * side * side)
+        .map(|i| (i / 16 * 100 + i % 16 / 4 * 10 + i % 4) as u8)
+        .collect();
+    let unit = Normalization {
+        mean: [0.0; 3],
+        std: [1.0 / 255.0; 3],
+    };
+    let padded_row = |y: usize| -> [usize; 8] {
+        let r = [2, 1, 0, 1, 2, 3, 2, 1][y];
+        [2, 1, 0, 1, 2, 3, 2, 1].map(|x| 10 * r + x)
+    };
+    for (top, left, flip) in [(0, 0, false), (2, 2, false), (4, 1, false), (1, 3, true)] {
+        let mut out = vec![0f32; 3 * side * side];
+        let crop = Crop {
+            side,
+            pad: 2,
+            reflect: true,
+            top,
+            left,
+            flip,
+        };
+        write_image(&src, &mut out, crop, &unit);
+        for y in 0..side {
+            for x in 0..side {
+                let sx = if flip { side - 1 - x } else { x };
+                let want = padded_row(y + top)[sx + left];
+                for c in 0..3 {
+                    let got = out[(y * side + x) * 3 + c].round() as usize;
+                    assert_eq!(
+                        got,
+                        want + 100 * c,
+                        "crop at ({top}, {left}), flip {flip}: pixel ({y}, {x})"
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[test]
@@ -451,12 +497,13 @@ fn seed_recipe_is_the_seed_run() {
         })
     );
     assert_eq!(cfg.schedule, Schedule::InverseEpoch { lr: 0.01 });
-    assert_eq!((cfg.epochs, cfg.batch_size, cfg.eval_batch_size), (50, 64, 64));
-    assert!(!cfg.shuffle);
+    assert_eq!((cfg.epochs, cfg.batch_size, cfg.eval_batch_size), (50.0, 64, 64));
+    assert!(!cfg.shuffle && !cfg.drop_last);
     assert_eq!(
         cfg.augment,
         Augment {
             crop_pad: 4,
+            reflect: false,
             flip: true,
             alternate_flip: false,
             cutout: 0,
@@ -606,7 +653,7 @@ fn fast_recipe_resolves() {
     assert_eq!((cifar.recipe.as_str(), cifar.model.stem), ("cifar", Stem::Cifar));
     assert_eq!(
         (cifar.epochs, cifar.augment.crop_pad, cifar.augment.cutout),
-        (60, 4, 16)
+        (60.0, 4, 16)
     );
     assert!(matches!(cifar.optimizer, OptimizerConfig::Sgd(s) if s.weight_decay == 5e-4 && s.nesterov));
 }

@@ -221,7 +221,7 @@ fn every_stem_and_stage_count_exports() {
 }
 
 #[test]
-fn lenet_and_vgg16_export() {
+fn lenet_vgg16_and_airbench_export() {
     if !onnxruntime() {
         return;
     }
@@ -235,6 +235,9 @@ fn lenet_and_vgg16_export() {
     // A flattened 5x5 (LeNet) and 2x2 (VGG) feature map: the classifier's weight order.
     export_and_check(Arch::Lenet, cfg(4, 40), &[]);
     export_and_check(Arch::Vgg16, cfg(5, 64), &[]);
+    // GELU as Erf nodes, the logits' Mul, a linear layer without bias; and a 2x2 final map.
+    export_and_check(Arch::Airbench, cfg(10, 32), &[]);
+    export_and_check(Arch::Airbench, cfg(7, 64), &[]);
 }
 
 /// Refused in one line with exit 2, and `out` not created.

@@ -74,7 +74,7 @@ fn sgd_variants_match_pytorch() {
                 dampening: 0.3,
                 nesterov: false,
                 weight_decay: 0.01,
-                decay_1d: true,
+                ..SgdConfig::default()
             },
             [1.390463263e-01, -1.207226753e+00, 2.120062590e+00, 3.519412279e-01],
         ),
@@ -84,7 +84,7 @@ fn sgd_variants_match_pytorch() {
                 dampening: 0.0,
                 nesterov: true,
                 weight_decay: 5e-4,
-                decay_1d: true,
+                ..SgdConfig::default()
             },
             [-6.275572628e-02, -1.206706762e+00, 2.337946892e+00, 5.731655359e-01],
         ),
@@ -147,9 +147,9 @@ fn decay_1d_false_exempts_only_one_dimensional_parameters() {
 #[test]
 fn seed_schedule_is_lr_over_epoch_plus_one() {
     let s = Schedule::InverseEpoch { lr: 0.01 };
-    assert_eq!(s.lr(0, 500, 782, 50), 0.01);
-    assert_eq!(s.lr(1, 0, 782, 50), 0.005);
-    assert!((s.lr(49, 781, 782, 50) - 0.0002).abs() < 1e-12);
+    assert_eq!(s.lr(0, 500, 782, 50 * 782), 0.01);
+    assert_eq!(s.lr(1, 0, 782, 50 * 782), 0.005);
+    assert!((s.lr(49, 781, 782, 50 * 782) - 0.0002).abs() < 1e-12);
 }
 
 #[test]
@@ -185,7 +185,7 @@ fn one_cycle_matches_pytorch() {
         final_div_factor: 1e4,
     };
     for (t, w) in want.iter().enumerate() {
-        let got = s.lr(t / 5, t % 5, 5, 4);
+        let got = s.lr(t / 5, t % 5, 5, 20);
         assert!((got - w).abs() < 1e-9, "step {t}: {got} vs PyTorch {w}");
     }
 }
@@ -197,7 +197,7 @@ fn warmup_cosine_rises_then_decays_to_min() {
         warmup_epochs: 1.0,
         min_lr: 0.001,
     };
-    let lrs: Vec<f64> = (0..40).map(|t| s.lr(t / 10, t % 10, 10, 4)).collect();
+    let lrs: Vec<f64> = (0..40).map(|t| s.lr(t / 10, t % 10, 10, 40)).collect();
     assert!(lrs[..10].windows(2).all(|w| w[1] > w[0]), "warm-up rises: {lrs:?}");
     assert!((lrs[9] - 0.1).abs() < 1e-12, "reaches lr at the end of warm-up");
     assert!(lrs[10..].windows(2).all(|w| w[1] <= w[0]), "then decays");
@@ -225,7 +225,7 @@ fn the_triangle_follows_airbenchs_get_lr() {
         (300, 0.5159945504087193),
         (475, 0.07253405994550413),
     ] {
-        let got = s.lr(t / 119, t % 119, 119, 4);
+        let got = s.lr(t / 119, t % 119, 119, 4 * 119);
         assert!(
             (got - 2.0 * factor).abs() < 1e-12,
             "step {t}: {got} vs {}",

@@ -26,7 +26,7 @@ fn small_splits() -> Splits {
 
 fn config(max_steps: Option<u64>) -> TrainConfig {
     let mut cfg = Recipe::Seed.config();
-    cfg.epochs = 3;
+    cfg.epochs = 3.0;
     cfg.val_split = 128;
     cfg.log_every = 5;
     cfg.shuffle = true;
@@ -175,4 +175,51 @@ fn a_diverging_loss_stops_the_run_with_its_step() {
     let msg = format!("{err:#}");
     // Step 1 computes a finite loss and moves every weight by 1e38; step 2's loss is not finite.
     assert!(msg.contains("the loss became") && msg.contains("at step 2;"), "{msg}");
+}
+
+/// airbench's recipe, every feature that carries state across steps or epochs at once: a
+/// fractional last epoch, the dropped partial batch, the whitening bias frozen after the first
+/// epoch (its momentum no longer saved), lookahead's slow copy (saved, and restored on resume),
+/// the summed loss, and evaluation every other epoch and after the last.
+#[test]
+fn airbench_recipe_resumes_exactly_and_ends_its_fractional_epoch() {
+    let splits = small_splits();
+    let config = |max_steps| {
+        let mut cfg = Recipe::Airbench94.config();
+        cfg.batch_size = 60; // 10 full batches of the 640 images, 40 dropped
+        cfg.epochs = 3.45; // 35 steps: the fourth epoch ends after 5 batches
+        cfg.whiten_bias_epochs = Some(1);
+        cfg.eval_every = 2;
+        cfg.eval_batch_size = 64;
+        cfg.val_split = 128;
+        cfg.log_every = 5;
+        cfg.max_steps = max_steps;
+        cfg
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let whole = tmp.path().join("whole");
+    assert_eq!(run(&config(None), &splits, &whole, false, false), None);
+    let (tensors, pos) = final_state(&whole);
+    assert!(pos.contains("\"epoch\":4") && pos.contains("\"step\":35"), "{pos}");
+    let names: Vec<&str> = tensors.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(names.contains(&"lookahead.2.norm1.running_var"), "{names:?}");
+    assert!(!names.contains(&"optim.0.bias.momentum_buffer"), "frozen: {names:?}");
+    let evals = std::fs::read_to_string(whole.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"eval\""))
+        .count();
+    assert_eq!(evals, 2, "after epochs 2 and 4");
+    // Cut in the first epoch (the bias still training) and in the third.
+    for cut_at in [7, 23] {
+        let cut = tmp.path().join(format!("cut{cut_at}"));
+        assert_eq!(
+            run(&config(Some(cut_at)), &splits, &cut, false, false),
+            Some(Stop::MaxSteps)
+        );
+        let mut cfg = load_resume(&cut).unwrap().config;
+        cfg.max_steps = None;
+        assert_eq!(run(&cfg, &splits, &cut, true, false), None);
+        assert_eq!(final_state(&whole), final_state(&cut), "cut at step {cut_at}");
+    }
 }

@@ -83,7 +83,7 @@ fn twenty_seed_steps_end_where_pytorchs_seed_code_ends() {
         spec: all.spec.clone(),
     };
     let mut cfg = Recipe::Seed.config();
-    cfg.epochs = 2;
+    cfg.epochs = 2.0;
     cfg.augment = Augment::NONE;
     cfg.log_every = 1;
     // SEED_DYNAMICS_WINOGRAD=false: the same run with every convolution computed directly

@@ -132,7 +132,7 @@ fn a_few_hundred_steps_learn_well_above_chance() {
         spec: all.spec.clone(),
     };
     let mut cfg = Recipe::Seed.config();
-    cfg.epochs = 2;
+    cfg.epochs = 2.0;
     cfg.val_split = 2000;
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
@@ -658,12 +658,12 @@ fn settings_are_flags_and_toml_keys_alike() {
     let merged = cli.or(file.clone());
     assert_eq!(
         (merged.epochs, merged.shuffle, merged.flip, merged.seed),
-        (Some(7), Some(true), Some(true), Some(4))
+        (Some(7.0), Some(true), Some(true), Some(4))
     );
     let cfg = merged.resolve().unwrap();
     assert_eq!(
         (cfg.epochs, cfg.shuffle, cfg.augment.flip, cfg.augment.cutout),
-        (7, true, true, 8)
+        (7.0, true, true, 8)
     );
     // A recipe's shuffling can be turned off, from the file or with a value on the flag.
     assert!(!file.resolve().unwrap().shuffle, "shuffle = false in the file");

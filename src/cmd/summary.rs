@@ -13,7 +13,7 @@ use resnet_cifar::model::{Arch, ResNetConfig, Stem, summarize_arch};
 /// The network and input size that `summary` and `bench` describe.
 #[derive(Args)]
 pub struct NetArgs {
-    /// Architecture: resnet18, lenet or vgg16.
+    /// Architecture: resnet18, lenet, vgg16 or airbench.
     #[arg(long, default_value = "resnet18")]
     pub model: Arch,
     /// Network stem (resnet18): seed, torchvision, seed3x3 or cifar.

@@ -39,6 +39,14 @@ impl EpochPlan {
             epoch,
         }
     }
+    /// The same plan without its last, partial batch (PyTorch's `drop_last`) when `drop`.
+    pub fn drop_last(mut self, drop: bool) -> Self {
+        if drop {
+            self.order
+                .truncate(self.order.len() / self.batch_size * self.batch_size);
+        }
+        self
+    }
     /// The key of batch `b`'s randomness (crops, flips): the same on every device and rank.
     pub fn key(&self, b: usize) -> BatchKey {
         BatchKey::new(self.seed, self.epoch, b)

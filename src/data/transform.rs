@@ -14,8 +14,13 @@ use rand_chacha::ChaCha8Rng;
 /// Training-time augmentation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Augment {
-    /// Zero padding before the random crop of the image's size (0: no crop).
+    /// Padding before the random crop of the image's size (0: no crop): black, or with
+    /// `reflect` the image mirrored at its edges.
     pub crop_pad: usize,
+    /// The crop's padding reflects the image (PyTorch's `reflect` mode, airbench's
+    /// translation) instead of black pixels.
+    #[serde(default)]
+    pub reflect: bool,
     pub flip: bool,
     /// With `flip`: each image is mirrored in every other epoch (at random in the first,
     /// then the opposite of its previous epoch) instead of by a coin each time, so short runs
@@ -32,12 +37,14 @@ pub struct Augment {
 impl Augment {
     pub const SEED: Augment = Augment {
         crop_pad: 4,
+        reflect: false,
         flip: true,
         alternate_flip: false,
         cutout: 0,
     };
     pub const NONE: Augment = Augment {
         crop_pad: 0,
+        reflect: false,
         flip: false,
         alternate_flip: false,
         cutout: 0,
@@ -57,22 +64,38 @@ pub fn stream_seed(parts: &[u64]) -> u64 {
 }
 
 /// Where a crop of a `side x side` image padded by `pad` sits: `(top, left)` in the padded
-/// image, and whether the crop is mirrored.
+/// image, whether the padding reflects the image (else it is black), and whether the crop is
+/// mirrored.
 #[derive(Clone, Copy, Debug)]
 pub struct Crop {
     pub side: usize,
     pub pad: usize,
+    pub reflect: bool,
     pub top: usize,
     pub left: usize,
     pub flip: bool,
 }
 
+/// The row or column of a `side`-pixel image that PyTorch's `reflect` padding reads at `i`
+/// (the edge pixel is not repeated: -1 reads 1, `side` reads `side - 2`).
+pub fn reflect_index(i: isize, side: usize) -> isize {
+    let last = side as isize - 1;
+    if i < 0 {
+        -i
+    } else if i > last {
+        2 * last - i
+    } else {
+        i
+    }
+}
+
 /// Writes one CHW byte image (`[3, side, side]`) into `out` (`[side, side, 3]`, NHWC),
-/// cropped as `crop` says (padding reads as 0) and normalised by `norm`.
+/// cropped as `crop` says (padding reads as 0, or reflects the image) and normalised by `norm`.
 pub fn write_image(src: &[u8], out: &mut [f32], crop: Crop, norm: &Normalization) {
     let Crop {
         side,
         pad,
+        reflect,
         top,
         left,
         flip,
@@ -80,10 +103,16 @@ pub fn write_image(src: &[u8], out: &mut [f32], crop: Crop, norm: &Normalization
     debug_assert_eq!(src.len(), 3 * side * side);
     let plane = side * side;
     for y in 0..side {
-        let sy = (y + top) as isize - pad as isize;
+        let mut sy = (y + top) as isize - pad as isize;
+        if reflect {
+            sy = reflect_index(sy, side);
+        }
         for x in 0..side {
             let ox = if flip { side - 1 - x } else { x };
-            let sx = (x + left) as isize - pad as isize;
+            let mut sx = (x + left) as isize - pad as isize;
+            if reflect {
+                sx = reflect_index(sx, side);
+            }
             let inside = (0..side as isize).contains(&sy) && (0..side as isize).contains(&sx);
             let dst = &mut out[(y * side + ox) * 3..(y * side + ox) * 3 + 3];
             for (c, d) in dst.iter_mut().enumerate() {
@@ -149,8 +178,9 @@ pub struct BatchPlan {
     /// Per image: `[index, top, left, flip]`.
     pub items: Vec<[u32; 4]>,
     pub labels: Vec<u32>,
-    /// Padding of the crop (0: none).
+    /// Padding of the crop (0: none), and whether it reflects the image.
     pub pad: usize,
+    pub reflect: bool,
     /// Per image, with a cutout: the centre `[y, x]` of its square.
     pub holes: Vec<[u32; 2]>,
     /// Side of the cutout square (0: none).
@@ -188,6 +218,7 @@ impl BatchPlan {
             labels: indices.iter().map(|&i| images.labels[i as usize]).collect(),
             items,
             pad: aug.crop_pad,
+            reflect: aug.reflect,
             holes,
             cutout: aug.cutout,
             side: images.side,
@@ -224,6 +255,7 @@ impl BatchPlan {
             let crop = Crop {
                 side,
                 pad: self.pad,
+                reflect: self.reflect,
                 top: top as usize,
                 left: left as usize,
                 flip: flip != 0,

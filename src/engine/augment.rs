@@ -11,6 +11,8 @@ pub struct CropPlan<'a> {
     pub items: &'a [[u32; 4]],
     pub side: usize,
     pub pad: usize,
+    /// The padding reflects the image (PyTorch's `reflect`) instead of reading as 0.
+    pub reflect: bool,
     pub mean: [f32; 3],
     pub std: [f32; 3],
 }

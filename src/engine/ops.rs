@@ -193,6 +193,12 @@ pub trait PointwiseOps: Memory {
     fn gelu_forward(&self, len: usize, x: &Self::Buf, y: &mut Self::Buf);
     /// dx = dy * (Phi(x) + x * phi(x)), from the forward input `x`.
     fn gelu_backward(&self, len: usize, x: &Self::Buf, dy: &Self::Buf, dx: &mut Self::Buf);
+    /// y = alpha * x over `len` values (a constant factor such as airbench's `Mul(1/9)`; its
+    /// backward pass is the same op on the gradient).
+    fn scale(&self, len: usize, alpha: f32, x: &Self::Buf, y: &mut Self::Buf);
+    /// `x = lerp(x, end, weight)` over `len` values, as `torch.lerp_` computes it: `x + weight
+    /// * (end - x)` for weights below 0.5, else `end - (end - x) * (1 - weight)`.
+    fn lerp(&self, len: usize, weight: f32, end: &Self::Buf, x: &mut Self::Buf);
     /// dst += src.
     fn add_assign(&self, len: usize, src: &Self::Buf, dst: &mut Self::Buf);
 }

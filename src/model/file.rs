@@ -130,13 +130,17 @@ pub fn model_config_of(
         Some(a) => a.parse().map_err(|e| format!("{path}: bad 'arch' metadata: {e}"))?,
         None if shape("features.0.weight").is_some() && shape("features.1.running_mean").is_some() => Arch::Vgg16,
         None if shape("features.0.weight").is_some() => Arch::Lenet,
+        None if shape("2.conv1.weight").is_some() => Arch::Airbench,
         None => Arch::Resnet18,
     };
     if arch != Arch::Resnet18 {
+        // The classifier's output count: its bias's length, or its weight's rows (airbench's
+        // has no bias).
         let classes = shape("classifier.bias")
             .or_else(|| shape("classifier.2.bias"))
+            .or_else(|| shape("7.weight"))
             .and_then(|s| s.first().copied())
-            .ok_or_else(|| format!("{path}: no classifier bias: not a {} state_dict", arch.name()))?;
+            .ok_or_else(|| format!("{path}: no classifier: not a {} state_dict", arch.name()))?;
         let cfg = ResNetConfig {
             num_classes: classes,
             ..ResNetConfig::default()

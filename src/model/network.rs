@@ -5,7 +5,7 @@
 use super::{ResNet, ResNetConfig, Sequential};
 use crate::data::CHANNELS;
 use crate::engine::{Backend, Shape4, StatsSum};
-use crate::nn::Module;
+use crate::nn::{Conv2d, Module};
 use crate::onnx::Graph;
 
 pub trait Network<B: Backend>: Module<B> {
@@ -41,6 +41,11 @@ pub trait Network<B: Backend>: Module<B> {
     /// block starts as the identity (torchvision's `zero_init_residual`). Networks without
     /// residual branches have nothing to change.
     fn zero_init_residual(&mut self, _be: &B) {}
+    /// The network's first layer when it is a convolution that takes the images themselves:
+    /// what the whitening initialisation sets (`nn::whiten`).
+    fn first_conv(&mut self) -> Option<&mut Conv2d<B>> {
+        None
+    }
     /// Every BatchNorm in training mode takes its statistics over the whole batch of all ranks
     /// through `sum` (PyTorch's `SyncBatchNorm.convert_sync_batchnorm`), or, with `None`, over
     /// this process's slice.
@@ -57,23 +62,28 @@ pub enum Arch {
     Lenet,
     /// VGG-16 with batch norm, for 32x32 inputs.
     Vgg16,
+    /// airbench94's speed-run network (`Sequential::airbench`).
+    Airbench,
 }
 
 crate::named::choices!(Arch, "model", {
     Resnet18 => "resnet18",
     Lenet => "lenet",
     Vgg16 => "vgg16",
+    Airbench => "airbench",
 });
 
 impl Arch {
     /// The smallest input images the architecture takes: LeNet's three 2x2 pools need 8
-    /// pixels, VGG-16's five need 32; ResNet-18 pools globally and takes every size `--image-size`
+    /// pixels, VGG-16's five need 32, airbench's 2x2 convolution and pools 2, 2, 2 and 3
+    /// need 25 (it is made for 32); ResNet-18 pools globally and takes every size `--image-size`
     /// allows.
     pub fn min_image_size(self) -> usize {
         match self {
             Arch::Resnet18 => 16,
             Arch::Lenet => 8,
             Arch::Vgg16 => 32,
+            Arch::Airbench => 25,
         }
     }
 
@@ -106,6 +116,7 @@ pub fn build<B: Backend>(be: &B, arch: Arch, cfg: ResNetConfig, seed: u64) -> Bo
         Arch::Resnet18 => Box::new(ResNet::new(be, cfg, seed)),
         Arch::Lenet => Box::new(Sequential::lenet(be, cfg.num_classes, cfg.image_size, seed)),
         Arch::Vgg16 => Box::new(Sequential::vgg16(be, cfg.num_classes, cfg.image_size, seed)),
+        Arch::Airbench => Box::new(Sequential::airbench(be, cfg.num_classes, cfg.image_size, seed)),
     }
 }
 

@@ -74,9 +74,32 @@ fn conv_repr<B: Backend>(c: &Conv2d<B>) -> String {
 
 fn bn_repr<B: Backend>(b: &BatchNorm2d<B>) -> String {
     format!(
-        "BatchNorm2d({}, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True)",
-        b.channels()
+        "BatchNorm2d({}, eps={}, momentum={}, affine=True, bias=True, track_running_stats=True)",
+        b.channels(),
+        python_float(b.eps),
+        python_float(b.momentum)
     )
+}
+
+/// `x` as Python's `repr` writes a float that came from a short decimal: `0.1`, `1e-05`.
+fn python_float(x: f32) -> String {
+    if x != 0.0 && x.abs() < 1e-4 {
+        let e = format!("{x:e}");
+        let (mantissa, exp) = e.split_once('e').expect("{:e} writes an exponent");
+        let (sign, digits) = exp.strip_prefix('-').map_or(("+", exp), |d| ("-", d));
+        format!("{mantissa}e{sign}{digits:0>2}")
+    } else {
+        format!("{x}")
+    }
+}
+
+/// `parent.label`, or `label` at the top level.
+fn join(parent: &str, label: &str) -> String {
+    if parent.is_empty() {
+        label.to_string()
+    } else {
+        format!("{parent}.{label}")
+    }
 }
 
 struct Walk<'a> {
@@ -113,7 +136,7 @@ impl Walk<'_> {
         let out = g.output();
         let macs = (out.numel() * c.cfg.cin * c.cfg.kernel * c.cfg.kernel) as u64;
         let params = c.weight.numel() + c.bias.as_ref().map_or(0, |b| b.numel());
-        self.leaf(label, format!("{path}.{label}"), conv_repr(c), nchw(out), params, macs);
+        self.leaf(label, join(path, label), conv_repr(c), nchw(out), params, macs);
         if let (Some(plan), Some(row)) = (self.plan, self.rows.last_mut()) {
             row.path = Some(plan(&g));
             let (i, k) = (g.input, g.kh);
@@ -122,20 +145,13 @@ impl Walk<'_> {
         out
     }
     fn bn<B: Backend>(&mut self, label: &str, path: &str, b: &BatchNorm2d<B>, s: Shape4) {
-        self.leaf(
-            label,
-            format!("{path}.{label}"),
-            bn_repr(b),
-            nchw(s),
-            2 * b.channels(),
-            0,
-        );
+        self.leaf(label, join(path, label), bn_repr(b), nchw(s), 2 * b.channels(), 0);
     }
     fn relu(&mut self, label: &str, path: &str, s: Shape4) {
         self.relu_as(label, path, s, "ReLU(inplace=True)");
     }
     fn relu_as(&mut self, label: &str, path: &str, s: Shape4, repr: &str) {
-        self.leaf(label, format!("{path}.{label}"), repr.into(), nchw(s), 0, 0);
+        self.leaf(label, join(path, label), repr.into(), nchw(s), 0, 0);
     }
     fn pool(&mut self, label: &str, name: String, p: &MaxPool2d<impl Backend>, s: Shape4) -> Shape4 {
         let out = PoolGeom {
@@ -153,7 +169,8 @@ impl Walk<'_> {
         out
     }
     fn linear(&mut self, label: &str, name: String, l: &Linear<impl Backend>, n: usize) {
-        let repr = format!("Linear(in_features={}, out_features={}, bias=True)", l.din, l.dout);
+        let bias = if l.bias.is_some() { "True" } else { "False" };
+        let repr = format!("Linear(in_features={}, out_features={}, bias={bias})", l.din, l.dout);
         let params = l.weight.numel() + l.bias.as_ref().map_or(0, |b| b.numel());
         self.leaf(label, name, repr, vec![n, l.dout], params, (n * l.din * l.dout) as u64);
     }
@@ -184,10 +201,11 @@ pub fn summarize_arch<B: Backend>(
         Arch::Resnet18 => summarize(&ResNet::new(be, cfg, seed), input, plan),
         Arch::Lenet => summarize_sequential(&Sequential::lenet(be, classes, side, seed), input, plan),
         Arch::Vgg16 => summarize_sequential(&Sequential::vgg16(be, classes, side, seed), input, plan),
+        Arch::Airbench => summarize_sequential(&Sequential::airbench(be, classes, side, seed), input, plan),
     }
 }
 
-/// Describes a layer chain (LeNet, VGG-16) for an NHWC input of shape `input`, printed as
+/// Describes a layer chain (LeNet, VGG-16, airbench) for an NHWC input of shape `input`, printed as
 /// PyTorch prints the classes in `scripts/classic_models.py`; with `plan`, each
 /// convolution's plan.
 pub fn summarize_sequential<B: Backend>(model: &Sequential<B>, input: Shape4, plan: Option<PlanOf>) -> Summary {
@@ -198,38 +216,51 @@ pub fn summarize_sequential<B: Backend>(model: &Sequential<B>, input: Shape4, pl
         plan,
     };
     let mut s = input;
-    let mut group: Option<&str> = None;
-    for (layer, &(g, index)) in model.layers.iter().zip(&model.labels) {
-        if group != Some(g) {
-            if group.is_some_and(|_| w.depth > 1) {
+    // The container now open (a path's parent that `model.containers` names), if any.
+    let mut open: Option<&str> = None;
+    for (layer, path) in model.layers.iter().zip(&model.paths) {
+        let (parent, label) = match path.rsplit_once('.') {
+            Some((parent, label)) if model.containers.iter().any(|(c, _)| c == parent) => (parent, label),
+            _ => ("", path.as_str()),
+        };
+        if open != Some(parent) {
+            if open.is_some_and(|o| !o.is_empty()) {
                 w.close();
             }
-            if index.is_some() {
-                w.open(g, "Sequential");
+            if let Some((_, class)) = model.containers.iter().find(|(c, _)| c == parent) {
+                w.open(parent, class);
             }
-            group = Some(g);
+            open = Some(parent);
         }
-        let label = index.map_or(g.to_string(), |i| i.to_string());
-        let name = index.map_or(g.to_string(), |i| format!("{g}.{i}"));
         match layer {
-            Layer::Conv(c) => s = w.conv(&label, g, c, s),
+            Layer::Conv(c) => s = w.conv(label, parent, c, s),
             Layer::BatchNorm(b) => {
-                w.bn(&label, g, b, s);
+                w.bn(label, parent, b, s);
                 if b.relu {
-                    let i = index.expect("batch norm inside a Sequential") + 1;
-                    w.relu_as(&i.to_string(), g, s, "ReLU()");
+                    let i: usize = label.parse().expect("a fused ReLU's batch norm is numbered");
+                    w.relu_as(&(i + 1).to_string(), parent, s, "ReLU()");
                 }
             }
             Layer::Relu(_) if s.h * s.w == 1 => {
                 // After a linear layer: a flat `[n, features]` activation.
-                w.leaf(&label, name, "ReLU()".into(), vec![s.n, s.c], 0, 0)
+                w.leaf(label, path.clone(), "ReLU()".into(), vec![s.n, s.c], 0, 0)
             }
-            Layer::Relu(_) => w.relu_as(&label, g, s, "ReLU()"),
-            Layer::MaxPool(p) => s = w.pool(&label, name, p, s),
+            Layer::Relu(_) => w.relu_as(label, parent, s, "ReLU()"),
+            Layer::Gelu(_) if s.h * s.w == 1 => w.leaf(
+                label,
+                path.clone(),
+                "GELU(approximate='none')".into(),
+                vec![s.n, s.c],
+                0,
+                0,
+            ),
+            Layer::Gelu(_) => w.relu_as(label, parent, s, "GELU(approximate='none')"),
+            Layer::MaxPool(p) => s = w.pool(label, path.clone(), p, s),
             Layer::Linear(l) => {
-                w.linear(&label, name, l, s.n);
+                w.linear(label, path.clone(), l, s.n);
                 s = Shape4::new(s.n, 1, 1, l.dout);
             }
+            Layer::Scale(_) => w.leaf(label, path.clone(), "Mul()".into(), vec![s.n, s.c], 0, 0),
         }
     }
     if w.depth > 1 {

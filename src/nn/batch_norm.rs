@@ -38,9 +38,10 @@ pub struct BatchNorm2d<B: Backend> {
 impl<B: Backend> BatchNorm2d<B> {
     pub fn new(b: &Builder<B>, channels: usize, relu: bool) -> Self {
         let be = b.backend();
+        let norm = |p: Param<B>| Param { norm: true, ..p };
         Self {
-            weight: b.constant("weight", &[channels], 1.0, true),
-            bias: b.constant("bias", &[channels], 0.0, true),
+            weight: norm(b.constant("weight", &[channels], 1.0, true)),
+            bias: norm(b.constant("bias", &[channels], 0.0, true)),
             running_mean: b.constant("running_mean", &[channels], 0.0, false),
             running_var: b.constant("running_var", &[channels], 1.0, false),
             num_batches_tracked: 0,

@@ -78,6 +78,7 @@ impl<'a, B: Backend> Builder<'a, B> {
                 at
             }),
             frozen: false,
+            norm: false,
         };
         p.write(self.backend, torch_values);
         p

@@ -49,6 +49,24 @@ impl<B: Backend> Conv2d<B> {
         }
     }
 
+    /// airbench's `Conv.reset_parameters`: after PyTorch's default initialisation, the first
+    /// `cin` filters become the identity (`torch.nn.init.dirac_`: a 1 at the kernel's centre
+    /// tap of their own channel, `k / 2` on each axis) and the bias, if any, 0.
+    pub fn with_identity_filters(mut self, be: &B) -> Self {
+        let (cin, cout, k) = (self.cfg.cin, self.cfg.cout, self.cfg.kernel);
+        let mut w = self.weight.read(be);
+        let filter = cin * k * k;
+        for (o, f) in w.chunks_mut(filter).take(cin.min(cout)).enumerate() {
+            f.fill(0.0);
+            f[o * k * k + (k / 2) * k + k / 2] = 1.0;
+        }
+        self.weight.write(be, &w);
+        if let Some(b) = &mut self.bias {
+            b.write(be, &vec![0.0; cout]);
+        }
+        self
+    }
+
     pub fn geom(&self, input: Shape4) -> ConvGeom {
         assert_eq!(
             input.c, self.cfg.cin,
@@ -114,7 +132,8 @@ impl<B: Backend> Conv2d<B> {
     }
 
     /// Writes the weight gradient (into the gradient arena `grads`) and, when `dx` is given,
-    /// the input gradient. `x` must be the input of the last forward pass.
+    /// the input gradient. `x` must be the input of the last forward pass. A frozen weight's
+    /// gradient is not computed: without `dx` only the bias's is.
     pub fn backward(
         &mut self,
         be: &B,
@@ -130,7 +149,9 @@ impl<B: Backend> Conv2d<B> {
         if let Some(d) = dx.as_deref_mut() {
             ensure_len(be, d, g.input.numel());
         }
-        be.conv2d_backward(self.op(&g, &plan), x, dy, dx, self.weight.grad_slots(grads, None), ws);
+        if !(self.weight.frozen && dx.is_none()) {
+            be.conv2d_backward(self.op(&g, &plan), x, dy, dx, self.weight.grad_slots(grads, None), ws);
+        }
         if let Some(b) = &self.bias {
             let db = b.grad.expect("conv bias is trainable");
             be.bias_grad(g.output().rows(), g.cout, dy, grads, db);

@@ -7,9 +7,10 @@ use crate::engine::{Backend, Targets, ensure_len};
 pub struct CrossEntropy<B: Backend> {
     /// Label smoothing (0 is plain cross-entropy).
     pub label_smoothing: f32,
-    /// Factor on the gradient (not on the loss): 1, or a data-parallel rank's weight when the
-    /// ranks' slices of a batch differ in size.
+    /// Factor on the gradient (not on the loss): 1; a data-parallel rank's weight when the
+    /// ranks' slices of a batch differ in size; the batch's size for a summed loss.
     pub grad_scale: f32,
+    scaled: B::Buf,
     /// The mean loss of the last batch, left on the device so that a step needs no host
     /// round trip.
     pub loss: B::Buf,
@@ -20,6 +21,7 @@ impl<B: Backend> CrossEntropy<B> {
         Self {
             label_smoothing: 0.0,
             grad_scale: 1.0,
+            scaled: be.alloc(0),
             loss: be.alloc(1),
         }
     }
@@ -36,11 +38,9 @@ impl<B: Backend> CrossEntropy<B> {
         };
         be.cross_entropy(logits, &targets, &mut self.loss, dlogits);
         if self.grad_scale != 1.0 {
-            // Rare (an epoch's last batch), and only n x classes values: on the host.
-            let mut host = vec![0f32; n * classes];
-            be.download(dlogits, &mut host);
-            host.iter_mut().for_each(|g| *g *= self.grad_scale);
-            be.upload(&host, dlogits);
+            ensure_len(be, &mut self.scaled, n * classes);
+            be.scale(n * classes, self.grad_scale, dlogits, &mut self.scaled);
+            be.scale(n * classes, 1.0, &self.scaled, dlogits);
         }
     }
 }

@@ -3,7 +3,7 @@
 //! ONNX's). A node is named after its layer's state_dict path (`conv2.0.layer.1`), so the
 //! graph reads like the checkpoint.
 
-use super::{BatchNorm2d, Conv2d, GlobalAvgPool, Linear, MaxPool2d, Param, Relu};
+use super::{BatchNorm2d, Conv2d, Gelu, GlobalAvgPool, Linear, MaxPool2d, Param, Relu, Scale};
 use crate::engine::Backend;
 use crate::onnx::Graph;
 
@@ -60,6 +60,28 @@ impl<B: Backend> BatchNorm2d<B> {
 impl<B: Backend> Relu<B> {
     pub fn onnx(&self, g: &mut Graph, x: &str, path: &str) -> String {
         g.node("Relu", path, &[x], vec![])
+    }
+}
+
+impl<B: Backend> Gelu<B> {
+    /// PyTorch's exact GELU as opset-13 nodes: `x * (erf(x / sqrt 2) + 1) * 0.5`, the form
+    /// `torch.onnx.export` writes below opset 20 (which has a Gelu operator).
+    pub fn onnx(&self, g: &mut Graph, x: &str, path: &str) -> String {
+        let sqrt2 = g.weight(&format!("{path}.sqrt2"), &[], &[std::f32::consts::SQRT_2]);
+        let one = g.weight(&format!("{path}.one"), &[], &[1.0]);
+        let half = g.weight(&format!("{path}.half"), &[], &[0.5]);
+        let t = g.node("Div", &format!("{path}.div"), &[x, &sqrt2], vec![]);
+        let t = g.node("Erf", &format!("{path}.erf"), &[&t], vec![]);
+        let t = g.node("Add", &format!("{path}.add"), &[&t, &one], vec![]);
+        let t = g.node("Mul", &format!("{path}.mul"), &[x, &t], vec![]);
+        g.node("Mul", path, &[&t, &half], vec![])
+    }
+}
+
+impl<B: Backend> Scale<B> {
+    pub fn onnx(&self, g: &mut Graph, x: &str, path: &str) -> String {
+        let factor = g.weight(&format!("{path}.scale"), &[], &[self.factor]);
+        g.node("Mul", path, &[x, &factor], vec![])
     }
 }
 

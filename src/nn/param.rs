@@ -15,9 +15,13 @@ pub struct Param<B: Backend> {
     /// For trainable parameters, where the backward pass writes the gradient: the offset (in
     /// values) of its `numel()` values in the model's gradient arena.
     pub grad: Option<usize>,
-    /// A trainable parameter the optimizer leaves as it is (`--freeze-backbone`; PyTorch's
-    /// `requires_grad = False`). Its gradient is still written, and never read.
+    /// A trainable parameter the optimizer leaves as it is (`--freeze-backbone`, airbench's
+    /// whitening filters and batch-norm scales; PyTorch's `requires_grad = False`). Its
+    /// gradient is never read; layers skip computing it where that saves work.
     pub frozen: bool,
+    /// A batch norm's scale or shift: the parameter group to which airbench gives its own
+    /// learning rate (`SgdConfig::norm_lr_scale`).
+    pub norm: bool,
 }
 
 impl<B: Backend> Param<B> {
@@ -121,10 +125,20 @@ pub trait Module<B: Backend> {
 
     /// Every parameter the optimizer updates (trainable and not frozen), in state_dict order.
     fn visit_params(&mut self, f: &mut dyn FnMut(&mut Param<B>)) {
+        self.visit_trainable(&mut |p| {
+            if !p.frozen {
+                f(p)
+            }
+        });
+    }
+
+    /// Every trainable parameter, frozen or not, in state_dict order: what an optimizer keeps
+    /// its state for, so that freezing one for a while (airbench's whitening bias after its
+    /// epochs) leaves the others' state where it was.
+    fn visit_trainable(&mut self, f: &mut dyn FnMut(&mut Param<B>)) {
         self.visit(&mut |e| {
             if let Entry::Tensor(p) = e
                 && p.trainable()
-                && !p.frozen
             {
                 f(p)
             }
@@ -132,12 +146,12 @@ pub trait Module<B: Backend> {
     }
 
     /// Freezes every trainable parameter whose name does not start with `keep` (a module
-    /// path such as `fc`): only that module trains.
+    /// path such as `fc`): only that module trains (what the model froze itself stays so).
     fn freeze_all_but(&mut self, keep: &str) {
         let prefix = format!("{keep}.");
         self.visit(&mut |e| {
             if let Entry::Tensor(p) = e {
-                p.frozen = p.trainable() && !p.name.starts_with(&prefix);
+                p.frozen |= p.trainable() && !p.name.starts_with(&prefix);
             }
         });
     }

@@ -32,7 +32,8 @@ pub struct Adam<B: Backend> {
     pub cfg: AdamConfig,
     /// Steps taken so far (PyTorch's `state['step']`, the same for every parameter here).
     pub steps: u64,
-    /// `(exp_avg, exp_avg_sq)` per trainable parameter, in state_dict order.
+    /// `(exp_avg, exp_avg_sq)` per trainable parameter (frozen ones too, unused while they
+    /// are), in state_dict order.
     pub state: Vec<(B::Buf, B::Buf)>,
 }
 
@@ -60,18 +61,21 @@ impl<B: Backend> Adam<B> {
         let mut i = 0;
         let decay_1d = self.cfg.decay_1d;
         let state = &mut self.state;
-        model.visit_params(&mut |p| {
+        model.visit_trainable(&mut |p| {
             let n = p.numel();
             if state.len() == i {
                 state.push((be.alloc(n), be.alloc(n)));
             }
-            let (m, v) = &mut state[i];
+            i += 1;
+            if p.frozen {
+                return;
+            }
+            let (m, v) = &mut state[i - 1];
             let h = AdamStep {
                 weight_decay: super::decay_for(p, h.weight_decay, decay_1d),
                 ..h
             };
             be.adam_step(&h, p.step(grads), m, v);
-            i += 1;
         });
     }
 }

@@ -12,6 +12,10 @@ fn yes() -> bool {
     true
 }
 
+fn one() -> f64 {
+    1.0
+}
+
 /// The weight decay of parameter `p`: none for 1-D tensors (norm weights, biases) unless
 /// `decay_1d`.
 fn decay_for<B: crate::engine::Backend>(p: &crate::nn::Param<B>, weight_decay: f64, decay_1d: bool) -> f64 {

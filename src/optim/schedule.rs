@@ -35,9 +35,9 @@ pub enum Schedule {
 
 impl Schedule {
     /// Learning rate for optimizer step `step` (0-based) of epoch `epoch` (0-based), in a run
-    /// of `epochs` epochs of `steps_per_epoch` steps.
-    pub fn lr(&self, epoch: usize, step: usize, steps_per_epoch: usize, epochs: usize) -> f64 {
-        let total = (epochs * steps_per_epoch).max(1) as f64;
+    /// of `total_steps` steps, `steps_per_epoch` an epoch (the last epoch may end early).
+    pub fn lr(&self, epoch: usize, step: usize, steps_per_epoch: usize, total_steps: u64) -> f64 {
+        let total = total_steps.max(1) as f64;
         let t = (epoch * steps_per_epoch + step) as f64;
         match *self {
             Schedule::Constant { lr } => lr,

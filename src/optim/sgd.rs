@@ -14,6 +14,11 @@ pub struct SgdConfig {
     /// parameter group. `false` is the usual second group with no decay.
     #[serde(default = "super::yes")]
     pub decay_1d: bool,
+    /// Batch-norm parameters train at this times the learning rate, with their weight decay
+    /// divided by it (airbench's `bias_scaler` group: the product of the two stays that of the
+    /// other parameters). 1: one group.
+    #[serde(default = "super::one")]
+    pub norm_lr_scale: f64,
 }
 
 impl Default for SgdConfig {
@@ -24,6 +29,7 @@ impl Default for SgdConfig {
             nesterov: false,
             weight_decay: 0.0,
             decay_1d: true,
+            norm_lr_scale: 1.0,
         }
     }
 }
@@ -31,7 +37,8 @@ impl Default for SgdConfig {
 pub struct Sgd<B: Backend> {
     pub cfg: SgdConfig,
     pub steps: u64,
-    /// Momentum buffer per trainable parameter, in state_dict order.
+    /// Momentum buffer per trainable parameter (frozen ones too, unused while they are), in
+    /// state_dict order.
     pub state: Vec<B::Buf>,
 }
 
@@ -61,19 +68,30 @@ impl<B: Backend> Sgd<B> {
         };
         self.steps += 1;
         let mut i = 0;
-        let decay_1d = self.cfg.decay_1d;
+        let (decay_1d, scale) = (self.cfg.decay_1d, self.cfg.norm_lr_scale);
         let state = &mut self.state;
-        model.visit_params(&mut |p| {
+        model.visit_trainable(&mut |p| {
             let n = p.numel();
             if state.len() == i {
                 state.push(be.alloc(n));
             }
-            let h = SgdStep {
-                weight_decay: super::decay_for(p, h.weight_decay, decay_1d),
-                ..h
-            };
-            be.sgd_step(&h, p.step(grads), &mut state[i]);
             i += 1;
+            if p.frozen {
+                return;
+            }
+            let decay = super::decay_for(p, h.weight_decay, decay_1d);
+            let h = match p.norm {
+                true => SgdStep {
+                    lr: h.lr * scale,
+                    weight_decay: decay / scale,
+                    ..h
+                },
+                false => SgdStep {
+                    weight_decay: decay,
+                    ..h
+                },
+            };
+            be.sgd_step(&h, p.step(grads), &mut state[i - 1]);
         });
     }
 }

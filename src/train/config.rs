@@ -22,8 +22,13 @@ pub struct TrainConfig {
     pub model: ResNetConfig,
     pub optimizer: OptimizerConfig,
     pub schedule: Schedule,
-    pub epochs: usize,
+    /// Passes over the training images; a fraction ends the last one early (airbench's 9.9:
+    /// `ceil(9.9 * steps_per_epoch)` steps in all).
+    pub epochs: f64,
     pub batch_size: usize,
+    /// Drop each epoch's last, partial batch (PyTorch's `drop_last`).
+    #[serde(default)]
+    pub drop_last: bool,
     pub eval_batch_size: usize,
     /// Reshuffle the training images every epoch (the seed's loader does not).
     pub shuffle: bool,
@@ -45,6 +50,24 @@ pub struct TrainConfig {
     /// Label smoothing of the training loss (0: the seed's plain cross-entropy).
     #[serde(default)]
     pub label_smoothing: f32,
+    /// The training loss over a batch: the mean of the images' losses (PyTorch's default) or
+    /// their sum (airbench's).
+    #[serde(default)]
+    pub loss_reduction: Reduction,
+    /// Initialise the first convolution by whitening the patches of the first 5,000 training
+    /// images (airbench's `init_whitening_conv`).
+    #[serde(default)]
+    pub whiten_init: bool,
+    /// Train the first convolution's bias for this many epochs only (airbench: 3).
+    #[serde(default)]
+    pub whiten_bias_epochs: Option<usize>,
+    /// Lookahead weight averaging (airbench's): every `every` steps the weights are averaged
+    /// into a slow copy and take its value.
+    #[serde(default)]
+    pub lookahead: Option<Lookahead>,
+    /// Evaluate every N epochs (and after the last).
+    #[serde(default = "every_epoch")]
+    pub eval_every: usize,
     /// Test-time augmentation of the evaluations (mean logits over views of each image).
     #[serde(default)]
     pub tta: Tta,
@@ -83,6 +106,46 @@ fn enabled() -> bool {
     true
 }
 
+fn every_epoch() -> usize {
+    1
+}
+
+/// How a batch's per-image losses make the loss that is differentiated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Reduction {
+    #[default]
+    Mean,
+    Sum,
+}
+
+crate::named::choices!(Reduction, "loss reduction", {
+    Mean => "mean",
+    Sum => "sum",
+});
+
+/// airbench's lookahead (`LookaheadState`): after every `every`-th step, the slow copy of the
+/// whole state (batch-norm statistics included) moves to the weights by `1 - alpha` and the
+/// weights take its value, `alpha = decay * (step / total)^3`; after the last step the
+/// weights take the slow copy's value (alpha 1).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Lookahead {
+    pub every: u64,
+    pub decay: f64,
+}
+
+impl Lookahead {
+    /// airbench94's: every 5 steps, decay 0.95^5.
+    pub const AIRBENCH: Lookahead = Lookahead {
+        every: 5,
+        decay: 0.95 * 0.95 * 0.95 * 0.95 * 0.95,
+    };
+
+    /// The slow copy's weight after `step` of `total` steps (`alpha_schedule`).
+    pub fn alpha(&self, step: u64, total: u64) -> f64 {
+        self.decay * (step as f64 / total as f64).powi(3)
+    }
+}
+
 /// A named starting point for a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Recipe {
@@ -96,12 +159,15 @@ pub enum Recipe {
     /// The full-resolution network (`--stem cifar`) aiming at 94%: the fast recipe with the
     /// usual weight decay 5e-4, the seed's crops (padding 4), Cutout 16 and 60 epochs.
     Cifar,
+    /// airbench94's recipe for its network (Keller Jordan, cifar10-airbench, MIT).
+    Airbench94,
 }
 
 crate::named::choices!(Recipe, "recipe", {
     Seed => "seed",
     Fast => "fast",
     Cifar => "cifar",
+    Airbench94 => "airbench94",
 });
 
 impl Recipe {
@@ -116,6 +182,9 @@ impl Recipe {
             Recipe::Cifar => {
                 "for the full-resolution network: stem cifar, the fast recipe with weight decay 5e-4, crop 4 + flip, Cutout 16 and 60 epochs"
             }
+            Recipe::Airbench94 => {
+                "airbench94's (model airbench): SGD(momentum 0.85, Nesterov, lr 11.5/kilostep, weight decay 0.0153 x 1024/kilostep as lr x wd, batch-norm parameters at 64x the lr; kilostep = 1024 x (1 + 1/(1 - 0.85))), triangle lr 0.2 -> 1 at 23% of the steps -> 0.07, batch 1024 dropping the last, 9.9 epochs, summed loss with label smoothing 0.2, whitening init (its bias trained 3 epochs), lookahead every 5 steps, reflect-padded translation 2 + alternating flip, mirror-translate test-time augmentation, evaluated at the end"
+            }
         }
     }
 
@@ -127,8 +196,9 @@ impl Recipe {
                 model: ResNetConfig::default(),
                 optimizer: OptimizerConfig::Adam(AdamConfig::default()),
                 schedule: Schedule::InverseEpoch { lr: 0.01 },
-                epochs: 50,
+                epochs: 50.0,
                 batch_size: 64,
+                drop_last: false,
                 eval_batch_size: 64,
                 shuffle: false,
                 augment: Augment::SEED,
@@ -139,6 +209,11 @@ impl Recipe {
                 log_every: 100,
                 data: None,
                 label_smoothing: 0.0,
+                loss_reduction: Reduction::Mean,
+                whiten_init: false,
+                whiten_bias_epochs: None,
+                lookahead: None,
+                eval_every: 1,
                 tta: Tta::Off,
                 zero_init_residual: false,
                 dataset: DataSpec::default(),
@@ -161,6 +236,7 @@ impl Recipe {
                     // 85.20% after 30 (docs/results.md).
                     weight_decay: 2e-4,
                     decay_1d: true,
+                    norm_lr_scale: 1.0,
                 }),
                 schedule: Schedule::OneCycle {
                     max_lr: 0.2,
@@ -168,7 +244,7 @@ impl Recipe {
                     div_factor: 10.0,
                     final_div_factor: 100.0,
                 },
-                epochs: 10,
+                epochs: 10.0,
                 batch_size: 128,
                 eval_batch_size: 256,
                 shuffle: true,
@@ -179,6 +255,7 @@ impl Recipe {
                 // (mean of 3 seeds: 82.21% against 81.35%; docs/results.md).
                 augment: Augment {
                     crop_pad: 1,
+                    reflect: false,
                     flip: true,
                     alternate_flip: false,
                     cutout: 0,
@@ -202,8 +279,54 @@ impl Recipe {
                         cutout: 16,
                         ..Augment::SEED
                     },
-                    epochs: 60,
+                    epochs: 60.0,
                     ..fast
+                }
+                .named(self)
+            }
+            Recipe::Airbench94 => {
+                // airbench's hyperparameters in PyTorch SGD's terms, as its train() derives them.
+                let momentum = 0.85;
+                let kilostep_scale = 1024.0 * (1.0 + 1.0 / (1.0 - momentum));
+                let lr = 11.5 / kilostep_scale;
+                let wd = 0.0153 * 1024.0 / kilostep_scale;
+                TrainConfig {
+                    arch: Arch::Airbench,
+                    optimizer: OptimizerConfig::Sgd(SgdConfig {
+                        momentum,
+                        dampening: 0.0,
+                        nesterov: true,
+                        weight_decay: wd / lr,
+                        decay_1d: true,
+                        norm_lr_scale: 64.0,
+                    }),
+                    schedule: Schedule::Triangle {
+                        lr,
+                        start: 0.2,
+                        peak_at: 0.23,
+                        end: 0.07,
+                    },
+                    epochs: 9.9,
+                    batch_size: 1024,
+                    drop_last: true,
+                    eval_batch_size: 1000,
+                    shuffle: true,
+                    augment: Augment {
+                        crop_pad: 2,
+                        reflect: true,
+                        flip: true,
+                        alternate_flip: true,
+                        cutout: 0,
+                    },
+                    label_smoothing: 0.2,
+                    loss_reduction: Reduction::Sum,
+                    whiten_init: true,
+                    whiten_bias_epochs: Some(3),
+                    lookahead: Some(Lookahead::AIRBENCH),
+                    tta: Tta::MirrorTranslate,
+                    // airbench evaluates once, at the end.
+                    eval_every: 10,
+                    ..Recipe::Seed.config()
                 }
                 .named(self)
             }
@@ -217,6 +340,25 @@ impl OptimizerConfig {
         match self {
             OptimizerConfig::Adam(a) => OptimizerConfig::Adam(AdamConfig { weight_decay: wd, ..a }),
             OptimizerConfig::Sgd(s) => OptimizerConfig::Sgd(SgdConfig { weight_decay: wd, ..s }),
+        }
+    }
+
+    /// The same optimizer with SGD momentum `m` (Adam has none).
+    pub fn with_momentum(self, m: f64) -> Result<Self, String> {
+        match self {
+            OptimizerConfig::Adam(_) => Err("--momentum: the recipe's optimizer is Adam, which has betas".into()),
+            OptimizerConfig::Sgd(s) if s.nesterov && m == 0.0 => {
+                Err("--momentum: the recipe's SGD is Nesterov's, which needs a momentum".into())
+            }
+            OptimizerConfig::Sgd(s) => Ok(OptimizerConfig::Sgd(SgdConfig { momentum: m, ..s })),
+        }
+    }
+
+    /// The same optimizer with the batch-norm parameters' learning rate scale `x` (SGD only).
+    pub fn with_norm_lr_scale(self, x: f64) -> Result<Self, String> {
+        match self {
+            OptimizerConfig::Adam(_) => Err("--norm-lr-scale: the recipe's optimizer is Adam; it is SGD's".into()),
+            OptimizerConfig::Sgd(s) => Ok(OptimizerConfig::Sgd(SgdConfig { norm_lr_scale: x, ..s })),
         }
     }
 
@@ -237,6 +379,25 @@ impl TrainConfig {
             "recipe {}, {model}, {} epochs, batch {}",
             self.recipe, self.epochs, self.batch_size
         )
+    }
+
+    /// The epochs the run starts: a fractional last one counts.
+    pub fn epoch_count(&self) -> usize {
+        self.epochs.ceil() as usize
+    }
+
+    /// Optimizer steps of an epoch over `images` training images.
+    pub fn steps_per_epoch(&self, images: usize) -> usize {
+        match self.drop_last {
+            true => images / self.batch_size,
+            false => images.div_ceil(self.batch_size),
+        }
+    }
+
+    /// Optimizer steps of the whole run, epochs of `steps_per_epoch`: airbench's
+    /// `ceil(steps_per_epoch * epochs)`.
+    pub fn total_steps(&self, steps_per_epoch: usize) -> u64 {
+        (steps_per_epoch as f64 * self.epochs).ceil() as u64
     }
 
     fn named(mut self, recipe: Recipe) -> Self {

@@ -15,7 +15,7 @@ pub mod state;
 pub mod tensorboard;
 pub mod trainer;
 
-pub use config::{OptimizerConfig, Recipe, TrainConfig};
+pub use config::{Lookahead, OptimizerConfig, Recipe, Reduction, TrainConfig};
 pub use console::Console;
 pub use folder::load_resume;
 pub use observer::{EpochEnd, Observer, RunState, StepLog};

@@ -97,9 +97,16 @@ pub fn run<B: Backend>(
     // plan (indices, crops, flips) drawn on the host with the same randomness as the CPU's
     // loader thread, so both build exactly the same batches.
     let pixels = device_pixels(t.be, cfg, &train_images);
-    while t.pos.epoch < cfg.epochs {
+    let (epochs, total) = (cfg.epoch_count(), t.total_steps());
+    while t.pos.epoch < epochs {
         let epoch = t.pos.epoch;
-        let plan = EpochPlan::new(train_images.len(), cfg.batch_size, cfg.shuffle, cfg.seed, epoch);
+        t.start_epoch(epoch);
+        let plan =
+            EpochPlan::new(train_images.len(), cfg.batch_size, cfg.shuffle, cfg.seed, epoch).drop_last(cfg.drop_last);
+        // A fractional last epoch ends when the run's steps are done.
+        let batches = plan
+            .num_batches()
+            .min((total - (t.pos.step - t.pos.batch as u64)) as usize);
         let source = match &pixels {
             Some(p) => Batches::Device(p),
             None => Batches::Loader(spawn_loader(
@@ -111,14 +118,15 @@ pub fn run<B: Backend>(
                 rank_shard(coll),
             )),
         };
-        let label = format!("epoch {}/{}", epoch + 1, cfg.epochs);
-        observers.tell(|o| o.epoch_started(&label, train_images.len() as u64));
+        let label = format!("epoch {}/{epochs}", epoch + 1);
+        let epoch_images: usize = (0..batches).map(|b| plan.batch(b).len()).sum();
+        observers.tell(|o| o.epoch_started(&label, epoch_images as u64));
         let started = Instant::now();
         let first_batch = t.pos.batch;
-        while t.pos.batch < plan.num_batches() {
+        while t.pos.batch < batches {
             let b = t.pos.batch;
             let labels = t.load_batch(&source, &train_images, &plan, b)?;
-            let lr = cfg.schedule.lr(epoch, b, t.steps_per_epoch, cfg.epochs);
+            let lr = cfg.schedule.lr(epoch, b, t.steps_per_epoch, total);
             let log = t.step(&labels, epoch, lr)?;
             let images = plan.batch(b).len() as u64; // all ranks' images
             trained_images += images;
@@ -126,7 +134,7 @@ pub fn run<B: Backend>(
                 observers.each(|o| o.step_logged(log))?;
             }
             observers.tell(|o| o.batch_trained(images, log.map(|l| l.loss)));
-            let work_left = t.pos.batch < plan.num_batches() || epoch + 1 < cfg.epochs;
+            let work_left = t.pos.batch < batches || epoch + 1 < epochs;
             if let Some(reason) = stop_reason(&t, stop, work_left) {
                 train_seconds += started.elapsed().as_secs_f64();
                 observers.tell(|o| o.epoch_trained());
@@ -138,23 +146,22 @@ pub fn run<B: Backend>(
         let epoch_seconds = started.elapsed().as_secs_f64();
         train_seconds += epoch_seconds;
         // A resumed run starts mid-epoch: scale its time to a whole epoch for the estimate.
-        let whole_epoch_seconds =
-            epoch_seconds * plan.num_batches() as f64 / (plan.num_batches() - first_batch).max(1) as f64;
+        let whole_epoch_seconds = epoch_seconds * batches as f64 / (batches - first_batch).max(1) as f64;
         observers.tell(|o| o.epoch_trained());
         drop(source);
         let figures = t.end_epoch(epoch, eval_on)?;
         let end = EpochEnd {
             epoch,
-            epochs: cfg.epochs,
+            epochs,
             step: t.pos.step,
             lr: figures.lr,
             eval: figures.eval.as_ref().map(|(split, r)| (split.as_str(), r)),
             best: figures.best,
             train_seconds: epoch_seconds,
-            pace: pace(epoch_seconds, whole_epoch_seconds, cfg.epochs - epoch - 1),
+            pace: pace(epoch_seconds, whole_epoch_seconds, epochs - epoch - 1),
         };
         observers.each(|o| o.epoch_ended(&end, &mut t.state()))?;
-        let stopped = stop_reason(&t, stop, t.pos.epoch < cfg.epochs);
+        let stopped = stop_reason(&t, stop, t.pos.epoch < epochs);
         if stopped.is_some() {
             return Ok(t.outcome(stopped, trained_images, train_seconds));
         }

@@ -4,7 +4,7 @@
 //! resumed run may change ([`Settings::refused_on_resume`]). [`Settings::resolve`] turns them
 //! into a [`TrainConfig`] on top of a recipe, the one place that says what each setting does.
 
-use super::config::{Recipe, TrainConfig};
+use super::config::{Lookahead, Recipe, TrainConfig};
 use crate::data::LabelSet;
 use crate::eval::Tta;
 use crate::model::{Arch, Stem};
@@ -84,12 +84,16 @@ pub struct Settings {
     /// Train only the classifier (the last linear layer); the rest keeps its weights.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub freeze_backbone: Option<bool>,
-    /// Passes over the training images.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(limits::POSITIVE.0..))]
-    pub epochs: Option<u64>,
+    /// Passes over the training images; a fraction ends the last pass early (9.9: the steps of
+    /// 9.9 epochs, rounded up).
+    #[arg(long)]
+    pub epochs: Option<f64>,
     /// Images per optimizer step.
     #[arg(long, value_parser = clap::value_parser!(u64).range(limits::POSITIVE.0..))]
     pub batch_size: Option<u64>,
+    /// Drop each epoch's last, partial batch (PyTorch's drop_last).
+    #[arg(long, value_name = "BOOL")]
+    pub drop_last: Option<bool>,
     /// Base (or peak) learning rate of the recipe's schedule.
     #[arg(long)]
     pub lr: Option<f64>,
@@ -117,9 +121,36 @@ pub struct Settings {
     /// Label smoothing of the training loss, 0 to 1.
     #[arg(long)]
     pub label_smoothing: Option<f32>,
+    /// The batch's loss: mean (PyTorch's default) or sum (airbench's) of the images' losses.
+    #[arg(long)]
+    pub loss_reduction: Option<crate::train::Reduction>,
     /// L2 weight decay of the recipe's optimizer.
     #[arg(long)]
     pub weight_decay: Option<f64>,
+    /// Momentum of the recipe's SGD.
+    #[arg(long)]
+    pub momentum: Option<f64>,
+    /// SGD: batch-norm parameters train at this times the learning rate, with their weight
+    /// decay divided by it (airbench's bias_scaler; 1: one parameter group).
+    #[arg(long, value_name = "X")]
+    pub norm_lr_scale: Option<f64>,
+    /// Initialise the first convolution by whitening the 2x2 patches of the first 5,000 training
+    /// images (airbench's; the model's first layer must be a whitening convolution).
+    #[arg(long, value_name = "BOOL")]
+    pub whiten_init: Option<bool>,
+    /// Train the first convolution's bias for the first N epochs only (airbench: 3).
+    #[arg(long, value_name = "N")]
+    pub whiten_bias_epochs: Option<usize>,
+    /// Lookahead averaging every N steps (airbench's: 5; 0: none): the weights move into a slow
+    /// copy by 1 - D x (step / steps)^3 and take its value; after the last step, its value.
+    #[arg(long, value_name = "N")]
+    pub lookahead_every: Option<u64>,
+    /// The lookahead's D (airbench's: 0.95^5).
+    #[arg(long, value_name = "D")]
+    pub lookahead_decay: Option<f64>,
+    /// Evaluate every N epochs (and after the last).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(limits::POSITIVE.0..))]
+    pub eval_every: Option<u64>,
     /// Test-time augmentation of the evaluations: off, flip, flip-shift, flip-shift1 or
     /// mirror-translate (airbench's).
     #[arg(long)]
@@ -132,10 +163,13 @@ pub struct Settings {
     /// (torchvision's zero_init_residual).
     #[arg(long, value_name = "BOOL")]
     pub zero_init_residual: Option<bool>,
-    /// Zero padding of the training crops: random crops of the image's size from the padded
-    /// image (0: none).
+    /// Padding of the training crops: random crops of the image's size from the padded image
+    /// (0: none).
     #[arg(long, value_parser = clap::value_parser!(u8).range(limits::flag_range(limits::CROP_PAD)))]
     pub crop_pad: Option<u8>,
+    /// The crops' padding mirrors the image (PyTorch's reflect, airbench's) instead of black.
+    #[arg(long, value_name = "BOOL")]
+    pub crop_reflect: Option<bool>,
     /// Mirror training images at random (false: never).
     #[arg(long, value_name = "BOOL")]
     pub flip: Option<bool>,
@@ -151,7 +185,7 @@ pub struct Settings {
     /// amplify (docs/seed-vs-pytorch.md); false computes every convolution directly.
     #[arg(long, value_name = "BOOL")]
     pub winograd: Option<bool>,
-    /// Architecture: resnet18 (the seed's), lenet or vgg16 (its comparison models).
+    /// Architecture: resnet18 (the seed's), lenet or vgg16 (its comparison models), or airbench (airbench94's speed-run network).
     #[arg(long)]
     pub model: Option<Arch>,
     /// Network stem: seed (7x7/2 conv, BN, max-pool), torchvision (seed + ReLU), seed3x3
@@ -214,7 +248,7 @@ impl Settings {
     pub fn bounded(&self) -> [(&'static str, Option<u64>, (u64, u64)); 8] {
         [
             ("log_every", self.log_every, limits::POSITIVE),
-            ("epochs", self.epochs, limits::POSITIVE),
+            ("eval_every", self.eval_every, limits::POSITIVE),
             ("batch_size", self.batch_size, limits::POSITIVE),
             ("max_steps", self.max_steps, limits::POSITIVE),
             ("crop_pad", self.crop_pad.map(u64::from), limits::CROP_PAD),
@@ -228,6 +262,18 @@ impl Settings {
     /// values that are not integers with bounds ([`Settings::bounded`]), for the flags and a
     /// TOML file alike (a file's NaN would otherwise vanish in the merge, NaN having no JSON).
     pub fn bad_value(&self) -> Option<(&'static str, String)> {
+        if let Some(e) = self.epochs.filter(|e| !(e.is_finite() && *e > 0.0)) {
+            return Some(("epochs", format!("must be a positive number, got {e}")));
+        }
+        if let Some(m) = self.momentum.filter(|m| !(0.0..1.0).contains(m)) {
+            return Some(("momentum", format!("must be in [0, 1), got {m}")));
+        }
+        if let Some(x) = self.norm_lr_scale.filter(|x| !(x.is_finite() && *x > 0.0)) {
+            return Some(("norm_lr_scale", format!("must be a positive number, got {x}")));
+        }
+        if let Some(d) = self.lookahead_decay.filter(|d| !(0.0..=1.0).contains(d)) {
+            return Some(("lookahead_decay", format!("must be in [0, 1], got {d}")));
+        }
         if let Some(lr) = self.lr.filter(|lr| !(lr.is_finite() && *lr > 0.0)) {
             return Some(("lr", format!("must be a positive number, got {lr}")));
         }
@@ -249,7 +295,12 @@ impl Settings {
     /// The recipe with these settings applied. Errors name the flag. The data-dependent parts
     /// (classes, image size, normalisation) are filled in when the data is read.
     pub fn resolve(&self) -> Result<TrainConfig, String> {
-        let mut cfg = self.recipe.unwrap_or(Recipe::Seed).config();
+        // The airbench network comes with its own recipe unless another is named.
+        let default = match self.model {
+            Some(Arch::Airbench) => Recipe::Airbench94,
+            _ => Recipe::Seed,
+        };
+        let mut cfg = self.recipe.unwrap_or(default).config();
         self.apply_to(&mut cfg)?;
         Ok(cfg)
     }
@@ -260,7 +311,7 @@ impl Settings {
     /// run goes on to its last epoch.
     pub fn apply_on_resume(&self, cfg: &mut TrainConfig) {
         if let Some(e) = self.epochs {
-            cfg.epochs = e as usize;
+            cfg.epochs = e;
         }
         cfg.max_steps = self.max_steps;
         cfg.log_every = self.log_every.unwrap_or(cfg.log_every);
@@ -272,10 +323,36 @@ impl Settings {
             return Err(format!("{} {what}", flag(key)));
         }
         if let Some(e) = self.epochs {
-            cfg.epochs = e as usize;
+            cfg.epochs = e;
         }
         if let Some(b) = self.batch_size {
             cfg.batch_size = b as usize;
+        }
+        cfg.drop_last = self.drop_last.unwrap_or(cfg.drop_last);
+        cfg.loss_reduction = self.loss_reduction.unwrap_or(cfg.loss_reduction);
+        cfg.whiten_init = self.whiten_init.unwrap_or(cfg.whiten_init);
+        cfg.whiten_bias_epochs = self.whiten_bias_epochs.or(cfg.whiten_bias_epochs);
+        cfg.eval_every = self.eval_every.map_or(cfg.eval_every, |n| n as usize);
+        cfg.lookahead = match (self.lookahead_every, cfg.lookahead) {
+            (Some(0), _) => None,
+            (Some(every), Some(l)) => Some(Lookahead { every, ..l }),
+            (Some(every), None) => Some(Lookahead {
+                every,
+                decay: Lookahead::AIRBENCH.decay,
+            }),
+            (None, l) => l,
+        };
+        if let Some(decay) = self.lookahead_decay {
+            match &mut cfg.lookahead {
+                Some(l) => l.decay = decay,
+                None => return Err("--lookahead-decay needs --lookahead-every".into()),
+            }
+        }
+        if let Some(m) = self.momentum {
+            cfg.optimizer = cfg.optimizer.with_momentum(m)?;
+        }
+        if let Some(x) = self.norm_lr_scale {
+            cfg.optimizer = cfg.optimizer.with_norm_lr_scale(x)?;
         }
         if let Some(lr) = self.lr {
             cfg.schedule = cfg.schedule.with_lr(lr);
@@ -297,6 +374,7 @@ impl Settings {
         }
         cfg.zero_init_residual = self.zero_init_residual.unwrap_or(cfg.zero_init_residual);
         cfg.augment.crop_pad = self.crop_pad.map_or(cfg.augment.crop_pad, usize::from);
+        cfg.augment.reflect = self.crop_reflect.unwrap_or(cfg.augment.reflect);
         cfg.augment.flip = self.flip.unwrap_or(cfg.augment.flip);
         cfg.augment.alternate_flip = self.alternate_flip.unwrap_or(cfg.augment.alternate_flip);
         cfg.augment.cutout = self.cutout.map_or(cfg.augment.cutout, usize::from);

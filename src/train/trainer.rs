@@ -3,13 +3,13 @@
 //! to the observers that save it; a data-parallel run adds its all-reduce between the
 //! backward pass and the optimizer step, in [`Trainer::step`].
 
-use super::config::TrainConfig;
+use super::config::{Reduction, TrainConfig};
 use super::observer::{RunState, StepLog};
 use super::optimizer::Optimizer;
 use super::state::{InitWeights, Position, Resume, Start, Stop, TrainOutcome};
 use crate::checkpoint::{self, HostTensor};
 use crate::data::transform::BatchPlan;
-use crate::data::{Batch, EpochPlan, Images, Normalization, Shard, Splits};
+use crate::data::{Batch, CHANNELS, EpochPlan, Images, Normalization, Shard, Splits};
 use crate::engine::{Backend, Collective, CropPlan, ensure_len};
 use crate::eval::{EvalResult, EvalTally, evaluate_shard};
 use crate::model::{Network, build};
@@ -95,7 +95,16 @@ impl<'a, B: Backend> Trainer<'a, B> {
             model.freeze_all_but(&head);
             note(&format!("training only the classifier ({head}); the rest is frozen"));
         }
-        let mut opt = Optimizer::new(&cfg.optimizer);
+        let mut opt = Optimizer::new(&cfg.optimizer, cfg.lookahead);
+        let fresh = matches!(start, Start::Fresh);
+        if fresh && cfg.whiten_init {
+            note(&whiten_first_conv(
+                be,
+                model.as_mut(),
+                &splits.train,
+                &splits.spec.norm,
+            )?);
+        }
         let pos = match start {
             Start::Fresh => Position::default(),
             Start::Init(w) => {
@@ -104,6 +113,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
             }
             Start::Resume(r) => {
                 r.check_ranks(ranks, out).map_err(anyhow::Error::msg)?;
+                // Parameters frozen at the resumed epoch have no optimizer state to load.
+                freeze_for_epoch(cfg, model.as_mut(), r.position.epoch);
                 let pos = load_resumed(be, model.as_mut(), &mut opt, *r, out)?;
                 note(&format!(
                     "resuming at epoch {}, batch {} (step {})",
@@ -122,6 +133,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 }
             });
         }
+        if cfg.lookahead.is_some() && pos.step == 0 {
+            // Every rank's model is rank 0's by now: the slow copy is the same everywhere.
+            opt.start(be, model.as_mut());
+        }
         let mut watch = be.alloc(2);
         be.fill(&mut watch, 2, 0.0);
         Ok(Self {
@@ -135,7 +150,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             norm: splits.spec.norm,
             x: be.alloc(0),
             watch,
-            steps_per_epoch: splits.train.len().div_ceil(cfg.batch_size),
+            steps_per_epoch: cfg.steps_per_epoch(splits.train.len()),
             global_batch: 0,
             ranks_agree_on: None,
             reduce_seconds: 0.0,
@@ -164,6 +179,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     items: &bp.items,
                     side,
                     pad: bp.pad,
+                    reflect: bp.reflect,
                     mean: self.norm.mean,
                     std: self.norm.std,
                 };
@@ -179,17 +195,30 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
     }
 
+    /// The run's optimizer steps in all.
+    pub fn total_steps(&self) -> u64 {
+        self.cfg.total_steps(self.steps_per_epoch)
+    }
+
+    /// What changes at the start of `epoch`: parameters that train for the first epochs only.
+    pub fn start_epoch(&mut self, epoch: usize) {
+        freeze_for_epoch(self.cfg, self.model.as_mut(), epoch);
+    }
+
     /// One optimizer step on the batch in the input buffer (this rank's part of it), at
     /// learning rate `lr`; every `log_every` steps, the whole batch's mean loss to log.
     pub fn step(&mut self, labels: &[u32], epoch: usize, lr: f64) -> Result<Option<StepLog>> {
         let (be, n) = (self.be, labels.len());
         let ranks = self.coll.size();
-        if ranks > 1 {
-            // Each rank's gradient is the mean over its slice and the step needs the mean over
-            // the whole batch: equal slices (every batch but perhaps an epoch's last) average
-            // as they are, unequal ones are weighted through the loss gradient.
-            self.model
-                .set_loss_grad_scale((ranks * n) as f32 / self.global_batch as f32);
+        // Each rank's loss gradient is that of the mean over its slice, and the ranks average
+        // theirs: the whole batch's mean needs a weight where slices differ in size (an epoch's
+        // last batch), its sum (airbench's loss) the whole batch's size.
+        let scale = match self.cfg.loss_reduction {
+            Reduction::Mean => (ranks * n) as f32 / self.global_batch as f32,
+            Reduction::Sum => (ranks * n) as f32,
+        };
+        if ranks > 1 || self.cfg.loss_reduction == Reduction::Sum {
+            self.model.set_loss_grad_scale(scale);
         }
         if n > 0 {
             let input = self.model.input(n);
@@ -208,7 +237,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
             self.reduce_seconds += t0.elapsed().as_secs_f64();
             self.reduced_steps += 1;
         }
-        self.opt.step(be, self.model.as_mut(), lr);
+        let total = self.total_steps();
+        self.opt.step(be, self.model.as_mut(), lr, total);
         self.pos.step += 1;
         self.pos.batch += 1;
         let step = self.pos.step;
@@ -341,7 +371,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.pos.epoch += 1;
         self.pos.batch = 0;
         self.pos.epochs_completed = self.pos.epoch;
-        let lr = cfg.schedule.lr(epoch, 0, self.steps_per_epoch, cfg.epochs);
+        let lr = cfg.schedule.lr(epoch, 0, self.steps_per_epoch, self.total_steps());
+        let last = self.pos.epoch >= cfg.epoch_count();
+        let eval_on = eval_on.filter(|_| last || self.pos.epoch.is_multiple_of(cfg.eval_every));
         let Some((split, images)) = eval_on else {
             return Ok(EpochFigures {
                 lr,
@@ -445,6 +477,49 @@ fn load_init<B: Backend>(be: &B, model: &mut dyn Network<B>, w: &InitWeights) ->
             String::new()
         }
     ))
+}
+
+/// airbench's `init_whitening_conv` on the model's first convolution, from the first 5,000
+/// training images (in the data's order); what it did.
+fn whiten_first_conv<B: Backend>(
+    be: &B,
+    model: &mut dyn Network<B>,
+    images: &Images,
+    norm: &Normalization,
+) -> Result<String> {
+    const IMAGES: usize = 5000;
+    const EPS: f64 = 5e-4;
+    let Some(conv) = model.first_conv() else {
+        bail!("--whiten-init: the model's first layer is not a convolution of the images");
+    };
+    let (k, d) = (conv.cfg.kernel, CHANNELS * conv.cfg.kernel * conv.cfg.kernel);
+    if conv.cfg.cout != 2 * d || conv.cfg.stride != 1 || conv.cfg.pad != 0 {
+        bail!(
+            "--whiten-init: the first convolution ({} filters of {k}x{k}, stride {}, padding {}) is not a whitening layer's ({} filters, stride 1, no padding)",
+            conv.cfg.cout,
+            conv.cfg.stride,
+            conv.cfg.pad,
+            2 * d
+        );
+    }
+    let count = IMAGES.min(images.len());
+    let (weights, eigenvalues) = crate::nn::whiten::whitening_weights(images, norm, count, k, EPS);
+    conv.weight.write(be, &weights);
+    Ok(format!(
+        "whitening the first convolution from {count} training images' {k}x{k} patches (eigenvalues {:.3e} to {:.3e})",
+        eigenvalues.first().copied().unwrap_or(0.0),
+        eigenvalues.last().copied().unwrap_or(0.0)
+    ))
+}
+
+/// Freezes what trains for the first epochs only, from `epoch` on: the first convolution's
+/// bias after `whiten_bias_epochs` (airbench: `model[0].bias.requires_grad = epoch < 3`).
+fn freeze_for_epoch<B: Backend>(cfg: &TrainConfig, model: &mut dyn Network<B>, epoch: usize) {
+    if let Some(epochs) = cfg.whiten_bias_epochs
+        && let Some(bias) = model.first_conv().and_then(|c| c.bias.as_mut())
+    {
+        bias.frozen = epoch >= epochs;
+    }
 }
 
 /// Refuses data that is not what the configuration (and its model) was made for.

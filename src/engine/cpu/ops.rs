@@ -163,6 +163,26 @@ impl PointwiseOps for Cpu {
                 }
             });
     }
+    fn scale(&self, len: usize, alpha: f32, x: &Vec<f32>, y: &mut Vec<f32>) {
+        y[..len]
+            .par_chunks_mut(1 << 14)
+            .zip(x[..len].par_chunks(1 << 14))
+            .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, &x)| *y = alpha * x));
+    }
+    fn lerp(&self, len: usize, weight: f32, end: &Vec<f32>, x: &mut Vec<f32>) {
+        x[..len]
+            .par_chunks_mut(1 << 14)
+            .zip(end[..len].par_chunks(1 << 14))
+            .for_each(|(x, end)| {
+                for (x, &e) in x.iter_mut().zip(end) {
+                    *x = if weight < 0.5 {
+                        *x + weight * (e - *x)
+                    } else {
+                        e - (e - *x) * (1.0 - weight)
+                    };
+                }
+            });
+    }
     fn add_assign(&self, len: usize, src: &Vec<f32>, dst: &mut Vec<f32>) {
         dst[..len]
             .par_chunks_mut(1 << 14)

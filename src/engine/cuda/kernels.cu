@@ -16,14 +16,26 @@ extern "C" __global__ void add_assign_f32(const float* src, float* dst, i64 n) {
     GRID_STRIDE(i, n) dst[i] += src[i];
 }
 
+extern "C" __global__ void scale_f32(const float* x, float alpha, i64 n, float* y) {
+    GRID_STRIDE(i, n) y[i] = alpha * x[i];
+}
+
+// torch.lerp_'s two forms, exact at both ends.
+extern "C" __global__ void lerp_f32(const float* end, float w, i64 n, float* x) {
+    GRID_STRIDE(i, n) x[i] = w < 0.5f ? __fadd_rn(x[i], __fmul_rn(w, __fsub_rn(end[i], x[i])))
+                                      : __fsub_rn(end[i], __fmul_rn(__fsub_rn(end[i], x[i]), __fsub_rn(1.0f, w)));
+}
+
 // ---- data -------------------------------------------------------------------------------------
 
 // One batch from the dataset's bytes ([n, 3, side, side] u8) kept on the GPU: for each image of
 // the plan ([index, top, left, flip]), the side x side crop at (top, left) of the image padded by
-// `pad` (padding reads as 0), mirrored when flip, normalised, written NHWC. Same arithmetic as
-// the host's write_image.
+// `pad` (padding reads as 0, or with `reflect` mirrors the image without repeating its edge),
+// mirrored when flip, normalised, written NHWC. Same arithmetic as the host's write_image.
+__device__ int reflect_index(int i, int side) { return i < 0 ? -i : (i > side - 1 ? 2 * (side - 1) - i : i); }
+
 extern "C" __global__ void augment(const unsigned char* pixels, const unsigned int* items, int n, int side,
-                                   int pad, float m0, float m1, float m2, float s0, float s1, float s2, float* x) {
+                                   int pad, int reflect, float m0, float m1, float m2, float s0, float s1, float s2, float* x) {
     i64 plane = (i64)side * side;
     GRID_STRIDE(i, (i64)n * plane * 3) {
         int c = (int)(i % 3);
@@ -32,6 +44,10 @@ extern "C" __global__ void augment(const unsigned char* pixels, const unsigned i
         const unsigned int* it = items + 4 * k;
         int xx = it[3] ? side - 1 - ox : ox;
         int sy = y + (int)it[1] - pad, sx = xx + (int)it[2] - pad;
+        if (reflect) {
+            sy = reflect_index(sy, side);
+            sx = reflect_index(sx, side);
+        }
         unsigned int v = 0;
         if (sy >= 0 && sy < side && sx >= 0 && sx < side) v = pixels[(i64)it[0] * 3 * plane + c * plane + (i64)sy * side + sx];
         float mean = c == 0 ? m0 : (c == 1 ? m1 : m2);

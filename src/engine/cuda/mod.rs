@@ -69,6 +69,8 @@ kernels! {
     fill = "fill_f32",
     augment = "augment",
     add_assign = "add_assign_f32",
+    scale = "scale_f32",
+    lerp = "lerp_f32",
     bn_partial_sums = "bn_partial_sums",
     bn_var = "bn_var",
     bn_apply = "bn_apply",
@@ -488,7 +490,7 @@ impl BatchOps for Cuda {
             .memcpy_htod(&flat, &mut s.items.slice_mut(..4 * n))
             .expect("CUDA upload");
         let (pp, ip, xp) = (self.ptr(pixels), self.ptr(&s.items), self.ptr(x));
-        let (ni, side, pad) = (n as i32, plan.side as i32, plan.pad as i32);
+        let (ni, side, pad, reflect) = (n as i32, plan.side as i32, plan.pad as i32, plan.reflect as i32);
         let (m, sd) = (plan.mean, plan.std);
         self.elementwise(
             &self.k.augment,
@@ -499,6 +501,7 @@ impl BatchOps for Cuda {
                 arg(&ni),
                 arg(&side),
                 arg(&pad),
+                arg(&reflect),
                 arg(&m[0]),
                 arg(&m[1]),
                 arg(&m[2]),
@@ -870,6 +873,18 @@ impl PointwiseOps for Cuda {
             len,
             &mut [arg(&xp), arg(&dyp), arg(&n), arg(&dxp)],
         );
+    }
+    fn scale(&self, len: usize, alpha: f32, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) {
+        let (xp, yp, n) = (self.ptr_n(x, len, "scale x"), self.ptr_n(y, len, "scale y"), len as i64);
+        self.elementwise(&self.k.scale, len, &mut [arg(&xp), arg(&alpha), arg(&n), arg(&yp)]);
+    }
+    fn lerp(&self, len: usize, weight: f32, end: &CudaSlice<f32>, x: &mut CudaSlice<f32>) {
+        let (ep, xp, n) = (
+            self.ptr_n(end, len, "lerp end"),
+            self.ptr_n(x, len, "lerp x"),
+            len as i64,
+        );
+        self.elementwise(&self.k.lerp, len, &mut [arg(&ep), arg(&weight), arg(&n), arg(&xp)]);
     }
     fn add_assign(&self, len: usize, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>) {
         let (sp, dp, n) = (
