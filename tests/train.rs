@@ -169,7 +169,7 @@ fn a_few_hundred_steps_learn_well_above_chance() {
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["recipe"], "seed");
-    assert_eq!(config["epochs"], 2);
+    assert_eq!(config["epochs"], 2.0);
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(
@@ -433,7 +433,7 @@ fn a_toml_config_file_sets_a_run_and_flags_override_it() {
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["recipe"], "fast", "from the file");
-    assert_eq!(config["epochs"], 3, "from the file");
+    assert_eq!(config["epochs"], 3.0, "from the file");
     assert_eq!(config["val_split"], 1000, "from the file");
     assert_eq!(config["model"]["stem"], "seed3x3", "from the file");
     assert_eq!(config["model"]["stages"], 3, "from the file");
@@ -615,6 +615,7 @@ fn settings_are_flags_and_toml_keys_alike() {
         freeze_backbone = true
         epochs = 3
         batch_size = 16
+        drop_last = true
         lr = 0.1
         max_steps = 9
         log_every = 10
@@ -624,11 +625,20 @@ fn settings_are_flags_and_toml_keys_alike() {
         seed = 4
         winograd = false
         label_smoothing = 0.2
+        loss_reduction = "sum"
         weight_decay = 0.001
+        momentum = 0.8
+        norm_lr_scale = 4.0
+        whiten_init = true
+        whiten_bias_epochs = 2
+        lookahead_every = 5
+        lookahead_decay = 0.5
+        eval_every = 2
         tta = "flip-shift"
         decay_1d = false
         zero_init_residual = true
         crop_pad = 2
+        crop_reflect = true
         flip = false
         alternate_flip = true
         cutout = 8
@@ -665,6 +675,25 @@ fn settings_are_flags_and_toml_keys_alike() {
         (cfg.epochs, cfg.shuffle, cfg.augment.flip, cfg.augment.cutout),
         (7.0, true, true, 8)
     );
+    // The settings airbench's recipe brought, each where it acts.
+    let sgd = match cfg.optimizer {
+        resnet_cifar::train::OptimizerConfig::Sgd(s) => s,
+        other => panic!("the fast recipe's SGD, not {other:?}"),
+    };
+    assert_eq!((sgd.momentum, sgd.norm_lr_scale), (0.8, 4.0));
+    assert_eq!(
+        (
+            cfg.drop_last,
+            cfg.whiten_init,
+            cfg.whiten_bias_epochs,
+            cfg.eval_every,
+            cfg.augment.reflect
+        ),
+        (true, true, Some(2), 2, true)
+    );
+    assert_eq!(cfg.loss_reduction, resnet_cifar::train::Reduction::Sum);
+    let lookahead = resnet_cifar::train::Lookahead { every: 5, decay: 0.5 };
+    assert_eq!(cfg.lookahead, Some(lookahead));
     // A recipe's shuffling can be turned off, from the file or with a value on the flag.
     assert!(!file.resolve().unwrap().shuffle, "shuffle = false in the file");
     let off = Flags::try_parse_from(["t", "--recipe", "fast", "--shuffle", "false"])

@@ -1,29 +1,85 @@
 //! PyTorch's GELU in its default, exact form (`approximate='none'`): `x * Phi(x)`, with
 //! `Phi(x) = (1 + erf(x / sqrt 2)) / 2` the standard normal's distribution function.
-
-use std::f32::consts::FRAC_1_SQRT_2;
+//!
+//! Computed branch-free from `erfc` (Numerical Recipes' `erfcc`, relative error below 1.2e-7
+//! for every argument) and a polynomial `exp` (Cephes' `expf`), so that the loops over a layer's
+//! values vectorise: libm's scalar `erfcf` took 30% of a training step of airbench's network.
+//! Below zero, `Phi(x) = erfc(-x / sqrt 2) / 2` keeps its relative precision far into the tail
+//! (`1 + erf` in f32 keeps 12 bits at x = -3), and the exponent `x^2 / 2` is carried as an
+//! exact sum of two floats, so the whole stays within a few f32 roundings of the exact value.
 
 /// 1 / sqrt(2 pi): the standard normal density at 0.
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
-/// Phi(x), as `erfc(-x / sqrt 2) / 2`: the same as `(1 + erf(x / sqrt 2)) / 2` without its
-/// cancellation for negative x (f32's `1 + erf` keeps 12 bits at x = -3).
-#[inline]
+/// `e^(a + b)` within 2 ulp of the exact sum's, NaN passing; 0 below -87 and capped above 88. The sum is never rounded: `a` (large) is reduced by a multiple of ln 2 first, and
+/// `b` (small) added to the remainder.
+#[inline(always)]
+fn exp_sum(a: f32, b: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 in two parts: n * LN2_HI is exact for the n that occur.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and taking away 1.5 * 2^23 rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let sum = a + b;
+    let n = (sum.clamp(-87.0, 88.0) * LOG2E + ROUND) - ROUND;
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, a) + b);
+    let mut p = 1.987_569_1e-4f32;
+    p = p.mul_add(r, 1.398_199_9e-3);
+    p = p.mul_add(r, 8.333_452e-3);
+    p = p.mul_add(r, 4.166_579_6e-2);
+    p = p.mul_add(r, 1.666_666_5e-1);
+    p = p.mul_add(r, 5e-1);
+    let e = p.mul_add(r * r, r) + 1.0;
+    let y = f32::from_bits(((n as i32 + 127) << 23) as u32) * e;
+    if sum < -87.0 { 0.0 } else { y }
+}
+
+/// `exp(-x^2 / 2)` with `x^2 / 2` as the exact sum `hi + lo` (the error of f32's `x * x` taken
+/// back by a fused multiply-add): its relative precision does not fall as x grows.
+#[inline(always)]
+fn exp_neg_half_square(x: f32, extra: f32) -> f32 {
+    // Beyond 20 the value is 0 in f32 anyway; the clamp keeps x * x finite (NaN stays NaN).
+    let x = x.clamp(-20.0, 20.0);
+    let hi = x * x;
+    let lo = x.mul_add(x, -hi);
+    exp_sum(-0.5 * hi, extra) * (1.0 - 0.5 * lo)
+}
+
+/// Phi(x): `erfc(|x| / sqrt 2) / 2` below 0, one minus it above.
+#[inline(always)]
 fn cdf(x: f32) -> f32 {
-    0.5 * libm::erfcf(-x * FRAC_1_SQRT_2)
+    let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
+    let t = 1.0 / 0.5f32.mul_add(z, 1.0);
+    let mut p = 0.170_872_77f32;
+    for c in [
+        -0.822_152_23,
+        1.488_515_9,
+        -1.135_204,
+        0.278_868_07,
+        -0.186_288_06,
+        0.096_784_18,
+        0.374_091_96,
+        1.000_023_7,
+    ] {
+        p = p.mul_add(t, c);
+    }
+    let p = p.mul_add(t, -1.265_512_2);
+    let tail = 0.5 * t * exp_neg_half_square(x, p);
+    if x < 0.0 { tail } else { 1.0 - tail }
 }
 
 /// GELU(x).
-#[inline]
+#[inline(always)]
 pub fn forward(x: f32) -> f32 {
     x * cdf(x)
 }
 
 /// dGELU/dx = Phi(x) + x * phi(x), as PyTorch's `gelu_backward`.
-#[inline]
+#[inline(always)]
 pub fn slope(x: f32) -> f32 {
-    let pdf = FRAC_1_SQRT_2PI * (-0.5 * x * x).exp();
-    cdf(x) + x * pdf
+    let pdf = FRAC_1_SQRT_2PI * exp_neg_half_square(x, 0.0);
+    x.mul_add(pdf, cdf(x))
 }
 
 #[cfg(test)]
@@ -49,5 +105,36 @@ mod tests {
             assert!((slope - dy).abs() <= 2e-7, "gelu'({x}) = {slope}, not {dy}");
         }
         assert!(super::forward(f32::NAN).is_nan() && super::slope(f32::NAN).is_nan());
+    }
+
+    /// Over every f32 step of 1/64 from -12 to 12: GELU within 1e-6 of its exact value
+    /// (relative, or absolute below 1e-30) and its slope within 3e-7, against f64 erfc and exp.
+    #[test]
+    fn gelu_is_within_a_few_roundings_everywhere() {
+        let (mut worst, mut worst_slope) = (0f64, 0f64);
+        for i in -768..=768 {
+            let x = i as f32 / 64.0;
+            let xd = x as f64;
+            let phi = 0.5 * libm::erfc(-xd / std::f64::consts::SQRT_2);
+            let (y, dy) = (
+                xd * phi,
+                phi + xd * (-0.5 * xd * xd).exp() / (2.0 * std::f64::consts::PI).sqrt(),
+            );
+            let got = super::forward(x) as f64;
+            worst = worst.max((got - y).abs() / y.abs().max(1e-30));
+            worst_slope = worst_slope.max((super::slope(x) as f64 - dy).abs());
+        }
+        assert!(worst < 1e-6, "GELU's largest relative error {worst:.2e}");
+        assert!(worst_slope < 3e-7, "GELU slope's largest error {worst_slope:.2e}");
+        // Far out: the exact values, as PyTorch gives them (GELU(-inf) is NaN there too).
+        for (x, y, dy) in [(-30.0f32, 0.0f32, 0.0f32), (-1e30, 0.0, 0.0), (1e30, 1e30, 1.0)] {
+            assert_eq!((super::forward(x), super::slope(x)), (y, dy), "at {x}");
+        }
+        assert!(super::forward(f32::NEG_INFINITY).is_nan());
+        assert_eq!(super::forward(f32::INFINITY), f32::INFINITY);
+        assert!(
+            super::slope(f32::INFINITY).is_nan(),
+            "1 + inf * 0, as PyTorch's backward"
+        );
     }
 }
