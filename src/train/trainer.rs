@@ -518,7 +518,8 @@ fn freeze_for_epoch<B: Backend>(cfg: &TrainConfig, model: &mut dyn Network<B>, e
     if let Some(epochs) = cfg.whiten_bias_epochs
         && let Some(bias) = model.first_conv().and_then(|c| c.bias.as_mut())
     {
-        bias.frozen = epoch >= epochs;
+        // Only ever frozen here: what `--freeze-backbone` froze stays so.
+        bias.frozen |= epoch >= epochs;
     }
 }
 
