@@ -212,8 +212,7 @@ impl<B: Backend> Sequential<B> {
         layers.push(("5".into(), Layer::MaxPool(MaxPool2d::new(be, 3, 3, 0))));
         let s = s / 3;
         let flat = Layout::LinearNhwc { h: s, w: s, c: cin };
-        let mut fc = Linear::with_layout(&root.pp(7), s * s * cin, classes, flat);
-        fc.bias = None;
+        let fc = Linear::with_layout(&root.pp(7), s * s * cin, classes, flat).without_bias();
         layers.push(("7".into(), Layer::Linear(fc)));
         layers.push(("8".into(), Layer::Scale(Scale::new(be, AIRBENCH_LOGIT_SCALE))));
         Self::new(be, "Sequential", layers, (classes, side), root.grad_len()).with_containers(&[

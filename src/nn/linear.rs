@@ -36,12 +36,9 @@ impl<B: Backend> Linear<B> {
         }
     }
 
-    /// A layer without a bias (PyTorch's `bias=False`), its weight initialised as PyTorch's.
-    pub fn without_bias(b: &Builder<B>, din: usize, dout: usize) -> Self {
-        Self {
-            bias: None,
-            ..Self::new(b, din, dout)
-        }
+    /// The same layer without its bias (PyTorch's `bias=False`), the weight as it was made.
+    pub fn without_bias(self) -> Self {
+        Self { bias: None, ..self }
     }
 
     pub fn forward(&mut self, be: &B, x: &B::Buf, n: usize) {
@@ -87,7 +84,7 @@ mod tests {
     fn a_layer_without_bias_has_only_its_weight() {
         let be = Cpu::default();
         let b = Builder::new(&be, 0);
-        let mut fc = Linear::without_bias(&b.pp("7"), 3, 2);
+        let mut fc = Linear::new(&b.pp("7"), 3, 2).without_bias();
         let mut names = Vec::new();
         fc.visit(&mut |e| names.push(e.name().to_string()));
         assert_eq!(names, ["7.weight"]);

@@ -117,7 +117,9 @@ impl<B: Backend> Optimizer<B> {
                 if let Entry::Tensor(p) = e {
                     match get(format!("lookahead.{}", p.name), (p.numel(), false)) {
                         Ok(buf) => slow.push(buf),
-                        Err(e) => missing = missing.take().or(Some(e)),
+                        Err(e) => {
+                            missing.get_or_insert(e);
+                        }
                     }
                 }
             });
