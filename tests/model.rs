@@ -314,3 +314,66 @@ fn training_is_bit_for_bit_deterministic() {
         "same seed and thread count, same weights"
     );
 }
+
+/// The gradient arena after one training step of `arch` with every parameter outside `keep`
+/// frozen (none frozen for `keep` = None), the arena filled with NaN beforehand: what the
+/// backward pass wrote, and the names and places of the parameters the optimizer updates.
+fn grads_after_freezing(
+    arch: resnet_cifar::model::Arch,
+    keep: Option<&str>,
+) -> (Vec<f32>, Vec<(String, usize, usize)>) {
+    let be = Cpu::default();
+    let mut model = resnet_cifar::model::build(&be, arch, cfg(Stem::Seed), 5);
+    let (x, labels) = batch(&be, 4, 1);
+    if let Some(keep) = keep {
+        model.freeze_all_but(keep);
+    }
+    let (mut state, grads) = model.state_and_grads();
+    let mut len = 0;
+    state.visit_trainable(&mut |p| len = len.max(p.grad.unwrap() + p.numel()));
+    be.upload(&vec![f32::NAN; len], grads);
+    let mut trained = Vec::new();
+    state.visit_params(&mut |p| trained.push((p.name.clone(), p.grad.unwrap(), p.numel())));
+    drop(state);
+    model.forward(&be, &x, model.input(4), true);
+    model.backward(&be, &x, &labels);
+    let mut host = vec![0.0; len];
+    be.download(model.grads(), &mut host);
+    (host, trained)
+}
+
+/// As PyTorch's autograd, which computes no gradient where nothing requires one: with the
+/// layers below some point frozen (`--freeze-backbone`, airbench's whitening layer once its
+/// bias stops training), their backward does not run (their gradients stay as they were), and
+/// the gradients of what trains are those of the whole backward pass, bit for bit.
+#[test]
+fn frozen_layers_below_every_trained_one_run_no_backward() {
+    use resnet_cifar::model::Arch;
+    for (arch, keep) in [
+        (Arch::Resnet18, "conv5"),
+        (Arch::Resnet18, "fc"),
+        (Arch::Airbench, "4"),
+        (Arch::Vgg16, "classifier"),
+    ] {
+        let (whole, _) = grads_after_freezing(arch, None);
+        let (partial, trained) = grads_after_freezing(arch, Some(keep));
+        assert!(!trained.is_empty() && trained.iter().all(|(name, ..)| name.starts_with(keep)));
+        let mut written = vec![false; whole.len()];
+        for (name, at, len) in &trained {
+            assert_eq!(
+                &partial[*at..at + len],
+                &whole[*at..at + len],
+                "{arch:?}: {name}'s gradient"
+            );
+            written[*at..at + len].fill(true);
+        }
+        // The frozen layers below: never computed (the seed's network: conv1 to conv4 and the
+        // stem; airbench: the whitening layer and groups 2 and 3).
+        let untouched = partial.iter().zip(&written).filter(|(g, w)| !**w && g.is_nan()).count();
+        let frozen = written.iter().filter(|w| !**w).count();
+        assert!(
+            untouched * 10 >= frozen * 9,
+            "{arch:?} keeping {keep}: {untouched} of {frozen} frozen gradients untouched"
+        );
+    }
+}

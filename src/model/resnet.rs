@@ -378,16 +378,31 @@ impl<B: Backend> ResNet<B> {
         }
         let [ga, gb] = &mut self.grad;
         let (mut dout, mut dx) = (ga, gb);
+        // As PyTorch's autograd: no gradient flows below the lowest block (or the stem) with a
+        // parameter the optimizer updates; with a frozen backbone only `fc` runs backward.
+        let stem_trains = self.stem.conv.trains() || self.stem.bn.trains();
+        let lowest = match stem_trains {
+            true => 0,
+            false => (0..self.blocks.len())
+                .find(|&i| self.blocks[i].trains())
+                .unwrap_or(self.blocks.len()),
+        };
         let grads = &mut self.param_grads;
         self.fc
             .backward(be, &self.avgpool.out, &self.dlogits, &mut self.scratch[0], grads);
+        if lowest == self.blocks.len() && !stem_trains {
+            return;
+        }
         self.avgpool.backward(be, &self.scratch[0], dout);
-        for i in (0..self.blocks.len()).rev() {
+        for i in (lowest..self.blocks.len()).rev() {
             let (before, rest) = self.blocks.split_at_mut(i);
             let input = before.last().map_or(self.stem.out(), |b| b.out());
             let work = (&mut self.scratch, &mut self.ws);
             rest[0].backward(be, (input, self.shapes[i]), dout, dx, work, grads);
             std::mem::swap(&mut dout, &mut dx);
+        }
+        if !stem_trains {
+            return;
         }
         if let Some(pool) = &self.stem.pool {
             pool.backward(be, &self.stem.bn.out, dout, dx);

@@ -292,12 +292,18 @@ impl<B: Backend> Network<B> for Sequential<B> {
         let grads = &mut self.param_grads;
         let logits = self.layers.last().expect("a layer").out();
         self.criterion.forward_backward(be, logits, self.classes, labels, dout);
-        for i in (0..self.layers.len()).rev() {
+        // As PyTorch's autograd: no gradient flows below the first layer with a parameter the
+        // optimizer updates (airbench's whitening layer once its bias is frozen, a frozen
+        // backbone), so that layer computes no input gradient and those below run no backward.
+        let first = (0..self.layers.len())
+            .find(|&i| self.layers[i..=i].trains())
+            .unwrap_or(self.layers.len());
+        for i in (first..self.layers.len()).rev() {
             let (before, rest) = self.layers.split_at_mut(i);
             let input = before.last().map_or(x, |l| l.out());
             let s = self.shapes[i];
             match &mut rest[0] {
-                Layer::Conv(l) => l.backward(be, input, dout, (i > 0).then_some(&mut *dx), grads, &mut self.ws),
+                Layer::Conv(l) => l.backward(be, input, dout, (i > first).then_some(&mut *dx), grads, &mut self.ws),
                 Layer::BatchNorm(l) => l.backward(be, input, dout, dx, grads),
                 Layer::Relu(l) => l.backward(be, dout, dx),
                 Layer::Gelu(l) => l.backward(be, input, dout, dx),
@@ -336,7 +342,7 @@ impl<B: Backend> Network<B> for Sequential<B> {
         &self.param_grads
     }
     fn state_and_grads(&mut self) -> (Box<dyn Module<B> + '_>, &mut B::Buf) {
-        (Box::new(&mut self.layers), &mut self.param_grads)
+        (Box::new(&mut self.layers[..]), &mut self.param_grads)
     }
     fn loss(&self) -> &B::Buf {
         &self.criterion.loss
@@ -375,7 +381,7 @@ impl<B: Backend> Module<B> for Sequential<B> {
     }
 }
 
-impl<B: Backend> Module<B> for Vec<Layer<B>> {
+impl<B: Backend> Module<B> for [Layer<B>] {
     fn visit(&mut self, f: &mut dyn FnMut(Entry<'_, B>)) {
         for layer in self.iter_mut() {
             match layer {

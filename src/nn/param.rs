@@ -132,6 +132,14 @@ pub trait Module<B: Backend> {
         });
     }
 
+    /// Whether the optimizer updates any parameter here: where none is updated below a layer,
+    /// no gradient needs to flow there (PyTorch's autograd computes none).
+    fn trains(&mut self) -> bool {
+        let mut any = false;
+        self.visit_params(&mut |_| any = true);
+        any
+    }
+
     /// Every trainable parameter, frozen or not, in state_dict order: what an optimizer keeps
     /// its state for, so that freezing one for a while (airbench's whitening bias after its
     /// epochs) leaves the others' state where it was.

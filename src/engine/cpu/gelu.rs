@@ -22,7 +22,8 @@ fn exp_sum(a: f32, b: f32) -> f32 {
     // Adding and taking away 1.5 * 2^23 rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
     let sum = a + b;
-    let n = (sum.clamp(-87.0, 88.0) * LOG2E + ROUND) - ROUND;
+    let shifted = sum.clamp(-87.0, 88.0) * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, a) + b);
     let mut p = 1.987_569_1e-4f32;
     p = p.mul_add(r, 1.398_199_9e-3);
@@ -31,7 +32,10 @@ fn exp_sum(a: f32, b: f32) -> f32 {
     p = p.mul_add(r, 1.666_666_5e-1);
     p = p.mul_add(r, 5e-1);
     let e = p.mul_add(r * r, r) + 1.0;
-    let y = f32::from_bits(((n as i32 + 127) << 23) as u32) * e;
+    // 2^n built from n's bits in `shifted` (its low mantissa bits hold n): a float-to-integer
+    // `as` saturates, which the compiler does one lane at a time.
+    let biased = shifted.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127);
+    let y = f32::from_bits(biased.wrapping_shl(23)) * e;
     if sum < -87.0 { 0.0 } else { y }
 }
 
@@ -82,6 +86,30 @@ pub fn slope(x: f32) -> f32 {
     x.mul_add(pdf, cdf(x))
 }
 
+/// `y = GELU(x)` over a slice.
+pub fn forward_slice(x: &[f32], y: &mut [f32]) {
+    super::wide::run(
+        #[inline(always)]
+        || {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = forward(x);
+            }
+        },
+    )
+}
+
+/// `dx = dy * GELU'(x)` over slices.
+pub fn backward_slice(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    super::wide::run(
+        #[inline(always)]
+        || {
+            for ((d, &x), &g) in dx.iter_mut().zip(x).zip(dy) {
+                *d = g * slope(x);
+            }
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     /// GELU and its slope at a few points against their values in f64 (Python's `math.erf`),
@@ -105,6 +133,45 @@ mod tests {
             assert!((slope - dy).abs() <= 2e-7, "gelu'({x}) = {slope}, not {dy}");
         }
         assert!(super::forward(f32::NAN).is_nan() && super::slope(f32::NAN).is_nan());
+    }
+
+    /// The loops over slices (compiled for AVX-512 where the CPU has it, `wide.rs`) give the
+    /// bits of the scalar functions, compiled for the crate's baseline, on every value of the
+    /// grid below and on the edge cases; lengths that leave a partial vector at the end.
+    #[test]
+    fn gelu_over_slices_gives_the_scalar_bits() {
+        #[cfg(target_arch = "x86_64")]
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            println!("no AVX-512F on this CPU: the slice loops run the baseline code checked here");
+        }
+        let mut x: Vec<f32> = (-1000..=1000).map(|i| i as f32 / 64.0 + 0.003).collect();
+        x.extend([
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -1e30,
+            1e30,
+            0.0,
+            -0.0,
+            88.5,
+            -88.5,
+        ]);
+        let dy: Vec<f32> = (0..x.len()).map(|i| (i as f32 * 0.37).sin()).collect();
+        let (mut y, mut dx) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+        super::forward_slice(&x, &mut y);
+        super::backward_slice(&x, &dy, &mut dx);
+        for i in 0..x.len() {
+            let (want, want_dx) = (super::forward(x[i]), dy[i] * super::slope(x[i]));
+            assert_eq!(y[i].to_bits(), want.to_bits(), "GELU({}) {} vs {}", x[i], y[i], want);
+            assert_eq!(
+                dx[i].to_bits(),
+                want_dx.to_bits(),
+                "GELU'({}) {} vs {}",
+                x[i],
+                dx[i],
+                want_dx
+            );
+        }
     }
 
     /// Over every f32 step of 1/64 from -12 to 12: GELU within 1e-6 of its exact value

@@ -11,6 +11,7 @@ mod loss;
 mod ops;
 mod optim;
 mod pool;
+mod wide;
 mod winograd;
 
 pub use bf16::Kernel as Bf16Kernel;

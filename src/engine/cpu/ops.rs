@@ -151,17 +151,13 @@ impl PointwiseOps for Cpu {
         y[..len]
             .par_chunks_mut(1 << 14)
             .zip(x[..len].par_chunks(1 << 14))
-            .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, &x)| *y = gelu::forward(x)));
+            .for_each(|(y, x)| gelu::forward_slice(x, y));
     }
     fn gelu_backward(&self, len: usize, x: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>) {
         dx[..len]
             .par_chunks_mut(1 << 14)
             .zip(x[..len].par_chunks(1 << 14).zip(dy[..len].par_chunks(1 << 14)))
-            .for_each(|(dx, (x, dy))| {
-                for ((d, &x), &g) in dx.iter_mut().zip(x).zip(dy) {
-                    *d = g * gelu::slope(x);
-                }
-            });
+            .for_each(|(dx, (x, dy))| gelu::backward_slice(x, dy, dx));
     }
     fn scale(&self, len: usize, alpha: f32, x: &Vec<f32>, y: &mut Vec<f32>) {
         y[..len]

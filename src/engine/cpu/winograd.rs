@@ -365,7 +365,7 @@ impl<const N: usize> Plan<N> {
     /// of tiles (the m rows of the map it covers), so that a chunk of few images still
     /// spreads evenly over the threads.
     fn output_tiles<W: Minimal<N>>(&self, c: usize, mt: &[f32], first: usize, count: usize, y: &mut [f32]) {
-        let (p, m) = (Self::POSITIONS, Self::OUT);
+        let m = Self::OUT;
         let image_len = self.h * self.w * c;
         let rows = count * self.tiles();
         y[first * image_len..(first + count) * image_len]
@@ -377,20 +377,24 @@ impl<const N: usize> Plan<N> {
                     .map(move |(ty, band)| (i, ty, band))
             })
             .for_each(|(i, ty, band)| {
-                let mut tile = vec![0.0; p * c];
-                let mut blocks: Vec<&mut [f32]> = tile.chunks_exact_mut(c).collect();
+                // The column pass's first m rows (all the row pass reads), read straight from
+                // the products; the row pass writes straight into the map.
+                let mut tile = vec![0.0; m * N * c];
                 for tx in 0..self.tw {
                     let row = i * self.tiles() + ty * self.tw + tx;
-                    for (xi, block) in blocks.iter_mut().enumerate() {
-                        block.copy_from_slice(&mt[(xi * rows + row) * c..][..c]);
+                    let product = |xi: usize| &mt[(xi * rows + row) * c..][..c];
+                    for j in 0..N {
+                        let mut rows = tile.chunks_exact_mut(c).skip(j).step_by(N);
+                        let dst: [&mut [f32]; N] = std::array::from_fn(|_| rows.next().unwrap_or_default());
+                        line_to(std::array::from_fn(|r| product(r * N + j)), dst, m, W::output);
                     }
-                    transform::<N, _>(&mut blocks, W::output, N, m);
-                    // The band's rows r of this tile's outputs, within the map.
+                    let valid = m.min(self.w - m * tx);
                     for r in 0..m.min(self.h - m * ty) {
-                        for j in 0..m.min(self.w - m * tx) {
-                            let at = (r * self.w + m * tx + j) * c;
-                            band[at..at + c].copy_from_slice(blocks[r * N + j]);
-                        }
+                        let src: [&[f32]; N] = std::array::from_fn(|j| &tile[(r * N + j) * c..][..c]);
+                        let at = (r * self.w + m * tx) * c;
+                        let mut pixels = band[at..at + valid * c].chunks_exact_mut(c);
+                        let dst = std::array::from_fn(|_| pixels.next().unwrap_or_default());
+                        line_to(src, dst, valid, W::output);
                     }
                 }
             });
@@ -400,20 +404,35 @@ impl<const N: usize> Plan<N> {
     /// places past the edge of the map have no output and count as 0.
     fn grad_tiles<W: Minimal<N>>(&self, c: usize, dy: &[f32], first: usize, count: usize, dm: &mut [f32]) {
         let m = Self::OUT;
+        let zeros = vec![0.0; c];
         self.each_tile(c, dy, first, count, dm, |img, ty, tx, blocks| {
-            for r in 0..m {
-                for j in 0..m {
-                    let (oy, ox) = (m * ty + r, m * tx + j);
-                    let block = &mut blocks[r * N + j];
-                    if oy < self.h && ox < self.w {
-                        let at = (oy * self.w + ox) * c;
-                        block.copy_from_slice(&img[at..at + c]);
-                    } else {
-                        block.fill(0.0);
-                    }
+            // Output (oy, ox) of the tile, or 0 past the map's edge (and on the grid's last
+            // n - m rows, which `W::grad` does not read).
+            let value = |r: usize, j: usize| {
+                let (oy, ox) = (m * ty + r, m * tx + j);
+                if r < m && oy < self.h && ox < self.w {
+                    let at = (oy * self.w + ox) * c;
+                    &img[at..at + c]
+                } else {
+                    &zeros[..]
                 }
+            };
+            // The column pass reads the gradients themselves (the first m columns: the row
+            // pass reads no others), the row pass works in place.
+            for j in 0..m {
+                let dst = blocks
+                    .get_disjoint_mut(std::array::from_fn::<usize, N, _>(|r| r * N + j))
+                    .expect("distinct places");
+                line_to(
+                    std::array::from_fn(|r| value(r, j)),
+                    dst.map(|b| &mut b[..]),
+                    N,
+                    W::grad,
+                );
             }
-            transform::<N, _>(blocks, W::grad, m, N);
+            for r in 0..N {
+                line(blocks, std::array::from_fn(|j| r * N + j), W::grad);
+            }
         });
     }
 
@@ -512,6 +531,39 @@ fn line<const N: usize, F: Fn([f32; N]) -> [f32; N]>(blocks: &mut [&mut [f32]], 
         let out = f(std::array::from_fn(|k| lines[k][ci]));
         for k in 0..N {
             lines[k][ci] = out[k];
+        }
+    }
+}
+
+/// Applies `f` to the line of blocks `src`, writing its first `count` outputs to the first
+/// `count` blocks of `dst` (the others are ignored and may be empty).
+fn line_to<const N: usize, F: Fn([f32; N]) -> [f32; N]>(src: [&[f32]; N], dst: [&mut [f32]; N], count: usize, f: F) {
+    // A constant number of stores per value, so that the loop over channels vectorises.
+    match count {
+        1 => line_first::<N, 1, F>(src, dst, f),
+        2 => line_first::<N, 2, F>(src, dst, f),
+        3 => line_first::<N, 3, F>(src, dst, f),
+        4 => line_first::<N, 4, F>(src, dst, f),
+        5 => line_first::<N, 5, F>(src, dst, f),
+        6 => line_first::<N, 6, F>(src, dst, f),
+        _ => panic!("{count} outputs of a {N}-point line"),
+    }
+}
+
+#[allow(clippy::needless_range_loop)]
+fn line_first<const N: usize, const K: usize, F: Fn([f32; N]) -> [f32; N]>(
+    src: [&[f32]; N],
+    dst: [&mut [f32]; N],
+    f: F,
+) {
+    let len = src[0].len();
+    let src = src.map(|s| &s[..len]);
+    let mut dst = dst.into_iter();
+    let dst: [&mut [f32]; K] = std::array::from_fn(|_| &mut dst.next().expect("K <= N")[..len]);
+    for ci in 0..len {
+        let out = f(std::array::from_fn(|k| src[k][ci]));
+        for k in 0..K {
+            dst[k][ci] = out[k];
         }
     }
 }

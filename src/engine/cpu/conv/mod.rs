@@ -4,7 +4,7 @@
 //! | path | forward pass when | backward pass when | why |
 //! |---|---|---|---|
 //! | [`ConvPath::Direct`] | bf16 on AMX tiles; channels in multiples of 32 and output maps of 16 pixels or more; 3x3 stride 1 padding 1, or 3x3 padding 1 and 1x1 padding 0 of stride 2 on maps of even sides, or a stride-1 kernel whose patch fits a tile row (the cifar stem's 3x3 on 3 channels) | 3x3 stride 1 of the forward's cases | the tiles read the padded image where it lies: no im2col, no transforms (`bf16/direct.rs`) |
-//! | [`ConvPath::Winograd`] | `--winograd` (the default), 3x3 stride 1 padding 1, 16 channels or more, tiles needing at most 70% of the multiplies of the taps inside the image (4x4 maps and larger); 4-point tiles with bf16 operands | as forward | 2.25 (6-point tiles) or 4 (4-point) multiply-adds per output and channel pair where im2col spends 9 (`winograd.rs`) |
+//! | [`ConvPath::Winograd`] | `--winograd` (the default), 3x3 stride 1 padding 1, 16 channels or more, tiles needing at most 70% of the multiplies of the taps inside the image (4x4 maps and larger); 4-point tiles with bf16 operands, and then 32 input channels or more | as forward, without the 32 channels | 2.25 (6-point tiles) or 4 (4-point) multiply-adds per output and channel pair where im2col spends 9 (`winograd.rs`) |
 //! | [`ConvPath::Pointwise`] | 1x1, stride 1, no padding | as forward | an NHWC activation already is its patch matrix: one product |
 //! | [`ConvPath::TapClasses`] | skipping the taps that read padding saves a fifth of the multiply-adds or more (maps of 4x4 and smaller) | as forward | each class of outputs multiplies only its valid taps (`classes.rs`) |
 //! | [`ConvPath::PatchLines`] | bf16 operands, otherwise | bf16 operands and at most [`im2col::GATHERED_CHANNELS`] input channels (the stems) | the packer reads the patches from the image: no f32 im2col written and read back (`im2col.rs`) |
@@ -75,6 +75,10 @@ impl std::fmt::Display for ConvPlan {
     }
 }
 
+/// With bf16 operands, the fewest input channels for which Winograd's path computes the
+/// forward pass (fewer take the patch lines).
+const BF16_WINOGRAD_FORWARD_CHANNELS: usize = 32;
+
 fn is_pointwise(g: &ConvGeom) -> bool {
     g.kh == 1 && g.kw == 1 && g.stride == 1 && g.pad == 0
 }
@@ -91,8 +95,13 @@ pub fn plan(ops: Operands, winograd: bool, g: &ConvGeom) -> ConvPlan {
     #[cfg(not(target_arch = "x86_64"))]
     let (direct_forward, direct_backward) = (false, false);
     let winograd = winograd.then(|| winograd::points(g, ops)).flatten();
+    // With bf16 operands and few input channels, Winograd's products are too short (k = the
+    // input channels) to pay for its transforms in the forward pass, where the patch lines'
+    // run over all nine taps (k = 9 x channels). Measured on airbench's 24 -> 64 on 31x31 maps,
+    // batch 1024, 2-core Zen 4: forward 105 ms against 150, backward no faster than Winograd's.
+    let few_channels = ops.is_bf16() && g.input.c < BF16_WINOGRAD_FORWARD_CHANNELS;
     let classes = use_tap_classes(g, &tap_classes(g));
-    let common = |direct: bool| {
+    let common = |direct: bool, winograd: Option<usize>| {
         if direct {
             Some(ConvPath::Direct)
         } else if let Some(points) = winograd {
@@ -105,16 +114,17 @@ pub fn plan(ops: Operands, winograd: bool, g: &ConvGeom) -> ConvPlan {
             None
         }
     };
-    let forward = common(direct_forward).unwrap_or(if ops.is_bf16() {
+    let forward = common(direct_forward, winograd.filter(|_| !few_channels)).unwrap_or(if ops.is_bf16() {
         ConvPath::PatchLines
     } else {
         ConvPath::Im2col
     });
-    let backward = common(direct_backward).unwrap_or(if ops.is_bf16() && g.input.c <= im2col::GATHERED_CHANNELS {
-        ConvPath::PatchLines
-    } else {
-        ConvPath::Im2col
-    });
+    let backward =
+        common(direct_backward, winograd).unwrap_or(if ops.is_bf16() && g.input.c <= im2col::GATHERED_CHANNELS {
+            ConvPath::PatchLines
+        } else {
+            ConvPath::Im2col
+        });
     ConvPlan { ops, forward, backward }
 }
 
