@@ -381,11 +381,12 @@ impl<B: Backend> ResNet<B> {
         // As PyTorch's autograd: no gradient flows below the lowest block (or the stem) with a
         // parameter the optimizer updates; with a frozen backbone only `fc` runs backward.
         let stem_trains = self.stem.conv.trains() || self.stem.bn.trains();
-        let lowest = match stem_trains {
-            true => 0,
-            false => (0..self.blocks.len())
+        let lowest = if stem_trains {
+            0
+        } else {
+            (0..self.blocks.len())
                 .find(|&i| self.blocks[i].trains())
-                .unwrap_or(self.blocks.len()),
+                .unwrap_or(self.blocks.len())
         };
         let grads = &mut self.param_grads;
         self.fc

@@ -54,39 +54,29 @@ pub fn max_backward(g: &PoolGeom, x: &[f32], y: &[f32], dy: &[f32], dx: &mut [f3
         .zip(x.par_chunks(in_len))
         .zip(y.par_chunks(out_len).zip(dy.par_chunks(out_len)))
         .for_each(|((dxi, xi), (yi, dyi))| {
-            super::wide::run(
-                #[inline(always)]
-                || max_backward_image(g, xi, yi, dyi, dxi),
-            )
-        });
-}
-
-/// One image of [`max_backward`].
-#[inline(always)]
-fn max_backward_image(g: &PoolGeom, xi: &[f32], yi: &[f32], dyi: &[f32], dxi: &mut [f32]) {
-    let (s, o) = (g.input, g.output());
-    dxi.fill(0.0);
-    let mut pending = vec![0f32; s.c];
-    for oy in 0..o.h {
-        for ox in 0..o.w {
-            let at_out = (oy * o.w + ox) * s.c;
-            let (ymax, d) = (&yi[at_out..at_out + s.c], &dyi[at_out..at_out + s.c]);
-            // 1 while a channel's maximum is still to be found.
-            pending.fill(1.0);
-            for iy in (0..g.k).filter_map(|ky| tap(oy, ky, g, s.h)) {
-                for ix in (0..g.k).filter_map(|kx| tap(ox, kx, g, s.w)) {
-                    let at = (iy * s.w + ix) * s.c;
-                    let (xs, dxs) = (&xi[at..at + s.c], &mut dxi[at..at + s.c]);
-                    for ch in 0..s.c {
-                        let hit =
-                            (xs[ch] == ymax[ch] || (xs[ch].is_nan() && ymax[ch].is_nan())) as u32 as f32 * pending[ch];
-                        dxs[ch] += hit * d[ch];
-                        pending[ch] -= hit;
+            dxi.fill(0.0);
+            let mut pending = vec![0f32; s.c];
+            for oy in 0..o.h {
+                for ox in 0..o.w {
+                    let at_out = (oy * o.w + ox) * s.c;
+                    let (ymax, d) = (&yi[at_out..at_out + s.c], &dyi[at_out..at_out + s.c]);
+                    // 1 while a channel's maximum is still to be found.
+                    pending.fill(1.0);
+                    for iy in (0..g.k).filter_map(|ky| tap(oy, ky, g, s.h)) {
+                        for ix in (0..g.k).filter_map(|kx| tap(ox, kx, g, s.w)) {
+                            let at = (iy * s.w + ix) * s.c;
+                            let (xs, dxs) = (&xi[at..at + s.c], &mut dxi[at..at + s.c]);
+                            for ch in 0..s.c {
+                                let hit = (xs[ch] == ymax[ch] || (xs[ch].is_nan() && ymax[ch].is_nan())) as u32 as f32
+                                    * pending[ch];
+                                dxs[ch] += hit * d[ch];
+                                pending[ch] -= hit;
+                            }
+                        }
                     }
                 }
             }
-        }
-    }
+        });
 }
 
 pub fn global_avg_forward(s: &Shape4, x: &[f32], y: &mut [f32]) {

@@ -384,8 +384,8 @@ impl<const N: usize> Plan<N> {
                     let row = i * self.tiles() + ty * self.tw + tx;
                     let product = |xi: usize| &mt[(xi * rows + row) * c..][..c];
                     for j in 0..N {
-                        let mut rows = tile.chunks_exact_mut(c).skip(j).step_by(N);
-                        let dst: [&mut [f32]; N] = std::array::from_fn(|_| rows.next().unwrap_or_default());
+                        let mut column = tile.chunks_exact_mut(c).skip(j).step_by(N);
+                        let dst: [&mut [f32]; N] = std::array::from_fn(|_| column.next().unwrap_or_default());
                         line_to(std::array::from_fn(|r| product(r * N + j)), dst, m, W::output);
                     }
                     let valid = m.min(self.w - m * tx);
@@ -430,9 +430,7 @@ impl<const N: usize> Plan<N> {
                     W::grad,
                 );
             }
-            for r in 0..N {
-                line(blocks, std::array::from_fn(|j| r * N + j), W::grad);
-            }
+            transform::<N, _>(blocks, W::grad, 0, N);
         });
     }
 

@@ -292,7 +292,7 @@ fn check_every_path(ops: Operands) {
         let plan = plan(ops, true, &g);
         // With bf16 operands, fewer than 32 input channels leave Winograd's path only the
         // backward pass (the 24 -> 16 case: forward by the next row that takes it).
-        let few_channels = ops.is_bf16() && cin < 32;
+        let few_channels = ops.is_bf16() && cin < super::BF16_WINOGRAD_FORWARD_CHANNELS;
         let want = |backward: bool| {
             if direct {
                 ConvPath::Direct
